@@ -1,0 +1,213 @@
+"""Where database credentials come from: Secrets Manager or the environment.
+
+The boto3 client is passed in (tests hand in a moto-backed one); nothing here creates
+AWS clients except ``make_secrets_client``, which the worker calls after gevent has
+patched the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from config import Settings
+
+__all__ = [
+    "Credentials",
+    "CredentialSource",
+    "EnvSource",
+    "InvalidSecret",
+    "SecretVersion",
+    "SecretsManagerSource",
+    "SecretsUnavailable",
+    "make_secrets_client",
+    "parse_secret",
+]
+
+AWSCURRENT = "AWSCURRENT"
+AWSPENDING = "AWSPENDING"
+
+
+class InvalidSecret(ValueError):
+    """The secret's value does not have the expected shape. The message never holds it."""
+
+
+class SecretsUnavailable(RuntimeError):
+    """Secrets Manager could not be asked (outage, throttling, access, missing secret)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"Secrets Manager call failed: {code}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One login to PostgreSQL. ``repr`` and ``str`` never show the password."""
+
+    username: str
+    password: str = field(repr=False)
+    host: str
+    port: int
+    dbname: str
+
+    def same_login(self, other: Credentials | None) -> bool:
+        """True when ``other`` would open exactly the same kind of connection."""
+        return other is not None and (
+            self.username,
+            self.password,
+            self.host,
+            self.port,
+            self.dbname,
+        ) == (other.username, other.password, other.host, other.port, other.dbname)
+
+    def connect_params(self) -> dict[str, Any]:
+        """Keyword arguments for psycopg2.connect (a fresh dict every call)."""
+        return {
+            "user": self.username,
+            "password": self.password,
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+        }
+
+
+@dataclass(frozen=True)
+class SecretVersion:
+    """Credentials together with the secret version they were read from."""
+
+    credentials: Credentials
+    version_id: str | None
+    created_at: datetime | None = None
+    stage: str | None = None
+
+
+class CredentialSource(Protocol):
+    """What the rotator needs from a source of credentials."""
+
+    name: str
+    watchable: bool
+
+    def current_version_id(self) -> str | None: ...
+
+    def fetch(self, stage: str = AWSCURRENT) -> SecretVersion: ...
+
+
+def parse_secret(text: str | None, defaults: Settings) -> Credentials:
+    """Parse an RDS-style secret; raise InvalidSecret naming the problem, not the value."""
+    if text is None:
+        raise InvalidSecret("secret has no SecretString")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InvalidSecret("secret is not JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidSecret("secret is not a JSON object")
+    for key in ("username", "password"):
+        if key not in data:
+            raise InvalidSecret(f"secret is missing the key '{key}'")
+        if not isinstance(data[key], str) or not data[key]:
+            raise InvalidSecret(f"secret key '{key}' must be a non-empty string")
+    host = data.get("host", defaults.postgres_host)
+    dbname = data.get("dbname", defaults.postgres_db)
+    port = data.get("port", defaults.postgres_port)
+    if not isinstance(host, str) or not host:
+        raise InvalidSecret("secret key 'host' must be a non-empty string")
+    if not isinstance(dbname, str) or not dbname:
+        raise InvalidSecret("secret key 'dbname' must be a non-empty string")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidSecret("secret key 'port' must be a TCP port number")
+    return Credentials(data["username"], data["password"], host, port, dbname)
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    return type(exc).__name__
+
+
+class SecretsManagerSource:
+    """Reads one secret. Every botocore failure becomes ``SecretsUnavailable(code)``."""
+
+    watchable = True
+
+    def __init__(self, client: Any, secret_id: str, defaults: Settings) -> None:
+        self.client = client
+        self.secret_id = secret_id
+        self.defaults = defaults
+        self.name = "secretsmanager"
+        self.calls: dict[str, int] = {"DescribeSecret": 0, "GetSecretValue": 0}
+
+    def current_version_id(self) -> str | None:
+        """The version id that holds AWSCURRENT, by the cheap DescribeSecret call."""
+        self.calls["DescribeSecret"] += 1
+        try:
+            described = self.client.describe_secret(SecretId=self.secret_id)
+        except Exception as exc:  # botocore raises many unrelated classes
+            raise SecretsUnavailable(_error_code(exc)) from None
+        for version_id, stages in (described.get("VersionIdsToStages") or {}).items():
+            if AWSCURRENT in stages:
+                return str(version_id)
+        return None
+
+    def fetch(self, stage: str = AWSCURRENT) -> SecretVersion:
+        """GetSecretValue for ``stage``, always naming the stage (see NOTES: moto quirk)."""
+        self.calls["GetSecretValue"] += 1
+        try:
+            got = self.client.get_secret_value(SecretId=self.secret_id, VersionStage=stage)
+        except Exception as exc:
+            raise SecretsUnavailable(_error_code(exc)) from None
+        credentials = parse_secret(got.get("SecretString"), self.defaults)
+        return SecretVersion(credentials, got.get("VersionId"), got.get("CreatedDate"), stage)
+
+
+class EnvSource:
+    """Credentials from POSTGRES_USER/POSTGRES_PASSWORD; never changes, so never watched."""
+
+    watchable = False
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = "environment"
+
+    def current_version_id(self) -> str | None:
+        return None
+
+    def fetch(self, stage: str = AWSCURRENT) -> SecretVersion:
+        return SecretVersion(env_credentials(self.settings) or _missing(), None, None, None)
+
+
+def env_credentials(settings: Settings) -> Credentials | None:
+    """The POSTGRES_* credentials, or None when the environment has no password."""
+    if settings.postgres_user is None or settings.postgres_password is None:
+        return None
+    return Credentials(
+        settings.postgres_user,
+        settings.postgres_password,
+        settings.postgres_host,
+        settings.postgres_port,
+        settings.postgres_db,
+    )
+
+
+def _missing() -> Credentials:
+    raise InvalidSecret("POSTGRES_USER and POSTGRES_PASSWORD are not both set")
+
+
+def make_secrets_client(settings: Settings) -> Any:
+    """Create the boto3 client. Call only inside a worker, after gevent patching."""
+    import boto3  # imported here so that gunicorn's master never imports botocore/ssl
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=2,
+        read_timeout=5,
+        retries={"max_attempts": 2, "mode": "standard"},
+    )
+    return boto3.client("secretsmanager", region_name=settings.aws_region, config=config)

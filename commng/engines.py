@@ -1,0 +1,173 @@
+"""Building, testing, installing and draining SQLAlchemy engines.
+
+Every engine this service uses is built by ``EngineFactory.build`` with the same
+options, so a replacement engine behaves exactly like the one it replaces. Passwords
+never enter a URL: a ``do_connect`` listener hands the engine's current credentials to
+psycopg2 for each new physical connection (SQLAlchemy's documented pattern for
+rotating credentials), which also lets an engine that is draining reconnect with the
+freshest working login.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.engine import Engine
+
+from commng.credentials import Credentials
+from config import Settings
+
+__all__ = [
+    "EngineFactory",
+    "ManagedEngine",
+    "NoCredentials",
+    "drain",
+    "install_engine",
+    "is_auth_failure",
+    "probe",
+]
+
+AuthFailureHandler = Callable[[Credentials], "Credentials | None"]
+
+
+class NoCredentials(RuntimeError):
+    """No database credentials are known yet (Secrets Manager unreachable at start)."""
+
+
+@dataclass(eq=False)
+class ManagedEngine:
+    """An engine plus what this service knows about it."""
+
+    engine: Engine
+    credentials: Credentials | None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Candidates under test do not trigger the reactive refresh (it would re-enter it).
+    reactive: bool = False
+    # Once retired, a connection returned to this engine's pool is closed, not kept.
+    retired: bool = False
+
+    def pool_figures(self) -> dict[str, int]:
+        """Size, checked-out, idle and overflow counts of the engine's current pool."""
+        pool: Any = self.engine.pool
+        return {
+            "size": int(pool.size()),
+            "checked_out": int(pool.checkedout()),
+            "idle": int(pool.checkedin()),
+            "overflow": max(0, int(pool.overflow())),
+        }
+
+
+def is_auth_failure(exc: BaseException) -> bool:
+    """True for PostgreSQL's 'password authentication failed' (SQLSTATE 28P01)."""
+    orig = getattr(exc, "orig", exc)
+    if getattr(orig, "pgcode", None) in {"28P01", "28000"}:
+        return True
+    return "password authentication failed" in str(orig)
+
+
+class EngineFactory:
+    """Builds engines that all share one set of options and listeners."""
+
+    def __init__(self, settings: Settings, application_name: str = "commng") -> None:
+        self.settings = settings
+        self.application_name = application_name
+        self.on_auth_failure: AuthFailureHandler | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Engine options; exposed so tests can prove every engine gets the same ones."""
+        s = self.settings
+        return {
+            "pool_size": s.postgres_pool_size,
+            "max_overflow": s.postgres_max_overflow,
+            "pool_timeout": s.postgres_pool_timeout_s,
+            # A connection killed while idle is noticed before use, then replaced.
+            "pool_pre_ping": True,
+            # Bind parameters would otherwise appear in exception text and logs.
+            "hide_parameters": True,
+            "connect_args": {
+                "connect_timeout": s.postgres_connect_timeout_s,
+                "sslmode": s.sslmode,
+                "application_name": self.application_name,
+            },
+        }
+
+    def build(self, credentials: Credentials | None) -> ManagedEngine:
+        """A new engine for ``credentials``; no connection is opened yet."""
+        url = sa.URL.create(
+            "postgresql+psycopg2",
+            username=credentials.username if credentials else None,
+            host=credentials.host if credentials else self.settings.postgres_host,
+            port=credentials.port if credentials else self.settings.postgres_port,
+            database=credentials.dbname if credentials else self.settings.postgres_db,
+        )
+        engine = sa.create_engine(url, **self.options())
+        managed = ManagedEngine(engine, credentials)
+        self._listen(managed)
+        return managed
+
+    def _listen(self, managed: ManagedEngine) -> None:
+        def connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+            credentials = managed.credentials
+            if credentials is None:
+                raise NoCredentials("no database credentials are known yet")
+            # cparams is shared by every connect of this engine: copy, never mutate.
+            try:
+                return dialect.connect(*cargs, **{**cparams, **credentials.connect_params()})
+            except dialect.loaded_dbapi.OperationalError as exc:
+                handler = self.on_auth_failure
+                if not (managed.reactive and handler and is_auth_failure(exc)):
+                    raise
+                fresh = handler(credentials)
+                if fresh is None:
+                    raise
+            # One retry, with credentials the refresh has just tested.
+            return dialect.connect(*cargs, **{**cparams, **fresh.connect_params()})
+
+        def checkin(dbapi_connection: Any, record: Any) -> None:
+            if managed.retired and dbapi_connection is not None:
+                record.invalidate()
+
+        sa.event.listen(managed.engine, "do_connect", connect)
+        sa.event.listen(managed.engine, "checkin", checkin)
+
+
+def probe(engine: Engine, timeout_s: float) -> None:
+    """Connect and run SELECT 1, bounded by the connect and statement timeouts."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
+        conn.exec_driver_sql("SELECT 1")
+        conn.rollback()
+
+
+def install_engine(db: SQLAlchemy, app: Flask, bind_key: str | None, engine: Engine) -> None:
+    """Make ``engine`` the one Flask-SQLAlchemy hands out for ``bind_key``.
+
+    Flask-SQLAlchemy 3.1 has no public setter: this is the only place that touches its
+    private engine map (the version is pinned; tests/test_engines.py fails if it moves).
+    """
+    db._app_engines[app][bind_key] = engine
+
+
+def drain(managed: ManagedEngine, grace_s: float, stop: threading.Event) -> float:
+    """Wait until nothing is checked out (at most ``grace_s``), then close the pool.
+
+    Connections still checked out after the grace period keep working and are closed
+    when they are returned (the checkin listener). Returns the milliseconds waited.
+    """
+    started = time.monotonic()
+    deadline = started + grace_s
+    pool: Any = managed.engine.pool
+    while pool.checkedout() > 0 and time.monotonic() < deadline:
+        if stop.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            break
+    managed.retired = True
+    managed.engine.dispose()
+    return (time.monotonic() - started) * 1000

@@ -1,0 +1,59 @@
+"""JSON errors for every failure: {"error": {"code", "message"}}, never a stack or secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from flask import Flask, jsonify
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from commng.engines import NoCredentials
+
+__all__ = ["APIError", "init_app"]
+
+log = structlog.get_logger("commng.errors")
+
+
+class APIError(Exception):
+    """An expected client error with a stable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> Any:
+    """A JSON error body with ``status``."""
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers that turn every exception into a JSON error."""
+
+    @app.errorhandler(APIError)
+    def _api_error(exc: APIError) -> Any:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(DBAPIError)
+    @app.errorhandler(PoolTimeout)
+    @app.errorhandler(NoCredentials)
+    def _database_unavailable(exc: Exception) -> Any:
+        log.error("database_unavailable", error=type(exc).__name__)
+        return error_response(503, "database_unavailable", "the database is not available")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unhandled_exception", error=type(exc).__name__)
+        return error_response(500, "internal_error", "internal server error")

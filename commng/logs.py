@@ -1,0 +1,95 @@
+"""Structured logging: JSON lines in production, readable console output for make run.
+
+structlog renders both our own events and the standard library's records (gunicorn,
+SQLAlchemy), so every line has the same shape. Exceptions are rendered without local
+variables: a local named ``password`` must never reach a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+__all__ = ["SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
+
+# The design document's log lines, kept word for word as the messages of stable events.
+SEED_MESSAGES = {
+    "auto_refresh_started": "Auto-refresh started",
+    "credentials_fetched": "Successfully fetched database credentials from Secrets Manager",
+    "rotation_detected": "Database password rotation detected",
+    "refresh_started": "Refreshing database connection with rotated credentials",
+    "refresh_succeeded": "Database connection successfully refreshed with new credentials",
+    "old_pool_closed": "Old database pool closed",
+    "refresh_failed": "Failed to refresh database connection",
+}
+
+
+def _seed_message(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    message = SEED_MESSAGES.get(str(event_dict.get("event")))
+    if message is not None:
+        event_dict.setdefault("message", message)
+    return event_dict
+
+
+def _pid(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event_dict.setdefault("pid", os.getpid())
+    return event_dict
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _seed_message,
+        _pid,
+    ]
+
+
+def formatter(log_format: str) -> structlog.stdlib.ProcessorFormatter:
+    """The logging.Formatter used for every handler (also by gunicorn's logconfig)."""
+    if log_format == "console":
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=False)
+        exceptions: list[Any] = []
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        transformer = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        exceptions = [structlog.processors.ExceptionRenderer(transformer)]
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *exceptions,
+            renderer,
+        ],
+    )
+
+
+def route_to_stdlib() -> None:
+    """Send structlog events through the standard library (handlers, pytest's caplog)."""
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def configure(level: str = "INFO", log_format: str = "json") -> None:
+    """Route structlog and the standard library through one stdout handler."""
+    route_to_stdlib()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter(log_format))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)

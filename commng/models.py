@@ -1,0 +1,56 @@
+"""The CommNG domain: channels and their messages."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from commng.session import PinnedSession
+
+__all__ = ["Channel", "Message", "db"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Channel(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "channels"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "created_at": self.created_at.isoformat()}
+
+
+class Message(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "messages"
+    __table_args__ = (sa.Index("ix_messages_channel_id_id", "channel_id", "id"),)
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    channel_id: Mapped[int] = mapped_column(
+        sa.BigInteger, sa.ForeignKey("channels.id", ondelete="CASCADE"), nullable=False
+    )
+    body: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "channel_id": self.channel_id,
+            "body": self.body,
+            "created_at": self.created_at.isoformat(),
+        }

@@ -1,0 +1,318 @@
+"""The refresh: fetch, build, test, swap under a lock, then record; and its reactive twin.
+
+One ``Rotator`` owns one bind (engine name): its credential source, the credentials
+currently in use, the active engine and the engines still draining. Refreshes are
+single-flight: a trigger that arrives while one runs waits for it and shares its
+result. Credentials become current only after the swap has succeeded, so a failed
+swap is retried at the next check rather than a rotation later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy.engine import Engine
+
+from commng.credentials import (
+    AWSCURRENT,
+    AWSPENDING,
+    Credentials,
+    CredentialSource,
+    InvalidSecret,
+    SecretsUnavailable,
+    SecretVersion,
+)
+from commng.engines import EngineFactory, ManagedEngine, drain, is_auth_failure, probe
+from commng.events import EventLog, RotationEvent
+
+__all__ = ["Rotator"]
+
+log = structlog.get_logger("commng.rotation")
+
+# At most one Secrets Manager fetch per second per worker for auth-failure refreshes.
+REACTIVE_MIN_INTERVAL_S = 1.0
+# How long a request waits for a refresh that another request or the watcher runs.
+JOIN_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = 5.0
+
+
+class _Flight:
+    """The refresh in progress; joiners wait on it and read its result."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: RotationEvent | None = None
+
+
+def _error(exc: BaseException) -> str:
+    """Class and code only: exception messages may carry details we do not control."""
+    code = getattr(exc, "code", None) or getattr(getattr(exc, "orig", None), "pgcode", None)
+    if is_auth_failure(exc):
+        code = "28P01"
+    return f"{type(exc).__name__}:{code}" if code else type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, safe explanation for logs (InvalidSecret messages never hold values)."""
+    if isinstance(exc, InvalidSecret):
+        return str(exc)
+    if is_auth_failure(exc):
+        return "password authentication failed"
+    return _error(exc)
+
+
+class Rotator:
+    """Credentials, engines and refreshes of one bind."""
+
+    def __init__(
+        self,
+        *,
+        source: CredentialSource,
+        factory: EngineFactory,
+        install: Callable[[Engine], None],
+        grace_s: float,
+        events: EventLog,
+        bind: str | None = None,
+    ) -> None:
+        self.source = source
+        self.factory = factory
+        self.install = install
+        self.grace_s = grace_s
+        self.events = events
+        self.bind = bind
+        self.current: SecretVersion | None = None
+        self.active: ManagedEngine | None = None
+        self.draining: list[ManagedEngine] = []
+        self.trigger_counts: Counter[str] = Counter()
+        self._swap_lock = threading.Lock()
+        self._flight_lock = threading.Lock()
+        self._flight: _Flight | None = None
+        self._last_reactive: tuple[float, RotationEvent] | None = None
+        self._stop = threading.Event()
+        self._drainers: list[threading.Thread] = []
+        factory.on_auth_failure = self.on_auth_failure
+
+    # -- start-up -------------------------------------------------------------------
+
+    def bootstrap(self, fallback: Credentials | None) -> None:
+        """Install the first engine: the secret's credentials, else ``fallback``."""
+        version: SecretVersion | None
+        try:
+            version = self.source.fetch(AWSCURRENT)
+            if self.source.watchable:
+                log.info("credentials_fetched", bind=self.bind, version=version.version_id)
+        except (SecretsUnavailable, InvalidSecret) as exc:
+            self._record(RotationEvent("startup", "failed", self.bind, error=_error(exc)))
+            log.warning(
+                "startup_credentials_unavailable",
+                bind=self.bind,
+                error=_error(exc),
+                reason=_describe(exc),
+                using="environment" if fallback else "none until the secret is readable",
+            )
+            version = SecretVersion(fallback, None) if fallback else None
+        self.active = self.factory.build(version.credentials if version else None)
+        self.active.reactive = True
+        self.install(self.active.engine)
+        # Env fallback credentials are not a secret version: the watcher will replace them.
+        self.current = version if version and version.version_id else None
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """The credentials new connections use now."""
+        return self.active.credentials if self.active else None
+
+    # -- the watcher's step -----------------------------------------------------------
+
+    def check(self, trigger: str = "poll") -> RotationEvent | None:
+        """Compare AWSCURRENT's version id with ours; refresh when it moved.
+
+        Returns the refresh's event, or None when nothing changed (a poll records no
+        event for "nothing changed"; a manual check does). Raises SecretsUnavailable.
+        """
+        version_id = self.source.current_version_id()
+        if self.current is not None and version_id == self.current.version_id:
+            if trigger == "manual":
+                return self._record(RotationEvent(trigger, "unchanged", self.bind, version_id, version_id))
+            return None
+        return self.refresh(trigger)
+
+    # -- single-flight refresh ---------------------------------------------------------
+
+    def refresh(self, trigger: str, failed: Credentials | None = None) -> RotationEvent:
+        """Run a refresh, or join the one already running and return its event."""
+        with self._flight_lock:
+            flight = self._flight
+            leader = flight is None
+            if flight is None:
+                flight = self._flight = _Flight()
+        if not leader:
+            if flight.done.wait(JOIN_TIMEOUT_S) and flight.result is not None:
+                return flight.result
+            return RotationEvent(trigger, "failed", self.bind, error="JoinTimeout")
+        try:
+            flight.result = self._refresh(trigger, failed)
+        finally:
+            with self._flight_lock:
+                self._flight = None
+            flight.done.set()
+        return flight.result
+
+    def _refresh(self, trigger: str, failed: Credentials | None) -> RotationEvent:
+        self.trigger_counts[trigger] += 1
+        old_version = self.current.version_id if self.current else None
+        stage = AWSCURRENT
+        try:
+            latest = self.source.fetch(AWSCURRENT)
+            detected_at = datetime.now(UTC)
+            if failed is not None and latest.credentials.same_login(failed):
+                # The rotation window: the database already has the new password but
+                # AWSCURRENT still holds the old one. AWSPENDING holds the new one.
+                stage = AWSPENDING
+                latest = self.source.fetch(AWSPENDING)
+            elif latest.credentials.same_login(self.credentials):
+                self.current = latest
+                log.info(
+                    "secret_version_unchanged_login",
+                    bind=self.bind,
+                    trigger=trigger,
+                    new_version=latest.version_id,
+                )
+                return self._record(
+                    RotationEvent(trigger, "unchanged", self.bind, old_version, latest.version_id)
+                )
+            log.info(
+                "rotation_detected",
+                bind=self.bind,
+                trigger=trigger,
+                stage=stage,
+                old_version=old_version,
+                new_version=latest.version_id,
+            )
+            log.info("refresh_started", bind=self.bind, trigger=trigger)
+            try:
+                swap_ms, old = self._adopt(latest)
+            except Exception as exc:
+                if not (failed is not None and stage == AWSCURRENT and is_auth_failure(exc)):
+                    raise
+                stage = AWSPENDING  # AWSCURRENT moved but fails too: try what comes next
+                latest = self.source.fetch(AWSPENDING)
+                swap_ms, old = self._adopt(latest)
+        except Exception as exc:
+            log.error(
+                "refresh_failed",
+                bind=self.bind,
+                trigger=trigger,
+                stage=stage,
+                old_version=old_version,
+                error=_error(exc),
+                reason=_describe(exc),
+            )
+            return self._record(RotationEvent(trigger, "failed", self.bind, old_version, error=_error(exc)))
+        event = RotationEvent(
+            trigger,
+            "rotated",
+            self.bind,
+            old_version,
+            latest.version_id,
+            detection_latency_ms=_latency_ms(latest, detected_at),
+            swap_ms=swap_ms,
+        )
+        log.info(
+            "refresh_succeeded",
+            bind=self.bind,
+            trigger=trigger,
+            stage=stage,
+            old_version=old_version,
+            new_version=latest.version_id,
+            swap_ms=round(swap_ms, 1),
+            detection_latency_ms=event.detection_latency_ms,
+        )
+        self._record(event)
+        if old is not None:
+            self._start_drain(old, event)
+        return event
+
+    def _adopt(self, version: SecretVersion) -> tuple[float, ManagedEngine | None]:
+        """Build and test an engine for ``version`` and swap it in; return the old one."""
+        started = time.monotonic()
+        candidate = self.factory.build(version.credentials)
+        try:
+            probe(candidate.engine, PROBE_TIMEOUT_S)
+        except Exception:
+            candidate.engine.dispose()
+            raise
+        with self._swap_lock:
+            old = self.active
+            self.install(candidate.engine)
+            candidate.reactive = True
+            self.active = candidate
+            self.current = version
+            if old is not None:
+                # Engines still draining reconnect, if they must, with what works now.
+                for engine in (old, *self.draining):
+                    engine.credentials = version.credentials
+                self.draining.append(old)
+        return (time.monotonic() - started) * 1000, old
+
+    def _start_drain(self, old: ManagedEngine, event: RotationEvent) -> None:
+        def run() -> None:
+            drained_ms = drain(old, self.grace_s, self._stop)
+            with self._swap_lock:
+                if old in self.draining:
+                    self.draining.remove(old)
+            event.drained_ms = round(drained_ms, 1)
+            self.events.updated(event)
+            log.info("old_pool_closed", bind=self.bind, drained_ms=round(drained_ms, 1))
+
+        thread = threading.Thread(target=run, name="commng-drain", daemon=True)
+        self._drainers = [t for t in self._drainers if t.is_alive()] + [thread]
+        thread.start()
+
+    # -- reactive refresh --------------------------------------------------------------
+
+    def on_auth_failure(self, failed: Credentials) -> Credentials | None:
+        """Called when a new connection's login fails; returns credentials that work."""
+        now = self.credentials
+        if now is not None and not now.same_login(failed):
+            return now  # another refresh already moved on: use its credentials
+        last = self._last_reactive
+        if last is not None and time.monotonic() - last[0] < REACTIVE_MIN_INTERVAL_S:
+            if last[1].outcome != "rotated":
+                return None  # share the recent failure instead of asking again
+        event = self.refresh("auth_failure", failed=failed)
+        self._last_reactive = (time.monotonic(), event)
+        if event.outcome != "rotated":
+            return None
+        return self.credentials
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _record(self, event: RotationEvent) -> RotationEvent:
+        return self.events.record(event)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Cancel the drain timers and dispose every engine (worker shutdown)."""
+        self._stop.set()
+        for thread in self._drainers:
+            thread.join(timeout_s)
+        with self._swap_lock:
+            for managed in (*self.draining, self.active):
+                if managed is not None:
+                    managed.retired = True
+                    managed.engine.dispose()
+            self.draining.clear()
+
+
+def _latency_ms(version: SecretVersion, detected_at: datetime) -> float | None:
+    if version.created_at is None:
+        return None
+    created = version.created_at
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return round(max(0.0, (detected_at - created).total_seconds() * 1000), 1)

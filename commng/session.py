@@ -1,0 +1,51 @@
+"""A session whose transaction stays on the engine it began on.
+
+Flask-SQLAlchemy's session looks up the engine on every statement, so an engine swap
+in the middle of a transaction would move the rest of it to another backend. This
+session snapshots the engines when a transaction begins and keeps using them until
+that transaction ends; the next transaction sees the new engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from flask_sqlalchemy.session import Session
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import SessionTransaction
+
+__all__ = ["PinnedSession"]
+
+
+class PinnedSession(Session):
+    """Flask-SQLAlchemy session that pins each transaction to one engine per bind."""
+
+    def __init__(self, db: Any, **kwargs: Any) -> None:
+        super().__init__(db, **kwargs)
+        self._pinned: dict[str | None, Engine] | None = None
+        sa.event.listen(self, "after_transaction_end", _unpin)
+
+    def get_bind(
+        self,
+        mapper: Any | None = None,
+        clause: Any | None = None,
+        bind: Engine | Connection | None = None,
+        **kwargs: Any,
+    ) -> Engine | Connection:
+        """The engine Flask-SQLAlchemy would choose, as it was when the transaction began."""
+        chosen = super().get_bind(mapper=mapper, clause=clause, bind=bind, **kwargs)
+        if bind is not None or not isinstance(chosen, Engine):
+            return chosen
+        current = self._db.engines
+        if self._pinned is None:
+            self._pinned = dict(current)
+        for key, engine in current.items():
+            if engine is chosen:
+                return self._pinned.get(key, chosen)
+        return chosen
+
+
+def _unpin(session: PinnedSession, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session._pinned = None

@@ -1,0 +1,118 @@
+"""The per-worker secret watcher: a thin loop around ``check_once()``.
+
+Each check costs one DescribeSecret per bind; GetSecretValue is called only when the
+AWSCURRENT version id moved. The interval has ±10 % jitter so that workers and tasks
+do not poll in lockstep; after a failure the next check comes sooner (1 s, 2 s, 4 s…)
+and backs off exponentially up to the interval.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from commng.credentials import SecretsUnavailable
+from commng.rotation import Rotator
+
+__all__ = ["CheckResult", "SecretWatcher"]
+
+log = structlog.get_logger("commng.watcher")
+
+FIRST_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What one check of one bind found: unchanged, changed, or error."""
+
+    bind: str | None
+    result: str
+    outcome: str | None = None
+    error: str | None = None
+
+
+class SecretWatcher:
+    """Polls every watchable rotator; never raises out of its loop."""
+
+    def __init__(
+        self,
+        rotators: list[Rotator],
+        interval_s: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.rotators = [r for r in rotators if r.source.watchable]
+        self.interval_s = interval_s
+        self.rng = rng or random.Random()
+        self.consecutive_failures = 0
+        self.last_check_at: datetime | None = None
+        self.next_check_at: datetime | None = None
+        self.last_results: list[CheckResult] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self, trigger: str = "poll") -> list[CheckResult]:
+        """Check every bind once; the single step the loop repeats and tests call."""
+        results = []
+        for rotator in self.rotators:
+            try:
+                event = rotator.check(trigger)
+            except SecretsUnavailable as exc:
+                log.warning("secret_check_failed", bind=rotator.bind, error=exc.code)
+                results.append(CheckResult(rotator.bind, "error", error=exc.code))
+                continue
+            except Exception as exc:  # a bug here must not kill the watcher
+                log.exception("secret_check_crashed", bind=rotator.bind, error=type(exc).__name__)
+                results.append(CheckResult(rotator.bind, "error", error=type(exc).__name__))
+                continue
+            if event is None:
+                results.append(CheckResult(rotator.bind, "unchanged"))
+            else:
+                results.append(CheckResult(rotator.bind, "changed", event.outcome, event.error))
+        failed = any(r.result == "error" or r.outcome == "failed" for r in results)
+        self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
+        self.last_check_at = datetime.now(UTC)
+        self.last_results = results
+        return results
+
+    def next_delay_s(self) -> float:
+        """Seconds to the next check: jittered interval, or the backoff after failures."""
+        if self.consecutive_failures:
+            backoff = FIRST_RETRY_S * float(2 ** (self.consecutive_failures - 1))
+            return min(self.interval_s, backoff)
+        return self.interval_s * self.rng.uniform(0.9, 1.1)
+
+    @property
+    def running(self) -> bool:
+        """True while the loop is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the loop (a greenlet under gunicorn's gevent worker, which patches threading)."""
+        if self.running or not self.rotators:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="commng-secret-watcher", daemon=True)
+        self._thread.start()
+        log.info("auto_refresh_started", interval_ms=int(self.interval_s * 1000))
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop and wait for it (bounded)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            delay = self.next_delay_s()
+            self.next_check_at = datetime.now(UTC) + timedelta(seconds=delay)
+            if self._stop.wait(delay):
+                return
+            started = time.monotonic()
+            self.check_once()
+            log.debug("secret_checked", duration_ms=round((time.monotonic() - started) * 1000, 1))

@@ -1,0 +1,160 @@
+"""Typed settings for CommNG, read once from the environment.
+
+Every value goes through a strict coercer: a bad value raises ``ConfigError`` whose
+message names the variable and the accepted form, and never repeats a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+T = TypeVar("T")
+
+_SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    aws_region: str | None = None
+    db_secret_id: str | None = None
+    db_secret_refresh_interval_ms: int = 300_000
+    db_pool_grace_period_ms: int = 30_000
+    postgres_host: str = "localhost"
+    postgres_port: int = 5432
+    postgres_db: str = "comm_ng"
+    postgres_user: str | None = None
+    postgres_password: str | None = field(default=None, repr=False)
+    postgres_ssl: bool = True
+    postgres_pool_size: int = 20
+    postgres_max_overflow: int = 5
+    postgres_connect_timeout_s: int = 5
+    postgres_pool_timeout_s: int = 10
+    admin_token: str | None = field(default=None, repr=False)
+    port: int = 8000
+    web_concurrency: int | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+    metrics_public: bool = True
+    bench_routes: bool = False
+
+    @property
+    def sslmode(self) -> str:
+        """libpq sslmode derived from POSTGRES_SSL (true -> require, false -> disable)."""
+        return "require" if self.postgres_ssl else "disable"
+
+    @property
+    def uses_secrets_manager(self) -> bool:
+        """True when credentials come from Secrets Manager rather than the environment."""
+        return bool(self.db_secret_id)
+
+
+def _text(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError(f"{name} must not be empty when set")
+    return value
+
+
+def _int_at_least(minimum: int, unit: str = "") -> Callable[[str, str], int]:
+    def coerce(name: str, raw: str) -> int:
+        what = f"an integer{unit} >= {minimum}"
+        shown = "<redacted>" if name in _SECRET_VARIABLES else repr(raw)
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            raise ConfigError(f"{name} must be {what}, got {shown}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be {what}, got {shown}")
+        return value
+
+    return coerce
+
+
+def _port(name: str, raw: str) -> int:
+    value = _int_at_least(1)(name, raw)
+    if value > 65535:
+        raise ConfigError(f"{name} must be a TCP port from 1 to 65535, got {raw!r}")
+    return value
+
+
+def _boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"true", "1", "yes", "on"}:
+        return True
+    if value in {"false", "0", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(*choices: str, lower: bool = True) -> Callable[[str, str], str]:
+    def coerce(name: str, raw: str) -> str:
+        value = raw.strip().lower() if lower else raw.strip().upper()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {'|'.join(choices)}, got {raw!r}")
+        return value
+
+    return coerce
+
+
+def _secret(name: str, raw: str) -> str:
+    if not raw:
+        raise ConfigError(f"{name} must not be empty when set")
+    return raw
+
+
+def _read(env: Mapping[str, str], name: str, coerce: Callable[[str, str], T], default: T) -> T:
+    raw = env.get(name)
+    if raw is None or (raw == "" and name not in _SECRET_VARIABLES):
+        return default
+    return coerce(name, raw)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build ``Settings`` from ``env`` (default: ``os.environ``); raise ConfigError on junk."""
+    e = os.environ if env is None else env
+    interval = _int_at_least(1000, " number of milliseconds")
+    settings = Settings(
+        aws_region=_read(e, "AWS_REGION", _text, None),
+        db_secret_id=_read(e, "DB_SECRET_ID", _text, None),
+        db_secret_refresh_interval_ms=_read(e, "DB_SECRET_REFRESH_INTERVAL_MS", interval, 300_000),
+        db_pool_grace_period_ms=_read(
+            e, "DB_POOL_GRACE_PERIOD_MS", _int_at_least(0, " number of milliseconds"), 30_000
+        ),
+        postgres_host=_read(e, "POSTGRES_HOST", _text, "localhost"),
+        postgres_port=_read(e, "POSTGRES_PORT", _port, 5432),
+        postgres_db=_read(e, "POSTGRES_DB", _text, "comm_ng"),
+        postgres_user=_read(e, "POSTGRES_USER", _text, None),
+        postgres_password=_read(e, "POSTGRES_PASSWORD", _secret, None),
+        postgres_ssl=_read(e, "POSTGRES_SSL", _boolean, True),
+        postgres_pool_size=_read(e, "POSTGRES_POOL_SIZE", _int_at_least(1), 20),
+        postgres_max_overflow=_read(e, "POSTGRES_MAX_OVERFLOW", _int_at_least(0), 5),
+        postgres_connect_timeout_s=_read(
+            e, "POSTGRES_CONNECT_TIMEOUT_S", _int_at_least(1, " number of seconds"), 5
+        ),
+        postgres_pool_timeout_s=_read(
+            e, "POSTGRES_POOL_TIMEOUT_S", _int_at_least(1, " number of seconds"), 10
+        ),
+        admin_token=_read(e, "ADMIN_TOKEN", _secret, None),
+        port=_read(e, "PORT", _port, 8000),
+        web_concurrency=_read(e, "WEB_CONCURRENCY", _int_at_least(1), None),
+        log_level=_read(e, "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False), "INFO"),
+        log_format=_read(e, "LOG_FORMAT", _choice("json", "console"), "json"),
+        metrics_public=_read(e, "METRICS_PUBLIC", _boolean, True),
+        bench_routes=_read(e, "COMMNG_BENCH_ROUTES", _boolean, False),
+    )
+    if settings.postgres_password is not None and settings.postgres_user is None:
+        raise ConfigError("POSTGRES_USER must be set when POSTGRES_PASSWORD is set")
+    if not settings.uses_secrets_manager and settings.postgres_user is None:
+        raise ConfigError("POSTGRES_USER (and POSTGRES_PASSWORD) must be set when DB_SECRET_ID is not set")
+    return settings

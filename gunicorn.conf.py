@@ -1,0 +1,65 @@
+"""gunicorn settings for CommNG. Every non-default has a comment saying why.
+
+Command-line flags and GUNICORN_CMD_ARGS (e.g. "--bind 127.0.0.1:9000 --workers 2")
+override the names below, as gunicorn documents.
+"""
+
+import os
+import sys
+
+# Nothing here imports boto3 or the app: gevent must patch ssl before botocore loads
+# (shared/NOTES.md), and that happens in each worker, after fork.
+
+# gevent workers: a request waiting on PostgreSQL or Secrets Manager yields to others.
+worker_class = "gevent"
+# Listen on all interfaces inside the container; the port comes from $PORT.
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Two workers per core is plenty for an I/O-bound gevent app; ECS sets WEB_CONCURRENCY.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Each gevent worker multiplexes this many connections (gunicorn's default, explicit).
+worker_connections = 1000
+# Never preload: each worker must import the app (and boto3) after gevent patched it.
+preload_app = False
+# ECS sends SIGTERM and waits stopTimeout (30 s) before SIGKILL: finish requests in 25 s.
+graceful_timeout = 25
+# A gevent worker that blocks the loop this long is stuck; restart it.
+timeout = 30
+# Behind the ALB, keep-alive must outlast the ALB's 60 s idle timeout.
+keepalive = 75
+# Logs go to stdout/stderr, collected by awslogs.
+accesslog = "-"
+errorlog = "-"
+# The control socket (gunicorn 27) is not used; several gunicorns on one host would share it.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Validate the configuration once, in the master, before any worker starts."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from config import ConfigError, load_settings
+
+    try:
+        load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def post_worker_init(worker):
+    """Start this worker's secret watcher.
+
+    Not post_fork: there the sockets are not patched yet and the app is not loaded; a
+    greenlet spawned in post_fork only runs after this hook anyway (shared/NOTES.md).
+    """
+    from commng.runtime import start_background
+
+    start_background(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    """Stop the watcher, cancel drain timers and dispose every engine of this worker."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None and hasattr(app, "extensions"):
+        from commng.runtime import stop_background
+
+        stop_background(app)

@@ -1,0 +1,35 @@
+"""Alembic environment: migrations run through the app's own engine.
+
+That engine takes its password at connect time (EngineFactory), so no password is
+ever rendered into a URL or into Alembic's config.
+"""
+
+from alembic import context
+from flask import current_app
+
+target_db = current_app.extensions["migrate"].db
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL without a connection (``flask db upgrade --sql``)."""
+    context.configure(
+        url="postgresql://",
+        target_metadata=target_db.metadata,
+        literal_binds=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    """Apply migrations on a connection from the app's current engine."""
+    with target_db.engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=target_db.metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

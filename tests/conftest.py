@@ -1,0 +1,182 @@
+"""Shared fixtures: a real PostgreSQL (scram auth), moto Secrets Manager, app factories.
+
+The cluster is started once per session; every test gets its own login role (with a
+password full of URL-breaking characters) and its own database cloned from a migrated
+template, so tests are isolated and may rotate passwords freely.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import boto3
+import flask_migrate
+import pytest
+from flask import Flask
+from moto import mock_aws
+from psycopg2 import sql
+
+from commng import create_app
+from commng.devstack import PostgresCluster, new_password, running_cluster
+from commng.runtime import get_runtime
+from config import Settings
+
+# Never reach a real AWS account, whatever the environment holds.
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER"):
+    os.environ.pop(_name, None)
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_REGION="us-east-1",
+)
+
+OWNER_ROLE = "commng_owner"
+TEMPLATE_DB = "commng_template"
+_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresCluster]:
+    """One PostgreSQL server for the session, with a migrated template database."""
+    base = Path(tempfile.mkdtemp(prefix="commng-pg-"))
+    try:
+        with running_cluster(base) as cluster:
+            _make_template(cluster)
+            yield cluster
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _make_template(cluster: PostgresCluster) -> None:
+    password = new_password()
+    cluster.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(OWNER_ROLE), sql.Literal(password))
+    )
+    cluster.execute(
+        sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(TEMPLATE_DB), sql.Identifier(OWNER_ROLE))
+    )
+    settings = Settings(
+        postgres_host="127.0.0.1",
+        postgres_port=cluster.port,
+        postgres_db=TEMPLATE_DB,
+        postgres_user=OWNER_ROLE,
+        postgres_password=password,
+        postgres_ssl=False,
+    )
+    app = create_app(settings, configure_logging=False)
+    with app.app_context():
+        flask_migrate.upgrade()
+    get_runtime(app).stop()
+
+
+@dataclass
+class Database:
+    """A per-test database and the login role the app uses for it."""
+
+    cluster: PostgresCluster
+    name: str
+    role: str
+    password: str
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings that point the app at this database with env credentials."""
+        base = Settings(
+            postgres_host="127.0.0.1",
+            postgres_port=self.cluster.port,
+            postgres_db=self.name,
+            postgres_user=self.role,
+            postgres_password=self.password,
+            postgres_ssl=False,
+            postgres_pool_size=3,
+            postgres_max_overflow=2,
+            db_pool_grace_period_ms=2000,
+            db_secret_refresh_interval_ms=1000,
+            log_format="console",
+        )
+        return replace(base, **overrides)
+
+    def secret_string(self, password: str | None = None) -> str:
+        """The RDS-style secret JSON for this role."""
+        return json.dumps({"username": self.role, "password": password or self.password})
+
+    def backends(self) -> int:
+        """Backends the app role holds open right now."""
+        return self.cluster.backend_count(self.role)
+
+
+@pytest.fixture
+def database(pg: PostgresCluster) -> Iterator[Database]:
+    """A fresh database cloned from the template, and a fresh role that can use it."""
+    n = next(_counter)
+    db = Database(pg, f"commng_test_{n}", f"app_{n}", new_password())
+    pg.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(db.role), sql.Literal(db.password))
+    )
+    pg.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(OWNER_ROLE), sql.Identifier(db.role)))
+    pg.execute(
+        sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+            sql.Identifier(db.name), sql.Identifier(TEMPLATE_DB), sql.Identifier(db.role)
+        )
+    )
+    yield db
+    pg.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db.name)))
+    pg.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(db.role)))
+
+
+@pytest.fixture
+def make_app() -> Iterator[Any]:
+    """Factory for apps that are stopped (watchers, drains, pools) after the test."""
+    apps: list[Flask] = []
+
+    def factory(settings: Settings, **kwargs: Any) -> Flask:
+        app = create_app(settings, configure_logging=False, **kwargs)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        get_runtime(app).stop()
+
+
+@pytest.fixture
+def app(database: Database, make_app: Any) -> Flask:
+    """An app on env credentials (no Secrets Manager)."""
+    flask_app: Flask = make_app(database.settings())
+    return flask_app
+
+
+@pytest.fixture
+def client(app: Flask) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def secretsmanager() -> Iterator[Any]:
+    """An in-process moto Secrets Manager client."""
+    with mock_aws():
+        yield boto3.client("secretsmanager", region_name="us-east-1")
+
+
+@pytest.fixture
+def secret(database: Database, secretsmanager: Any) -> str:
+    """The ARN of a secret that holds the test role's credentials."""
+    created = secretsmanager.create_secret(Name=f"db/{database.name}", SecretString=database.secret_string())
+    arn: str = created["ARN"]
+    return arn
+
+
+@pytest.fixture
+def secret_app(database: Database, secretsmanager: Any, secret: str, make_app: Any) -> Flask:
+    """An app that reads its credentials from the moto secret (env has none)."""
+    settings = database.settings(db_secret_id=secret, postgres_user=None, postgres_password=None)
+    flask_app: Flask = make_app(settings, secrets_client=secretsmanager)
+    return flask_app

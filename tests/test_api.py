@@ -1,0 +1,128 @@
+"""The messaging API against a real PostgreSQL, including every malformed input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+def _channel(client: Any, name: str = "ops") -> dict[str, Any]:
+    response = client.post("/api/channels", json={"name": name})
+    assert response.status_code == 201, response.json
+    body: dict[str, Any] = response.json
+    return body
+
+
+def test_create_and_list_channels(client: Any) -> None:
+    created = _channel(client, "alpha-1")
+    assert set(created) == {"id", "name", "created_at"} and created["name"] == "alpha-1"
+    _channel(client, "bravo")
+    listed = client.get("/api/channels")
+    assert listed.status_code == 200
+    assert [c["name"] for c in listed.json["channels"]] == ["alpha-1", "bravo"]
+
+
+def test_duplicate_channel_is_409(client: Any) -> None:
+    _channel(client)
+    response = client.post("/api/channels", json={"name": "ops"})
+    assert response.status_code == 409
+    assert response.json["error"]["code"] == "channel_exists"
+
+
+def test_post_read_and_page_messages(client: Any) -> None:
+    channel = _channel(client)
+    ids = []
+    for i in range(5):
+        r = client.post(f"/api/channels/{channel['id']}/messages", json={"body": f"m{i}"})
+        assert r.status_code == 201
+        assert set(r.json) == {"id", "channel_id", "body", "created_at"}
+        ids.append(r.json["id"])
+    page = client.get(f"/api/channels/{channel['id']}/messages?limit=2").json
+    assert [m["id"] for m in page["messages"]] == ids[::-1][:2]
+    assert page["next_before_id"] == ids[3]
+    rest = client.get(f"/api/channels/{channel['id']}/messages?limit=100&before_id={ids[3]}").json
+    assert [m["id"] for m in rest["messages"]] == ids[:3][::-1]
+    assert rest["next_before_id"] is None
+    default = client.get(f"/api/channels/{channel['id']}/messages").json
+    assert len(default["messages"]) == 5
+    one = client.get(f"/api/messages/{ids[0]}")
+    assert one.status_code == 200 and one.json["body"] == "m0"
+
+
+def test_unknown_ids_are_404(client: Any) -> None:
+    assert client.post("/api/channels/999/messages", json={"body": "x"}).status_code == 404
+    assert client.get("/api/channels/999/messages").status_code == 404
+    assert client.get("/api/messages/999").status_code == 404
+    huge = 10**30
+    assert client.get(f"/api/messages/{huge}").status_code == 404
+    assert client.post(f"/api/channels/{huge}/messages", json={"body": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"data": "name=ops"}, 415, "unsupported_media_type"),
+        ({"data": "{not json", "content_type": "application/json"}, 400, "invalid_json"),
+        ({"json": ["ops"]}, 422, "invalid_body"),
+        ({"json": "ops"}, 422, "invalid_body"),
+        ({"json": {}}, 422, "invalid_name"),
+        ({"json": {"name": 12}}, 422, "invalid_name"),
+        ({"json": {"name": 10**400}}, 422, "invalid_name"),
+        ({"json": {"name": None}}, 422, "invalid_name"),
+        ({"json": {"name": "UPPER"}}, 422, "invalid_name"),
+        ({"json": {"name": "x" * 65}}, 422, "invalid_name"),
+        ({"json": {"name": ""}}, 422, "invalid_name"),
+        ({"json": {"name": "ops", "admin": True}}, 422, "unknown_fields"),
+        ({"data": "x" * 70000, "content_type": "application/json"}, 413, "request_entity_too_large"),
+    ],
+)
+def test_bad_channel_requests_are_json_4xx(
+    client: Any, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    response = client.post("/api/channels", **kwargs)
+    assert response.status_code == status
+    assert response.json["error"]["code"] == code
+    assert response.json["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({}, "invalid_body"),
+        ({"body": ""}, "invalid_body"),
+        ({"body": "   "}, "invalid_body"),
+        ({"body": 5}, "invalid_body"),
+        ({"body": ["x"]}, "invalid_body"),
+        ({"body": "x" * 4001}, "invalid_body"),
+        ({"body": "x", "pinned": True}, "unknown_fields"),
+    ],
+)
+def test_bad_message_bodies_are_422(client: Any, payload: dict[str, Any], code: str) -> None:
+    channel = _channel(client)
+    response = client.post(f"/api/channels/{channel['id']}/messages", json=payload)
+    assert response.status_code == 422
+    assert response.json["error"]["code"] == code
+
+
+def test_longest_body_is_accepted(client: Any) -> None:
+    channel = _channel(client)
+    response = client.post(f"/api/channels/{channel['id']}/messages", json={"body": "é" * 4000})
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1e3", "before_id=0", f"before_id={10**30}"],
+)
+def test_bad_paging_parameters_are_400(client: Any, query: str) -> None:
+    channel = _channel(client)
+    response = client.get(f"/api/channels/{channel['id']}/messages?{query}")
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "invalid_parameter"
+
+
+def test_unknown_route_and_method_are_json(client: Any) -> None:
+    assert client.get("/nope").json["error"]["code"] == "not_found"
+    response = client.delete("/api/channels")
+    assert response.status_code == 405 and response.json["error"]["code"] == "method_not_allowed"
