@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from commng.errors import APIError
 from commng.models import Channel, Message, db
+from commng.retry import retry_on_disconnect
 
 __all__ = ["bp", "init_app"]
 
@@ -55,6 +56,7 @@ def _get_or_404(model: type[Channel] | type[Message], ident: int) -> Any:
 
 
 @bp.post("/channels")
+@retry_on_disconnect
 def create_channel() -> Any:
     """Create a channel; 409 when the name is taken."""
     data = _json_object({"name"})
@@ -72,6 +74,7 @@ def create_channel() -> Any:
 
 
 @bp.get("/channels")
+@retry_on_disconnect
 def list_channels() -> Any:
     """All channels, oldest first."""
     channels = db.session.scalars(sa.select(Channel).order_by(Channel.id)).all()
@@ -79,6 +82,7 @@ def list_channels() -> Any:
 
 
 @bp.post("/channels/<int:channel_id>/messages")
+@retry_on_disconnect
 def post_message(channel_id: int) -> Any:
     """Post a message to a channel."""
     data = _json_object({"body"})
@@ -95,6 +99,7 @@ def post_message(channel_id: int) -> Any:
 
 
 @bp.get("/channels/<int:channel_id>/messages")
+@retry_on_disconnect
 def list_messages(channel_id: int) -> Any:
     """Messages of a channel, newest first, paged by ``before_id``."""
     limit = _int_param("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
@@ -109,6 +114,7 @@ def list_messages(channel_id: int) -> Any:
 
 
 @bp.get("/messages/<int:message_id>")
+@retry_on_disconnect
 def get_message(message_id: int) -> Any:
     """One message."""
     return _get_or_404(Message, message_id).as_dict()

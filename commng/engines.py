@@ -22,14 +22,16 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import Engine
 
-from commng.credentials import Credentials
+from commng.credentials import Credentials, InvalidSecret
 from config import Settings
 
 __all__ = [
     "EngineFactory",
     "ManagedEngine",
     "NoCredentials",
+    "describe_error",
     "drain",
+    "error_code",
     "install_engine",
     "is_auth_failure",
     "probe",
@@ -71,6 +73,23 @@ def is_auth_failure(exc: BaseException) -> bool:
     if getattr(orig, "pgcode", None) in {"28P01", "28000"}:
         return True
     return "password authentication failed" in str(orig)
+
+
+def error_code(exc: BaseException) -> str:
+    """Class and code only: exception messages may carry details we do not control."""
+    code = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "code", None)
+    if is_auth_failure(exc):
+        code = "28P01"
+    return f"{type(exc).__name__}:{code}" if code else type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, safe explanation for logs (InvalidSecret messages never hold values)."""
+    if isinstance(exc, InvalidSecret | NoCredentials):
+        return str(exc)
+    if is_auth_failure(exc):
+        return "password authentication failed"
+    return error_code(exc)
 
 
 class EngineFactory:

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from commng.engines import NoCredentials
+from commng.engines import NoCredentials, describe_error, error_code
 
 __all__ = ["APIError", "init_app"]
 
@@ -50,7 +50,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(PoolTimeout)
     @app.errorhandler(NoCredentials)
     def _database_unavailable(exc: Exception) -> Any:
-        log.error("database_unavailable", error=type(exc).__name__)
+        log.error(
+            "database_unavailable",
+            error=error_code(exc),
+            reason=describe_error(exc),
+            disconnect=bool(getattr(exc, "connection_invalidated", False)),
+        )
         return error_response(503, "database_unavailable", "the database is not available")
 
     @app.errorhandler(Exception)

@@ -18,7 +18,9 @@ class Base(DeclarativeBase):
     pass
 
 
-db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession})
+# expire_on_commit=False: a view that commits can still render what it wrote without a
+# second transaction (and without a second chance to meet a dead connection).
+db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession, "expire_on_commit": False})
 
 
 def _now() -> datetime:

@@ -27,7 +27,15 @@ from commng.credentials import (
     SecretsUnavailable,
     SecretVersion,
 )
-from commng.engines import EngineFactory, ManagedEngine, drain, is_auth_failure, probe
+from commng.engines import (
+    EngineFactory,
+    ManagedEngine,
+    describe_error,
+    drain,
+    error_code,
+    is_auth_failure,
+    probe,
+)
 from commng.events import EventLog, RotationEvent
 
 __all__ = ["Rotator"]
@@ -47,23 +55,6 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.result: RotationEvent | None = None
-
-
-def _error(exc: BaseException) -> str:
-    """Class and code only: exception messages may carry details we do not control."""
-    code = getattr(exc, "code", None) or getattr(getattr(exc, "orig", None), "pgcode", None)
-    if is_auth_failure(exc):
-        code = "28P01"
-    return f"{type(exc).__name__}:{code}" if code else type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, safe explanation for logs (InvalidSecret messages never hold values)."""
-    if isinstance(exc, InvalidSecret):
-        return str(exc)
-    if is_auth_failure(exc):
-        return "password authentication failed"
-    return _error(exc)
 
 
 class Rotator:
@@ -93,6 +84,9 @@ class Rotator:
         self._flight_lock = threading.Lock()
         self._flight: _Flight | None = None
         self._last_reactive: tuple[float, RotationEvent] | None = None
+        # After adopting AWSPENDING in the window, the AWSCURRENT version it replaces is
+        # known to fail: polls ignore it until AWSCURRENT moves to what we already use.
+        self._window_from: str | None = None
         self._stop = threading.Event()
         self._drainers: list[threading.Thread] = []
         factory.on_auth_failure = self.on_auth_failure
@@ -107,12 +101,12 @@ class Rotator:
             if self.source.watchable:
                 log.info("credentials_fetched", bind=self.bind, version=version.version_id)
         except (SecretsUnavailable, InvalidSecret) as exc:
-            self._record(RotationEvent("startup", "failed", self.bind, error=_error(exc)))
+            self._record(RotationEvent("startup", "failed", self.bind, error=error_code(exc)))
             log.warning(
                 "startup_credentials_unavailable",
                 bind=self.bind,
-                error=_error(exc),
-                reason=_describe(exc),
+                error=error_code(exc),
+                reason=describe_error(exc),
                 using="environment" if fallback else "none until the secret is readable",
             )
             version = SecretVersion(fallback, None) if fallback else None
@@ -136,7 +130,9 @@ class Rotator:
         event for "nothing changed"; a manual check does). Raises SecretsUnavailable.
         """
         version_id = self.source.current_version_id()
-        if self.current is not None and version_id == self.current.version_id:
+        if self._window_from is not None and version_id != self._window_from:
+            self._window_from = None  # AWSCURRENT moved on: the window is over
+        if self.current is not None and version_id in {self.current.version_id, self._window_from}:
             if trigger == "manual":
                 return self._record(RotationEvent(trigger, "unchanged", self.bind, version_id, version_id))
             return None
@@ -210,10 +206,12 @@ class Rotator:
                 trigger=trigger,
                 stage=stage,
                 old_version=old_version,
-                error=_error(exc),
-                reason=_describe(exc),
+                error=error_code(exc),
+                reason=describe_error(exc),
             )
-            return self._record(RotationEvent(trigger, "failed", self.bind, old_version, error=_error(exc)))
+            return self._record(
+                RotationEvent(trigger, "failed", self.bind, old_version, error=error_code(exc))
+            )
         event = RotationEvent(
             trigger,
             "rotated",
@@ -249,6 +247,8 @@ class Rotator:
             raise
         with self._swap_lock:
             old = self.active
+            if version.stage == AWSPENDING:
+                self._window_from = self.current.version_id if self.current else None
             self.install(candidate.engine)
             candidate.reactive = True
             self.active = candidate

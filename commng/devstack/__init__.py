@@ -1,0 +1,16 @@
+"""Development tooling: the local stack, the PostgreSQL harness, load and rotation helpers.
+
+Nothing in the request path imports this package.
+"""
+
+from commng.devstack.postgres import PostgresCluster, free_port, new_password, running_cluster
+from commng.devstack.secrets import rotate_secret, secrets_client
+
+__all__ = [
+    "PostgresCluster",
+    "free_port",
+    "new_password",
+    "rotate_secret",
+    "running_cluster",
+    "secrets_client",
+]

@@ -1,0 +1,189 @@
+"""A real PostgreSQL server (scram-sha-256 password auth) in a folder of its own.
+
+initdb and pg_ctl refuse to run as root, so as root they run as the ``postgres`` user
+(shared/NOTES.md). Used by `make run`, the test suite and the benchmark.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_password() -> str:
+    """A random password that contains every character that breaks naive URLs."""
+    return secrets.token_urlsafe(18) + "#?%&=+:;"
+
+
+def pg_bindir() -> Path:
+    """The directory of initdb/pg_ctl, or SystemExit with what to install."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if candidates:
+        return Path(candidates[-1]).parent
+    raise SystemExit(
+        "PostgreSQL server binaries (initdb, pg_ctl) were not found. "
+        "Install them with: apt-get install -y postgresql"
+    )
+
+
+class PostgresCluster:
+    """One PostgreSQL server in ``datadir``, listening on 127.0.0.1:``port``."""
+
+    def __init__(self, datadir: Path, port: int, superuser_password: str) -> None:
+        self.datadir = Path(datadir)
+        self.port = port
+        self.superuser_password = superuser_password
+        self.bindir = pg_bindir()
+        self.logfile = self.datadir.parent / "postgres.log"
+        self.socket_dir = self.datadir.parent / "sock"
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr[-2000:]}")
+
+    def _own(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+
+    @property
+    def initialized(self) -> bool:
+        """True when initdb already ran in ``datadir``."""
+        return (self.datadir / "PG_VERSION").exists()
+
+    def init(self) -> None:
+        """initdb with scram-sha-256 for every connection, then our settings."""
+        base = self.datadir.parent
+        base.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o755)  # the postgres user must reach the data dir below it
+        self._own(base)
+        self.socket_dir.mkdir(exist_ok=True)
+        self._own(self.socket_dir)
+        pwfile = base / "pwfile"
+        pwfile.write_text(self.superuser_password + "\n")
+        pwfile.chmod(0o600)
+        self._own(pwfile)
+        try:
+            self._run(
+                "initdb",
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            )
+        finally:
+            pwfile.unlink()
+        with open(self.datadir / "postgresql.conf", "a") as conf:
+            conf.write(
+                "\n# commng test/dev cluster\n"
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 300\n"
+            )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-o",
+            f"-p {self.port}",
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (no error when it is not running)."""
+        if (self.datadir / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
+
+    def connect(self, dbname: str = "postgres") -> Any:
+        """An autocommit superuser connection over TCP (password auth)."""
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user="postgres",
+            password=self.superuser_password,
+            dbname=dbname,
+            connect_timeout=5,
+        )
+        conn.autocommit = True
+        return conn
+
+    def execute(
+        self, statement: Any, params: Sequence[Any] | None = None, dbname: str = "postgres"
+    ) -> list[Any]:
+        """Run one statement as the superuser; return its rows (if any)."""
+        conn = self.connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def set_password(self, role: str, password: str) -> None:
+        """ALTER ROLE ... PASSWORD, with the password sent as a literal, never logged."""
+        self.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+
+    def terminate_backends(self, role: str, idle_only: bool = True) -> int:
+        """pg_terminate_backend for ``role``'s backends (idle ones by default)."""
+        condition = "AND state = 'idle'" if idle_only else ""
+        rows = self.execute(
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "  # noqa: S608
+            f"WHERE usename = %s AND pid <> pg_backend_pid() {condition}",
+            (role,),
+        )
+        return int(rows[0][0])
+
+    def backend_count(self, role: str) -> int:
+        """How many backends ``role`` has open."""
+        rows = self.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,))
+        return int(rows[0][0])
+
+
+@contextmanager
+def running_cluster(base: Path) -> Iterator[PostgresCluster]:
+    """A new cluster under ``base`` for the duration of the block (tests, bench)."""
+    cluster = PostgresCluster(base / "data", free_port(), new_password())
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")

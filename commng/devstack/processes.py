@@ -1,0 +1,171 @@
+"""gunicorn as a child process, and a bounded HTTP load generator, for tests and the bench."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class GunicornServer:
+    """`gunicorn -c gunicorn.conf.py wsgi:app` (the image's CMD) with a log file of its own."""
+
+    def __init__(self, env: Mapping[str, str], port: int, workers: int, logfile: Path) -> None:
+        self.port = port
+        self.workers = workers
+        self.logfile = logfile
+        self.env = {
+            **os.environ,
+            **env,
+            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port} --workers {workers}",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start gunicorn and wait until /readyz answers 200 (bounded)."""
+        self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
+        gunicorn = str(Path(sys.executable).parent / "gunicorn")
+        self.process = subprocess.Popen(
+            [gunicorn, "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}: see {self.logfile}")
+            if http_status(f"{self.url}/readyz") == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn not ready within {timeout_s} s: see {self.logfile}")
+
+    def stop(self, timeout_s: float = 40.0) -> int | None:
+        """SIGTERM, wait for the graceful shutdown (SIGKILL past ``timeout_s``)."""
+        code = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def output(self) -> str:
+        """Everything gunicorn and its workers wrote so far."""
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+
+def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+    """The status of GET ``url``, or None when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback only
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
+
+
+@dataclass
+class Sample:
+    """One request: when it started (monotonic s), how long it took, and what came back."""
+
+    started: float
+    duration_ms: float
+    status: int | None
+    error: str | None = None
+
+
+@dataclass
+class LoadResult:
+    samples: list[Sample] = field(default_factory=list)
+    created_ids: list[int] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Sample]:
+        return [s for s in self.samples if s.status is None or not 200 <= s.status < 300]
+
+
+class LoadGenerator:
+    """N client threads, each posting and reading messages until stopped (or ``max_s``)."""
+
+    def __init__(self, base_url: str, channel_ids: list[int], clients: int, max_s: float = 300.0) -> None:
+        self.base_url = base_url
+        self.channel_ids = channel_ids
+        self.clients = clients
+        self.max_s = max_s
+        self.result = LoadResult()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for n in range(self.clients):
+            thread = threading.Thread(target=self._client, args=(n,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> LoadResult:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return self.result
+
+    def _client(self, n: int) -> None:
+        import requests
+
+        session = requests.Session()
+        deadline = time.monotonic() + self.max_s
+        i = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            channel = self.channel_ids[(n + i) % len(self.channel_ids)]
+            if i % 2 == 0:
+                sample, body = self._call(
+                    session.post, f"/api/channels/{channel}/messages", json={"body": f"c{n} m{i}"}
+                )
+                if sample.status == 201 and body:
+                    with self._lock:
+                        self.result.created_ids.append(int(body["id"]))
+            else:
+                sample, _ = self._call(session.get, f"/api/channels/{channel}/messages?limit=20")
+            with self._lock:
+                self.result.samples.append(sample)
+            i += 1
+        session.close()
+
+    def _call(self, method: Callable[..., Any], path: str, **kwargs: Any) -> tuple[Sample, Any]:
+        started = time.monotonic()
+        try:
+            response = method(self.base_url + path, timeout=30, **kwargs)
+            body = (
+                response.json()
+                if response.headers.get("content-type", "").startswith("application/json")
+                else None
+            )
+            status: int | None = response.status_code
+            error = None if 200 <= response.status_code < 300 else str(body)[:200]
+        except Exception as exc:  # a transport failure counts as a failed request
+            body, status, error = None, None, type(exc).__name__
+        return Sample(started, (time.monotonic() - started) * 1000, status, error), body

@@ -1,0 +1,55 @@
+"""Re-run a request whose database connection died before anything was committed.
+
+A backend can disappear between the pool's pre-ping and the request's first statement
+(pg_terminate_backend, a failover, a NAT timeout). When that happens before the request
+started a commit, nothing it did reached the database, so running the view again on a
+fresh connection is exactly equivalent. Once a commit has started the outcome is in
+doubt, and the error is returned as it is. Attempts are bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import structlog
+from flask import g, has_app_context
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from commng.models import db
+
+__all__ = ["MAX_ATTEMPTS", "retry_on_disconnect"]
+
+MAX_ATTEMPTS = 3
+F = TypeVar("F", bound=Callable[..., Any])
+log = structlog.get_logger("commng.retry")
+
+
+def _commit_started(session: Session) -> None:
+    if has_app_context():
+        g.commng_commit_started = True
+
+
+sa.event.listen(Session, "before_commit", _commit_started)
+
+
+def retry_on_disconnect(view: F) -> F:
+    """Run ``view`` again (at most MAX_ATTEMPTS in all) after a disconnect before any commit."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            g.commng_commit_started = False
+            try:
+                return view(*args, **kwargs)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or g.commng_commit_started or attempt == MAX_ATTEMPTS:
+                    raise
+                db.session.rollback()
+                log.warning("request_retried_after_disconnect", attempt=attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,122 @@
+"""End to end: gunicorn with 2 gevent workers under load through 3 realistic rotations.
+
+The bar from the issue: 0 failed requests, every 201-created message reads back, the
+backends settle at or below workers x pool after the grace period, and none of the
+passwords used appears anywhere in gunicorn's output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from commng.devstack import free_port, new_password, rotate_secret
+from commng.devstack.processes import GunicornServer, LoadGenerator
+from tests.conftest import Database
+from tests.helpers import assert_no_secrets, wait_for
+
+pytestmark = pytest.mark.e2e
+
+WORKERS = 2
+POOL_SIZE = 4
+
+
+@pytest.fixture
+def moto_endpoint() -> Iterator[str]:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="commng-e2e-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _adopted(server: GunicornServer, version: str) -> set[int]:
+    """pids of the workers that logged a successful refresh to ``version``."""
+    pids = set()
+    for line in server.output().splitlines():
+        if '"refresh_succeeded"' in line:
+            record = json.loads(line)
+            if record.get("new_version") == version:
+                pids.add(record["pid"])
+    return pids
+
+
+def test_three_rotations_under_load_fail_no_request(
+    database: Database, moto_endpoint: str, workdir: Path
+) -> None:
+    client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+    arn = client.create_secret(Name=f"e2e/{database.name}", SecretString=database.secret_string())["ARN"]
+    (workdir / "prometheus").mkdir()
+    env = {
+        "DB_SECRET_ID": arn,
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_endpoint,
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(database.cluster.port),
+        "POSTGRES_DB": database.name,
+        "POSTGRES_SSL": "false",
+        "POSTGRES_POOL_SIZE": str(POOL_SIZE),
+        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
+        "DB_POOL_GRACE_PERIOD_MS": "2000",
+        "LOG_FORMAT": "json",
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
+    }
+    server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log")
+    passwords = [database.password]
+    server.start()
+    try:
+        channels = [
+            requests.post(f"{server.url}/api/channels", json={"name": f"ch-{i}"}, timeout=10).json()["id"]
+            for i in range(3)
+        ]
+        load = LoadGenerator(server.url, channels, clients=8, max_s=120)
+        load.start()
+        try:
+            for n in range(3):
+                new = new_password()
+                passwords.append(new)
+                kill = (lambda: database.cluster.terminate_backends(database.role)) if n == 1 else None
+                version = rotate_secret(
+                    client, arn, database.cluster, database.role, new, 1.5, before_current=kill
+                )
+                wait_for(lambda v=version: len(_adopted(server, v)) == WORKERS, timeout_s=20)
+        finally:
+            result = load.stop()
+
+        assert len(result.samples) > 100, "the load generator did not run"
+        assert result.failures == [], result.failures[:5]
+        wait_for(lambda: database.backends() <= WORKERS * POOL_SIZE, timeout_s=15)
+        with requests.Session() as session:
+            missing = [
+                i
+                for i in result.created_ids
+                if session.get(f"{server.url}/api/messages/{i}", timeout=10).status_code != 200
+            ]
+        assert result.created_ids and missing == []
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert server.process is not None and server.process.poll() is not None
+    output = server.output()
+    assert '"Database connection successfully refreshed with new credentials"' in output
+    assert '"Auto-refresh started"' in output
+    assert_no_secrets(output, passwords)
