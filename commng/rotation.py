@@ -278,6 +278,8 @@ class Rotator:
 
     def on_auth_failure(self, failed: Credentials) -> Credentials | None:
         """Called when a new connection's login fails; returns credentials that work."""
+        if not self.source.watchable:
+            return None  # environment credentials cannot change under us
         now = self.credentials
         if now is not None and not now.same_login(failed):
             return now  # another refresh already moved on: use its credentials

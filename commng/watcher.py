@@ -71,6 +71,8 @@ class SecretWatcher:
                 continue
             if event is None:
                 results.append(CheckResult(rotator.bind, "unchanged"))
+            elif event.outcome == "unchanged" and event.old_version == event.new_version:
+                results.append(CheckResult(rotator.bind, "unchanged", event.outcome))  # manual check
             else:
                 results.append(CheckResult(rotator.bind, "changed", event.outcome, event.error))
         failed = any(r.result == "error" or r.outcome == "failed" for r in results)

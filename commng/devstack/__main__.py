@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +44,24 @@ def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
                 return
         time.sleep(0.1)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def _pg_datadir() -> Path:
+    """.local/pg/data, or a /tmp folder when the postgres user cannot reach .local.
+
+    As root, the server runs as ``postgres``; a checkout under /root (mode 0700) is out
+    of its reach, and changing the modes of a user's home is not ours to do.
+    """
+    preferred = LOCAL / "pg" / "data"
+    if os.geteuid() != 0 or _reachable_by_postgres(LOCAL):
+        return preferred
+    digest = hashlib.sha1(str(LOCAL).encode(), usedforsecurity=False).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"commng-pg-{digest}" / "data"
+
+
+def _reachable_by_postgres(path: Path) -> bool:
+    probe = ["runuser", "-u", "postgres", "--", "test", "-x", str(path)]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
 
 def _load_state() -> dict[str, Any]:
@@ -70,7 +90,7 @@ def run(port: int = 8000) -> int:
         }
     state["pg_port"] = int(state.get("pg_port") or 0) or free_port()
     state["moto_port"] = free_port()
-    cluster = PostgresCluster(LOCAL / "pg" / "data", state["pg_port"], state["superuser_password"])
+    cluster = PostgresCluster(_pg_datadir(), state["pg_port"], state["superuser_password"])
     if not cluster.initialized:
         print(f"initdb: new PostgreSQL cluster in {cluster.datadir}", flush=True)
         cluster.init()
@@ -184,7 +204,7 @@ def rotate(pause_s: float = 5.0) -> int:
     if not state.get("secret_arn"):
         raise SystemExit("no local stack is running: start it with `make run` first")
     client = secrets_client(state["endpoint"])
-    cluster = PostgresCluster(LOCAL / "pg" / "data", state["pg_port"], state["superuser_password"])
+    cluster = PostgresCluster(_pg_datadir(), state["pg_port"], state["superuser_password"])
     new = new_password()
     rotate_secret(client, state["secret_arn"], cluster, APP_ROLE, new, pause_s, log=print)
     _save_state({**state, "app_password": new})

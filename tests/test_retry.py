@@ -1,0 +1,58 @@
+"""A request whose connection dies before it commits is re-run; after a commit it is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask
+
+from commng.models import Message, db
+from commng.retry import retry_on_disconnect
+from tests.conftest import Database
+
+
+def _kill_backend_of(database: Database, pid: int) -> None:
+    database.cluster.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_connection_killed_before_the_first_statement_is_replaced(app: Flask, database: Database) -> None:
+    calls: list[int] = []
+
+    @retry_on_disconnect
+    def view() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            conn = db.session.connection()  # checked out (pre-pinged), not used yet
+            _kill_backend_of(database, conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
+        return int(db.session.execute(sa.text("SELECT 42")).scalar() or 0)
+
+    with app.test_request_context():
+        assert view() == 42
+    assert len(calls) == 2
+
+
+def test_no_retry_once_a_commit_started(app: Flask, database: Database, client: Any) -> None:
+    channel = client.post("/api/channels", json={"name": "once"}).json["id"]
+    calls: list[int] = []
+
+    @retry_on_disconnect
+    def view() -> None:
+        calls.append(1)
+        db.session.add(Message(channel_id=channel, body="exactly once"))
+        db.session.commit()
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        _kill_backend_of(database, int(pid or 0))
+        db.session.execute(sa.text("SELECT 1"))
+
+    with app.test_request_context():
+        try:
+            view()
+        except sa.exc.DBAPIError as exc:
+            assert exc.connection_invalidated
+        else:  # pragma: no cover
+            raise AssertionError("the killed connection should fail")
+        db.session.rollback()
+    assert len(calls) == 1
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
