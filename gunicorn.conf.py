@@ -4,11 +4,33 @@ Command-line flags and GUNICORN_CMD_ARGS (e.g. "--bind 127.0.0.1:9000 --workers 
 override the names below, as gunicorn documents.
 """
 
+import importlib.util
 import os
 import sys
 
 # Nothing here imports boto3 or the app: gevent must patch ssl before botocore loads
 # (shared/NOTES.md), and that happens in each worker, after fork.
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_logs():
+    """commng/logs.py on its own (stdlib + structlog only).
+
+    ``import commng.logs`` would run the package's __init__, loading Flask, SQLAlchemy
+    and psycopg2 into the master before gevent patches the workers.
+    """
+    spec = importlib.util.spec_from_file_location("_commng_logs", os.path.join(_ROOT, "commng", "logs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env_choice(name, default, choices):
+    # on_starting validates every variable and stops start-up on junk; until then, default.
+    value = os.environ.get(name, default).strip()
+    return value if value.lower() in choices else default
+
 
 # gevent workers: a request waiting on PostgreSQL or Secrets Manager yields to others.
 worker_class = "gevent"
@@ -29,13 +51,33 @@ keepalive = 75
 # Logs go to stdout/stderr, collected by awslogs.
 accesslog = "-"
 errorlog = "-"
+# gunicorn's own error and access logs through the app's structlog formatter: one JSON
+# object per line (LOG_FORMAT=json) from the master's first line on, or console text.
+# The loggers have no handlers of their own and propagate to the root handler, which
+# each worker's app replaces with an identical one (no line is written twice).
+_log_format = _env_choice("LOG_FORMAT", "json", {"json", "console"}).lower()
+_log_level = _env_choice("LOG_LEVEL", "INFO", {"debug", "info", "warning", "error"}).upper()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"structlog": {"()": _load_logs().formatter, "log_format": _log_format}},
+    "handlers": {
+        "stdout": {"class": "logging.StreamHandler", "formatter": "structlog", "stream": "ext://sys.stdout"}
+    },
+    "root": {"level": _log_level, "handlers": ["stdout"]},
+    "loggers": {
+        "gunicorn.error": {"level": _log_level, "handlers": [], "propagate": True},
+        # The access log is kept at INFO whatever LOG_LEVEL says: it is the request record.
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+    },
+}
 # The control socket (gunicorn 27) is not used; several gunicorns on one host would share it.
 control_socket_disable = True
 
 
 def on_starting(server):
     """Validate the configuration once, in the master, before any worker starts."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, _ROOT)
     from config import ConfigError, load_settings
 
     try:
@@ -63,3 +105,15 @@ def worker_exit(server, worker):
         from commng.runtime import stop_background
 
         stop_background(app)
+
+
+def child_exit(server, worker):
+    """Drop the dead worker's live gauges; its counters and histograms stay in the sums.
+
+    prometheus_client's multiprocess mode keeps a dead process's counter files, so totals
+    survive worker restarts; PROMETHEUS_MULTIPROC_DIR is wiped before gunicorn starts.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

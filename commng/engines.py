@@ -99,6 +99,9 @@ class EngineFactory:
         self.settings = settings
         self.application_name = application_name
         self.on_auth_failure: AuthFailureHandler | None = None
+        # Observers (metrics): every engine built, and every login PostgreSQL refused.
+        self.build_listeners: list[Callable[[ManagedEngine], None]] = []
+        self.auth_failure_listeners: list[Callable[[], None]] = []
 
     def options(self) -> dict[str, Any]:
         """Engine options; exposed so tests can prove every engine gets the same ones."""
@@ -130,6 +133,8 @@ class EngineFactory:
         engine = sa.create_engine(url, **self.options())
         managed = ManagedEngine(engine, credentials)
         self._listen(managed)
+        for listener in self.build_listeners:
+            listener(managed)
         return managed
 
     def _listen(self, managed: ManagedEngine) -> None:
@@ -141,8 +146,12 @@ class EngineFactory:
             try:
                 return dialect.connect(*cargs, **{**cparams, **credentials.connect_params()})
             except dialect.loaded_dbapi.OperationalError as exc:
+                auth_failed = is_auth_failure(exc)
+                if auth_failed:
+                    for listener in self.auth_failure_listeners:
+                        listener()
                 handler = self.on_auth_failure
-                if not (managed.reactive and handler and is_auth_failure(exc)):
+                if not (managed.reactive and handler and auth_failed):
                     raise
                 fresh = handler(credentials)
                 if fresh is None:

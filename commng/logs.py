@@ -3,6 +3,10 @@
 structlog renders both our own events and the standard library's records (gunicorn,
 SQLAlchemy), so every line has the same shape. Exceptions are rendered without local
 variables: a local named ``password`` must never reach a log line.
+
+gunicorn.conf.py loads this file on its own (not through the ``commng`` package, which
+would load the app into the master): it must import nothing but the standard library
+and structlog.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
+__all__ = ["ACCESS_EVENT", "SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
 
 # The design document's log lines, kept word for word as the messages of stable events.
 SEED_MESSAGES = {
@@ -41,6 +45,34 @@ def _pid(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMappin
     return event_dict
 
 
+# gunicorn's access log, as one structured event instead of an Apache-style line.
+ACCESS_EVENT = "http_request"
+ACCESS_LOGGER = "gunicorn.access"
+
+
+def _access_fields(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """gunicorn's access record -> method, path, status, duration_ms, request_id.
+
+    gunicorn passes its "atoms" (every request header, the environ) as the record's
+    arguments: only the fields named here are kept, never a header such as
+    Authorization, and never the query string. Other records' arguments are dropped.
+    """
+    atoms = event_dict.pop("positional_args", None)
+    record = event_dict.get("_record")
+    if getattr(record, "name", None) != ACCESS_LOGGER or not isinstance(atoms, Mapping):
+        return event_dict
+    event_dict["event"] = ACCESS_EVENT
+    event_dict["method"] = atoms.get("m")
+    event_dict["path"] = atoms.get("U")
+    status = str(atoms.get("s", ""))
+    event_dict["status"] = int(status) if status.isdigit() else status
+    micros = atoms.get("D")
+    event_dict["duration_ms"] = round(micros / 1000, 1) if isinstance(micros, int) else None
+    event_dict["request_id"] = atoms.get("{x-request-id}o")
+    event_dict["remote_addr"] = atoms.get("h")
+    return event_dict
+
+
 def _shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -62,7 +94,9 @@ def formatter(log_format: str) -> structlog.stdlib.ProcessorFormatter:
         transformer = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         exceptions = [structlog.processors.ExceptionRenderer(transformer)]
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(),
+        foreign_pre_chain=[*_shared_processors(), _access_fields],
+        # The record's arguments reach _access_fields, which keeps what it names only.
+        pass_foreign_args=True,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *exceptions,

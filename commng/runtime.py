@@ -73,6 +73,9 @@ class Runtime:
                 "next_check_at": w.next_check_at.isoformat() if w and w.next_check_at else None,
                 "consecutive_failures": w.consecutive_failures if w else 0,
             },
+            # The watcher failed DEGRADED_AFTER_FAILURES checks in a row: serving goes on with
+            # the current credentials, but a rotation would not be seen until reactive refresh.
+            "degraded": bool(w and w.degraded),
             "binds": binds,
         }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -19,11 +20,13 @@ import structlog
 from commng.credentials import SecretsUnavailable
 from commng.rotation import Rotator
 
-__all__ = ["CheckResult", "SecretWatcher"]
+__all__ = ["DEGRADED_AFTER_FAILURES", "CheckResult", "SecretWatcher"]
 
 log = structlog.get_logger("commng.watcher")
 
 FIRST_RETRY_S = 1.0
+# A watcher that has failed this many checks in a row shows as degraded in the status.
+DEGRADED_AFTER_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class CheckResult:
     result: str
     outcome: str | None = None
     error: str | None = None
+    # True when Secrets Manager could not be asked; ``error`` is then its error code.
+    unavailable: bool = False
 
 
 class SecretWatcher:
@@ -52,6 +57,8 @@ class SecretWatcher:
         self.last_check_at: datetime | None = None
         self.next_check_at: datetime | None = None
         self.last_results: list[CheckResult] = []
+        # Told the results of every check (metrics); a failing listener is not our failure.
+        self.listeners: list[Callable[[list[CheckResult]], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -63,7 +70,7 @@ class SecretWatcher:
                 event = rotator.check(trigger)
             except SecretsUnavailable as exc:
                 log.warning("secret_check_failed", bind=rotator.bind, error=exc.code)
-                results.append(CheckResult(rotator.bind, "error", error=exc.code))
+                results.append(CheckResult(rotator.bind, "error", error=exc.code, unavailable=True))
                 continue
             except Exception as exc:  # a bug here must not kill the watcher
                 log.exception("secret_check_crashed", bind=rotator.bind, error=type(exc).__name__)
@@ -79,7 +86,17 @@ class SecretWatcher:
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         self.last_check_at = datetime.now(UTC)
         self.last_results = results
+        for listener in list(self.listeners):
+            try:
+                listener(results)
+            except Exception:
+                log.exception("check_listener_failed", listener=getattr(listener, "__name__", "?"))
         return results
+
+    @property
+    def degraded(self) -> bool:
+        """True after DEGRADED_AFTER_FAILURES failed checks in a row (serving goes on)."""
+        return self.consecutive_failures >= DEGRADED_AFTER_FAILURES
 
     def next_delay_s(self) -> float:
         """Seconds to the next check: jittered interval, or the backoff after failures."""

@@ -22,10 +22,11 @@ import flask_migrate
 import pytest
 from flask import Flask
 from moto import mock_aws
+from moto.server import ThreadedMotoServer
 from psycopg2 import sql
 
 from commng import create_app
-from commng.devstack import PostgresCluster, new_password, running_cluster
+from commng.devstack import PostgresCluster, free_port, new_password, running_cluster
 from commng.runtime import get_runtime
 from config import Settings
 
@@ -180,3 +181,25 @@ def secret_app(database: Database, secretsmanager: Any, secret: str, make_app: A
     settings = database.settings(db_secret_id=secret, postgres_user=None, postgres_password=None)
     flask_app: Flask = make_app(settings, secrets_client=secretsmanager)
     return flask_app
+
+
+@pytest.fixture
+def moto_endpoint() -> Iterator[str]:
+    """A moto server on a free port, shared by the test and the processes it starts."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A temporary directory for logs and the like, removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix="commng-e2e-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

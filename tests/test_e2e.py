@@ -8,16 +8,12 @@ passwords used appears anywhere in gunicorn's output.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
 from commng.devstack import free_port, new_password, rotate_secret
 from commng.devstack.processes import GunicornServer, LoadGenerator
@@ -28,26 +24,6 @@ pytestmark = pytest.mark.e2e
 
 WORKERS = 2
 POOL_SIZE = 4
-
-
-@pytest.fixture
-def moto_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="commng-e2e-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _adopted(server: GunicornServer, version: str) -> set[int]:

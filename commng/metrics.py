@@ -1,0 +1,330 @@
+"""Prometheus metrics: rotation, secret checks, pools, requests; and ``GET /metrics``.
+
+Under gunicorn every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR`` and
+``/metrics`` (answered by whichever worker gets the scrape) aggregates all of them with
+prometheus_client's multiprocess collector; without that variable (the Flask test
+client, a shell) the process-local default registry is served.
+
+Metrics are fed through the seams the rotation core offers, never by polling it:
+refresh events (``EventLog.listeners`` / ``update_listeners``), the watcher's check
+results, the engine factory's build and auth-failure listeners, and SQLAlchemy pool
+events. Gauges are set from events with ``.set()``: ``set_function`` exports 0 in
+multiprocess mode (shared/NOTES.md). No label ever holds a value read from a secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+from commng.engines import ManagedEngine
+from commng.errors import error_response
+from commng.events import RotationEvent
+from commng.runtime import Runtime, get_runtime
+from commng.watcher import CheckResult
+from config import Settings
+
+__all__ = ["bp", "init_app", "render", "track_engine"]
+
+EXTENSION = "commng.metrics"
+
+REFRESHES = Counter(
+    "commng_db_credential_refreshes",
+    "Credential refresh attempts, by what triggered them and how they ended.",
+    ["trigger", "outcome"],
+)
+SECRET_CHECKS = Counter(
+    "commng_secret_checks",
+    "Watcher checks of the secret: unchanged, changed (a refresh ran) or error.",
+    ["result"],
+)
+SECRET_FETCH_ERRORS = Counter(
+    "commng_secret_fetch_errors",
+    "Secrets Manager calls that failed, by AWS error code (or client error class).",
+    ["code"],
+)
+DETECTION = Histogram(
+    "commng_rotation_detection_seconds",
+    "From the creation of the adopted secret version to its detection by this worker.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+SWAP = Histogram(
+    "commng_db_engine_swap_seconds",
+    "Building, testing (SELECT 1) and swapping in a new engine.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DRAIN = Histogram(
+    "commng_db_old_pool_drain_seconds",
+    "From a swap until the old pool had nothing checked out (or the grace period ended).",
+    buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+)
+AUTH_FAILURES = Counter(
+    "commng_db_auth_failures",
+    "New database connections refused with 'password authentication failed' (28P01).",
+)
+# livesum: the connections of the workers alive now; a dead worker's pools are gone.
+POOL_CONNECTIONS = Gauge(
+    "commng_db_pool_connections",
+    "Connections of this service's pools (active and draining engines), by state.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+ENGINES = Gauge(
+    "commng_db_engines",
+    "Engines held: the active one and the old ones still draining.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+# livemax: the worst watcher among the live workers is what an alert wants.
+WATCHER_FAILURES = Gauge(
+    "commng_secret_watcher_consecutive_failures",
+    "Consecutive failed secret checks of the worst watcher (0 when the last check succeeded).",
+    multiprocess_mode="livemax",
+)
+HTTP_REQUESTS = Counter(
+    "commng_http_requests",
+    "HTTP requests, by method, route (the URL rule, not the path) and status.",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "commng_http_request_duration_seconds",
+    "Time to produce the response, by method and route.",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CODE_RE = re.compile(r"[^A-Za-z0-9_.:-]")
+UNMATCHED_ROUTE = "<unmatched>"
+
+bp = Blueprint("metrics", __name__)
+
+
+# -- /metrics ---------------------------------------------------------------------------
+
+
+def render() -> bytes:
+    """The exposition text: every worker's samples in multiprocess mode, else this process's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+@bp.get("/metrics")
+def metrics() -> Any:
+    """Prometheus text format; token-protected when METRICS_PUBLIC is false."""
+    settings: Settings = current_app.config["COMMNG_SETTINGS"]
+    if not settings.metrics_public:
+        denied = _deny(settings.admin_token)
+        if denied is not None:
+            return denied
+    return Response(render(), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _deny(token: str | None) -> Any:
+    """None when the request carries ``Authorization: Bearer <ADMIN_TOKEN>``, else the answer."""
+    if token is None:  # no token configured: nobody may read private metrics
+        return error_response(404, "not_found", "metrics are not public and ADMIN_TOKEN is not set")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    response = error_response(401, "unauthorized", "send Authorization: Bearer <ADMIN_TOKEN>")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+    return response
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+def _start_timer() -> None:
+    g.commng_started = time.perf_counter()
+
+
+def _observe_request(response: Response) -> Response:
+    if request.endpoint == "metrics.metrics":
+        return response  # a scrape is not traffic
+    started: float | None = g.get("commng_started")
+    route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+    method = request.method if request.method in _METHODS else "OTHER"
+    HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
+    if started is not None:
+        HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
+    return response
+
+
+# -- rotation, checks, engines ------------------------------------------------------------
+
+
+def _label_code(raw: str) -> str:
+    """An error code fit for a label: bounded length and alphabet (codes are class names)."""
+    return _CODE_RE.sub("_", raw)[:64] or "unknown"
+
+
+def _on_refresh(event: RotationEvent) -> None:
+    REFRESHES.labels(event.trigger, event.outcome).inc()
+    if event.error and event.error.startswith("SecretsUnavailable:"):
+        SECRET_FETCH_ERRORS.labels(_label_code(event.error.partition(":")[2])).inc()
+    if event.outcome != "rotated":
+        return
+    if event.swap_ms is not None:
+        SWAP.observe(event.swap_ms / 1000)
+    if event.detection_latency_ms is not None:
+        DETECTION.observe(event.detection_latency_ms / 1000)
+
+
+def _on_drained(event: RotationEvent) -> None:
+    if event.drained_ms is not None:
+        DRAIN.observe(event.drained_ms / 1000)
+
+
+def _on_checks(results: list[CheckResult]) -> None:
+    for result in results:
+        SECRET_CHECKS.labels(result.result).inc()
+        if result.unavailable and result.error:
+            SECRET_FETCH_ERRORS.labels(_label_code(result.error)).inc()
+
+
+def _on_auth_failure() -> None:
+    AUTH_FAILURES.inc()
+
+
+def _engines_counter(runtime: Runtime) -> Callable[..., None]:
+    def count(_: object = None) -> None:
+        rotators = list(runtime.rotators.values())
+        ENGINES.labels("active").set(sum(1 for r in rotators if r.active is not None))
+        ENGINES.labels("draining").set(sum(len(r.draining) for r in rotators))
+
+    return count
+
+
+def _watcher_gauge(runtime: Runtime) -> Callable[..., None]:
+    def update(_: object = None) -> None:
+        watcher = runtime.watcher
+        WATCHER_FAILURES.set(watcher.consecutive_failures if watcher is not None else 0)
+
+    return update
+
+
+# -- pools ------------------------------------------------------------------------------
+
+
+class _PoolTally:
+    """One engine's connections, tracked by connection record so no event counts twice."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.open: set[int] = set()
+        self.checked_out: set[int] = set()
+
+
+class _PoolTracker:
+    """Every tracked engine of this process; sets the pool gauge after each pool event."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies: weakref.WeakSet[_PoolTally] = weakref.WeakSet()
+
+    def track(self, engine: sa.Engine) -> None:
+        pool: Any = engine.pool
+        tally = _PoolTally(int(pool.size()) if hasattr(pool, "size") else 0)
+        with self._lock:
+            self._tallies.add(tally)
+        # The listeners hold the tally: it lives exactly as long as the engine.
+        sa.event.listen(engine, "connect", lambda _c, rec: self._change(tally.open.add, rec))
+        sa.event.listen(engine, "close", lambda _c, rec: self._change(tally.open.discard, rec))
+        sa.event.listen(engine, "checkout", lambda _c, rec, _p: self._change(tally.checked_out.add, rec))
+        sa.event.listen(engine, "checkin", lambda _c, rec: self._change(tally.checked_out.discard, rec))
+        sa.event.listen(engine, "detach", lambda _c, rec: self._detach(tally, rec))
+
+    def _change(self, op: Callable[[int], None], record: object) -> None:
+        with self._lock:
+            op(id(record))
+            self._publish()
+
+    def _detach(self, tally: _PoolTally, record: object) -> None:
+        with self._lock:
+            tally.open.discard(id(record))
+            tally.checked_out.discard(id(record))
+            self._publish()
+
+    def figures(self) -> dict[str, int]:
+        """checked_out, idle and overflow summed over the tracked engines."""
+        with self._lock:
+            return self._figures()
+
+    def _figures(self) -> dict[str, int]:
+        checked_out = idle = overflow = 0
+        for tally in list(self._tallies):
+            out = len(tally.checked_out & tally.open)
+            checked_out += out
+            idle += len(tally.open) - out
+            overflow += max(0, len(tally.open) - tally.size)
+        return {"checked_out": checked_out, "idle": idle, "overflow": overflow}
+
+    def _publish(self) -> None:
+        for state, value in self._figures().items():
+            POOL_CONNECTIONS.labels(state).set(value)
+
+
+_POOLS = _PoolTracker()
+
+
+def track_engine(managed: ManagedEngine) -> None:
+    """Feed the pool gauges from ``managed``'s pool events (call before it connects)."""
+    _POOLS.track(managed.engine)
+
+
+def pool_figures() -> dict[str, int]:
+    """What the pool gauges of this process show now (tests compare it with the pools)."""
+    return _POOLS.figures()
+
+
+# -- wiring -----------------------------------------------------------------------------
+
+
+def init_app(app: Flask) -> None:
+    """Register /metrics and the request hooks; hook into this app's rotation runtime."""
+    if EXTENSION in app.extensions:
+        raise RuntimeError("commng.metrics.init_app was already called for this app")
+    runtime = get_runtime(app)
+    count_engines = _engines_counter(runtime)
+    watcher_gauge = _watcher_gauge(runtime)
+    # Events recorded before we listened (the start-up refresh) count too.
+    for event in reversed(runtime.events.recent(limit=1_000)):
+        _on_refresh(event)
+    runtime.events.listeners += [_on_refresh, count_engines]
+    runtime.events.update_listeners += [_on_drained, count_engines]
+    for rotator in runtime.rotators.values():
+        rotator.factory.build_listeners.append(track_engine)
+        rotator.factory.auth_failure_listeners.append(_on_auth_failure)
+        if rotator.active is not None:
+            track_engine(rotator.active)
+    if runtime.watcher is not None:
+        runtime.watcher.listeners += [_on_checks, watcher_gauge]
+    count_engines()
+    watcher_gauge()
+    app.before_request(_start_timer)
+    app.after_request(_observe_request)
+    app.register_blueprint(bp)
+    app.extensions[EXTENSION] = True

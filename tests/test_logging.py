@@ -1,0 +1,200 @@
+"""Structured logs: JSON shape, no locals in tracebacks, gunicorn's access record, request ids."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import structlog
+from gunicorn import glogging
+from gunicorn.config import Config
+
+from commng import logs
+from commng.request_context import REQUEST_ID_HEADER, request_id_from
+from config import Settings
+from tests.helpers import assert_no_secrets
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "pa55#?%&=+:;word"
+
+
+@pytest.fixture
+def json_lines() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A stdlib logger whose records go through the JSON formatter into a buffer."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logs.formatter("json"))
+    logger = logging.getLogger("commng.tests.logging")
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger, buffer
+    finally:
+        logger.handlers = []
+        logger.propagate = True
+
+
+def _records(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def _fail_with_a_password_local() -> None:
+    password = SECRET
+    raise RuntimeError(f"connection refused ({len(password)} characters tried)")
+
+
+def test_exceptions_are_rendered_without_local_variables(
+    json_lines: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, buffer = json_lines
+    logs.route_to_stdlib()
+    try:
+        _fail_with_a_password_local()
+    except RuntimeError:
+        logger.exception("stdlib_failure")
+        structlog.get_logger("commng.tests.logging").exception("structlog_failure", error="RuntimeError")
+
+    records = _records(buffer)
+    assert [r["event"] for r in records] == ["stdlib_failure", "structlog_failure"]
+    for record in records:
+        assert {"event", "level", "timestamp", "exception"} <= set(record)
+        frames = record["exception"][0]["frames"]
+        assert any(f["name"] == "_fail_with_a_password_local" for f in frames)
+        assert all(not f.get("locals") for f in frames)
+    assert_no_secrets(buffer.getvalue(), [SECRET])
+
+
+def test_seed_sentences_are_the_messages_of_stable_events(
+    json_lines: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, buffer = json_lines
+    logs.route_to_stdlib()
+    structlog.get_logger("commng.tests.logging").info("refresh_succeeded", swap_ms=12.5)
+    (record,) = _records(buffer)
+    assert record["event"] == "refresh_succeeded"
+    assert record["message"] == "Database connection successfully refreshed with new credentials"
+    assert record["level"] == "info" and record["pid"] == os.getpid()
+
+
+def _access_record(
+    headers: list[tuple[str, str]], response_headers: list[tuple[str, str]]
+) -> logging.LogRecord:
+    """The record gunicorn's Logger.access() hands to the gunicorn.access logger."""
+    gunicorn_log = glogging.Logger.__new__(glogging.Logger)
+    gunicorn_log.cfg = Config()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "RAW_URI": "/api/channels/7/messages?token=" + SECRET,
+        "PATH_INFO": "/api/channels/7/messages",
+        "QUERY_STRING": "token=" + SECRET,
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "10.0.0.9",
+        **{f"HTTP_{k.upper().replace('-', '_')}": v for k, v in headers},
+    }
+    response = SimpleNamespace(status="201 CREATED", headers=response_headers, sent=42)
+    request = SimpleNamespace(headers=headers)
+    atoms = glogging.SafeAtoms(
+        gunicorn_log.atoms(response, request, environ, timedelta(milliseconds=12, microseconds=345))
+    )
+    return logging.LogRecord(
+        "gunicorn.access", logging.INFO, __file__, 1, gunicorn_log.cfg.access_log_format, (atoms,), None
+    )
+
+
+def test_gunicorn_access_record_becomes_a_structured_event() -> None:
+    record = _access_record(
+        [("Authorization", f"Bearer {SECRET}"), ("X-Request-ID", "from-client")],
+        [("Content-Type", "application/json"), ("X-Request-ID", "from-client")],
+    )
+    line = logs.formatter("json").format(record)
+    event = json.loads(line)
+    assert event["event"] == logs.ACCESS_EVENT
+    assert {k: event[k] for k in ("method", "path", "status", "duration_ms", "request_id")} == {
+        "method": "POST",
+        "path": "/api/channels/7/messages",
+        "status": 201,
+        "duration_ms": 12.3,
+        "request_id": "from-client",
+    }
+    assert {"level", "timestamp", "logger"} <= set(event)
+    assert "positional_args" not in event
+    assert_no_secrets(line, [SECRET])
+
+
+def test_other_records_keep_their_message_and_drop_their_arguments() -> None:
+    record = logging.LogRecord("sqlalchemy.engine", logging.INFO, __file__, 1, "hello %s", (SECRET,), None)
+    event = json.loads(logs.formatter("json").format(record))
+    assert event["event"] == f"hello {SECRET}"  # the message is the library's own text
+    assert "positional_args" not in event
+
+
+def test_request_id_comes_from_the_header_then_the_alb_then_is_generated() -> None:
+    trace = "Root=1-67891233-abcdef012345678912345678;Parent=463ac35c9f6413ad;Sampled=1"
+    assert request_id_from({"X-Request-ID": "abc-123", "X-Amzn-Trace-Id": trace}) == "abc-123"
+    assert request_id_from({"X-Amzn-Trace-Id": trace}) == "1-67891233-abcdef012345678912345678"
+    assert request_id_from({"X-Amzn-Trace-Id": "Self=1-2-3;Root=1-aa-bb"}) == "1-aa-bb"
+    assert request_id_from({"X-Request-ID": "x" * 129}, new="fresh") == "fresh"
+    assert request_id_from({"X-Request-ID": 'a"b\nc'}, new="fresh") == "fresh"
+    generated = request_id_from({})
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    assert request_id_from({}) != generated
+
+
+def test_request_id_is_echoed_and_bound_to_the_requests_log_lines(make_app: Any, caplog: Any) -> None:
+    settings = Settings(postgres_host="127.0.0.1", postgres_port=1, postgres_user="x", postgres_password="y")
+    client = make_app(settings).test_client()
+    caplog.set_level(logging.INFO)
+
+    response = client.get("/api/channels", headers={REQUEST_ID_HEADER: "req-42"})
+
+    assert response.status_code == 503
+    assert response.headers[REQUEST_ID_HEADER] == "req-42"
+    lines = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    assert any(line["event"] == "database_unavailable" and line["request_id"] == "req-42" for line in lines)
+    assert "request_id" not in structlog.contextvars.get_contextvars()
+    generated = client.get("/healthz").headers[REQUEST_ID_HEADER]
+    assert generated and generated != "req-42"
+
+
+def _gunicorn_conf(log_format: str) -> subprocess.CompletedProcess[str]:
+    script = (
+        "import logging, logging.config, runpy, sys\n"
+        "ns = runpy.run_path('gunicorn.conf.py')\n"
+        "logging.config.dictConfig(ns['logconfig_dict'])\n"
+        "logging.getLogger('gunicorn.error').info('Booting worker with pid: %s', 1)\n"
+        "loaded = [m for m in ('commng', 'flask', 'sqlalchemy', 'boto3', 'botocore') if m in sys.modules]\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "LOG_FORMAT": log_format}
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
+def test_gunicorn_logs_through_the_same_formatter_without_loading_the_app() -> None:
+    result = _gunicorn_conf("json")
+    assert "LOADED []" in result.stderr
+    (line,) = result.stdout.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "Booting worker with pid: 1"
+    assert record["logger"] == "gunicorn.error" and {"level", "timestamp"} <= set(record)
+
+    console = _gunicorn_conf("console").stdout
+    assert "Booting worker with pid: 1" in console and not console.startswith("{")
