@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+# CommNG production image: gunicorn (gevent workers) serving wsgi:app on port 8000.
+# Build: docker build -t commng .   (no compiler needed: every requirement ships a wheel or is
+# pure Python)
+
+# Both stages use the same pinned patch release (written out, not via ARG, so linters see the
+# tag). Pin the digest too (python:3.11.15-slim-bookworm@sha256:...) once it is resolved from the
+# registry you build from, and let Dependabot/Renovate bump both lines together.
+
+# --- builder: a virtualenv with exactly requirements.txt ---------------------------------------
+FROM python:3.11.15-slim-bookworm AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
+
+# --- release: the venv and the application, run as an unprivileged numeric user -----------------
+FROM python:3.11.15-slim-bookworm AS release
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus-multiproc \
+    PORT=8000
+
+# A passwd entry for the runtime UID (no home, no login shell), so tools that look the user up
+# behave; the process itself only ever runs as the numeric 10001.
+RUN groupadd --system --gid 10001 commng \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin commng
+
+WORKDIR /app
+
+COPY --from=builder /opt/venv /opt/venv
+# Application files stay owned by root: the runtime user can read them, not change them.
+COPY wsgi.py gunicorn.conf.py ./
+COPY commng/ ./commng/
+COPY config/ ./config/
+COPY migrations/ ./migrations/
+COPY --chmod=0755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+
+# Bytecode compiled at build time; at run time nothing is written next to the code
+# (PYTHONDONTWRITEBYTECODE), so the root filesystem can be read-only.
+RUN python -m compileall -q /app
+
+# The only writable path (Prometheus multiprocess files, gunicorn worker heartbeats). On ECS
+# the task mounts a volume here over a read-only root filesystem; declaring it makes Fargate
+# give that volume /tmp's permissions (1777) instead of root-only 0755.
+VOLUME ["/tmp"]
+
+USER 10001:10001
+
+EXPOSE 8000
+
+# ECS uses the task definition's own health check (same request); this one serves
+# `docker run` and compose. No curl in a slim image: Python's urllib fails on non-2xx.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=3)"]
+
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

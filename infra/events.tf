@@ -1,0 +1,113 @@
+# Rotation of the DB master secret as events: EventBridge rules -> an SQS queue.
+# Operators (and later the app) can see when AWSCURRENT moved and whether a rotation failed.
+
+# Native Secrets Manager event (no CloudTrail needed): a staging label other than
+# AWSPENDING/AWSPREVIOUS moved to a new version. AWSCURRENT moving is "the new password is
+# now the current one"; `resources` carries the secret's ARN.
+resource "aws_cloudwatch_event_rule" "db_secret_current_updated" {
+  name        = "${local.prefix}-db-secret-current-updated"
+  description = "AWSCURRENT of the ${local.prefix} DB master secret moved to a new version"
+
+  event_pattern = jsonencode({
+    source        = ["aws.secretsmanager"]
+    "detail-type" = ["Secret Label Updated"]
+    resources     = [local.db_secret_arn]
+    detail = {
+      labelUpdated = ["AWSCURRENT"]
+    }
+  })
+}
+
+# Rotation outcome, from CloudTrail (needs CloudTrail management events, which every account
+# records by default into its event history). RotationSucceeded is the end of a rotation;
+# RotationFailed/RotationAbandoned need an operator.
+resource "aws_cloudwatch_event_rule" "db_secret_rotation_outcome" {
+  name        = "${local.prefix}-db-secret-rotation-outcome"
+  description = "Rotation of the ${local.prefix} DB master secret succeeded, failed or was abandoned"
+
+  event_pattern = jsonencode({
+    source        = ["aws.secretsmanager"]
+    "detail-type" = ["AWS Service Event via CloudTrail"]
+    detail = {
+      eventSource = ["secretsmanager.amazonaws.com"]
+      eventName   = ["RotationSucceeded", "RotationFailed", "RotationAbandoned"]
+      additionalEventData = {
+        SecretId = [local.db_secret_arn]
+      }
+    }
+  })
+}
+
+locals {
+  rotation_event_rules = {
+    current_updated  = aws_cloudwatch_event_rule.db_secret_current_updated
+    rotation_outcome = aws_cloudwatch_event_rule.db_secret_rotation_outcome
+  }
+}
+
+# SSE-SQS (service-owned key): EventBridge can deliver to it with no key policy to maintain;
+# the events carry the secret's name and version id, never its value.
+resource "aws_sqs_queue" "rotation_events" {
+  name                      = "${local.prefix}-db-secret-rotation-events"
+  sqs_managed_sse_enabled   = true
+  message_retention_seconds = 1209600 # 14 days, the maximum: rotations are weekly
+  receive_wait_time_seconds = 20
+}
+
+data "aws_iam_policy_document" "rotation_events_queue" {
+  # Only these two rules may send, and only through EventBridge.
+  statement {
+    sid       = "EventBridgeRotationRulesOnly"
+    actions   = ["sqs:SendMessage"]
+    resources = [aws_sqs_queue.rotation_events.arn]
+
+    principals {
+      type        = "Service"
+      identifiers = ["events.amazonaws.com"]
+    }
+
+    condition {
+      test     = "ArnEquals"
+      variable = "aws:SourceArn"
+      values   = [for rule in local.rotation_event_rules : rule.arn]
+    }
+  }
+
+  statement {
+    sid       = "DenyInsecureTransport"
+    effect    = "Deny"
+    actions   = ["sqs:*"]
+    resources = [aws_sqs_queue.rotation_events.arn]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+
+    condition {
+      test     = "Bool"
+      variable = "aws:SecureTransport"
+      values   = ["false"]
+    }
+  }
+}
+
+resource "aws_sqs_queue_policy" "rotation_events" {
+  queue_url = aws_sqs_queue.rotation_events.id
+  policy    = data.aws_iam_policy_document.rotation_events_queue.json
+}
+
+resource "aws_cloudwatch_event_target" "rotation_events" {
+  for_each = local.rotation_event_rules
+
+  rule      = each.value.name
+  target_id = "sqs"
+  arn       = aws_sqs_queue.rotation_events.arn
+
+  retry_policy {
+    maximum_event_age_in_seconds = 86400
+    maximum_retry_attempts       = 185
+  }
+
+  depends_on = [aws_sqs_queue_policy.rotation_events]
+}

@@ -1,0 +1,278 @@
+# IAM roles (ECS execution, ECS task, VPC flow logs, RDS monitoring) and the stack's KMS keys.
+#
+# Least privilege: no secretsmanager or kms action on a "*" resource in any IAM policy. (A KMS
+# *key policy* necessarily says Resource "*", which there means "this key".)
+
+locals {
+  # kms:Decrypt on the customer key of the secrets, only when one is configured; with the
+  # AWS-managed aws/secretsmanager key no KMS permission is needed.
+  secrets_kms_key_arns = var.master_user_secret_kms_key_id == null ? [] : [var.master_user_secret_kms_key_id]
+}
+
+# --- ECS execution role: used by the ECS agent, before and around the container -------------
+
+data "aws_iam_policy_document" "ecs_tasks_assume" {
+  statement {
+    sid     = "EcsTasksAssume"
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["ecs-tasks.amazonaws.com"]
+    }
+
+    # Confused-deputy protection: only ECS acting for this account.
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+
+    condition {
+      test     = "ArnLike"
+      variable = "aws:SourceArn"
+      values   = ["arn:${local.partition}:ecs:${local.region}:${local.account_id}:*"]
+    }
+  }
+}
+
+resource "aws_iam_role" "execution" {
+  name               = "${local.prefix}-ecs-execution"
+  description        = "ECS agent for ${local.prefix}: pull the image, write logs, inject secrets at task start"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
+
+# ECR pull and CloudWatch Logs writes (AWS-managed, scoped by the service).
+resource "aws_iam_role_policy_attachment" "execution_managed" {
+  role       = aws_iam_role.execution.name
+  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
+}
+
+data "aws_iam_policy_document" "execution_secrets" {
+  # Exactly the secrets referenced in the task definition's `secrets`: the DB master secret
+  # (POSTGRES_USER/POSTGRES_PASSWORD) and the ADMIN_TOKEN secret.
+  statement {
+    sid       = "InjectSecretsAtStart"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = local.injected_secret_arns
+  }
+
+  dynamic "statement" {
+    for_each = local.secrets_kms_key_arns
+    content {
+      sid       = "DecryptSecretsKey"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "execution_secrets" {
+  name   = "inject-secrets"
+  role   = aws_iam_role.execution.id
+  policy = data.aws_iam_policy_document.execution_secrets.json
+}
+
+# --- ECS task role: what the application itself (boto3) runs as ----------------------------
+
+resource "aws_iam_role" "task" {
+  name               = "${local.prefix}-ecs-task"
+  description        = "CommNG application: read the DB master secret at runtime to follow rotations"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
+
+data "aws_iam_policy_document" "task_db_secret" {
+  # The app polls the RDS-managed secret (DB_SECRET_ID) and, after a failed login, reads
+  # AWSCURRENT again and then AWSPENDING (GetSecretValue with VersionStage). DescribeSecret
+  # shows which version carries which label. Nothing else: no other secret, no write.
+  statement {
+    sid = "ReadDbMasterSecret"
+    actions = [
+      "secretsmanager:GetSecretValue",
+      "secretsmanager:DescribeSecret",
+    ]
+    resources = [aws_db_instance.main.master_user_secret[0].secret_arn]
+  }
+
+  dynamic "statement" {
+    for_each = local.secrets_kms_key_arns
+    content {
+      sid       = "DecryptSecretsKey"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "task_db_secret" {
+  name   = "read-db-secret"
+  role   = aws_iam_role.task.id
+  policy = data.aws_iam_policy_document.task_db_secret.json
+}
+
+# --- VPC flow logs ----------------------------------------------------------------------------
+
+data "aws_iam_policy_document" "flow_logs_assume" {
+  statement {
+    sid     = "FlowLogsAssume"
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["vpc-flow-logs.amazonaws.com"]
+    }
+
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+  }
+}
+
+resource "aws_iam_role" "flow_logs" {
+  name               = "${local.prefix}-flow-logs"
+  description        = "VPC flow logs of ${local.prefix} to CloudWatch Logs"
+  assume_role_policy = data.aws_iam_policy_document.flow_logs_assume.json
+}
+
+data "aws_iam_policy_document" "flow_logs" {
+  statement {
+    sid = "WriteFlowLogs"
+    actions = [
+      "logs:CreateLogStream",
+      "logs:PutLogEvents",
+      "logs:DescribeLogStreams",
+    ]
+    resources = [
+      aws_cloudwatch_log_group.flow_logs.arn,
+      "${aws_cloudwatch_log_group.flow_logs.arn}:*",
+    ]
+  }
+}
+
+resource "aws_iam_role_policy" "flow_logs" {
+  name   = "write-flow-logs"
+  role   = aws_iam_role.flow_logs.id
+  policy = data.aws_iam_policy_document.flow_logs.json
+}
+
+# --- RDS Enhanced Monitoring --------------------------------------------------------------------
+
+data "aws_iam_policy_document" "rds_monitoring_assume" {
+  statement {
+    sid     = "RdsMonitoringAssume"
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["monitoring.rds.amazonaws.com"]
+    }
+
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+  }
+}
+
+resource "aws_iam_role" "rds_monitoring" {
+  count = var.db_monitoring_interval > 0 ? 1 : 0
+
+  name               = "${local.prefix}-rds-monitoring"
+  description        = "RDS Enhanced Monitoring of ${local.prefix}"
+  assume_role_policy = data.aws_iam_policy_document.rds_monitoring_assume.json
+}
+
+resource "aws_iam_role_policy_attachment" "rds_monitoring" {
+  count = var.db_monitoring_interval > 0 ? 1 : 0
+
+  role       = aws_iam_role.rds_monitoring[0].name
+  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AmazonRDSEnhancedMonitoringRole"
+}
+
+# --- KMS keys owned by the stack ------------------------------------------------------------------
+# (The secrets' key is the optional var.master_user_secret_kms_key_id, managed elsewhere.)
+
+# Database storage and Performance Insights. Only the account (through IAM) administers and
+# uses it; RDS uses it through grants made on the caller's behalf.
+resource "aws_kms_key" "data" {
+  description             = "${local.prefix}: RDS storage and Performance Insights"
+  enable_key_rotation     = true
+  deletion_window_in_days = 30
+
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid       = "AccountAdministersThroughIam"
+      Effect    = "Allow"
+      Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:root" }
+      Action    = "kms:*"
+      Resource  = "*"
+    }]
+  })
+}
+
+resource "aws_kms_alias" "data" {
+  name          = "alias/${local.prefix}-data"
+  target_key_id = aws_kms_key.data.key_id
+}
+
+# CloudWatch log groups of the stack (application logs, VPC flow logs).
+resource "aws_kms_key" "logs" {
+  description             = "${local.prefix}: CloudWatch Logs"
+  enable_key_rotation     = true
+  deletion_window_in_days = 30
+
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid       = "AccountAdministersThroughIam"
+        Effect    = "Allow"
+        Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:root" }
+        Action    = "kms:*"
+        Resource  = "*"
+      },
+      {
+        Sid       = "CloudWatchLogsForThisStackOnly"
+        Effect    = "Allow"
+        Principal = { Service = "logs.${local.region}.amazonaws.com" }
+        Action = [
+          "kms:Encrypt*",
+          "kms:Decrypt*",
+          "kms:ReEncrypt*",
+          "kms:GenerateDataKey*",
+          "kms:Describe*",
+        ]
+        Resource = "*"
+        Condition = {
+          ArnLike = {
+            "kms:EncryptionContext:aws:logs:arn" = [
+              "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/ecs/${local.prefix}",
+              "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/vpc/${local.prefix}/*",
+            ]
+          }
+        }
+      },
+    ]
+  })
+}
+
+resource "aws_kms_alias" "logs" {
+  name          = "alias/${local.prefix}-logs"
+  target_key_id = aws_kms_key.logs.key_id
+}

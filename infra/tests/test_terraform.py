@@ -1,0 +1,363 @@
+"""Assertions on the Terraform in infra/, read with python-hcl2 (no AWS, no terraform binary).
+
+Run by scripts/lint-infra.sh in its own venv (.local/venvs/hcl2): checkov's bc-python-hcl2
+installs a module also named ``hcl2`` and would shadow python-hcl2.
+
+python-hcl2 8.x keeps string quotes (``'"app"'``) and wraps expressions in ``${...}``;
+``_clean`` turns a parsed file into plain values: ``"app"`` and ``"var.name"``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+INFRA = Path(__file__).resolve().parents[1]
+DB = "aws_db_instance.main"
+DB_SECRET = f"{DB}.master_user_secret[0].secret_arn"
+META_KEYS = {"__is_block__", "__comments__", "__inline_comments__"}
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    if text.startswith("${") and text.endswith("}") and text.count("${") == 1:
+        return text[2:-1]
+    return text
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_unquote(k): _clean(v) for k, v in value.items() if k not in META_KEYS}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, str):
+        return _unquote(value)
+    return value
+
+
+def _load() -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "resource": {}, "data": {}, "locals": {}, "variable": {}, "output": {}, "terraform": [],
+        "files": {},
+    }
+    for path in sorted(INFRA.glob("*.tf")):
+        with path.open() as handle:
+            parsed = _clean(hcl2.load(handle))
+        model["files"][path.name] = parsed
+        for kind in ("resource", "data"):
+            for block in parsed.get(kind, []):
+                for rtype, named in block.items():
+                    for name, body in named.items():
+                        model[kind][(rtype, name)] = body
+        for block in parsed.get("locals", []):
+            model["locals"].update(block)
+        for block in parsed.get("variable", []):
+            model["variable"].update(block)
+        for block in parsed.get("output", []):
+            model["output"].update(block)
+        model["terraform"].extend(parsed.get("terraform", []))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tf() -> dict[str, Any]:
+    return _load()
+
+
+def _resolve(tf: dict[str, Any], expr: Any) -> Any:
+    """Replace a bare ``local.x`` (or ``local.x`` inside an interpolation) by its definition."""
+    if isinstance(expr, list):
+        return [_resolve(tf, e) for e in expr]
+    if not isinstance(expr, str):
+        return expr
+    if expr.startswith("local.") and re.fullmatch(r"local\.\w+", expr):
+        return _resolve(tf, tf["locals"][expr.split(".", 1)[1]])
+    return re.sub(
+        r"\$\{local\.(\w+)\}",
+        lambda m: "${" + str(_resolve(tf, tf["locals"][m.group(1)])) + "}",
+        expr,
+    )
+
+
+def _statements(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """All statements of an aws_iam_policy_document, dynamic ones included (with for_each)."""
+    found = [dict(s, _dynamic=None) for s in document.get("statement", [])]
+    for dyn in document.get("dynamic", []):
+        for label, spec in dyn.items():
+            if label == "statement":
+                for content in spec["content"]:
+                    found.append(dict(content, _dynamic=spec["for_each"]))
+    return found
+
+
+def _role_documents(tf: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    """Policy documents attached inline (aws_iam_role_policy) to aws_iam_role.<role>."""
+    docs = []
+    for (rtype, _), body in tf["resource"].items():
+        if rtype == "aws_iam_role_policy" and body["role"] == f"aws_iam_role.{role}.id":
+            match = re.fullmatch(r"data\.aws_iam_policy_document\.(\w+)\.json", body["policy"])
+            assert match, f"inline policy of {role} must come from an aws_iam_policy_document"
+            docs.append(tf["data"][("aws_iam_policy_document", match.group(1))])
+    return docs
+
+
+def _container(tf: dict[str, Any]) -> dict[str, Any]:
+    taskdef = tf["resource"][("aws_ecs_task_definition", "app")]
+    assert taskdef["container_definitions"] == "jsonencode([local.app_container])"
+    return tf["locals"]["app_container"]
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+
+def test_versions(tf):
+    (block,) = tf["terraform"]
+    assert block["required_version"] == ">= 1.5"
+    aws = block["required_providers"][0]["aws"]
+    assert aws["source"] == "hashicorp/aws"
+    assert aws["version"] == "~> 5.0"
+
+
+def test_every_variable_is_documented(tf):
+    undocumented = [n for n, v in tf["variable"].items() if not str(v.get("description", "")).strip()]
+    assert not undocumented
+
+
+def test_every_output_is_documented(tf):
+    assert all(str(o.get("description", "")).strip() for o in tf["output"].values())
+
+
+# --- database ---------------------------------------------------------------------------------
+
+
+def test_db_uses_rds_managed_master_password(tf):
+    db = tf["resource"][("aws_db_instance", "main")]
+    assert db["manage_master_user_password"] is True
+    assert "password" not in db
+    assert db["master_user_secret_kms_key_id"] == "var.master_user_secret_kms_key_id"
+    assert tf["variable"]["master_user_secret_kms_key_id"]["default"] is None
+
+
+def test_db_is_private_encrypted_and_protected(tf):
+    db = tf["resource"][("aws_db_instance", "main")]
+    assert db["storage_encrypted"] is True
+    assert db["publicly_accessible"] is False
+    assert db["deletion_protection"] == "var.db_deletion_protection"
+    assert db["backup_retention_period"] == "var.db_backup_retention_days"
+    assert db["parameter_group_name"] == "aws_db_parameter_group.main.name"
+
+
+def test_parameter_group_forces_ssl(tf):
+    params = tf["resource"][("aws_db_parameter_group", "main")]["parameter"]
+    assert {"name": "rds.force_ssl", "value": "1"} in params
+
+
+def test_db_secret_local_is_the_master_user_secret(tf):
+    assert tf["locals"]["db_secret_arn"] == DB_SECRET
+
+
+def test_rotation_schedule_targets_the_master_secret_without_lambda(tf):
+    rotation = tf["resource"][("aws_secretsmanager_secret_rotation", "db_master")]
+    assert _resolve(tf, rotation["secret_id"]) == DB_SECRET
+    assert "rotation_lambda_arn" not in rotation
+    assert rotation["rotate_immediately"] is False
+
+
+# --- IAM --------------------------------------------------------------------------------------
+
+
+def test_task_role_reads_exactly_the_db_secret(tf):
+    statements = [
+        s
+        for doc in _role_documents(tf, "task")
+        for s in _statements(doc)
+        if any(a.startswith("secretsmanager:") for a in s["actions"])
+    ]
+    assert len(statements) == 1
+    (statement,) = statements
+    assert sorted(statement["actions"]) == [
+        "secretsmanager:DescribeSecret",
+        "secretsmanager:GetSecretValue",
+    ]
+    assert statement["resources"] == [DB_SECRET]
+    assert statement.get("effect", "Allow") == "Allow"
+
+
+def test_execution_role_is_not_the_task_role(tf):
+    taskdef = tf["resource"][("aws_ecs_task_definition", "app")]
+    assert taskdef["execution_role_arn"] == "aws_iam_role.execution.arn"
+    assert taskdef["task_role_arn"] == "aws_iam_role.task.arn"
+    assert ("aws_iam_role", "execution") in tf["resource"]
+    assert ("aws_iam_role", "task") in tf["resource"]
+
+
+def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
+    attachments = [
+        body["policy_arn"]
+        for (rtype, _), body in tf["resource"].items()
+        if rtype == "aws_iam_role_policy_attachment"
+        and body["role"] == "aws_iam_role.execution.name"
+    ]
+    assert len(attachments) == 1
+    assert attachments[0].endswith(":iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy")
+
+    statements = [
+        s
+        for doc in _role_documents(tf, "execution")
+        for s in _statements(doc)
+        if any(a.startswith("secretsmanager:") for a in s["actions"])
+    ]
+    assert len(statements) == 1
+    assert statements[0]["actions"] == ["secretsmanager:GetSecretValue"]
+    injected = _resolve(tf, statements[0]["resources"])
+    assert injected == [DB_SECRET, "aws_secretsmanager_secret.admin_token.arn"]
+
+
+def test_task_role_has_no_managed_policies(tf):
+    assert not [
+        body
+        for (rtype, _), body in tf["resource"].items()
+        if rtype == "aws_iam_role_policy_attachment" and body["role"].startswith("aws_iam_role.task.")
+    ]
+
+
+def test_kms_decrypt_only_when_a_customer_key_is_set(tf):
+    assert (
+        tf["locals"]["secrets_kms_key_arns"]
+        == "var.master_user_secret_kms_key_id == null ? [] : [var.master_user_secret_kms_key_id]"
+    )
+    for role in ("execution", "task"):
+        kms = [
+            s
+            for doc in _role_documents(tf, role)
+            for s in _statements(doc)
+            if any(a.startswith("kms:") for a in s["actions"])
+        ]
+        assert len(kms) == 1, role
+        assert kms[0]["_dynamic"] == "local.secrets_kms_key_arns"
+        assert kms[0]["actions"] == ["kms:Decrypt"]
+        assert kms[0]["resources"] == ["statement.value"]
+
+
+def test_no_wildcard_resource_for_secretsmanager_or_kms(tf):
+    """No IAM policy document grants a secretsmanager or kms action on "*" (or any pattern).
+
+    KMS *key policies* (aws_kms_key.policy) are not IAM policies: there Resource "*" means
+    "this key", so they are out of scope here.
+    """
+    checked = 0
+    for (rtype, name), body in tf["data"].items():
+        if rtype != "aws_iam_policy_document":
+            continue
+        for statement in _statements(body):
+            actions = statement.get("actions", [])
+            if not any(a.split(":")[0] in {"secretsmanager", "kms"} for a in actions):
+                continue
+            checked += 1
+            assert "*" not in "".join(actions), (name, actions)
+            resources = statement.get("resources", [])
+            assert resources, name
+            assert not any("*" in r for r in resources), (name, resources)
+            assert "not_resources" not in statement
+    assert checked >= 4
+    # And no policy is written around aws_iam_policy_document as raw JSON.
+    for (rtype, name), body in tf["resource"].items():
+        if rtype in {"aws_iam_role_policy", "aws_iam_policy"}:
+            assert str(body["policy"]).startswith("data.aws_iam_policy_document."), name
+
+
+# --- ECS --------------------------------------------------------------------------------------
+
+
+def test_db_secret_id_references_the_master_user_secret(tf):
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["DB_SECRET_ID"] == DB_SECRET
+    assert env["POSTGRES_SSL"] == "true"
+    for name in (
+        "AWS_REGION",
+        "DB_SECRET_REFRESH_INTERVAL_MS",
+        "DB_POOL_GRACE_PERIOD_MS",
+        "POSTGRES_HOST",
+        "POSTGRES_PORT",
+        "POSTGRES_DB",
+    ):
+        assert name in env
+
+
+def test_initial_credentials_come_from_the_secret_json_keys(tf):
+    secrets = {s["name"]: _resolve(tf, s["valueFrom"]) for s in _container(tf)["secrets"]}
+    assert secrets["POSTGRES_USER"] == "${" + DB_SECRET + "}:username::"
+    assert secrets["POSTGRES_PASSWORD"] == "${" + DB_SECRET + "}:password::"
+    assert secrets["ADMIN_TOKEN"] == "aws_secretsmanager_secret.admin_token.arn"
+    env = {e["name"] for e in _container(tf)["environment"]}
+    assert not env & {"POSTGRES_PASSWORD", "ADMIN_TOKEN"}
+
+
+def test_container_health_check_is_healthz_without_curl(tf):
+    container = _container(tf)
+    command = container["healthCheck"]["command"]
+    assert command[:3] == ["CMD", "python", "-c"]
+    assert "urllib.request" in command[3]
+    assert "http://127.0.0.1:8000/healthz" in command[3]
+    assert container["stopTimeout"] == 30
+
+
+def test_target_group_health_check_is_readyz(tf):
+    target_group = tf["resource"][("aws_lb_target_group", "app")]
+    (health_check,) = target_group["health_check"]
+    assert health_check["path"] == "/readyz"
+    assert target_group["port"] == "local.container_port"
+    assert tf["locals"]["container_port"] == 8000
+
+
+def test_container_logs_to_awslogs(tf):
+    logging = _container(tf)["logConfiguration"]
+    assert logging["logDriver"] == "awslogs"
+    assert logging["options"]["awslogs-group"] == "aws_cloudwatch_log_group.app.name"
+
+
+def test_service_runs_in_private_subnets_behind_the_alb(tf):
+    service = tf["resource"][("aws_ecs_service", "app")]
+    (network,) = service["network_configuration"]
+    assert network["assign_public_ip"] is False
+    assert network["subnets"] == "aws_subnet.private[*].id"
+    (lb,) = service["load_balancer"]
+    assert lb["target_group_arn"] == "aws_lb_target_group.app.arn"
+
+
+def test_http_redirects_to_https(tf):
+    http = tf["resource"][("aws_lb_listener", "http")]
+    (action,) = http["default_action"]
+    assert action["type"] == "redirect"
+    assert action["redirect"][0]["protocol"] == "HTTPS"
+    https = tf["resource"][("aws_lb_listener", "https")]
+    assert https["protocol"] == "HTTPS"
+    assert https["certificate_arn"] == "var.acm_certificate_arn"
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
+    label = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_current_updated")]
+    assert '"Secret Label Updated"' in label["event_pattern"]
+    assert '["AWSCURRENT"]' in label["event_pattern"]
+    assert "local.db_secret_arn" in label["event_pattern"]
+    outcome = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_rotation_outcome")]
+    assert '"RotationSucceeded"' in outcome["event_pattern"]
+
+    queue = tf["resource"][("aws_sqs_queue", "rotation_events")]
+    assert queue["sqs_managed_sse_enabled"] is True
+
+    (allow, *_) = _statements(tf["data"][("aws_iam_policy_document", "rotation_events_queue")])
+    assert allow["actions"] == ["sqs:SendMessage"]
+    assert allow["principals"][0]["identifiers"] == ["events.amazonaws.com"]
+    (condition,) = allow["condition"]
+    assert condition["variable"] == "aws:SourceArn"
+    assert "local.rotation_event_rules" in str(condition["values"])
+    assert "rotation_events_queue_url" in tf["output"]

@@ -1,0 +1,292 @@
+# Every input, documented. Only `container_image` and `acm_certificate_arn` have no default.
+
+# --- General -----------------------------------------------------------------------------
+
+variable "aws_region" {
+  description = "AWS region to deploy into. Also passed to the container as AWS_REGION."
+  type        = string
+  default     = "us-east-1"
+}
+
+variable "name" {
+  description = "Application name, the first part of every resource name."
+  type        = string
+  default     = "commng"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,20}$", var.name))
+    error_message = "name must be 2-21 characters of lower-case letters, digits and dashes, starting with a letter."
+  }
+}
+
+variable "environment" {
+  description = "Environment name (e.g. prod, staging), the second part of every resource name."
+  type        = string
+  default     = "prod"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,10}$", var.environment))
+    error_message = "environment must be 2-11 characters of lower-case letters, digits and dashes."
+  }
+}
+
+variable "tags" {
+  description = "Extra tags applied to every resource (through the provider's default_tags)."
+  type        = map(string)
+  default     = {}
+}
+
+# --- Network -----------------------------------------------------------------------------
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC. Split into two public (ALB) and two private (tasks, database, endpoints) subnets."
+  type        = string
+  default     = "10.40.0.0/16"
+
+  validation {
+    condition     = can(cidrnetmask(var.vpc_cidr))
+    error_message = "vpc_cidr must be a valid IPv4 CIDR block."
+  }
+}
+
+variable "availability_zones" {
+  description = "The two Availability Zones (names, in aws_region) for the subnets. Change together with aws_region."
+  type        = list(string)
+  default     = ["us-east-1a", "us-east-1b"]
+
+  validation {
+    condition     = length(var.availability_zones) == 2 && length(distinct(var.availability_zones)) == 2
+    error_message = "availability_zones must list exactly two distinct zones."
+  }
+}
+
+variable "alb_ingress_cidrs" {
+  description = "IPv4 CIDR blocks allowed to reach the ALB on ports 80 and 443."
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+}
+
+variable "acm_certificate_arn" {
+  description = "ARN of the ACM certificate for the ALB's HTTPS listener (same region as the ALB)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:[a-z-]+:acm:", var.acm_certificate_arn))
+    error_message = "acm_certificate_arn must be an ACM certificate ARN."
+  }
+}
+
+variable "alb_ssl_policy" {
+  description = "TLS policy of the HTTPS listener."
+  type        = string
+  default     = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+}
+
+variable "alb_deletion_protection" {
+  description = "Protect the ALB against deletion (set false only to tear the stack down)."
+  type        = bool
+  default     = true
+}
+
+variable "alb_access_logs_bucket" {
+  description = "Existing S3 bucket for ALB access logs (its bucket policy must allow the regional ELB log delivery). null disables access logs."
+  type        = string
+  default     = null
+}
+
+variable "waf_web_acl_arn" {
+  description = "ARN of an existing WAFv2 web ACL (REGIONAL scope) to associate with the ALB. null associates none."
+  type        = string
+  default     = null
+}
+
+# --- Database ----------------------------------------------------------------------------
+
+variable "db_engine_version" {
+  description = "PostgreSQL engine version. A major version (\"16\") lets RDS pick and auto-upgrade the minor version."
+  type        = string
+  default     = "16"
+}
+
+variable "db_parameter_group_family" {
+  description = "Parameter group family; must match db_engine_version's major version."
+  type        = string
+  default     = "postgres16"
+}
+
+variable "db_instance_class" {
+  description = "RDS instance class."
+  type        = string
+  default     = "db.t4g.medium"
+}
+
+variable "db_allocated_storage" {
+  description = "Initial storage in GiB (gp3)."
+  type        = number
+  default     = 20
+}
+
+variable "db_max_allocated_storage" {
+  description = "Upper bound in GiB for storage autoscaling (0 disables it)."
+  type        = number
+  default     = 100
+}
+
+variable "db_name" {
+  description = "Name of the database created in the instance (POSTGRES_DB in the container)."
+  type        = string
+  default     = "comm_ng"
+}
+
+variable "db_username" {
+  description = "Master user name. Its password is generated and kept by RDS in Secrets Manager (manage_master_user_password); Terraform never sees it."
+  type        = string
+  default     = "commng_admin"
+}
+
+variable "db_multi_az" {
+  description = "Run a synchronous standby in the second AZ."
+  type        = bool
+  default     = true
+}
+
+variable "db_deletion_protection" {
+  description = "Protect the database instance against deletion."
+  type        = bool
+  default     = true
+}
+
+variable "db_backup_retention_days" {
+  description = "Days of automated backups (1-35). Point-in-time recovery covers this window."
+  type        = number
+  default     = 14
+
+  validation {
+    condition     = var.db_backup_retention_days >= 1 && var.db_backup_retention_days <= 35
+    error_message = "db_backup_retention_days must be between 1 and 35 (0 would disable backups)."
+  }
+}
+
+variable "db_skip_final_snapshot" {
+  description = "Skip the final snapshot when the instance is destroyed (keep false in production)."
+  type        = bool
+  default     = false
+}
+
+variable "db_monitoring_interval" {
+  description = "Enhanced Monitoring interval in seconds (0, 1, 5, 10, 15, 30 or 60; 0 disables it)."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = contains([0, 1, 5, 10, 15, 30, 60], var.db_monitoring_interval)
+    error_message = "db_monitoring_interval must be one of 0, 1, 5, 10, 15, 30, 60."
+  }
+}
+
+variable "db_performance_insights_enabled" {
+  description = "Enable Performance Insights (7 days, free tier; encrypted with the stack's data key). Not available on micro/small classes."
+  type        = bool
+  default     = true
+}
+
+variable "master_user_secret_kms_key_id" {
+  description = <<-EOT
+    ARN of a customer-managed KMS key that encrypts the RDS-managed master secret and the
+    ADMIN_TOKEN secret. null (default) uses the AWS-managed key aws/secretsmanager, which needs
+    no key permissions. When set, the execution and task roles get kms:Decrypt on exactly this
+    key (the key policy must also allow the account to delegate through IAM).
+  EOT
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.master_user_secret_kms_key_id == null || can(regex("^arn:[a-z-]+:kms:", var.master_user_secret_kms_key_id))
+    error_message = "master_user_secret_kms_key_id must be a KMS key ARN (not an alias or key id), because IAM policies name it."
+  }
+}
+
+variable "db_secret_rotation_schedule" {
+  description = <<-EOT
+    Rotation schedule of the RDS-managed master secret, as a Secrets Manager schedule
+    expression ("rate(7 days)", "cron(0 4 ? * SUN *)"). RDS turns rotation on by itself with a
+    7-day schedule when manage_master_user_password is set. Non-null (default) makes Terraform
+    own the schedule through aws_secretsmanager_secret_rotation without a Lambda (managed
+    rotation; rotation_lambda_arn is optional in recent 5.x providers). null leaves RDS's default in place and unmanaged: change it
+    then with `aws secretsmanager rotate-secret --secret-id <arn> --rotation-rules ...`.
+  EOT
+  type        = string
+  default     = "rate(7 days)"
+}
+
+variable "db_secret_rotation_window" {
+  description = "Length of the rotation window (e.g. \"3h\"), or null for Secrets Manager's default (the whole day for rate expressions)."
+  type        = string
+  default     = "3h"
+}
+
+# --- Application (ECS) ---------------------------------------------------------------------
+
+variable "container_image" {
+  description = "Image to run, preferably pinned by digest (…@sha256:…). It must be in ECR in this region: the private subnets have no NAT, only VPC endpoints."
+  type        = string
+}
+
+variable "desired_count" {
+  description = "Number of tasks of the service."
+  type        = number
+  default     = 2
+}
+
+variable "task_cpu" {
+  description = "Fargate task CPU units."
+  type        = number
+  default     = 512
+}
+
+variable "task_memory" {
+  description = "Fargate task memory in MiB."
+  type        = number
+  default     = 1024
+}
+
+variable "web_concurrency" {
+  description = "gunicorn worker processes per task (WEB_CONCURRENCY)."
+  type        = number
+  default     = 2
+}
+
+variable "postgres_pool_size" {
+  description = "SQLAlchemy pool size per worker (POSTGRES_POOL_SIZE). desired_count x web_concurrency x (pool + overflow) must stay under the instance's max_connections, with room for the second pool during a rotation."
+  type        = number
+  default     = 10
+}
+
+variable "db_secret_refresh_interval_ms" {
+  description = "How often each worker polls the DB secret (DB_SECRET_REFRESH_INTERVAL_MS). Also bounds how long a rotated password can go unnoticed when no connection fails."
+  type        = number
+  default     = 300000
+}
+
+variable "db_pool_grace_period_ms" {
+  description = "How long the old pool may drain after a credential swap (DB_POOL_GRACE_PERIOD_MS)."
+  type        = number
+  default     = 30000
+}
+
+variable "log_level" {
+  description = "Application log level (LOG_LEVEL): DEBUG, INFO, WARNING or ERROR."
+  type        = string
+  default     = "INFO"
+
+  validation {
+    condition     = contains(["DEBUG", "INFO", "WARNING", "ERROR"], var.log_level)
+    error_message = "log_level must be DEBUG, INFO, WARNING or ERROR."
+  }
+}
+
+variable "log_retention_days" {
+  description = "Retention of the CloudWatch log groups (application and VPC flow logs)."
+  type        = number
+  default     = 365
+}

@@ -1,0 +1,54 @@
+# Terraform and provider versions, the provider itself, and names shared by every file.
+
+terraform {
+  required_version = ">= 1.5"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = "~> 5.0"
+    }
+  }
+
+  # State: configure a backend (e.g. S3 with a DynamoDB lock table) per environment with
+  # `terraform init -backend-config=...`; nothing here is environment specific.
+}
+
+provider "aws" {
+  region = var.aws_region
+
+  default_tags {
+    tags = merge(var.tags, {
+      Application = var.name
+      Environment = var.environment
+      ManagedBy   = "terraform"
+    })
+  }
+}
+
+data "aws_caller_identity" "current" {}
+
+data "aws_partition" "current" {}
+
+data "aws_region" "current" {}
+
+locals {
+  # Every resource name starts with this, e.g. "commng-prod".
+  prefix = "${var.name}-${var.environment}"
+
+  account_id = data.aws_caller_identity.current.account_id
+  partition  = data.aws_partition.current.partition
+  region     = data.aws_region.current.name
+
+  # Two pinned AZs: the ALB needs two, and RDS Multi-AZ and the ECS service spread over
+  # them. Pinned by name (not "the first two available") so the plan never shifts subnets
+  # when AWS adds a zone.
+  azs = var.availability_zones
+
+  # The RDS-managed master secret ("rds!db-..."). Everything that reads the database
+  # credentials points at this one ARN.
+  db_secret_arn = aws_db_instance.main.master_user_secret[0].secret_arn
+
+  # Port gunicorn listens on inside the container (gunicorn.conf.py reads $PORT).
+  container_port = 8000
+}
