@@ -242,7 +242,9 @@ class _PoolTracker:
     """Every tracked engine of this process; sets the pool gauge after each pool event."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a connection garbage-collected while we hold the lock is checked in
+        # by a finalizer running in this very thread.
+        self._lock = threading.RLock()
         self._tallies: weakref.WeakSet[_PoolTally] = weakref.WeakSet()
 
     def track(self, engine: sa.Engine) -> None:

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.e2e
 WORKERS = 2
 POOL_SIZE = 3
 BOOTING = re.compile(r"Booting worker with pid: (\d+)")
+REQUEST_ID = "e2e-request-in-the-window"
 
 
 def _scrape(server: GunicornServer) -> str:
@@ -59,7 +60,14 @@ def _booted(server: GunicornServer) -> list[int]:
 
 
 def _records(server: GunicornServer) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in server.output().splitlines()]
+    """Every line of gunicorn's output as JSON; fails on the first line that is not."""
+    records = []
+    for line in server.output().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line[:300]!r}") from None
+    return records
 
 
 def _alive(pid: int) -> bool:
@@ -109,17 +117,7 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
             assert _sum(busy, "commng_db_pool_connections") > 0
             new = new_password()
             passwords.append(new)
-            # Killing the backends makes requests log in again inside the window: the
-            # reactive refresh then runs, and logs, inside a request.
-            rotate_secret(
-                client,
-                arn,
-                database.cluster,
-                database.role,
-                new,
-                1.0,
-                before_current=lambda: database.cluster.terminate_backends(database.role),
-            )
+            rotate_secret(client, arn, database.cluster, database.role, new, 1.0)
             wait_for(lambda: _rotated(_scrape(server)) == WORKERS, timeout_s=20)
         finally:
             result = load.stop()
@@ -145,6 +143,26 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
         assert _rotated(after) == WORKERS
         assert _sum(after, "commng_db_engine_swap_seconds_count") == WORKERS
         assert _sum(after, "commng_http_requests_total") >= requests_before
+
+        # A second rotation, with a request in its window whose worker must log in again:
+        # the reactive refresh runs inside that request and logs with its id.
+        newer = new_password()
+        passwords.append(newer)
+        answers: list[requests.Response] = []
+
+        def request_in_the_window() -> None:
+            database.cluster.terminate_backends(database.role)
+            answers.append(
+                requests.get(f"{server.url}/api/channels", headers={"X-Request-ID": REQUEST_ID}, timeout=20)
+            )
+
+        rotate_secret(
+            client, arn, database.cluster, database.role, newer, before_current=request_in_the_window
+        )
+        assert answers[0].status_code == 200 and answers[0].headers["X-Request-ID"] == REQUEST_ID
+        # The replacement worker never saw rotation 1, the dead one did: still workers x rotations.
+        wait_for(lambda: _rotated(_scrape(server)) == WORKERS * 2, timeout_s=20)
+        scrapes.append(_scrape(server))
     finally:
         code = server.stop()
     assert code == 0
@@ -156,9 +174,7 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
     access = [r for r in records if r["event"] == "http_request"]
     assert access and all({"method", "path", "status", "duration_ms", "request_id"} <= set(r) for r in access)
     assert not [r for r in access if r["path"] == "/metrics" and r["status"] != 200]
-    # The reactive refresh ran inside a request: its lines carry that request's id.
-    app_ids = {
-        r["request_id"] for r in records if r.get("logger", "").startswith("commng.") and "request_id" in r
-    }
-    assert app_ids & {r["request_id"] for r in access}
+    tagged = [r for r in records if r.get("request_id") == REQUEST_ID]
+    assert [r["status"] for r in tagged if r["event"] == "http_request"] == [200]
+    assert {"rotation_detected", "refresh_succeeded"} <= {r["event"] for r in tagged}
     assert_no_secrets(server.output() + "".join(scrapes), passwords)
