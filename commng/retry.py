@@ -1,10 +1,11 @@
 """Re-run a request whose database connection died before anything was committed.
 
-A backend can disappear between the pool's pre-ping and the request's first statement
-(pg_terminate_backend, a failover, a NAT timeout). When that happens before the request
-started a commit, nothing it did reached the database, so running the view again on a
-fresh connection is exactly equivalent. Once a commit has started the outcome is in
-doubt, and the error is returned as it is. Attempts are bounded.
+A backend can disappear between the pool's pre-ping and the request's statements
+(pg_terminate_backend, a failover, a NAT timeout). Until a COMMIT has been sent, nothing
+the request did is durable, so running the view again on a fresh connection is exactly
+equivalent (an INSERT flushed inside ``session.commit()`` still counts as not committed).
+Once COMMIT itself has been sent the outcome is in doubt, and the error is returned as
+it is. Attempts are bounded.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 import structlog
 from flask import g, has_app_context
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from commng.models import db
 
@@ -28,12 +29,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger("commng.retry")
 
 
-def _commit_started(session: Session) -> None:
+def _commit_sent(conn: Connection) -> None:
     if has_app_context():
         g.commng_commit_started = True
 
 
-sa.event.listen(Session, "before_commit", _commit_started)
+# The Core event fires when COMMIT is about to go to the server, after the ORM's flush.
+sa.event.listen(Engine, "commit", _commit_sent)
 
 
 def retry_on_disconnect(view: F) -> F:

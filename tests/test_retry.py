@@ -32,7 +32,7 @@ def test_connection_killed_before_the_first_statement_is_replaced(app: Flask, da
     assert len(calls) == 2
 
 
-def test_no_retry_once_a_commit_started(app: Flask, database: Database, client: Any) -> None:
+def test_no_retry_once_commit_was_sent(app: Flask, database: Database, client: Any) -> None:
     channel = client.post("/api/channels", json={"name": "once"}).json["id"]
     calls: list[int] = []
 
@@ -54,5 +54,27 @@ def test_no_retry_once_a_commit_started(app: Flask, database: Database, client: 
             raise AssertionError("the killed connection should fail")
         db.session.rollback()
     assert len(calls) == 1
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
+
+
+def test_insert_flushed_inside_commit_is_retried_when_commit_was_never_sent(
+    app: Flask, database: Database, client: Any
+) -> None:
+    channel = client.post("/api/channels", json={"name": "flush"}).json["id"]
+    calls: list[int] = []
+
+    @retry_on_disconnect
+    def view() -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the backend dies inside the transaction, before the INSERT
+            pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            _kill_backend_of(database, int(pid or 0))
+        db.session.add(Message(channel_id=channel, body="written once"))
+        db.session.commit()  # flush (INSERT) fails on the first attempt; COMMIT never sent
+
+    with app.test_request_context():
+        view()
+    assert len(calls) == 2
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
