@@ -127,3 +127,6 @@ def configure(level: str = "INFO", log_format: str = "json") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # Alembic announces each of its plugins at INFO whenever Flask-Migrate is loaded,
+    # i.e. at every worker boot; migrations themselves still log "Running upgrade".
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
