@@ -7,7 +7,7 @@ from typing import Any
 from flask import Flask
 from flask_migrate import Migrate
 
-from commng import api, cli, errors, health, logs, observability, runtime
+from commng import admin, api, cli, errors, health, history, logs, observability, runtime
 from commng.models import db
 from config import Settings, load_settings
 
@@ -39,10 +39,12 @@ def create_app(
     db.init_app(app)
     migrate.init_app(app, db, directory=_migrations_dir())
     runtime.init_app(app, settings, secrets_client=secrets_client)
+    history.init_app(app)
     observability.init_app(app)
     errors.init_app(app)
     health.init_app(app)
     api.init_app(app)
+    admin.init_app(app)
     cli.init_app(app)
     return app
 

@@ -1,4 +1,4 @@
-"""`flask --app wsgi rotation status|check`."""
+"""`flask --app wsgi rotation status|check|history`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from commng.history import RotationRecord, list_events
 from commng.runtime import get_runtime
 
 __all__ = ["init_app"]
@@ -31,6 +32,56 @@ def check_command() -> None:
         click.echo(json.dumps(result.__dict__))
     if runtime.watcher.consecutive_failures:
         raise SystemExit(1)
+
+
+@rotation.command("history")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="Rows to print.")
+def history_command(limit: int) -> None:
+    """Print the persisted rotation history of every worker and task, newest first."""
+    rows, _ = list_events(limit)
+    click.echo(format_history(rows))
+
+
+HISTORY_COLUMNS = (
+    "occurred_at",
+    "worker",
+    "trigger",
+    "outcome",
+    "old_version",
+    "new_version",
+    "detection_ms",
+    "swap_ms",
+    "drained_ms",
+    "error",
+)
+
+
+def _cells(row: RotationRecord) -> tuple[str, ...]:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    return (
+        row.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+        row.worker,
+        row.trigger,
+        row.outcome.upper() if row.outcome == "failed" else row.outcome,
+        row.old_version or "-",
+        row.new_version or "-",
+        ms(row.detection_latency_ms),
+        ms(row.swap_ms),
+        ms(row.drained_ms),
+        row.error or "",
+    )
+
+
+def format_history(rows: list[RotationRecord]) -> str:
+    """A plain-text table (UTC times, milliseconds), or a line saying there is nothing."""
+    if not rows:
+        return "no rotation events recorded"
+    table = [HISTORY_COLUMNS, *(_cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HISTORY_COLUMNS))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table)
+    return "\n".join(lines)
 
 
 def init_app(app: Flask) -> None:

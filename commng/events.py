@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ class RotationEvent:
     error: str | None = None
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     worker: str = field(default_factory=worker_name)
+    # Client-generated, so a row written later (or updated with drained_ms) is the same event.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields (timestamps as ISO 8601)."""

@@ -6,6 +6,7 @@ State lives in ``app.extensions["commng.rotation"]``. gunicorn's hooks call
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -43,6 +44,9 @@ class Runtime:
     events: EventLog
     secret_id: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # Called by stop() after the watcher stopped and before the engines close (e.g. the
+    # rotation history's last flush, which still needs a working engine).
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     def rotator(self, bind: str | None = None) -> Rotator:
         """The rotator of ``bind`` (None is the default engine)."""
@@ -88,6 +92,8 @@ class Runtime:
         """Stop the watcher, cancel drains and dispose every engine."""
         if self.watcher is not None:
             self.watcher.stop()
+        for hook in list(self.stop_hooks):
+            hook()
         for rotator in self.rotators.values():
             rotator.close()
 

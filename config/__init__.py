@@ -41,6 +41,7 @@ class Settings:
     postgres_connect_timeout_s: int = 5
     postgres_pool_timeout_s: int = 10
     admin_token: str | None = field(default=None, repr=False)
+    rotation_history_retention_days: int = 90
     port: int = 8000
     web_concurrency: int | None = None
     log_level: str = "INFO"
@@ -146,6 +147,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             e, "POSTGRES_POOL_TIMEOUT_S", _int_at_least(1, " number of seconds"), 10
         ),
         admin_token=_read(e, "ADMIN_TOKEN", _secret, None),
+        rotation_history_retention_days=_read(
+            e, "ROTATION_HISTORY_RETENTION_DAYS", _int_at_least(1, " number of days"), 90
+        ),
         port=_read(e, "PORT", _port, 8000),
         web_concurrency=_read(e, "WEB_CONCURRENCY", _int_at_least(1), None),
         log_level=_read(e, "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False), "INFO"),

@@ -1,0 +1,339 @@
+"""The persisted rotation history: one row per refresh attempt of every worker and task.
+
+Writing never blocks or breaks a refresh. The EventLog listeners only queue a snapshot
+of the event in a bounded buffer; a writer thread (a greenlet under gunicorn's gevent
+worker) upserts the queue in order, with the engine that is current at write time, so
+the row of a rotation is written by the engine the rotation just installed. When the
+database cannot be written (unreachable, or the login in use is refused) the snapshots
+stay queued and the writer retries with backoff; past the bound the oldest are dropped
+with a warning that counts them. ``drained_ms`` arrives after the event was recorded:
+it is a second snapshot of the same event, upserted on the client-generated id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from flask import Flask
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Mapped, mapped_column
+
+from commng.engines import error_code
+from commng.events import RotationEvent
+from commng.models import db
+from commng.runtime import get_runtime
+
+__all__ = [
+    "HistoryWriter",
+    "InvalidCursor",
+    "RotationRecord",
+    "count_by_trigger",
+    "get_writer",
+    "init_app",
+    "list_events",
+]
+
+log = structlog.get_logger("commng.history")
+
+EXTENSION = "commng.history"
+# Events kept in memory per worker while the database cannot be written.
+BUFFER_MAX = 1000
+# Rows per INSERT; the queue is written in order, batch after batch.
+BATCH_SIZE = 100
+# A history write must never hold a connection for long: the pool serves requests.
+STATEMENT_TIMEOUT_MS = 3000
+PRUNE_EVERY_S = 3600.0
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 30.0
+STOP_JOIN_TIMEOUT_S = 5.0
+# A refresh records its event and its drain adds drained_ms moments later: the writer
+# waits this long before its first write so that both usually go in one transaction,
+# and it does not compete for the new pool with the requests that follow a swap.
+COALESCE_S = 1.0
+
+
+class RotationRecord(db.Model):  # type: ignore[name-defined,misc]
+    """One refresh attempt of one worker (migration 0002)."""
+
+    __tablename__ = "rotation_events"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
+    worker: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    bind: Mapped[str | None] = mapped_column(sa.Text)
+    trigger: Mapped[str] = mapped_column(sa.String(16), nullable=False)
+    outcome: Mapped[str] = mapped_column(sa.String(16), nullable=False)
+    old_version: Mapped[str | None] = mapped_column(sa.Text)
+    new_version: Mapped[str | None] = mapped_column(sa.Text)
+    detection_latency_ms: Mapped[float | None] = mapped_column(sa.Float)
+    swap_ms: Mapped[float | None] = mapped_column(sa.Float)
+    drained_ms: Mapped[float | None] = mapped_column(sa.Float)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields: version ids, timings and an error class, never a credential."""
+        return {
+            "id": self.id,
+            "occurred_at": self.occurred_at.isoformat(),
+            "worker": self.worker,
+            "bind": self.bind,
+            "trigger": self.trigger,
+            "outcome": self.outcome,
+            "old_version": self.old_version,
+            "new_version": self.new_version,
+            "detection_latency_ms": self.detection_latency_ms,
+            "swap_ms": self.swap_ms,
+            "drained_ms": self.drained_ms,
+            "error": self.error,
+        }
+
+
+# Newest first, with the id as the tie-breaker of the pagination cursor.
+sa.Index("ix_rotation_events_occurred_at", RotationRecord.occurred_at.desc(), RotationRecord.id.desc())
+
+_COLUMNS = tuple(c.name for c in RotationRecord.__table__.columns)
+
+
+def _snapshot(event: RotationEvent) -> dict[str, Any]:
+    """The event's fields now (a later drained_ms is a later snapshot)."""
+    return {name: getattr(event, name) for name in _COLUMNS}
+
+
+def _merge(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per id, first-seen order; later snapshots fill in what they know."""
+    rows: dict[str, dict[str, Any]] = {}
+    for snap in batch:
+        known = rows.get(snap["id"])
+        if known is None:
+            rows[snap["id"]] = dict(snap)
+        else:
+            known.update({k: v for k, v in snap.items() if v is not None})
+    return list(rows.values())
+
+
+class HistoryWriter:
+    """Queues rotation events and writes them, in order, when the database allows."""
+
+    def __init__(self, app: Flask, retention: timedelta, maxlen: int = BUFFER_MAX) -> None:
+        self.app = app
+        self.retention = retention
+        self.maxlen = maxlen
+        self.dropped = 0
+        self.written = 0
+        self.last_error: str | None = None
+        self.last_written_at: datetime | None = None
+        self._pending: deque[dict[str, Any]] = deque()
+        self._lock = threading.Lock()  # the queue and the thread handle
+        self._flush_lock = threading.Lock()  # one writer at a time keeps rows in order
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_prune: float | None = None
+
+    # -- the listeners' side: never blocks on the database -------------------------------
+
+    def enqueue(self, event: RotationEvent) -> None:
+        """Queue a snapshot of ``event`` and make sure a writer runs."""
+        snap = _snapshot(event)
+        dropped = 0
+        thread = None
+        with self._lock:
+            if len(self._pending) >= self.maxlen:
+                self._pending.popleft()
+                self.dropped += 1
+                dropped = self.dropped
+            self._pending.append(snap)
+            if not self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
+                thread = self._thread = threading.Thread(
+                    target=self._run, name="commng-history-writer", daemon=True
+                )
+        if dropped:
+            log.warning(
+                "rotation_history_events_dropped",
+                message="Rotation history buffer full: the oldest unwritten event was dropped",
+                dropped_total=dropped,
+                buffer_size=self.maxlen,
+            )
+        if thread is not None:
+            thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet written."""
+        with self._lock:
+            return len(self._pending)
+
+    # -- the writer's side ---------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Write the queue, oldest first; True when it is empty afterwards (the single step)."""
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    batch = list(itertools.islice(self._pending, BATCH_SIZE))
+                if not batch:
+                    return True
+                try:
+                    self._write(_merge(batch))
+                except Exception as exc:
+                    self.last_error = error_code(exc)
+                    log.warning(
+                        "rotation_history_write_failed",
+                        error=self.last_error,
+                        pending=self.pending,
+                    )
+                    return False
+                with self._lock:
+                    # Only the head leaves the queue (here, or dropped when full).
+                    taken = {id(snap) for snap in batch}
+                    while self._pending and id(self._pending[0]) in taken:
+                        self._pending.popleft()
+                self.written += len(batch)
+                self.last_error = None
+                self.last_written_at = datetime.now(UTC)
+                self._maybe_prune()
+
+    def _engine(self) -> sa.Engine:
+        with self.app.app_context():
+            return db.engine  # whatever the latest refresh installed
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        table = RotationRecord.__table__
+        stmt = pg_insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.id],
+            set_={"drained_ms": sa.func.coalesce(stmt.excluded.drained_ms, table.c.drained_ms)},
+        )
+        with self._engine().begin() as conn:
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            conn.execute(stmt, rows)
+
+    def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if self._last_prune is not None and now - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = now
+        try:
+            deleted = self.prune()
+        except Exception as exc:  # pruning is housekeeping: the next hour tries again
+            log.warning("rotation_history_prune_failed", error=error_code(exc))
+            return
+        if deleted:
+            log.info("rotation_history_pruned", deleted=deleted, retention_days=self.retention.days)
+
+    def prune(self) -> int:
+        """Delete rows older than the retention limit; return how many went."""
+        table = RotationRecord.__table__
+        cutoff = datetime.now(UTC) - self.retention
+        with self._engine().begin() as conn:
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            result = conn.execute(sa.delete(table).where(table.c.occurred_at < cutoff))
+        return int(result.rowcount)
+
+    def _run(self) -> None:
+        delay = FIRST_RETRY_S
+        try:
+            if self._stop.wait(COALESCE_S):
+                return  # stop() makes the last attempt itself
+            while not self._stop.is_set():
+                if self.flush():
+                    delay = FIRST_RETRY_S
+                    with self._lock:
+                        if not self._pending:
+                            return  # the next enqueue starts a new writer
+                    continue
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, MAX_RETRY_S)
+        finally:
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def stop(self) -> None:
+        """Stop retrying and make a last attempt to write what is queued (bounded)."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(STOP_JOIN_TIMEOUT_S)
+        if self.pending:
+            self.flush()
+
+    def status(self) -> dict[str, Any]:
+        """The writer's figures for the admin status (counts and an error class only)."""
+        return {
+            "pending": self.pending,
+            "buffer_size": self.maxlen,
+            "dropped": self.dropped,
+            "written": self.written,
+            "last_error": self.last_error,
+            "last_written_at": self.last_written_at.isoformat() if self.last_written_at else None,
+            "retention_days": self.retention.days,
+        }
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+class InvalidCursor(ValueError):
+    """``before_id`` does not name an event in the history."""
+
+
+def list_events(limit: int, before_id: str | None = None) -> tuple[list[RotationRecord], str | None]:
+    """Up to ``limit`` events newest first, older than ``before_id``; and the next cursor.
+
+    The cursor is the id of the last event of the previous page (the response's
+    ``next_before_id``); it is None when there is nothing older.
+    """
+    rec = RotationRecord
+    query = sa.select(rec).order_by(rec.occurred_at.desc(), rec.id.desc()).limit(limit + 1)
+    if before_id is not None:
+        anchor = db.session.get(rec, before_id)
+        if anchor is None:
+            raise InvalidCursor(before_id)
+        query = query.where(sa.tuple_(rec.occurred_at, rec.id) < (anchor.occurred_at, anchor.id))
+    rows = list(db.session.scalars(query))
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
+
+
+def count_by_trigger() -> dict[str, dict[str, int]]:
+    """{trigger: {outcome: n}} over the whole retained history (every worker and task)."""
+    rec = RotationRecord
+    query = sa.select(rec.trigger, rec.outcome, sa.func.count()).group_by(rec.trigger, rec.outcome)
+    counts: dict[str, dict[str, int]] = {}
+    for trigger, outcome, n in db.session.execute(query):
+        counts.setdefault(trigger, {})[outcome] = int(n)
+    return counts
+
+
+# -- wiring -------------------------------------------------------------------------------
+
+
+def get_writer(app: Flask) -> HistoryWriter:
+    """The history writer of ``app``."""
+    writer: HistoryWriter = app.extensions[EXTENSION]
+    return writer
+
+
+def init_app(app: Flask) -> HistoryWriter:
+    """Persist every event of this app's rotation runtime, including those already recorded."""
+    if EXTENSION in app.extensions:
+        raise RuntimeError("commng.history.init_app was already called for this app")
+    runtime = get_runtime(app)
+    writer = HistoryWriter(app, timedelta(days=runtime.settings.rotation_history_retention_days))
+    for event in reversed(runtime.events.recent(limit=BUFFER_MAX)):
+        writer.enqueue(event)  # the start-up attempt happened before anyone listened
+    runtime.events.listeners.append(writer.enqueue)
+    runtime.events.update_listeners.append(writer.enqueue)
+    runtime.stop_hooks.append(writer.stop)
+    app.extensions[EXTENSION] = writer
+    return writer

@@ -1,0 +1,303 @@
+"""The admin blueprint: closed by default, Bearer for the APIs, Basic for the page, no secrets."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from commng import history
+from commng.devstack import new_password
+from commng.events import RotationEvent
+from commng.runtime import get_runtime
+from tests.conftest import Database
+from tests.helpers import assert_no_secrets
+
+# A token68 value (RFC 7235): what a Bearer token may carry, as secrets.token_urlsafe makes.
+TOKEN = "admin-Token_0123.~+/xyz"
+
+PAGE = ("GET", "/admin/")
+STATUS = ("GET", "/admin/api/status")
+ROTATIONS = ("GET", "/admin/api/rotations")
+CHECK = ("POST", "/admin/api/rotations/check")
+ROUTES = [PAGE, STATUS, ROTATIONS, CHECK]
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {encoded}"}
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def admin_app(database: Database, secretsmanager: Any, secret: str, make_app: Any) -> Flask:
+    """An app on the moto secret, with ADMIN_TOKEN set."""
+    settings = database.settings(
+        db_secret_id=secret, postgres_user=None, postgres_password=None, admin_token=TOKEN
+    )
+    app: Flask = make_app(settings, secrets_client=secretsmanager)
+    return app
+
+
+def _call(app: Flask, route: tuple[str, str], headers: dict[str, str] | None = None) -> TestResponse:
+    method, path = route
+    response = app.test_client().open(path, method=method, headers=headers or {})
+    assert response.headers.get("Cache-Control") == "no-store", (route, response.status_code)
+    return response
+
+
+def _assert_clean(response: TestResponse, *secrets: str) -> None:
+    text = response.get_data(as_text=True)
+    assert_no_secrets(text, secrets)
+    assert not re.search(r"SCRAM-SHA-256\$|md5[0-9a-f]{32}", text), "a password hash appears"
+
+
+# -- access ------------------------------------------------------------------------------
+
+
+def test_every_admin_route_is_404_without_admin_token(
+    database: Database, secretsmanager: Any, secret: str, make_app: Any
+) -> None:
+    settings = database.settings(db_secret_id=secret, postgres_user=None, postgres_password=None)
+    app = make_app(settings, secrets_client=secretsmanager)
+    for route in [*ROUTES, ("GET", "/admin")]:
+        for headers in [None, _bearer(TOKEN), _basic("admin", TOKEN), _bearer("")]:
+            response = _call(app, route, headers)
+            assert response.status_code == 404, (route, headers)
+            assert response.json is not None and response.json["error"]["code"] == "not_found"
+            assert "WWW-Authenticate" not in response.headers
+
+
+CASES = {
+    # case: (headers, the routes that answer 2xx/4xx-but-authorized with them)
+    "missing": (None, set()),
+    "wrong_bearer": (_bearer("not-the-token"), set()),
+    "wrong_basic": (_basic("admin", "not-the-token"), set()),
+    "wrong_basic_user": (_basic("root", TOKEN), set()),
+    "bearer_scheme_with_basic_value": ({"Authorization": f"Basic {TOKEN}"}, set()),
+    "right_bearer": (_bearer(TOKEN), {STATUS, ROTATIONS, CHECK}),
+    "right_basic": (_basic("admin", TOKEN), {PAGE}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_auth_matrix(case: str, admin_app: Flask, database: Database) -> None:
+    headers, allowed = CASES[case]
+    for route in ROUTES:
+        response = _call(admin_app, route, headers)
+        _assert_clean(response, database.password, TOKEN)
+        if route in allowed:
+            assert response.status_code == 200, (route, response.get_data(as_text=True))
+            continue
+        assert response.status_code == 401, route
+        challenge = response.headers["WWW-Authenticate"]
+        assert challenge.startswith("Basic " if route == PAGE else "Bearer "), challenge
+        if route != PAGE:
+            assert response.json is not None and response.json["error"]["code"] == "unauthorized"
+
+
+def test_post_does_not_accept_cookies_or_basic(admin_app: Flask) -> None:
+    client = admin_app.test_client()
+    client.set_cookie("session", TOKEN)
+    assert client.post("/admin/api/rotations/check").status_code == 401
+    assert client.post("/admin/api/rotations/check", headers=_basic("admin", TOKEN)).status_code == 401
+
+
+# -- check now -----------------------------------------------------------------------------
+
+
+def test_check_now_returns_its_outcome_is_rate_limited_and_logged(
+    admin_app: Flask, database: Database, secretsmanager: Any, secret: str, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO)
+    new = new_password()
+    database.cluster.set_password(database.role, new)
+    put = secretsmanager.put_secret_value(SecretId=secret, SecretString=database.secret_string(new))
+
+    first = _call(admin_app, CHECK, _bearer(TOKEN))
+    second = _call(admin_app, CHECK, _bearer(TOKEN))
+
+    assert first.status_code == 200 and first.json is not None
+    assert first.json["results"] == [
+        {"bind": None, "result": "changed", "outcome": "rotated", "error": None, "unavailable": False}
+    ]
+    assert first.json["current_version"] == put["VersionId"]
+    assert get_runtime(admin_app).events.recent(1)[0].trigger == "manual"
+    assert second.status_code == 429 and second.json is not None
+    assert second.json["error"]["code"] == "rate_limited"
+    assert 1 <= int(second.headers["Retry-After"]) <= 5
+    actions = [r for r in caplog.records if "admin_action" in r.getMessage()]
+    assert len(actions) == 2 and all("remote_addr" in r.getMessage() for r in actions)
+    assert "rotation_check" in actions[0].getMessage()
+    _assert_clean(first, database.password, new, TOKEN)
+    assert_no_secrets(caplog.text, [database.password, new, TOKEN])
+
+
+def test_check_now_without_a_secret_is_409(database: Database, make_app: Any) -> None:
+    app = make_app(database.settings(admin_token=TOKEN))
+    response = _call(app, CHECK, _bearer(TOKEN))
+    assert response.status_code == 409 and response.json is not None
+    assert response.json["error"]["code"] == "no_secret"
+    assert "DB_SECRET_ID" in response.json["error"]["message"]
+
+
+# -- status, history and the page ----------------------------------------------------------
+
+
+def test_status_shows_the_serving_worker(admin_app: Flask, secret: str, database: Database) -> None:
+    response = _call(admin_app, STATUS, _bearer(TOKEN))
+    status = response.json
+    assert status is not None
+    runtime = get_runtime(admin_app)
+    assert status["secret_id"] == secret
+    (bind,) = status["binds"]
+    assert bind["current_version"] == runtime.rotator().current.version_id  # type: ignore[union-attr]
+    assert set(bind["active_engine"]["pool"]) >= {"size", "checked_out", "overflow"}
+    assert bind["active_engine"]["age_s"] >= 0
+    assert status["history_writer"]["pending"] >= 0
+    assert status["history_counts"] == {}
+    _assert_clean(response, database.password, TOKEN)
+
+
+def _record(app: Flask, n: int) -> list[RotationEvent]:
+    """n events one second apart (oldest first), written to the history."""
+    runtime = get_runtime(app)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    events = [
+        runtime.events.record(
+            RotationEvent(
+                "poll",
+                "rotated",
+                old_version=f"v{i}",
+                new_version=f"v{i + 1}",
+                occurred_at=start + timedelta(seconds=i // 2),  # pairs share a timestamp: ids break ties
+            )
+        )
+        for i in range(n)
+    ]
+    assert history.get_writer(app).flush()
+    return events
+
+
+def test_rotations_paginate_newest_first_without_gaps(admin_app: Flask) -> None:
+    events = _record(admin_app, 13)
+    expected = [e.id for e in sorted(events, key=lambda e: (e.occurred_at, e.id), reverse=True)]
+    seen: list[str] = []
+    cursor = ""
+    for _ in range(5):
+        response = _call(
+            admin_app, ("GET", f"/admin/api/rotations?limit=5&before_id={cursor}"), _bearer(TOKEN)
+        )
+        body = response.json
+        assert body is not None and set(body) == {"events", "next_before_id"}
+        seen += [e["id"] for e in body["events"]]
+        if body["next_before_id"] is None:
+            break
+        cursor = body["next_before_id"]
+    assert seen == expected
+    for bad in ["limit=0", "limit=201", "limit=x", "before_id=zz", f"before_id={'0' * 32}"]:
+        response = _call(admin_app, ("GET", f"/admin/api/rotations?{bad}"), _bearer(TOKEN))
+        assert response.status_code == 400, bad
+
+
+def test_page_shows_status_history_and_failures_and_paginates(
+    admin_app: Flask, database: Database, secret: str
+) -> None:
+    events = _record(admin_app, 30)
+    runtime = get_runtime(admin_app)
+    failed = runtime.events.record(RotationEvent("auth_failure", "failed", error="OperationalError:28P01"))
+    assert history.get_writer(admin_app).flush()
+
+    page = _call(admin_app, PAGE, _basic("admin", TOKEN))
+    html = page.get_data(as_text=True)
+
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert "script" not in html and "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert secret in html and runtime.rotator().current.version_id in html  # type: ignore[union-attr]
+    assert 'id="engines"' in html and "active" in html
+    rows = re.findall(r'<tr class="(\w+)" data-event-id="(\w+)">', html)
+    assert len(rows) == 25 and rows[0] == ("failed", failed.id)  # newest first, failure marked
+    assert "FAILED" in html and "OperationalError:28P01" in html
+    older = re.search(r'id="older" href="([^"]+)"', html)
+    assert older is not None
+    page2 = _call(admin_app, ("GET", older.group(1).replace("&amp;", "&")), _basic("admin", TOKEN))
+    rows2 = re.findall(r'data-event-id="(\w+)"', page2.get_data(as_text=True))
+    assert len(rows2) == 6 and not set(rows2) & {r[1] for r in rows}
+    assert {e.id for e in events} | {failed.id} == {r[1] for r in rows} | set(rows2)
+    assert 'http-equiv="refresh"' in html and 'http-equiv="refresh"' not in page2.get_data(as_text=True)
+    _assert_clean(page, database.password, TOKEN)
+    _assert_clean(page2, database.password, TOKEN)
+
+
+def test_page_still_shows_the_status_when_the_history_cannot_be_read(
+    admin_app: Flask, database: Database
+) -> None:
+    from tests.test_history import _set_login
+
+    _set_login(database, allowed=False)
+    try:
+        page = _call(admin_app, PAGE, _basic("admin", TOKEN))
+    finally:
+        _set_login(database, allowed=True)
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert "the history cannot be read now" in html and 'id="status"' in html
+    _assert_clean(page, database.password, TOKEN)
+
+
+# -- in a real browser -------------------------------------------------------------------
+
+
+def _chromium() -> str:
+    """Debian's chromium, or skip with the command that installs what is missing."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.skip("chromium is not installed: apt-get install -y chromium")
+    return path
+
+
+@pytest.mark.e2e
+def test_the_page_in_a_real_browser_shows_the_rotation(
+    database: Database, moto_endpoint: str, workdir: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_history import TOKEN as STACK_TOKEN
+    from tests.test_history import rotated_stack
+
+    executable = _chromium()
+    with rotated_stack(database, moto_endpoint, workdir) as stack, sync_playwright() as pw:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        browser = pw.chromium.launch(executable_path=executable, headless=True, args=args)
+        try:
+            context = browser.new_context(
+                http_credentials={"username": "admin", "password": STACK_TOKEN},
+                viewport={"width": 1400, "height": 1000},
+                extra_http_headers={"Connection": "close"},
+            )
+            page = context.new_page()
+            response = page.goto(f"{stack.server.url}/admin/")
+            assert response is not None and response.status == 200
+            rows = page.locator("#history tr.rotated", has_text=stack.version)
+            assert rows.count() == 2  # one per worker
+            assert page.locator("#status").inner_text().count(stack.version) >= 1
+            page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+            html = page.content()
+            context.close()
+        finally:
+            browser.close()
+    assert (tmp_path / "admin.png").stat().st_size > 10_000
+    assert_no_secrets(html, [*stack.passwords, STACK_TOKEN])

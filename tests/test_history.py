@@ -1,0 +1,294 @@
+"""The persisted rotation history: real PostgreSQL, moto, and gunicorn end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from flask import Flask
+from psycopg2 import sql
+
+from commng import history
+from commng.devstack import free_port, new_password, rotate_secret
+from commng.devstack.processes import GunicornServer
+from commng.events import RotationEvent
+from commng.models import db
+from commng.runtime import get_runtime
+from tests.conftest import Database
+from tests.helpers import assert_no_secrets, wait_for
+
+TOKEN = "history-admin-token-0123456789"
+# gunicorn's gevent worker waits out graceful_timeout for a kept-alive connection, even
+# one the client has closed: these tests ask for Connection: close to stop in seconds.
+CLOSE = {"Connection": "close"}
+
+
+def _rows(app: Flask) -> list[dict[str, Any]]:
+    """Every history row, oldest first."""
+    with app.app_context():
+        table = history.RotationRecord.__table__
+        with db.engine.connect() as conn:
+            query = sa.select(table).order_by(table.c.occurred_at, table.c.id)
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _flushed(app: Flask) -> history.HistoryWriter:
+    writer = history.get_writer(app)
+    assert writer.flush(), writer.last_error
+    return writer
+
+
+def _set_login(database: Database, allowed: bool) -> None:
+    """ALTER ROLE ... LOGIN/NOLOGIN; NOLOGIN also ends the role's open sessions."""
+    keyword = sql.SQL("LOGIN" if allowed else "NOLOGIN")
+    database.cluster.execute(sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(database.role), keyword))
+    if not allowed:
+        database.cluster.terminate_backends(database.role, idle_only=False)
+
+
+def test_a_rotation_is_written_then_updated_with_drained_ms(
+    secret_app: Flask, database: Database, secretsmanager: Any, secret: str
+) -> None:
+    runtime = get_runtime(secret_app)
+    new = new_password()
+    database.cluster.set_password(database.role, new)
+    put = secretsmanager.put_secret_value(SecretId=secret, SecretString=database.secret_string(new))
+
+    runtime.watcher.check_once()  # type: ignore[union-attr]
+    _flushed(secret_app)
+
+    (row,) = _rows(secret_app)
+    event = runtime.events.recent(1)[0]
+    assert row["id"] == event.id
+    assert (row["trigger"], row["outcome"], row["new_version"]) == ("poll", "rotated", put["VersionId"])
+    assert row["worker"] == event.worker and row["swap_ms"] is not None and row["error"] is None
+    wait_for(lambda: event.drained_ms is not None)
+    wait_for(lambda: _flushed(secret_app) and _rows(secret_app)[0]["drained_ms"] is not None)
+    assert len(_rows(secret_app)) == 1
+    assert_no_secrets(json.dumps(_rows(secret_app), default=str), [database.password, new])
+
+
+def test_a_failed_refresh_is_written_as_failed_and_nothing_else(
+    secret_app: Flask, database: Database, secretsmanager: Any, secret: str
+) -> None:
+    bad = new_password()
+    secretsmanager.put_secret_value(SecretId=secret, SecretString=database.secret_string(bad))
+
+    results = get_runtime(secret_app).watcher.check_once()  # type: ignore[union-attr]
+    _flushed(secret_app)
+
+    assert [r.outcome for r in results] == ["failed"]
+    rows = _rows(secret_app)
+    assert [(r["trigger"], r["outcome"], r["error"]) for r in rows] == [
+        ("poll", "failed", "OperationalError:28P01")
+    ]
+    assert rows[0]["new_version"] is None and rows[0]["swap_ms"] is None
+    assert_no_secrets(json.dumps(rows, default=str), [database.password, bad])
+
+
+def test_events_recorded_while_the_database_is_unreachable_are_written_later_in_order(
+    secret_app: Flask, database: Database, caplog: Any
+) -> None:
+    caplog.set_level(logging.WARNING)
+    runtime = get_runtime(secret_app)
+    writer = history.get_writer(secret_app)
+    _set_login(database, allowed=False)
+    try:
+        for _ in range(3):
+            runtime.watcher.check_once(trigger="manual")  # type: ignore[union-attr]
+        manual = [e.id for e in reversed(runtime.events.recent(10)) if e.trigger == "manual"]
+        assert len(manual) == 3
+        assert writer.flush() is False
+        assert writer.pending >= 3 and writer.last_error is not None
+    finally:
+        _set_login(database, allowed=True)
+
+    wait_for(lambda: writer.flush(), timeout_s=15)
+
+    rows = _rows(secret_app)
+    assert [r["id"] for r in rows if r["trigger"] == "manual"] == manual
+    assert {r["outcome"] for r in rows if r["trigger"] == "manual"} == {"unchanged"}
+    assert writer.pending == 0 and writer.dropped == 0
+    assert "rotation_history_write_failed" in caplog.text
+
+
+def test_past_the_bound_the_oldest_unwritten_events_are_dropped_with_a_warning(
+    app: Flask, database: Database, caplog: Any
+) -> None:
+    caplog.set_level(logging.WARNING)
+    runtime = get_runtime(app)
+    writer = history.get_writer(app)
+    writer.maxlen = 3
+    _set_login(database, allowed=False)
+    try:
+        events = [runtime.events.record(RotationEvent("manual", "unchanged")) for _ in range(5)]
+        assert writer.flush() is False
+        assert (writer.pending, writer.dropped) == (3, 2)
+    finally:
+        _set_login(database, allowed=True)
+    wait_for(lambda: writer.flush(), timeout_s=15)
+    assert [r["id"] for r in _rows(app)] == [e.id for e in events[2:]]
+    assert caplog.text.count("rotation_history_events_dropped") == 2
+
+
+def test_rows_past_the_retention_limit_are_pruned_at_most_once_an_hour(app: Flask) -> None:
+    runtime = get_runtime(app)
+    writer = history.get_writer(app)
+    old = datetime.now(UTC) - writer.retention - timedelta(days=1)
+
+    runtime.events.record(RotationEvent("manual", "unchanged", occurred_at=old))
+    keep = runtime.events.record(RotationEvent("manual", "unchanged"))
+    _flushed(app)
+    assert [r["id"] for r in _rows(app)] == [keep.id]  # the first write also prunes
+
+    stale = runtime.events.record(RotationEvent("manual", "unchanged", occurred_at=old))
+    _flushed(app)
+    assert {r["id"] for r in _rows(app)} == {stale.id, keep.id}  # not again within the hour
+
+    writer._last_prune = (writer._last_prune or 0.0) - history.PRUNE_EVERY_S
+    runtime.events.record(RotationEvent("manual", "unchanged"))
+    _flushed(app)
+    assert stale.id not in {r["id"] for r in _rows(app)}
+
+
+def test_the_startup_attempt_recorded_before_anyone_listened_is_written(
+    database: Database, secretsmanager: Any, make_app: Any
+) -> None:
+    # The secret does not exist: start-up falls back to the environment and records why.
+    app = make_app(database.settings(db_secret_id="db/missing"), secrets_client=secretsmanager)
+    _flushed(app)
+    rows = _rows(app)
+    assert [(r["trigger"], r["outcome"]) for r in rows] == [("startup", "failed")]
+    assert rows[0]["error"] and "ResourceNotFound" in rows[0]["error"]
+
+
+def test_cli_prints_the_history_as_a_table(app: Flask, database: Database) -> None:
+    runtime = get_runtime(app)
+    runtime.events.record(RotationEvent("manual", "failed", error="OperationalError:28P01"))
+    runtime.events.record(
+        RotationEvent("poll", "rotated", old_version="v-old", new_version="v-new", swap_ms=12.3)
+    )
+    _flushed(app)
+
+    result = app.test_cli_runner().invoke(args=["rotation", "history", "--limit", "5"])
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:4] == ["occurred_at", "worker", "trigger", "outcome"]
+    assert "rotated" in lines[1] and "v-new" in lines[1] and "12.3" in lines[1]  # newest first
+    assert "FAILED" in lines[2] and "OperationalError:28P01" in lines[2]
+    assert_no_secrets(result.output, [database.password])
+    bad = app.test_cli_runner().invoke(args=["rotation", "history", "--limit", "0"])
+    assert bad.exit_code != 0
+
+
+# -- end to end -------------------------------------------------------------------------
+
+
+def _rotations(server: GunicornServer) -> list[dict[str, Any]]:
+    response = requests.get(
+        f"{server.url}/admin/api/rotations?limit=200",
+        headers={"Authorization": f"Bearer {TOKEN}", **CLOSE},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["Cache-Control"] == "no-store"
+    events: list[dict[str, Any]] = response.json()["events"]
+    return events
+
+
+def _log_pids(server: GunicornServer, event: str, **fields: str) -> set[int]:
+    """pids of the workers that logged ``event`` (a quoted name) with ``fields``."""
+    pids = set()
+    for line in server.output().splitlines():
+        if event in line:
+            record = json.loads(line)
+            if all(record.get(k) == v for k, v in fields.items()):
+                pids.add(record["pid"])
+    return pids
+
+
+def _refreshed_workers(server: GunicornServer, version: str) -> set[int]:
+    return _log_pids(server, '"refresh_succeeded"', new_version=version)
+
+
+@dataclass
+class RotatedStack:
+    """gunicorn (2 gevent workers) on moto and PostgreSQL, after one rotation both workers saw."""
+
+    server: GunicornServer
+    version: str
+    passwords: list[str]
+
+
+@contextmanager
+def rotated_stack(database: Database, moto_endpoint: str, workdir: Path) -> Iterator[RotatedStack]:
+    """Start the stack, rotate once, wait until both rotated rows hold drained_ms; stop after."""
+    import boto3
+
+    client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+    arn = client.create_secret(Name=f"e2e/{database.name}", SecretString=database.secret_string())["ARN"]
+    (workdir / "prometheus").mkdir()
+    env = {
+        "DB_SECRET_ID": arn,
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_endpoint,
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(database.cluster.port),
+        "POSTGRES_DB": database.name,
+        "POSTGRES_SSL": "false",
+        "POSTGRES_POOL_SIZE": "3",
+        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
+        "DB_POOL_GRACE_PERIOD_MS": "1000",
+        "ADMIN_TOKEN": TOKEN,
+        "LOG_FORMAT": "json",
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
+    }
+    server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
+    new = new_password()
+    server.start()
+    try:
+        # /readyz answers as soon as one worker serves: rotate only once both watch the secret.
+        wait_for(lambda: len(_log_pids(server, '"auto_refresh_started"')) == 2, timeout_s=20)
+        version = rotate_secret(client, arn, database.cluster, database.role, new)
+        wait_for(lambda: len(_refreshed_workers(server, version)) == 2, timeout_s=20)
+
+        def settled() -> bool:
+            rotated = [e for e in _rotations(server) if e["outcome"] == "rotated"]
+            return len(rotated) == 2 and all(e["drained_ms"] is not None for e in rotated)
+
+        wait_for(settled, timeout_s=20)
+        yield RotatedStack(server, version, [database.password, new])
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.e2e
+def test_gunicorn_workers_each_write_their_rotation(
+    database: Database, moto_endpoint: str, workdir: Path
+) -> None:
+    with rotated_stack(database, moto_endpoint, workdir) as stack:
+        server, version = stack.server, stack.version
+        events = _rotations(server)
+        rotated = [e for e in events if e["outcome"] == "rotated"]
+        assert {e["new_version"] for e in rotated} == {version}
+        pids = {int(e["worker"].rsplit(":", 1)[1]) for e in rotated}
+        assert pids == _refreshed_workers(server, version)
+        assert Counter(e["worker"] for e in rotated).most_common(1)[0][1] == 1
+        assert [e for e in events if e["outcome"] == "failed"] == []
+
+        page = requests.get(f"{server.url}/admin/", auth=("admin", TOKEN), headers=CLOSE, timeout=10)
+        assert page.status_code == 200 and version in page.text
+        bodies = [json.dumps(events), page.text]
+    output = server.output()
+    assert '"admin_auth_failed"' not in output
+    assert_no_secrets("\n".join([*bodies, output]), [*stack.passwords, TOKEN])
