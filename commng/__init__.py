@@ -7,7 +7,7 @@ from typing import Any
 from flask import Flask
 from flask_migrate import Migrate
 
-from commng import admin, api, cli, errors, health, history, logs, observability, runtime
+from commng import admin, api, bench_routes, cli, errors, health, history, logs, observability, runtime
 from commng.models import db
 from config import Settings, load_settings
 
@@ -44,6 +44,7 @@ def create_app(
     errors.init_app(app)
     health.init_app(app)
     api.init_app(app)
+    bench_routes.init_app(app)
     admin.init_app(app)
     cli.init_app(app)
     return app

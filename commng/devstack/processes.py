@@ -109,13 +109,24 @@ class LoadResult:
 
 
 class LoadGenerator:
-    """N client threads, each posting and reading messages until stopped (or ``max_s``)."""
+    """N client threads, each posting and reading messages until stopped (or ``max_s``).
 
-    def __init__(self, base_url: str, channel_ids: list[int], clients: int, max_s: float = 300.0) -> None:
+    With ``path`` set, every client only GETs that path instead (the bench's 50 ms route).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        channel_ids: list[int],
+        clients: int,
+        max_s: float = 300.0,
+        path: str | None = None,
+    ) -> None:
         self.base_url = base_url
         self.channel_ids = channel_ids
         self.clients = clients
         self.max_s = max_s
+        self.path = path
         self.result = LoadResult()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -140,8 +151,10 @@ class LoadGenerator:
         deadline = time.monotonic() + self.max_s
         i = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
-            channel = self.channel_ids[(n + i) % len(self.channel_ids)]
-            if i % 2 == 0:
+            channel = self.channel_ids[(n + i) % len(self.channel_ids)] if self.channel_ids else 0
+            if self.path is not None:
+                sample, _ = self._call(session.get, self.path)
+            elif i % 2 == 0:
                 sample, body = self._call(
                     session.post, f"/api/channels/{channel}/messages", json={"body": f"c{n} m{i}"}
                 )

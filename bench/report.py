@@ -1,0 +1,340 @@
+"""Turning one run's samples into numbers, a markdown table, the raw JSON and a PNG plot.
+
+Definitions (also in the README's Performance section):
+- a failure is any non-2xx answer or transport error;
+- latency percentiles are over every request, failed ones included;
+- "±5 s of rotations" is every request started from 5 s before AWSPENDING was written
+  to 5 s after AWSCURRENT moved, over all rotations of the scenario;
+- Secrets Manager calls are counted at the (moto) server by API, the bench's own excluded;
+  per worker-hour at the 5-minute default = measured DescribeSecret per worker-hour x
+  (refresh interval / 300 s) (polls scale with the interval), plus GetSecretValue per
+  worker per rotation x 1/168 (RDS rotates every 7 days);
+- writes lost = 201-acknowledged message ids without a row, read back with SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import Context, Scenario
+from commng.devstack.processes import LoadResult
+
+__all__ = ["build", "markdown", "percentile", "summarize", "write"]
+
+DEFAULT_INTERVAL_S = 300.0
+ROTATIONS_PER_HOUR = 1 / (7 * 24)
+CONCURRENCY_LIMIT_RPS = 400.0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    return {f"p{q}": _round(percentile(values, q)) for q in (50, 95, 99)}
+
+
+def _round(x: float | None, digits: int = 1) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _failed(status: int | None) -> bool:
+    return status is None or not 200 <= status < 300
+
+
+def summarize(
+    *,
+    scenario: Scenario,
+    workers: int,
+    interval_ms: int,
+    elapsed_s: float,
+    sm_elapsed_s: float,
+    result: LoadResult,
+    ctx: Context,
+    calls: dict[str, int],
+    backends: list[tuple[float, int]],
+    final_backends: int | None,
+    lost_writes: int,
+    app_events: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything reported for one scenario, JSON-ready."""
+    t0 = ctx.t0
+    samples = result.samples
+    failures = [s for s in samples if _failed(s.status)]
+    reasons = Counter(f"{s.status or 'transport'}: {s.error or ''}"[:120] for s in failures)
+    windows = [(r["start"] - 5, r["end"] + 5) for r in ctx.rotations]
+    around = [s.duration_ms for s in samples if any(a <= s.started - t0 <= b for a, b in windows)]
+    ok = len(samples) - len(failures)
+    worker_hours = workers * sm_elapsed_s / 3600  # the watcher polls whether loaded or not
+    describe = calls.get("DescribeSecret", 0)
+    gets = calls.get("GetSecretValue", 0)
+    gets_per_rotation = gets / (workers * len(ctx.rotations)) if ctx.rotations else None
+    summary: dict[str, Any] = {
+        "name": scenario.name,
+        "description": scenario.description,
+        "secrets_manager": scenario.secrets_manager,
+        "workers": workers,
+        "pool_size": scenario.pool_size,
+        "max_overflow": scenario.max_overflow,
+        "clients": scenario.clients,
+        "duration_s": round(elapsed_s, 2),
+        "requests": len(samples),
+        "failures": len(failures),
+        "failure_reasons": dict(reasons.most_common(5)),
+        "throughput_rps": round(ok / elapsed_s, 1),
+        "latency_ms": _pcts([s.duration_ms for s in samples]),
+        "around_rotations_ms": _pcts(around) if around else None,
+        "rotations": ctx.rotations,
+        "marks": ctx.marks,
+        "detection_ms": app_events["detection_ms"],
+        "swap_ms": app_events["swap_ms"],
+        "drained_ms": app_events["drained_ms"],
+        "app_events": app_events["counts"],
+        "app_errors": app_events["errors"],
+        "sm_calls": calls,
+        "sm_describe_per_worker_hour_at_300s": (
+            round(describe / worker_hours * interval_ms / 1000 / DEFAULT_INTERVAL_S, 2)
+            if scenario.secrets_manager
+            else None
+        ),
+        "sm_get_per_worker_per_rotation": _round(gets_per_rotation, 2),
+        "backends": {
+            "max": max((n for _, n in backends), default=None),
+            "final": final_backends,
+            "limit": workers * scenario.pool_size,
+            "series": backends,
+        },
+        "writes": {"created": len(result.created_ids), "lost": lost_writes},
+        "timeline": _timeline(result, t0, elapsed_s),
+        "extra": dict(ctx.extra),
+    }
+    if scenario.path:
+        summary["extra"]["fraction_of_limit"] = round(summary["throughput_rps"] / CONCURRENCY_LIMIT_RPS, 3)
+        cpu_ms = ctx.extra.get("worker_cpu_ms_per_request")
+        if cpu_ms:
+            # What one worker could serve if the CPU, not the pool, were the only limit.
+            summary["extra"]["worker_cpu_ceiling_rps"] = round(workers * 1000 / cpu_ms)
+    if "up_at_s" in ctx.extra:
+        up = float(ctx.extra["up_at_s"])
+        ends = [s.started - t0 + s.duration_ms / 1000 for s in failures]
+        summary["extra"]["db_down_s"] = round(up - float(ctx.extra["down_at_s"]), 2)
+        summary["extra"]["recovery_s"] = round(max([0.0, *(e - up for e in ends)]), 2)
+        summary["extra"]["failures_after_up"] = sum(1 for e in ends if e > up)
+    return summary
+
+
+def _timeline(result: LoadResult, t0: float, elapsed_s: float) -> dict[str, list[Any]]:
+    """Per-second completed requests and p99 (by completion time), and failure times."""
+    bins: dict[int, list[float]] = {}
+    fails: list[float] = []
+    for s in result.samples:
+        end = s.started - t0 + s.duration_ms / 1000
+        bins.setdefault(int(end), []).append(s.duration_ms)
+        if _failed(s.status):
+            fails.append(round(end, 2))
+    seconds = list(range(int(elapsed_s)))  # whole seconds only: the last one is partial
+    return {
+        "t": seconds,
+        "rps": [len(bins.get(t, [])) for t in seconds],
+        "p99_ms": [_round(percentile(bins.get(t, []), 99)) for t in seconds],
+        "failures_t": fails,
+    }
+
+
+def _by_name(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in results}
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets next to the measured values (only for scenarios that ran)."""
+    by = _by_name(results)
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, measured: Any, ok: bool | None, note: str = "") -> None:
+        rows.append({"target": target, "measured": measured, "ok": ok, "note": note})
+
+    for name in ("rotate", "window-reconnect", "secrets-outage", "bad-secret"):
+        if name in by:
+            add(f"{name}: failed requests = 0", by[name]["failures"], by[name]["failures"] == 0)
+    lost = {r["name"]: r["writes"]["lost"] for r in results}
+    add("lost writes = 0 (every scenario)", sum(lost.values()), not any(lost.values()))
+    if "steady" in by and "static" in by and by["static"]["throughput_rps"]:
+        ratio = by["steady"]["throughput_rps"] / by["static"]["throughput_rps"]
+        add("steady / static throughput >= 0.97", round(ratio, 3), ratio >= 0.97)
+    steady_p99 = by.get("steady", {}).get("latency_ms", {}).get("p99")
+    for r in results:
+        around = r.get("around_rotations_ms")
+        if steady_p99 and around and around["p99"] is not None:
+            ratio = around["p99"] / steady_p99
+            add(f"{r['name']}: p99 ±5 s of rotations / steady p99 <= 1.5", round(ratio, 2), ratio <= 1.5)
+    worst = [r for r in results if r["backends"]["final"] is not None]
+    if worst:
+        over = [r["name"] for r in worst if r["backends"]["final"] > r["backends"]["limit"]]
+        shown = ", ".join(f"{r['name']} {r['backends']['final']}/{r['backends']['limit']}" for r in worst)
+        add("final backends <= workers x pool", shown, not over)
+    if "steady" in by and by["steady"]["sm_describe_per_worker_hour_at_300s"] is not None:
+        polls = by["steady"]["sm_describe_per_worker_hour_at_300s"]
+        per_rotation = by.get("rotate", {}).get("sm_get_per_worker_per_rotation") or 0.0
+        projected = polls + per_rotation * ROTATIONS_PER_HOUR
+        add("Secrets Manager calls per worker-hour at 300 s <= 13", round(projected, 2), projected <= 13)
+    if "concurrency" in by:
+        fraction = by["concurrency"]["extra"]["fraction_of_limit"]
+        add("concurrency >= 80 % of pool/latency (400 rps)", f"{fraction:.0%}", fraction >= 0.8)
+    if "db-restart" in by:
+        recovery = by["db-restart"]["extra"].get("recovery_s")
+        add(
+            "db-restart recovery <= 5 s after PostgreSQL accepts",
+            recovery,
+            recovery is not None and recovery <= 5,
+        )
+    return rows
+
+
+def build(meta: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole run as one JSON document."""
+    return {"meta": meta, "scenarios": results, "targets": targets(results)}
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}"
+    return str(x)
+
+
+def _median(values: list[float]) -> float | None:
+    return percentile(values, 50)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results and targets tables, with how and where they were measured."""
+    meta = doc["meta"]
+    m = meta["machine"]
+    lines = [
+        f"Command: `{meta['command']}` — {meta['started_at']}, {meta['wall_s']} s wall time.",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, load average at start "
+        f"{m['load_average_at_start']}; other work may have been running on this shared machine.",
+        f"App: {meta['workers']} gevent workers (unless stated), refresh interval "
+        f"{meta['refresh_interval_ms']} ms, grace {meta['grace_ms']} ms, JSON logs.",
+        "",
+        "| scenario | requests | ok rps | failed | p50 / p95 / p99 ms | p99 ±5 s of rotations | "
+        "detection median s (n) | swap ms max | drain ms max | SM calls | Describe /worker-h @300 s | "
+        "backends max / final (limit) | writes lost |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|---|---:|---|---:|",
+    ]
+    for r in doc["scenarios"]:
+        lat = r["latency_ms"]
+        around = r["around_rotations_ms"]
+        detection = ", ".join(
+            f"{k} {_fmt((_median(v) or 0) / 1000)} ({len(v)})" for k, v in sorted(r["detection_ms"].items())
+        )
+        calls = ", ".join(
+            f"{k.replace('Secret', '').replace('Value', '')} {v}" for k, v in sorted(r["sm_calls"].items())
+        )
+        b = r["backends"]
+        lines.append(
+            f"| {r['name']} | {r['requests']} | {_fmt(r['throughput_rps'])} | {r['failures']} | "
+            f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])} | "
+            f"{_fmt(around['p99']) if around else '–'} | {detection or '–'} | "
+            f"{_fmt(max(r['swap_ms'], default=None))} | {_fmt(max(r['drained_ms'], default=None))} | "
+            f"{calls or '–'} | {_fmt(r['sm_describe_per_worker_hour_at_300s'])} | "
+            f"{_fmt(b['max'])} / {_fmt(b['final'])} ({b['limit']}) | "
+            f"{r['writes']['lost']} of {r['writes']['created']} |"
+        )
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for t in doc["targets"]:
+        verdict = "yes" if t["ok"] else "**NO**"
+        lines.append(f"| {t['target']} | {t['measured']} | {verdict} |")
+    notes = []
+    for r in doc["scenarios"]:
+        extra = {k: v for k, v in r["extra"].items() if k not in {"down_at_s", "up_at_s"}}
+        if extra:
+            notes.append(f"- {r['name']}: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
+        if r["failure_reasons"]:
+            shown = "; ".join(f"{n}× `{k}`" for k, n in r["failure_reasons"].items())
+            notes.append(f"- {r['name']} failures: {shown}")
+        if r["app_errors"]:
+            notes.append(
+                f"- {r['name']}: {len(r['app_errors'])} unexpected error line(s) in the app log (see JSON)"
+            )
+        if r["app_events"]:
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(r["app_events"].items()))
+            notes.append(f"- {r['name']} app log: {shown}")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write(doc: dict[str, Any], out: Path, plot_path: Path) -> None:
+    """latest.md, latest.json and the PNG."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.md").write_text(markdown(doc))
+    (out / "latest.json").write_text(json.dumps(doc, indent=1))
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot(doc, plot_path)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Throughput and p99 per second for each scenario; rotation steps, events, failures."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on CI or servers
+    import matplotlib.pyplot as plt
+
+    results = doc["scenarios"]
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 2.6 * len(results)), squeeze=False)
+    for ax, r in zip(axes[:, 0], results, strict=True):
+        tl = r["timeline"]
+        failed = Counter(int(t) for t in tl["failures_t"])
+        ok_rps = [n - failed.get(t, 0) for t, n in zip(tl["t"], tl["rps"], strict=True)]
+        ax.plot(tl["t"], ok_rps, color="tab:blue", lw=1.2, label="successful requests/s")
+        ax.set_ylabel("ok req/s", color="tab:blue")
+        ax.set_ylim(bottom=0)
+        ax2 = ax.twinx()
+        ax2.plot(
+            tl["t"], [v if v is not None else float("nan") for v in tl["p99_ms"]], color="tab:orange", lw=1
+        )
+        ax2.set_ylabel("p99 ms", color="tab:orange")
+        ax2.set_ylim(bottom=0)
+        for mark in r["marks"]:
+            color = "tab:green" if mark["kind"] == "rotation" else "tab:purple"
+            ax.axvline(mark["t"], color=color, lw=0.8, ls="--", alpha=0.8)
+            if mark["kind"] != "rotation" or mark["label"].endswith("pending"):
+                label = mark["label"].split()[0] if mark["kind"] == "rotation" else mark["label"]
+                ax.annotate(
+                    label,
+                    (mark["t"], 1),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=6,
+                    rotation=90,
+                    va="top",
+                    ha="right",
+                    color=color,
+                )
+        if tl["failures_t"]:
+            ax.plot(
+                tl["failures_t"], [0] * len(tl["failures_t"]), "x", color="red", ms=6, label="failed request"
+            )
+        ax.set_title(
+            f"{r['name']}: {r['requests']} requests, {r['failures']} failed, p99 {r['latency_ms']['p99']} ms",
+            fontsize=10,
+            loc="left",
+        )
+        ax.set_xlim(0, max(tl["t"], default=1) + 1)
+    axes[-1, 0].set_xlabel(
+        "seconds since the load started (green: rotation steps, purple: other events, red x: failed requests)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,330 @@
+"""`make bench`: the rotation benchmark. `python -m bench.rotation_bench --help`.
+
+For each scenario: a fresh database and role, a fresh gunicorn (the project's own
+gunicorn.conf.py, JSON logs), N client threads against the messaging API, the
+scenario's action, then the measurements (see bench/report.py for what is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench import measure, report
+from bench.scenarios import SCENARIOS, SMOKE, Context, Scenario
+from bench.stack import BackendSampler, BenchStack
+from commng.devstack import free_port
+from commng.devstack.processes import ROOT, GunicornServer, LoadGenerator, LoadResult, Sample
+
+DEFAULT_WORKERS = 2
+DEFAULT_INTERVAL_MS = 2000
+GRACE_MS = 3000
+SMOKE_GRACE_MS = 1000
+# Environment the bench must not inherit: it decides the app's credentials and endpoint.
+_SCRUBBED = (
+    "DB_SECRET_ID",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "ADMIN_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "GUNICORN_CMD_ARGS",
+)
+
+
+def gunicorn_env(
+    stack: BenchStack, scenario: Scenario, ctx: Context, workers: int, interval_ms: int, workdir: Path
+) -> dict[str, str]:
+    """The app's environment for one scenario (only loopback endpoints)."""
+    prometheus = workdir / "prometheus"
+    prometheus.mkdir(exist_ok=True)
+    env = {
+        **stack.postgres_env(ctx.db.name),
+        "POSTGRES_POOL_SIZE": str(scenario.pool_size),
+        "POSTGRES_MAX_OVERFLOW": str(scenario.max_overflow),
+        "DB_SECRET_REFRESH_INTERVAL_MS": str(interval_ms),
+        "DB_POOL_GRACE_PERIOD_MS": str(SMOKE_GRACE_MS if ctx.smoke else GRACE_MS),
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "PROMETHEUS_MULTIPROC_DIR": str(prometheus),
+        "COMMNG_BENCH_ROUTES": "true" if scenario.path else "false",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": stack.moto.endpoint,
+    }
+    if ctx.secret_arn:
+        env["DB_SECRET_ID"] = ctx.secret_arn
+    else:
+        env.update(POSTGRES_USER=ctx.db.role, POSTGRES_PASSWORD=ctx.db.password)
+    return env
+
+
+@dataclass
+class Launched:
+    """A scenario's gunicorn, booted and warmed up, with its database, secret and counters."""
+
+    scenario: Scenario
+    workers: int
+    ctx: Context
+    server: GunicornServer
+    channels: list[int]
+    warmup_ids: list[int]
+    pids: list[int]
+    cpu_before: float = 0.0
+    sampler: BackendSampler | None = None
+
+    def begin(self, t0: float) -> None:
+        """The measurement starts now: CPU baseline, backend sampling."""
+        self.ctx.t0 = t0
+        self.cpu_before = measure.process_cpu_s(self.pids)
+        self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.role, t0)
+        self.sampler.start()
+
+    def load(self, max_s: float) -> LoadGenerator:
+        s = self.scenario
+        return LoadGenerator(self.server.url, self.channels, s.clients, max_s=max_s, path=s.path)
+
+
+def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool) -> Launched:
+    """A fresh database, role, secret and gunicorn; the caller stops the server."""
+    db = stack.new_database(scenario.name)
+    arn = stack.create_secret(scenario.name, db) if scenario.secrets_manager else None
+    ctx = Context(stack, db, arn, t0=0.0, smoke=smoke)
+    workdir = stack.workdir_for(scenario.name)
+    env = gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir)
+    server = GunicornServer(env, free_port(), workers, workdir / "gunicorn.log")
+    print(f"[{scenario.name}] {scenario.description}: {scenario.clients} clients", flush=True)
+    server.start(timeout_s=90)
+    _wait_for_workers(server, workers, scenario.secrets_manager)
+    channels = [] if scenario.path else _create_channels(server.url)
+    warmup = _warm_up(server.url, channels, scenario, 0.5 if smoke else 3.0)
+    return Launched(scenario, workers, ctx, server, channels, warmup, measure.worker_pids(server.output()))
+
+
+def finish(
+    run: Launched,
+    result: LoadResult,
+    elapsed_s: float,
+    calls: dict[str, int],
+    bench_cpu_s: float,
+    interval_ms: int,
+    wall_s: float | None = None,
+) -> dict[str, Any]:
+    """Backends after the grace period (the caller waited), lost writes, logs: the summary."""
+    assert run.sampler is not None
+    worker_cpu_s = measure.process_cpu_s(run.pids) - run.cpu_before
+    final_backends = run.sampler.count_now()
+    run.sampler.stop()
+    lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
+    run.server.stop()
+    made = max(1, len(result.samples))
+    run.ctx.extra["worker_cpu_ms_per_request"] = round(worker_cpu_s * 1000 / made, 2)
+    run.ctx.extra["bench_cpu_ms_per_request"] = round(bench_cpu_s * 1000 / made, 2)
+    return report.summarize(
+        scenario=run.scenario,
+        workers=run.workers,
+        interval_ms=interval_ms,
+        elapsed_s=elapsed_s,
+        sm_elapsed_s=wall_s or elapsed_s,
+        result=result,
+        ctx=run.ctx,
+        calls=calls,
+        backends=run.sampler.series,
+        final_backends=final_backends,
+        lost_writes=lost,
+        app_events=measure.app_log_events(run.server.output()),
+    )
+
+
+def _settle(smoke: bool) -> None:
+    """Wait out the grace period: old pools are closed by then."""
+    time.sleep((SMOKE_GRACE_MS if smoke else GRACE_MS) / 1000 + 1.0)
+
+
+def run_scenario(
+    stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool
+) -> dict[str, Any]:
+    """Load one gunicorn for the scenario's duration while its action runs."""
+    duration_s = scenario.smoke_duration_s if smoke else scenario.duration_s
+    run = launch(stack, scenario, workers, interval_ms, smoke)
+    try:
+        load = run.load(duration_s + 60)
+        stack.moto.take_calls()  # start-up fetches are not part of the measurement
+        bench_before = measure.self_cpu_s()
+        run.begin(time.monotonic())
+        load.start()
+        try:
+            if scenario.action is not None:
+                scenario.action(run.ctx)
+            run.ctx.sleep_until(duration_s)
+        finally:
+            result = load.stop()
+        elapsed = time.monotonic() - run.ctx.t0
+        bench_cpu = measure.self_cpu_s() - bench_before
+        calls = stack.moto.take_calls()
+        _settle(smoke)
+        return finish(run, result, elapsed, calls, bench_cpu, interval_ms)
+    finally:
+        run.server.stop()
+
+
+def run_pair(
+    stack: BenchStack, a: Scenario, b: Scenario, workers: int, interval_ms: int, slice_s: float = 2.0
+) -> list[dict[str, Any]]:
+    """``a`` and ``b`` both running, the load switched between them every ``slice_s``.
+
+    On a shared machine a burst of other work lands on both alike, so the throughput
+    ratio compares like with like. Each one's timeline has only its own slices.
+    """
+    runs = [launch(stack, a, workers, interval_ms, False), launch(stack, b, workers, interval_ms, False)]
+    try:
+        results = [LoadResult(), LoadResult()]
+        on_s = [0.0, 0.0]
+        cpu = [0.0, 0.0]
+        stack.moto.take_calls()
+        t0 = time.monotonic()
+        for run in runs:
+            run.begin(t0)
+        for k in range(2 * int(a.duration_s / slice_s)):
+            i = k % 2
+            load = runs[i].load(slice_s + 60)
+            started, bench_before = time.monotonic(), measure.self_cpu_s()
+            load.start()
+            time.sleep(slice_s)
+            part = load.stop()
+            shift = t0 + on_s[i] - started  # lay this scenario's slices end to end
+            results[i].samples += [
+                Sample(s.started + shift, s.duration_ms, s.status, s.error) for s in part.samples
+            ]
+            results[i].created_ids += part.created_ids
+            on_s[i] += time.monotonic() - started
+            cpu[i] += measure.self_cpu_s() - bench_before
+        wall = time.monotonic() - t0
+        calls = stack.moto.take_calls()  # only the watched one asks Secrets Manager
+        _settle(False)
+        return [
+            finish(
+                run,
+                results[i],
+                on_s[i],
+                calls if run.scenario.secrets_manager else {},
+                cpu[i],
+                interval_ms,
+                wall,
+            )
+            for i, run in enumerate(runs)
+        ]
+    finally:
+        for run in runs:
+            run.server.stop()
+
+
+def _wait_for_workers(server: GunicornServer, workers: int, watched: bool, timeout_s: float = 60.0) -> None:
+    """Until every worker has booted (its start-up fetch must not count as load-time calls)."""
+    needle = '"auto_refresh_started"' if watched else '"secret_watcher_disabled"'
+    deadline = time.monotonic() + timeout_s
+    while server.output().count(needle) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"not every gunicorn worker booted within {timeout_s:.0f} s: see {server.logfile}"
+            )
+        time.sleep(0.2)
+
+
+def _warm_up(url: str, channels: list[int], scenario: Scenario, seconds: float) -> list[int]:
+    """Load not measured (first connections, first imports); returns the ids it created."""
+    load = LoadGenerator(url, channels, scenario.clients, max_s=seconds, path=scenario.path)
+    load.start()
+    time.sleep(seconds)
+    return load.stop().created_ids
+
+
+def _create_channels(url: str) -> list[int]:
+    with requests.Session() as session:
+        return [
+            int(session.post(f"{url}/api/channels", json={"name": f"bench-{i}"}, timeout=10).json()["id"])
+            for i in range(3)
+        ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.rotation_bench", description=__doc__)
+    parser.add_argument(
+        "--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default all"
+    )
+    parser.add_argument("--smoke", action="store_true", help=f"short run of {', '.join(SMOKE)} (< 60 s)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument(
+        "--interval-ms", type=int, default=DEFAULT_INTERVAL_MS, help="DB_SECRET_REFRESH_INTERVAL_MS"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default bench/results; smoke: a temp dir)"
+    )
+    parser.add_argument(
+        "--plot", type=Path, help="PNG path (default docs/bench-rotation.png; smoke: OUT/latest.png)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (gunicorn logs)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    names = args.scenario or list(SMOKE if args.smoke else SCENARIOS)
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "commng-bench-smoke" if args.smoke else ROOT / "bench" / "results"
+    )
+    plot = args.plot or (out / "latest.png" if args.smoke else ROOT / "docs" / "bench-rotation.png")
+    for name in _SCRUBBED:
+        os.environ.pop(name, None)
+    command = " ".join(["python -m bench.rotation_bench", *(sys.argv[1:] if argv is None else argv)])
+    started = time.monotonic()
+    meta = {
+        "command": command.strip(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": measure.machine(),
+        "workers": args.workers,
+        "refresh_interval_ms": args.interval_ms,
+        "grace_ms": SMOKE_GRACE_MS if args.smoke else GRACE_MS,
+        "smoke": args.smoke,
+    }
+    results: list[dict[str, Any]] = []
+    stack = BenchStack(keep=args.keep)
+    try:
+        stack.open()
+        paired = not args.smoke and {"steady", "static"} <= set(names)
+        done: dict[str, dict[str, Any]] = {}
+        for name in names:
+            if name in done:
+                continue
+            scenario = SCENARIOS[name]
+            if paired and name in {"steady", "static"}:
+                pair = run_pair(
+                    stack, SCENARIOS["steady"], SCENARIOS["static"], args.workers, args.interval_ms
+                )
+                done.update(steady=pair[0], static=pair[1])
+            else:
+                workers = scenario.workers or args.workers
+                done[name] = run_scenario(stack, scenario, workers, args.interval_ms, args.smoke)
+        results = [done[name] for name in names]
+    finally:
+        stack.close()
+    meta["wall_s"] = round(time.monotonic() - started, 1)
+    doc = report.build(meta, results)
+    report.write(doc, out, plot)
+    print(report.markdown(doc), flush=True)
+    print(f"written: {out / 'latest.md'}, {out / 'latest.json'}, {plot}", flush=True)
+    missed = [t for t in doc["targets"] if t["ok"] is False]
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

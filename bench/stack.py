@@ -1,0 +1,180 @@
+"""The bench's local stack: one PostgreSQL, one moto, and a database and role per scenario.
+
+Everything listens on 127.0.0.1 only and lives under one temporary directory that
+``BenchStack.close()`` removes (``--keep`` keeps it, with the gunicorn logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psycopg2 import sql
+
+from bench.moto import CountingMotoServer, bench_client
+from commng.devstack import PostgresCluster, free_port, new_password
+from commng.devstack.processes import ROOT
+
+__all__ = ["AppDatabase", "BackendSampler", "BenchStack"]
+
+OWNER_ROLE = "bench_owner"
+TEMPLATE_DB = "bench_template"
+
+
+@dataclass
+class AppDatabase:
+    """One scenario's database, and the login role the app uses for it."""
+
+    name: str
+    role: str
+    password: str
+
+
+class BenchStack:
+    """PostgreSQL (scram auth) and moto for the whole run; ``close()`` stops and removes all."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="commng-bench-"))
+        self.workdir.chmod(0o711)  # as root, PostgreSQL runs as `postgres` and must reach pg/
+        self.keep = keep
+        self.cluster = PostgresCluster(self.workdir / "pg" / "data", free_port(), new_password())
+        self.moto = CountingMotoServer(free_port())
+        self.client: Any = None
+        self._owner_password = new_password()
+        self._databases = 0
+
+    def open(self) -> BenchStack:
+        """initdb, start both servers, and migrate a template database once."""
+        self.cluster.init()
+        self.cluster.start()
+        self.moto.start()
+        self.client = bench_client(self.moto.endpoint)
+        self.cluster.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(OWNER_ROLE), sql.Literal(self._owner_password)
+            )
+        )
+        self.cluster.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(TEMPLATE_DB), sql.Identifier(OWNER_ROLE)
+            )
+        )
+        env = {
+            **os.environ,
+            **self.postgres_env(TEMPLATE_DB),
+            "POSTGRES_USER": OWNER_ROLE,
+            "POSTGRES_PASSWORD": self._owner_password,
+            "LOG_LEVEL": "WARNING",
+        }
+        env.pop("DB_SECRET_ID", None)
+        flask = str(Path(sys.executable).parent / "flask")
+        subprocess.run(
+            [flask, "--app", "wsgi", "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True
+        )
+        return self
+
+    def close(self) -> None:
+        """Stop moto and PostgreSQL; remove the work directory unless asked to keep it."""
+        self.moto.stop()
+        try:
+            self.cluster.stop("immediate")
+        finally:
+            if self.keep:
+                print(f"bench work directory kept: {self.workdir}", flush=True)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def postgres_env(self, dbname: str) -> dict[str, str]:
+        """Where the app finds PostgreSQL (the login comes from the secret or POSTGRES_USER)."""
+        return {
+            "POSTGRES_HOST": "127.0.0.1",
+            "POSTGRES_PORT": str(self.cluster.port),
+            "POSTGRES_DB": dbname,
+            "POSTGRES_SSL": "false",
+        }
+
+    def new_database(self, scenario: str) -> AppDatabase:
+        """A database cloned from the migrated template and a fresh role that may use it."""
+        self._databases += 1
+        slug = f"{scenario.replace('-', '_')}_{self._databases}"
+        db = AppDatabase(f"bench_{slug}", f"app_{slug}", new_password())
+        self.cluster.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(db.role), sql.Literal(db.password)
+            )
+        )
+        self.cluster.execute(
+            sql.SQL("GRANT {} TO {}").format(sql.Identifier(OWNER_ROLE), sql.Identifier(db.role))
+        )
+        self.cluster.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+                sql.Identifier(db.name), sql.Identifier(TEMPLATE_DB), sql.Identifier(db.role)
+            )
+        )
+        return db
+
+    def create_secret(self, scenario: str, db: AppDatabase) -> str:
+        """An RDS-style secret ({"username", "password"}) for ``db``; returns its ARN."""
+        value = json.dumps({"username": db.role, "password": db.password})
+        arn: str = self.client.create_secret(Name=f"bench/{db.name}", SecretString=value)["ARN"]
+        return arn
+
+    def missing_ids(self, db: AppDatabase, ids: list[int]) -> int:
+        """How many of ``ids`` have no row in ``messages`` (writes lost)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return 0
+        rows = self.cluster.execute(
+            "SELECT count(*) FROM messages WHERE id = ANY(%s)", (wanted,), dbname=db.name
+        )
+        return len(wanted) - int(rows[0][0])
+
+    def workdir_for(self, scenario: str) -> Path:
+        path = self.workdir / scenario
+        path.mkdir(exist_ok=True)
+        return path
+
+
+@dataclass
+class BackendSampler:
+    """Counts the app role's backends in pg_stat_activity every ``period_s`` (a thread)."""
+
+    cluster: PostgresCluster
+    role: str
+    t0: float
+    period_s: float = 0.5
+    series: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bench-backends", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def count_now(self) -> int | None:
+        """One count now, or None while PostgreSQL does not answer."""
+        try:
+            return self.cluster.backend_count(self.role)
+        except Exception:  # the db-restart scenario stops the server under us
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            count = self.count_now()
+            if count is not None:
+                self.series.append((round(time.monotonic() - self.t0, 2), count))
+            self._stop.wait(self.period_s)

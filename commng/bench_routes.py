@@ -1,0 +1,36 @@
+"""Routes for the benchmark only (``COMMNG_BENCH_ROUTES=true``); never registered otherwise.
+
+``GET /bench/sleep`` holds one pooled connection for 50 ms inside PostgreSQL. With one
+gevent worker and a pool of 20, the ceiling is 20 / 0.05 s = 400 requests per second,
+reachable only if psycogreen lets the worker wait on many connections at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Blueprint, Flask
+
+from commng.models import db
+from config import Settings
+
+__all__ = ["SLEEP_S", "bp", "init_app"]
+
+SLEEP_S = 0.05
+
+bp = Blueprint("bench", __name__, url_prefix="/bench")
+
+
+@bp.get("/sleep")
+def sleep() -> Any:
+    """Run ``SELECT pg_sleep(0.05)`` on a pooled connection and answer."""
+    db.session.execute(sa.text("SELECT pg_sleep(:s)"), {"s": SLEEP_S})
+    return {"slept_ms": int(SLEEP_S * 1000)}
+
+
+def init_app(app: Flask) -> None:
+    """Register the bench routes when the settings enable them (never by default)."""
+    settings: Settings = app.config["COMMNG_SETTINGS"]
+    if settings.bench_routes:
+        app.register_blueprint(bp)
