@@ -273,12 +273,12 @@ def _chromium() -> str:
 def test_the_page_in_a_real_browser_shows_the_rotation(
     database: Database, moto_endpoint: str, workdir: Path, tmp_path: Path
 ) -> None:
+    executable = _chromium()
     from playwright.sync_api import sync_playwright
 
     from tests.test_history import TOKEN as STACK_TOKEN
     from tests.test_history import rotated_stack
 
-    executable = _chromium()
     with rotated_stack(database, moto_endpoint, workdir) as stack, sync_playwright() as pw:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=args)

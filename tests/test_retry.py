@@ -78,3 +78,21 @@ def test_insert_flushed_inside_commit_is_retried_when_commit_was_never_sent(
     assert len(calls) == 2
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
+
+
+def test_backend_killed_after_the_view_returned_does_not_turn_into_a_500(
+    app: Flask, database: Database, client: Any
+) -> None:
+    """A read leaves its transaction open until teardown; the ROLLBACK there meets a dead socket."""
+
+    @app.get("/test/read-then-lose-backend")
+    def read_then_lose_backend() -> dict[str, int]:
+        pid = int(db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar() or 0)
+        _kill_backend_of(database, pid)
+        return {"pid": pid}
+
+    response = client.get("/test/read-then-lose-backend")
+    assert response.status_code == 200, response.data
+    assert client.get("/api/channels").status_code == 200  # the pool is usable afterwards
+    with app.app_context():
+        assert db.engine.pool.checkedout() == 0  # the dead connection was not leaked

@@ -76,6 +76,12 @@ class GunicornServer:
         """Everything gunicorn and its workers wrote so far."""
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
+    def problems(self, limit: int = 20) -> list[str]:
+        """The last ``limit`` log lines at error level or carrying a traceback, for failure messages."""
+        marks = ('"level": "error"', '"level": "critical"', "Traceback", "[ERROR]", "Error")
+        lines = [line for line in self.output().splitlines() if any(m in line for m in marks)]
+        return lines[-limit:]
+
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:
     """The status of GET ``url``, or None when nothing answered."""
