@@ -14,7 +14,6 @@ multiprocess mode (shared/NOTES.md). No label ever holds a value read from a sec
 
 from __future__ import annotations
 
-import hmac
 import os
 import re
 import threading
@@ -36,6 +35,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from commng.admin.auth import api_auth
 from commng.engines import ManagedEngine
 from commng.errors import error_response
 from commng.events import RotationEvent
@@ -133,25 +133,22 @@ def render() -> bytes:
 
 @bp.get("/metrics")
 def metrics() -> Any:
-    """Prometheus text format; token-protected when METRICS_PUBLIC is false."""
+    """Prometheus text format; behind the admin Bearer token when METRICS_PUBLIC is false."""
     settings: Settings = current_app.config["COMMNG_SETTINGS"]
-    if not settings.metrics_public:
-        denied = _deny(settings.admin_token)
-        if denied is not None:
-            return denied
+    if settings.metrics_public:
+        return _exposition()
+    if settings.admin_token is None:  # no token configured: nobody may read private metrics
+        return error_response(404, "not_found", "metrics are not public and ADMIN_TOKEN is not set")
+    return _private_exposition()
+
+
+def _exposition() -> Response:
     return Response(render(), mimetype=CONTENT_TYPE_LATEST)
 
 
-def _deny(token: str | None) -> Any:
-    """None when the request carries ``Authorization: Bearer <ADMIN_TOKEN>``, else the answer."""
-    if token is None:  # no token configured: nobody may read private metrics
-        return error_response(404, "not_found", "metrics are not public and ADMIN_TOKEN is not set")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
-        return None
-    response = error_response(401, "unauthorized", "send Authorization: Bearer <ADMIN_TOKEN>")
-    response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
-    return response
+@api_auth
+def _private_exposition() -> Response:
+    return _exposition()
 
 
 # -- requests ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ message names the variable and the accepted form, and never repeats a secret.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -114,6 +115,20 @@ def _secret(name: str, raw: str) -> str:
     return raw
 
 
+# RFC 6750 b64token: what an ``Authorization: Bearer`` header can carry unambiguously.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+_MIN_TOKEN_LENGTH = 16
+
+
+def _bearer_token(name: str, raw: str) -> str:
+    if len(raw) < _MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(raw):
+        raise ConfigError(
+            f"{name} must be at least {_MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
+            "(optionally ending in =), e.g. the output of `openssl rand -hex 32`"
+        )
+    return raw
+
+
 def _read(env: Mapping[str, str], name: str, coerce: Callable[[str, str], T], default: T) -> T:
     raw = env.get(name)
     if raw is None or (raw == "" and name not in _SECRET_VARIABLES):
@@ -146,7 +161,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         postgres_pool_timeout_s=_read(
             e, "POSTGRES_POOL_TIMEOUT_S", _int_at_least(1, " number of seconds"), 10
         ),
-        admin_token=_read(e, "ADMIN_TOKEN", _secret, None),
+        admin_token=_read(e, "ADMIN_TOKEN", _bearer_token, None),
         rotation_history_retention_days=_read(
             e, "ROTATION_HISTORY_RETENTION_DAYS", _int_at_least(1, " number of days"), 90
         ),

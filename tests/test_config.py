@@ -82,5 +82,14 @@ def test_empty_password_is_rejected_without_echo() -> None:
 
 
 def test_settings_repr_never_shows_secrets() -> None:
-    s = load_settings({**BASE, "ADMIN_TOKEN": "tok#?%&=+en"})
-    assert "pw#?%&=+" not in repr(s) and "tok#?%&=+en" not in repr(s)
+    s = load_settings({**BASE, "ADMIN_TOKEN": "tok-0123456789+/=="})
+    assert "pw#?%&=+" not in repr(s) and "tok-0123456789+/==" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    "token", ["short-token", "tok#?%&=+en-0123456789", "has space 0123456789", "a=b0123456789abcdef"]
+)
+def test_admin_token_that_a_bearer_header_cannot_carry_is_rejected_without_echo(token: str) -> None:
+    with pytest.raises(ConfigError, match="^ADMIN_TOKEN must be at least 16 characters") as caught:
+        load_settings({**BASE, "ADMIN_TOKEN": token})
+    assert token not in str(caught.value)
