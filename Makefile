@@ -12,7 +12,7 @@ help:
 	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
 	@echo "make rotate   rotate the running local stack's database password"
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
-	@echo "make bench    rotation benchmark under load (bench/README in the main README)"
+	@echo "make bench    rotation benchmark under load (see "Performance" in README.md)"
 
 venv: $(STAMP)
 

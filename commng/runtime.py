@@ -84,9 +84,10 @@ class Runtime:
         }
 
     def start(self) -> None:
-        """Start the watcher loop, if there is anything to watch."""
+        """Start the watcher loop, if there is anything to watch; then say this worker is ready."""
         if self.watcher is not None:
             self.watcher.start()
+        log.info("worker_ready", watcher=self.watcher is not None)
 
     def stop(self) -> None:
         """Stop the watcher, cancel drains and dispose every engine."""

@@ -113,6 +113,38 @@ class Database:
         """Backends the app role holds open right now."""
         return self.cluster.backend_count(self.role)
 
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a server process: this database, env credentials, JSON logs."""
+        return {
+            "POSTGRES_HOST": "127.0.0.1",
+            "POSTGRES_PORT": str(self.cluster.port),
+            "POSTGRES_DB": self.name,
+            "POSTGRES_USER": self.role,
+            "POSTGRES_PASSWORD": self.password,
+            "POSTGRES_SSL": "false",
+            "LOG_FORMAT": "json",
+            **extra,
+        }
+
+    def watched_env(self, moto_endpoint: str, workdir: Path, **extra: str) -> tuple[Any, str, dict[str, str]]:
+        """A moto secret holding this login, and the environment of a gunicorn that watches it.
+
+        Returns (boto3 client, secret ARN, env). The env has no POSTGRES_USER/PASSWORD: the
+        secret is the only source of the login, a 1 s refresh interval and a metrics dir.
+        """
+        client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+        arn = client.create_secret(Name=f"e2e/{self.name}", SecretString=self.secret_string())["ARN"]
+        (workdir / "prometheus").mkdir()
+        env = self.env(
+            DB_SECRET_ID=arn,
+            AWS_ENDPOINT_URL_SECRETS_MANAGER=moto_endpoint,
+            DB_SECRET_REFRESH_INTERVAL_MS="1000",
+            PROMETHEUS_MULTIPROC_DIR=str(workdir / "prometheus"),
+            **extra,
+        )
+        del env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+        return client, arn, env
+
 
 @pytest.fixture
 def database(pg: PostgresCluster) -> Iterator[Database]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
 import requests
 
@@ -40,22 +38,9 @@ def _adopted(server: GunicornServer, version: str) -> set[int]:
 def test_three_rotations_under_load_fail_no_request(
     database: Database, moto_endpoint: str, workdir: Path
 ) -> None:
-    client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
-    arn = client.create_secret(Name=f"e2e/{database.name}", SecretString=database.secret_string())["ARN"]
-    (workdir / "prometheus").mkdir()
-    env = {
-        "DB_SECRET_ID": arn,
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_endpoint,
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(database.cluster.port),
-        "POSTGRES_DB": database.name,
-        "POSTGRES_SSL": "false",
-        "POSTGRES_POOL_SIZE": str(POOL_SIZE),
-        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
-        "DB_POOL_GRACE_PERIOD_MS": "2000",
-        "LOG_FORMAT": "json",
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
-    }
+    client, arn, env = database.watched_env(
+        moto_endpoint, workdir, POSTGRES_POOL_SIZE=str(POOL_SIZE), DB_POOL_GRACE_PERIOD_MS="2000"
+    )
     server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log")
     passwords = [database.password]
     server.start()

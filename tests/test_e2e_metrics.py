@@ -16,7 +16,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,24 +80,9 @@ def _alive(pid: int) -> bool:
 def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
     database: Database, moto_endpoint: str, workdir: Path
 ) -> None:
-    client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
-    arn = client.create_secret(Name=f"e2e-metrics/{database.name}", SecretString=database.secret_string())[
-        "ARN"
-    ]
-    (workdir / "prometheus").mkdir()
-    env = {
-        "DB_SECRET_ID": arn,
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_endpoint,
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(database.cluster.port),
-        "POSTGRES_DB": database.name,
-        "POSTGRES_SSL": "false",
-        "POSTGRES_POOL_SIZE": str(POOL_SIZE),
-        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
-        "DB_POOL_GRACE_PERIOD_MS": "1000",
-        "LOG_FORMAT": "json",
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
-    }
+    client, arn, env = database.watched_env(
+        moto_endpoint, workdir, POSTGRES_POOL_SIZE=str(POOL_SIZE), DB_POOL_GRACE_PERIOD_MS="1000"
+    )
     server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log")
     passwords = [database.password]
     scrapes: list[str] = []

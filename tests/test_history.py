@@ -234,31 +234,17 @@ class RotatedStack:
 @contextmanager
 def rotated_stack(database: Database, moto_endpoint: str, workdir: Path) -> Iterator[RotatedStack]:
     """Start the stack, rotate once, wait until both rotated rows hold drained_ms; stop after."""
-    import boto3
-
-    client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
-    arn = client.create_secret(Name=f"e2e/{database.name}", SecretString=database.secret_string())["ARN"]
-    (workdir / "prometheus").mkdir()
-    env = {
-        "DB_SECRET_ID": arn,
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_endpoint,
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(database.cluster.port),
-        "POSTGRES_DB": database.name,
-        "POSTGRES_SSL": "false",
-        "POSTGRES_POOL_SIZE": "3",
-        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
-        "DB_POOL_GRACE_PERIOD_MS": "1000",
-        "ADMIN_TOKEN": TOKEN,
-        "LOG_FORMAT": "json",
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
-    }
+    client, arn, env = database.watched_env(
+        moto_endpoint,
+        workdir,
+        POSTGRES_POOL_SIZE="3",
+        DB_POOL_GRACE_PERIOD_MS="1000",
+        ADMIN_TOKEN=TOKEN,
+    )
     server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
     new = new_password()
     server.start()
     try:
-        # /readyz answers as soon as one worker serves: rotate only once both watch the secret.
-        wait_for(lambda: len(_log_pids(server, '"auto_refresh_started"')) == 2, timeout_s=20)
         version = rotate_secret(client, arn, database.cluster, database.role, new)
         wait_for(lambda: len(_refreshed_workers(server, version)) == 2, timeout_s=20)
 

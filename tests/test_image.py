@@ -90,19 +90,13 @@ def test_the_image_command_serves_from_requirements_txt_alone(database: Database
     metrics_dir.mkdir()
     (metrics_dir / "stale.db").write_text("left by a previous run")
     port = free_port()
-    env = {
-        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
-        "PYTHONUNBUFFERED": "1",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "PORT": str(port),
-        "WEB_CONCURRENCY": "1",
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(database.cluster.port),
-        "POSTGRES_DB": database.name,
-        "POSTGRES_USER": database.role,
-        "POSTGRES_PASSWORD": database.password,
-        "POSTGRES_SSL": "false",
-    }
+    env = database.env(
+        PATH=f"{venv / 'bin'}:{os.environ['PATH']}",
+        PYTHONUNBUFFERED="1",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        PORT=str(port),
+        WEB_CONCURRENCY="1",
+    )
     log = (app_dir / "out.log").open("wb")
     proc = subprocess.Popen(
         ["sh", entrypoint, *cmd], cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT

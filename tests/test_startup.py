@@ -22,17 +22,7 @@ BIN = Path(sys.executable).parent
 
 
 def _env(database: Database, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(database.cluster.port),
-        "POSTGRES_DB": database.name,
-        "POSTGRES_USER": database.role,
-        "POSTGRES_PASSWORD": database.password,
-        "POSTGRES_SSL": "false",
-        "LOG_FORMAT": "json",
-        **extra,
-    }
+    return {**os.environ, **database.env(**extra)}
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -38,8 +38,13 @@ class GunicornServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Start gunicorn and wait until /readyz answers 200 (bounded)."""
+        """Start gunicorn; wait (bounded) until every worker logged worker_ready and /readyz is 200.
+
+        /readyz alone is not enough: the first worker can answer while the others still
+        boot, and a worker that boots after a rotation never logs that rotation.
+        """
         self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
+        offset = self._log.tell()  # a restart appends to the same file: count only this run
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
         self.process = subprocess.Popen(
             [gunicorn, "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -52,7 +57,8 @@ class GunicornServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}: see {self.logfile}")
-            if http_status(f"{self.url}/readyz") == 200:
+            ready = self.logfile.read_bytes()[offset:].count(b"worker_ready")
+            if ready >= self.workers and http_status(f"{self.url}/readyz") == 200:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn not ready within {timeout_s} s: see {self.logfile}")
