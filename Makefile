@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help run rotate test pytest lint typecheck lint-infra postgres venv bench bench-smoke clean
+.PHONY: help run rotate test pytest lint typecheck lint-infra postgres test-packages venv bench bench-smoke clean
 
 help:
 	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
 	@echo "make rotate   rotate the running local stack's database password"
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
-	@echo "make bench    rotation benchmark under load (see "Performance" in README.md)"
+	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
 
 venv: $(STAMP)
 
@@ -21,15 +21,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-# The PostgreSQL server binaries (initdb, pg_ctl) are needed by `run` and by the tests.
+# Debian packages: the PostgreSQL server (initdb, pg_ctl) for `run` and the tests, and
+# chromium for the admin page's browser test. As root, what is missing is installed.
 postgres:
-	@if command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing the PostgreSQL server (apt-get install -y postgresql)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	else \
-	  echo "PostgreSQL server binaries not found: run 'sudo apt-get install -y postgresql'" >&2; exit 1; \
-	fi
+	@bash scripts/system-packages.sh postgresql
+
+test-packages:
+	@bash scripts/system-packages.sh postgresql chromium
 
 run: venv postgres
 	$(BIN)/python -m commng.devstack run
@@ -45,9 +43,9 @@ typecheck: venv
 	$(BIN)/mypy
 
 lint-infra:
-	@if [ -f scripts/lint-infra.sh ]; then bash scripts/lint-infra.sh; else echo "SKIP lint-infra: scripts/lint-infra.sh not present"; fi
+	bash scripts/lint-infra.sh
 
-pytest: venv postgres
+pytest: venv test-packages
 	$(BIN)/python -m pytest
 
 test: lint typecheck lint-infra pytest

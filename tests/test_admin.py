@@ -260,12 +260,24 @@ def test_page_still_shows_the_status_when_the_history_cannot_be_read(
 # -- in a real browser -------------------------------------------------------------------
 
 
+# What the machine's closed network needs: no background fetches, no first-run work.
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
 def _chromium() -> str:
-    """Debian's chromium, or skip with the command that installs what is missing."""
-    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
+    """Debian's chromium (`make browser` installs it as root). Missing: skip, but fail in CI."""
     path = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).exists():
-        pytest.skip("chromium is not installed: apt-get install -y chromium")
+        message = "chromium is not installed: sudo apt-get install -y chromium (or `make browser` as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 
@@ -280,7 +292,7 @@ def test_the_page_in_a_real_browser_shows_the_rotation(
     from tests.test_history import rotated_stack
 
     with rotated_stack(database, moto_endpoint, workdir) as stack, sync_playwright() as pw:
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        args = [*CHROMIUM_ARGS, *(["--no-sandbox"] if os.geteuid() == 0 else [])]
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=args)
         try:
             context = browser.new_context(
