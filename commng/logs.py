@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import click
 import structlog
 
 __all__ = ["ACCESS_EVENT", "SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
@@ -120,9 +121,14 @@ def route_to_stdlib() -> None:
 
 
 def configure(level: str = "INFO", log_format: str = "json") -> None:
-    """Route structlog and the standard library through one stdout handler."""
+    """Route structlog and the standard library through one handler: stdout, or stderr under a CLI.
+
+    ``flask --app wsgi rotation ...`` creates the app inside click's context: there the
+    logs go to stderr, so that stdout carries only what the command prints.
+    """
     route_to_stdlib()
-    handler = logging.StreamHandler(sys.stdout)
+    under_cli = click.get_current_context(silent=True) is not None
+    handler = logging.StreamHandler(sys.stderr if under_cli else sys.stdout)
     handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers = [handler]
