@@ -57,10 +57,11 @@ errorlog = "-"
 # each worker's app replaces with an identical one (no line is written twice).
 _log_format = _env_choice("LOG_FORMAT", "json", {"json", "console"}).lower()
 _log_level = _env_choice("LOG_LEVEL", "INFO", {"debug", "info", "warning", "error"}).upper()
+_logs = _load_logs()
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"structlog": {"()": _load_logs().formatter, "log_format": _log_format}},
+    "formatters": {"structlog": {"()": _logs.formatter, "log_format": _log_format}},
     "handlers": {
         "stdout": {"class": "logging.StreamHandler", "formatter": "structlog", "stream": "ext://sys.stdout"}
     },
@@ -69,6 +70,7 @@ logconfig_dict = {
         "gunicorn.error": {"level": _log_level, "handlers": [], "propagate": True},
         # The access log is kept at INFO whatever LOG_LEVEL says: it is the request record.
         "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+        **{name: {"level": level} for name, level in _logs.QUIET_LOGGERS.items()},
     },
 }
 # The control socket (gunicorn 27) is not used; several gunicorns on one host would share it.

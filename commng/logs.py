@@ -20,7 +20,7 @@ from typing import Any
 import click
 import structlog
 
-__all__ = ["ACCESS_EVENT", "SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
+__all__ = ["ACCESS_EVENT", "QUIET_LOGGERS", "SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
 
 # The design document's log lines, kept word for word as the messages of stable events.
 SEED_MESSAGES = {
@@ -32,6 +32,12 @@ SEED_MESSAGES = {
     "old_pool_closed": "Old database pool closed",
     "refresh_failed": "Failed to refresh database connection",
 }
+
+
+# Alembic announces each of its plugins at INFO whenever Flask-Migrate is imported, i.e.
+# at every worker boot, before the app configures logging (so gunicorn.conf.py applies
+# this too); migrations themselves still log "Running upgrade".
+QUIET_LOGGERS = {"alembic.runtime.plugins": "WARNING"}
 
 
 def _seed_message(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -133,6 +139,5 @@ def configure(level: str = "INFO", log_format: str = "json") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    # Alembic announces each of its plugins at INFO whenever Flask-Migrate is loaded,
-    # i.e. at every worker boot; migrations themselves still log "Running upgrade".
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    for name, quiet_level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet_level)

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import requests
@@ -41,21 +42,33 @@ def _stack_env(local_dir: Path) -> dict[str, str]:
     return env
 
 
-def test_make_run_serves_rotates_and_stops_on_ctrl_c(local_dir: Path) -> None:
-    port = free_port()
-    env = _stack_env(local_dir)
-    log = (local_dir / "run.log").open("wb")
+def _start_stack(local_dir: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
     stack = subprocess.Popen(
         [sys.executable, "-m", "commng.devstack", "run", "--port", str(port)],
         cwd=ROOT,
-        env=env,
+        env=_stack_env(local_dir),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, like a terminal's foreground job
     )
+    ready = f"http://127.0.0.1:{port}/readyz"
+    wait_for(lambda: stack.poll() is not None or http_status(ready) == 200, timeout_s=90)
+    return stack
+
+
+def _assert_stopped(local_dir: Path, port: int) -> None:
+    assert "local stack stopped" in (local_dir / "run.log").read_text()
+    assert not (local_dir / "pg" / "data" / "postmaster.pid").exists()
+    assert http_status(f"http://127.0.0.1:{port}/healthz", timeout_s=1) is None
+
+
+def test_make_run_serves_rotates_and_stops_on_ctrl_c(local_dir: Path) -> None:
+    port = free_port()
+    env = _stack_env(local_dir)
+    log = (local_dir / "run.log").open("wb")
+    stack = _start_stack(local_dir, port, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: stack.poll() is not None or http_status(f"{base}/readyz") == 200, timeout_s=90)
         assert stack.poll() is None, (local_dir / "run.log").read_text()[-3000:]
         output = (local_dir / "run.log").read_text()
         assert f"http://127.0.0.1:{port}/readyz" in output and "make rotate" in output
@@ -80,8 +93,21 @@ def test_make_run_serves_rotates_and_stops_on_ctrl_c(local_dir: Path) -> None:
             os.killpg(stack.pid, signal.SIGINT)  # Ctrl-C
         code = stack.wait(90)
         log.close()
-    output = (local_dir / "run.log").read_text()
-    assert code in (0, -signal.SIGINT, 130), output[-2000:]
-    assert "local stack stopped" in output
-    assert not (local_dir / "pg" / "data" / "postmaster.pid").exists()
-    assert http_status(f"{base}/healthz", timeout_s=1) is None
+    assert code in (0, -signal.SIGINT, 130), (local_dir / "run.log").read_text()[-2000:]
+    _assert_stopped(local_dir, port)
+
+
+def test_make_run_stops_everything_on_sigterm_to_itself_alone(local_dir: Path) -> None:
+    """`kill <pid>` or a closed terminal: gunicorn and PostgreSQL must not be left behind."""
+    port = free_port()
+    with (local_dir / "run.log").open("wb") as log:
+        stack = _start_stack(local_dir, port, log)
+        try:
+            assert stack.poll() is None, (local_dir / "run.log").read_text()[-3000:]
+            stack.send_signal(signal.SIGTERM)  # to the Python process only, not its group
+            stack.wait(90)
+        finally:
+            if stack.poll() is None:
+                os.killpg(stack.pid, signal.SIGKILL)
+                stack.wait(10)
+    _assert_stopped(local_dir, port)

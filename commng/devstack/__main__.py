@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,17 +152,7 @@ def run(port: int = 8000) -> int:
             "  rotate   make rotate   (in another terminal)\n",
             flush=True,
         )
-        gunicorn = subprocess.Popen(
-            [str(bindir / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "wsgi:app"],
-            env=env,
-            cwd=ROOT,
-        )
-        processes.append(gunicorn)
-        try:
-            return gunicorn.wait()
-        except KeyboardInterrupt:
-            gunicorn.send_signal(signal.SIGTERM)
-            return gunicorn.wait(timeout=40)
+        return _serve(["--bind", f"127.0.0.1:{port}"], env, processes)
     finally:
         for proc in reversed(processes):
             if proc.poll() is None:
@@ -183,14 +173,26 @@ def _run_against_environment(port: int) -> int:
     _reset_dir(Path(env["PROMETHEUS_MULTIPROC_DIR"]))
     bindir = Path(sys.executable).parent
     subprocess.run([str(bindir / "flask"), "--app", "wsgi", "db", "upgrade"], env=env, cwd=ROOT, check=True)
+    return _serve([], env, [])
+
+
+def _serve(args: list[str], env: Mapping[str, str], processes: list[subprocess.Popen[bytes]]) -> int:
+    """Run gunicorn in the foreground; Ctrl-C, SIGTERM or SIGHUP stop it gracefully."""
     gunicorn = subprocess.Popen(
-        [str(bindir / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], env=env, cwd=ROOT
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", *args, "wsgi:app"],
+        env=env,
+        cwd=ROOT,
     )
+    processes.append(gunicorn)
     try:
         return gunicorn.wait()
     except KeyboardInterrupt:
         gunicorn.send_signal(signal.SIGTERM)
         return gunicorn.wait(timeout=40)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _reset_dir(path: Path) -> None:
@@ -219,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rotate_parser = sub.add_parser("rotate", help="rotate the local stack's database password")
     rotate_parser.add_argument("--pause", type=float, default=5.0, help="seconds inside the window")
     args = parser.parse_args(argv)
+    # A closed terminal (SIGHUP), `kill` (SIGTERM) and Ctrl-C all stop the stack cleanly, also
+    # when a shell started us in the background with SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     if args.command == "run":
         return run(args.port)
     return rotate(args.pause)
