@@ -26,6 +26,8 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from commng.devstack.secrets import secrets_client
+
 __all__ = ["BENCH_AGENT", "CountingMotoServer", "bench_client"]
 
 BENCH_AGENT = "commng-bench"
@@ -101,14 +103,6 @@ class CountingMotoServer:
 
 def bench_client(endpoint: str) -> Any:
     """The bench's own boto3 client; its calls are marked and not counted as the app's."""
-    import boto3
     from botocore.config import Config
 
-    return boto3.client(
-        "secretsmanager",
-        region_name="us-east-1",
-        endpoint_url=endpoint,
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        config=Config(user_agent_extra=BENCH_AGENT),
-    )
+    return secrets_client(endpoint, Config(user_agent_extra=BENCH_AGENT))

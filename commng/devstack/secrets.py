@@ -10,8 +10,11 @@ from typing import Any
 from commng.devstack.postgres import PostgresCluster
 
 
-def secrets_client(endpoint: str) -> Any:
-    """A boto3 client for the moto server at ``endpoint`` (dummy local credentials)."""
+def secrets_client(endpoint: str, config: Any = None) -> Any:
+    """A boto3 client for the moto server at ``endpoint`` (dummy local credentials).
+
+    ``config`` is an optional ``botocore.config.Config`` (the bench marks its own calls).
+    """
     import boto3
 
     return boto3.client(
@@ -20,6 +23,7 @@ def secrets_client(endpoint: str) -> Any:
         endpoint_url=endpoint,
         aws_access_key_id="local",
         aws_secret_access_key="local",
+        config=config,
     )
 
 
