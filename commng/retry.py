@@ -4,13 +4,19 @@ A backend can disappear between the pool's pre-ping and the request's statements
 (pg_terminate_backend, a failover, a NAT timeout). Until a COMMIT has been sent, nothing
 the request did is durable, so running the view again on a fresh connection is exactly
 equivalent (an INSERT flushed inside ``session.commit()`` still counts as not committed).
-Once COMMIT itself has been sent the outcome is in doubt, and the error is returned as
-it is. Attempts are bounded.
+
+When the connection dies after COMMIT was sent, the outcome is in doubt. Just before
+sending it we note the transaction's id (``pg_current_xact_id_if_assigned()``), and after
+the failure we ask PostgreSQL on a fresh connection (``pg_xact_status``): ``aborted``
+(the backend was gone before it read the COMMIT) or no id at all (nothing was written)
+means the view runs again; ``committed``, or no clear answer, returns the error as it is.
+Attempts are bounded.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,17 +31,49 @@ from commng.models import db
 __all__ = ["MAX_ATTEMPTS", "retry_on_disconnect"]
 
 MAX_ATTEMPTS = 3
+# A terminated backend aborts its transaction as it exits: wait this long for the verdict.
+XACT_STATUS_WAIT_S = 2.0
 F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger("commng.retry")
 
 
-def _commit_sent(conn: Connection) -> None:
-    if has_app_context():
-        g.commng_commit_started = True
+def _commit_about_to_be_sent(conn: Connection) -> None:
+    """Core ``commit`` event: remember which transaction the COMMIT is for."""
+    if not has_app_context() or "commng_commit_xids" not in g:
+        return
+    # Runs before COMMIT goes out; if this fails, the COMMIT was never sent.
+    xid = conn.exec_driver_sql("SELECT pg_current_xact_id_if_assigned()::text").scalar()
+    g.commng_commit_xids.append(xid)
 
 
 # The Core event fires when COMMIT is about to go to the server, after the ORM's flush.
-sa.event.listen(Engine, "commit", _commit_sent)
+sa.event.listen(Engine, "commit", _commit_about_to_be_sent)
+
+
+def _xact_status(xid: str) -> str | None:
+    """'committed', 'aborted' or 'in progress' for ``xid``; None if PostgreSQL cannot say now."""
+    deadline = time.monotonic() + XACT_STATUS_WAIT_S
+    while True:
+        try:
+            with db.engine.connect() as conn:
+                status = conn.exec_driver_sql("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid}).scalar()
+        except DBAPIError:
+            return None
+        if status != "in progress" or time.monotonic() >= deadline:
+            return str(status) if status is not None else None
+        time.sleep(0.02)  # bounded; yields to other greenlets under gevent
+
+
+def _nothing_committed() -> bool:
+    """True when every COMMIT this attempt sent wrote nothing or, PostgreSQL says, aborted."""
+    for xid in g.commng_commit_xids:
+        if xid is None:  # a transaction that never wrote: there was nothing to commit
+            continue
+        status = _xact_status(xid)
+        log.info("commit_outcome_resolved", status=status or "unknown")
+        if status != "aborted":
+            return False
+    return True
 
 
 def retry_on_disconnect(view: F) -> F:
@@ -44,13 +82,15 @@ def retry_on_disconnect(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            g.commng_commit_started = False
+            g.commng_commit_xids = []
             try:
                 return view(*args, **kwargs)
             except DBAPIError as exc:
-                if not exc.connection_invalidated or g.commng_commit_started or attempt == MAX_ATTEMPTS:
+                if not exc.connection_invalidated or attempt == MAX_ATTEMPTS:
                     raise
                 db.session.rollback()
+                if not _nothing_committed():
+                    raise
                 log.warning("request_retried_after_disconnect", attempt=attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -103,7 +103,7 @@ variable "waf_web_acl_arn" {
 # --- Database ----------------------------------------------------------------------------
 
 variable "db_engine_version" {
-  description = "PostgreSQL engine version. A major version (\"16\") lets RDS pick and auto-upgrade the minor version."
+  description = "PostgreSQL engine version, 13 or newer (the app resolves in-doubt commits with pg_xact_status). A major version (\"16\") lets RDS pick and auto-upgrade the minor version."
   type        = string
   default     = "16"
 }

@@ -6,10 +6,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask
+from sqlalchemy.engine import Connection
 
 from commng.models import Message, db
 from commng.retry import retry_on_disconnect
 from tests.conftest import Database
+from tests.helpers import wait_for
 
 
 def _kill_backend_of(database: Database, pid: int) -> None:
@@ -96,3 +98,38 @@ def test_backend_killed_after_the_view_returned_does_not_turn_into_a_500(
     assert client.get("/api/channels").status_code == 200  # the pool is usable afterwards
     with app.app_context():
         assert db.engine.pool.checkedout() == 0  # the dead connection was not leaked
+
+
+def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted(
+    app: Flask, database: Database, client: Any
+) -> None:
+    """The backend dies after COMMIT was due but before it ran: in doubt until pg_xact_status says aborted."""
+    channel = client.post("/api/channels", json={"name": "doubt"}).json["id"]
+    calls: list[int] = []
+    killed: list[int] = []
+
+    def kill_before_commit_is_read(conn: Connection) -> None:
+        if len(calls) == 1 and not killed:
+            pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
+            _kill_backend_of(database, pid)
+            gone = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+            wait_for(lambda: not database.cluster.execute(gone, (pid,)))
+            killed.append(pid)
+
+    @retry_on_disconnect
+    def view() -> int:
+        calls.append(1)
+        message = Message(channel_id=channel, body="exactly once, in doubt")
+        db.session.add(message)
+        db.session.commit()
+        return message.id
+
+    with app.test_request_context():
+        sa.event.listen(db.engine, "commit", kill_before_commit_is_read)
+        try:
+            view()
+        finally:
+            sa.event.remove(db.engine, "commit", kill_before_commit_is_read)
+    assert killed and len(calls) == 2
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
