@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -113,36 +114,47 @@ class Database:
         """Backends the app role holds open right now."""
         return self.cluster.backend_count(self.role)
 
-    def env(self, **extra: str) -> dict[str, str]:
-        """Environment for a server process: this database, env credentials, JSON logs."""
-        return {
+    @contextmanager
+    def login_refused(self) -> Iterator[None]:
+        """ALTER ROLE ... NOLOGIN (ending the role's open sessions) inside the block; LOGIN after."""
+        role = sql.Identifier(self.role)
+        self.cluster.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(role))
+        self.cluster.terminate_backends(self.role, idle_only=False)
+        try:
+            yield
+        finally:
+            self.cluster.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role))
+
+    def env(self, login: bool = True, **extra: str) -> dict[str, str]:
+        """Environment for a server process: this database, JSON logs, and (``login``) env credentials."""
+        env = {
             "POSTGRES_HOST": "127.0.0.1",
             "POSTGRES_PORT": str(self.cluster.port),
             "POSTGRES_DB": self.name,
-            "POSTGRES_USER": self.role,
-            "POSTGRES_PASSWORD": self.password,
             "POSTGRES_SSL": "false",
             "LOG_FORMAT": "json",
-            **extra,
         }
+        if login:
+            env.update(POSTGRES_USER=self.role, POSTGRES_PASSWORD=self.password)
+        return {**env, **extra}
 
     def watched_env(self, moto_endpoint: str, workdir: Path, **extra: str) -> tuple[Any, str, dict[str, str]]:
         """A moto secret holding this login, and the environment of a gunicorn that watches it.
 
-        Returns (boto3 client, secret ARN, env). The env has no POSTGRES_USER/PASSWORD: the
-        secret is the only source of the login, a 1 s refresh interval and a metrics dir.
+        Returns (boto3 client, secret ARN, env). The secret is the env's only source of the
+        login; the refresh interval is 1 s and metrics go to ``workdir/prometheus``.
         """
         client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
         arn = client.create_secret(Name=f"e2e/{self.name}", SecretString=self.secret_string())["ARN"]
         (workdir / "prometheus").mkdir()
         env = self.env(
+            login=False,
             DB_SECRET_ID=arn,
             AWS_ENDPOINT_URL_SECRETS_MANAGER=moto_endpoint,
             DB_SECRET_REFRESH_INTERVAL_MS="1000",
             PROMETHEUS_MULTIPROC_DIR=str(workdir / "prometheus"),
             **extra,
         )
-        del env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
         return client, arn, env
 
 

@@ -244,13 +244,8 @@ def test_page_shows_status_history_and_failures_and_paginates(
 def test_page_still_shows_the_status_when_the_history_cannot_be_read(
     admin_app: Flask, database: Database
 ) -> None:
-    from tests.test_history import _set_login
-
-    _set_login(database, allowed=False)
-    try:
+    with database.login_refused():
         page = _call(admin_app, PAGE, _basic("admin", TOKEN))
-    finally:
-        _set_login(database, allowed=True)
     html = page.get_data(as_text=True)
     assert page.status_code == 200
     assert "the history cannot be read now" in html and 'id="status"' in html

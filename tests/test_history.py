@@ -16,7 +16,6 @@ import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
-from psycopg2 import sql
 
 from commng import history
 from commng.devstack import free_port, new_password, rotate_secret
@@ -46,14 +45,6 @@ def _flushed(app: Flask) -> history.HistoryWriter:
     writer = history.get_writer(app)
     assert writer.flush(), writer.last_error
     return writer
-
-
-def _set_login(database: Database, allowed: bool) -> None:
-    """ALTER ROLE ... LOGIN/NOLOGIN; NOLOGIN also ends the role's open sessions."""
-    keyword = sql.SQL("LOGIN" if allowed else "NOLOGIN")
-    database.cluster.execute(sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(database.role), keyword))
-    if not allowed:
-        database.cluster.terminate_backends(database.role, idle_only=False)
 
 
 def test_a_rotation_is_written_then_updated_with_drained_ms(
@@ -102,16 +93,13 @@ def test_events_recorded_while_the_database_is_unreachable_are_written_later_in_
     caplog.set_level(logging.WARNING)
     runtime = get_runtime(secret_app)
     writer = history.get_writer(secret_app)
-    _set_login(database, allowed=False)
-    try:
+    with database.login_refused():
         for _ in range(3):
             runtime.watcher.check_once(trigger="manual")  # type: ignore[union-attr]
         manual = [e.id for e in reversed(runtime.events.recent(10)) if e.trigger == "manual"]
         assert len(manual) == 3
         assert writer.flush() is False
         assert writer.pending >= 3 and writer.last_error is not None
-    finally:
-        _set_login(database, allowed=True)
 
     wait_for(lambda: writer.flush(), timeout_s=15)
 
@@ -129,13 +117,10 @@ def test_past_the_bound_the_oldest_unwritten_events_are_dropped_with_a_warning(
     runtime = get_runtime(app)
     writer = history.get_writer(app)
     writer.maxlen = 3
-    _set_login(database, allowed=False)
-    try:
+    with database.login_refused():
         events = [runtime.events.record(RotationEvent("manual", "unchanged")) for _ in range(5)]
         assert writer.flush() is False
         assert (writer.pending, writer.dropped) == (3, 2)
-    finally:
-        _set_login(database, allowed=True)
     wait_for(lambda: writer.flush(), timeout_s=15)
     assert [r["id"] for r in _rows(app)] == [e.id for e in events[2:]]
     assert caplog.text.count("rotation_history_events_dropped") == 2

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _env(database: Database, **extra: str) -> dict[str, str]:
-    return {**os.environ, **database.env(**extra)}
+def _env(database: Database, login: bool = True, **extra: str) -> dict[str, str]:
+    return {**os.environ, **database.env(login, **extra)}
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -73,8 +73,7 @@ def test_rotation_cli_reads_and_checks_the_secret(database: Database) -> None:
         endpoint = f"http://127.0.0.1:{port}"
         client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=endpoint)
         arn = client.create_secret(Name="cli", SecretString=database.secret_string())["ARN"]
-        env = _env(database, DB_SECRET_ID=arn, AWS_ENDPOINT_URL_SECRETS_MANAGER=endpoint)
-        del env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+        env = _env(database, login=False, DB_SECRET_ID=arn, AWS_ENDPOINT_URL_SECRETS_MANAGER=endpoint)
         status = _run([str(BIN / "flask"), "--app", "wsgi", "rotation", "status"], env)
         assert status.returncode == 0, status.stderr[-2000:]
         document = json.loads(status.stdout)  # the logs went to stderr
