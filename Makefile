@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: help run rotate test pytest lint typecheck lint-infra postgres test-packages venv bench bench-smoke clean
+.PHONY: help run rotate test test-fast pytest lint typecheck lint-infra postgres test-packages venv bench bench-smoke clean
 
 help:
 	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
 	@echo "make rotate   rotate the running local stack's database password"
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
+	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
 
 # Two stamps: `make run` needs only the service and moto (about 30 s to install on a
@@ -38,10 +39,10 @@ test-packages:
 	@bash scripts/system-packages.sh postgresql chromium
 
 run: $(LOCAL_STAMP) postgres
-	$(BIN)/python -m commng.devstack run
+	$(BIN)/python -m devstack run
 
 rotate: $(LOCAL_STAMP)
-	$(BIN)/python -m commng.devstack rotate
+	$(BIN)/python -m devstack rotate
 
 lint: venv
 	$(BIN)/ruff check .
@@ -57,6 +58,10 @@ pytest: venv test-packages
 	$(BIN)/python -m pytest
 
 test: lint typecheck lint-infra pytest
+
+# The edit loop: everything but the end-to-end tests (marked e2e), which start gunicorn.
+test-fast: venv postgres
+	$(BIN)/python -m pytest -m "not e2e"
 
 bench: venv postgres
 	$(BIN)/python -m bench.rotation_bench

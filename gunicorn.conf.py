@@ -9,18 +9,21 @@ import os
 import sys
 
 # Nothing here imports boto3 or the app: gevent must patch ssl before botocore loads
-# (shared/NOTES.md), and that happens in each worker, after fork.
+# ("Monkey-patching ssl after ssl has already been imported" otherwise), and that happens
+# in each worker, after fork.
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_logs():
-    """commng/logs.py on its own (stdlib + structlog only).
+    """commng/observability/logs.py on its own (stdlib + structlog only).
 
-    ``import commng.logs`` would run the package's __init__, loading Flask, SQLAlchemy
-    and psycopg2 into the master before gevent patches the workers.
+    ``import commng.observability.logs`` would run that package's __init__, loading
+    Flask, SQLAlchemy and prometheus_client into the master before gevent patches the
+    workers.
     """
-    spec = importlib.util.spec_from_file_location("_commng_logs", os.path.join(_ROOT, "commng", "logs.py"))
+    path = os.path.join(_ROOT, "commng", "observability", "logs.py")
+    spec = importlib.util.spec_from_file_location("_commng_logs", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -93,9 +96,9 @@ def post_worker_init(worker):
     """Start this worker's secret watcher.
 
     Not post_fork: there the sockets are not patched yet and the app is not loaded; a
-    greenlet spawned in post_fork only runs after this hook anyway (shared/NOTES.md).
+    greenlet spawned in post_fork only runs after this hook anyway.
     """
-    from commng.runtime import start_background
+    from commng.rotation import start_background
 
     start_background(worker.wsgi)
 
@@ -104,7 +107,7 @@ def worker_exit(server, worker):
     """Stop the watcher, cancel drain timers and dispose every engine of this worker."""
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):
-        from commng.runtime import stop_background
+        from commng.rotation import stop_background
 
         stop_background(app)
 

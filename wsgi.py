@@ -8,6 +8,6 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()
 
-from commng import create_app  # noqa: E402
+from commng.app import create_app  # noqa: E402
 
 app = create_app()

@@ -26,7 +26,7 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from commng.devstack.secrets import secrets_client
+from devstack.secrets import secrets_client
 
 __all__ = ["BENCH_AGENT", "CountingMotoServer", "bench_client"]
 

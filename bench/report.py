@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import Context, Scenario
-from commng.devstack.processes import LoadResult
+from devstack.processes import LoadResult
 
 __all__ = ["build", "markdown", "percentile", "summarize", "write"]
 

@@ -23,8 +23,8 @@ import requests
 from bench import measure, report
 from bench.scenarios import SCENARIOS, SMOKE, Context, Scenario
 from bench.stack import BackendSampler, BenchStack
-from commng.devstack import free_port
-from commng.devstack.processes import ROOT, GunicornServer, LoadGenerator, LoadResult, Sample
+from devstack import free_port
+from devstack.processes import ROOT, GunicornServer, LoadGenerator, LoadResult, Sample
 
 DEFAULT_WORKERS = 2
 DEFAULT_INTERVAL_MS = 2000
@@ -58,7 +58,6 @@ def gunicorn_env(
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
         "PROMETHEUS_MULTIPROC_DIR": str(prometheus),
-        "COMMNG_BENCH_ROUTES": "true" if scenario.path else "false",
         "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "local",
         "AWS_SECRET_ACCESS_KEY": "local",
@@ -104,7 +103,9 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
     ctx = Context(stack, db, arn, t0=0.0, smoke=smoke)
     workdir = stack.workdir_for(scenario.name)
     env = gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir)
-    server = GunicornServer(env, free_port(), workers, workdir / "gunicorn.log")
+    # Scenarios that load a bench-only route run the bench's entry point; the others the product's.
+    entry = "bench.wsgi:app" if scenario.path else "wsgi:app"
+    server = GunicornServer(env, free_port(), workers, workdir / "gunicorn.log", app=entry)
     print(f"[{scenario.name}] {scenario.description}: {scenario.clients} clients", flush=True)
     server.start(timeout_s=90)
     _wait_for_workers(server, workers, scenario.secrets_manager)

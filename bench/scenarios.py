@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.stack import AppDatabase, BenchStack
-from commng.devstack import new_password, rotate_secret
+from devstack import new_password, rotate_secret
 
 __all__ = ["SCENARIOS", "SMOKE", "Context", "Scenario"]
 

@@ -21,8 +21,8 @@ from typing import Any
 from psycopg2 import sql
 
 from bench.moto import CountingMotoServer, bench_client
-from commng.devstack import PostgresCluster, free_port, new_password
-from commng.devstack.processes import ROOT
+from devstack import PostgresCluster, free_port, new_password
+from devstack.processes import ROOT
 
 __all__ = ["AppDatabase", "BackendSampler", "BenchStack"]
 

@@ -9,9 +9,9 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, request
 from sqlalchemy.exc import IntegrityError
 
+from commng.db import db, retry_on_disconnect
 from commng.errors import APIError
-from commng.models import Channel, Message, db
-from commng.retry import retry_on_disconnect
+from commng.models import Channel, Message
 
 __all__ = ["bp", "init_app"]
 

@@ -8,8 +8,8 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from commng.history import RotationRecord, list_events
-from commng.runtime import get_runtime
+from commng.db import db
+from commng.rotation import RotationRecord, Trigger, get_runtime, list_events
 
 __all__ = ["init_app"]
 
@@ -28,8 +28,8 @@ def check_command() -> None:
     runtime = get_runtime()
     if runtime.watcher is None:
         raise click.ClickException("DB_SECRET_ID is not set: there is no secret to check")
-    for result in runtime.watcher.check_once(trigger="manual"):
-        click.echo(json.dumps(result.__dict__))
+    for result in runtime.watcher.check_once(trigger=Trigger.MANUAL):
+        click.echo(json.dumps(result.as_dict()))
     if runtime.watcher.consecutive_failures:
         raise SystemExit(1)
 
@@ -38,7 +38,7 @@ def check_command() -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="Rows to print.")
 def history_command(limit: int) -> None:
     """Print the persisted rotation history of every worker and task, newest first."""
-    rows, _ = list_events(limit)
+    rows, _ = list_events(db.session, limit)
     click.echo(format_history(rows))
 
 

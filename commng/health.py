@@ -6,8 +6,8 @@ from typing import Any
 
 from flask import Blueprint, Flask
 
-from commng.engines import NoCredentials, is_auth_failure, probe
-from commng.models import db
+from commng.db import db
+from commng.rotation import NoCredentials, is_auth_failure, probe
 
 __all__ = ["bp", "init_app"]
 

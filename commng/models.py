@@ -6,46 +6,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
-from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-from commng.engines import describe_error
-from commng.session import PinnedSession
+from commng.db import db
 
-__all__ = ["Channel", "Message", "db"]
-
-
-log = structlog.get_logger("commng.models")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class _SQLAlchemy(SQLAlchemy):
-    """Flask-SQLAlchemy whose end-of-request cleanup survives a connection that died.
-
-    A read leaves its transaction open until teardown, where closing the session sends
-    ROLLBACK. If the backend went away after the view returned (a terminated backend, a
-    failover), that ROLLBACK raises, and an exception out of teardown becomes a 500 for
-    a request whose response was already complete. Nothing is lost by carrying on: the
-    server already ended the transaction with the connection, and SQLAlchemy has
-    invalidated the connection, which returns its pool slot.
-    """
-
-    def _teardown_session(self, exc: BaseException | None) -> None:
-        try:
-            self.session.remove()
-        except DBAPIError as err:
-            log.warning("session_close_failed", error=describe_error(err))
-            self.session.registry.clear()
-
-
-# expire_on_commit=False: a view that commits can still render what it wrote without a
-# second transaction (and without a second chance to meet a dead connection).
-db = _SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession, "expire_on_commit": False})
+__all__ = ["Channel", "Message"]
 
 
 def _now() -> datetime:

@@ -10,11 +10,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
-
-T = TypeVar("T")
 
 _SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN"})
 
@@ -48,7 +45,6 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     metrics_public: bool = True
-    bench_routes: bool = False
 
     @property
     def sslmode(self) -> str:
@@ -129,49 +125,46 @@ def _bearer_token(name: str, raw: str) -> str:
     return raw
 
 
-def _read(env: Mapping[str, str], name: str, coerce: Callable[[str, str], T], default: T) -> T:
-    raw = env.get(name)
-    if raw is None or (raw == "" and name not in _SECRET_VARIABLES):
-        return default
-    return coerce(name, raw)
+_INTERVAL_MS = _int_at_least(1000, " number of milliseconds")
+_DAYS = _int_at_least(1, " number of days")
+
+# (variable, Settings field, coercer). A variable that is unset, or empty where empty
+# means nothing, leaves the field at its default: the defaults live only in ``Settings``.
+_VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
+    ("AWS_REGION", "aws_region", _text),
+    ("DB_SECRET_ID", "db_secret_id", _text),
+    ("DB_SECRET_REFRESH_INTERVAL_MS", "db_secret_refresh_interval_ms", _INTERVAL_MS),
+    ("DB_POOL_GRACE_PERIOD_MS", "db_pool_grace_period_ms", _int_at_least(0, " number of milliseconds")),
+    ("POSTGRES_HOST", "postgres_host", _text),
+    ("POSTGRES_PORT", "postgres_port", _port),
+    ("POSTGRES_DB", "postgres_db", _text),
+    ("POSTGRES_USER", "postgres_user", _text),
+    ("POSTGRES_PASSWORD", "postgres_password", _secret),
+    ("POSTGRES_SSL", "postgres_ssl", _boolean),
+    ("POSTGRES_POOL_SIZE", "postgres_pool_size", _int_at_least(1)),
+    ("POSTGRES_MAX_OVERFLOW", "postgres_max_overflow", _int_at_least(0)),
+    ("POSTGRES_CONNECT_TIMEOUT_S", "postgres_connect_timeout_s", _int_at_least(1, " number of seconds")),
+    ("POSTGRES_POOL_TIMEOUT_S", "postgres_pool_timeout_s", _int_at_least(1, " number of seconds")),
+    ("ADMIN_TOKEN", "admin_token", _bearer_token),
+    ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
+    ("PORT", "port", _port),
+    ("WEB_CONCURRENCY", "web_concurrency", _int_at_least(1)),
+    ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),
+    ("LOG_FORMAT", "log_format", _choice("json", "console")),
+    ("METRICS_PUBLIC", "metrics_public", _boolean),
+)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build ``Settings`` from ``env`` (default: ``os.environ``); raise ConfigError on junk."""
     e = os.environ if env is None else env
-    interval = _int_at_least(1000, " number of milliseconds")
-    settings = Settings(
-        aws_region=_read(e, "AWS_REGION", _text, None),
-        db_secret_id=_read(e, "DB_SECRET_ID", _text, None),
-        db_secret_refresh_interval_ms=_read(e, "DB_SECRET_REFRESH_INTERVAL_MS", interval, 300_000),
-        db_pool_grace_period_ms=_read(
-            e, "DB_POOL_GRACE_PERIOD_MS", _int_at_least(0, " number of milliseconds"), 30_000
-        ),
-        postgres_host=_read(e, "POSTGRES_HOST", _text, "localhost"),
-        postgres_port=_read(e, "POSTGRES_PORT", _port, 5432),
-        postgres_db=_read(e, "POSTGRES_DB", _text, "comm_ng"),
-        postgres_user=_read(e, "POSTGRES_USER", _text, None),
-        postgres_password=_read(e, "POSTGRES_PASSWORD", _secret, None),
-        postgres_ssl=_read(e, "POSTGRES_SSL", _boolean, True),
-        postgres_pool_size=_read(e, "POSTGRES_POOL_SIZE", _int_at_least(1), 20),
-        postgres_max_overflow=_read(e, "POSTGRES_MAX_OVERFLOW", _int_at_least(0), 5),
-        postgres_connect_timeout_s=_read(
-            e, "POSTGRES_CONNECT_TIMEOUT_S", _int_at_least(1, " number of seconds"), 5
-        ),
-        postgres_pool_timeout_s=_read(
-            e, "POSTGRES_POOL_TIMEOUT_S", _int_at_least(1, " number of seconds"), 10
-        ),
-        admin_token=_read(e, "ADMIN_TOKEN", _bearer_token, None),
-        rotation_history_retention_days=_read(
-            e, "ROTATION_HISTORY_RETENTION_DAYS", _int_at_least(1, " number of days"), 90
-        ),
-        port=_read(e, "PORT", _port, 8000),
-        web_concurrency=_read(e, "WEB_CONCURRENCY", _int_at_least(1), None),
-        log_level=_read(e, "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False), "INFO"),
-        log_format=_read(e, "LOG_FORMAT", _choice("json", "console"), "json"),
-        metrics_public=_read(e, "METRICS_PUBLIC", _boolean, True),
-        bench_routes=_read(e, "COMMNG_BENCH_ROUTES", _boolean, False),
-    )
+    values: dict[str, object] = {}
+    for name, attr, coerce in _VARIABLES:
+        raw = e.get(name)
+        if raw is None or (raw == "" and name not in _SECRET_VARIABLES):
+            continue
+        values[attr] = coerce(name, raw)
+    settings = Settings(**values)  # type: ignore[arg-type]
     if settings.postgres_password is not None and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER must be set when POSTGRES_PASSWORD is set")
     if not settings.uses_secrets_manager and settings.postgres_user is None:

@@ -7,14 +7,18 @@ ever rendered into a URL or into Alembic's config.
 from alembic import context
 from flask import current_app
 
+from commng.rotation import history
+
 target_db = current_app.extensions["migrate"].db
+# The app's models and the rotation history table (which keeps a metadata of its own).
+target_metadata = [target_db.metadata, history.metadata]
 
 
 def run_migrations_offline() -> None:
     """Emit SQL without a connection (``flask db upgrade --sql``)."""
     context.configure(
         url="postgresql://",
-        target_metadata=target_db.metadata,
+        target_metadata=target_metadata,
         literal_binds=True,
     )
     with context.begin_transaction():
@@ -24,7 +28,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     """Apply migrations on a connection from the app's current engine."""
     with target_db.engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_db.metadata)
+        context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
             context.run_migrations()
 

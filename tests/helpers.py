@@ -1,10 +1,24 @@
-"""Small helpers shared by tests: bounded polling and secret-leak checks."""
+"""What tests share besides fixtures: the per-test database, bounded polling, leak checks."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import boto3
+from psycopg2 import sql
+
+from config import Settings
+from devstack import PostgresCluster
+
+# The role that owns the migrated template database; each test's role is granted it.
+OWNER_ROLE = "commng_owner"
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
@@ -23,3 +37,81 @@ def assert_no_secrets(text: str, secrets: Iterable[str]) -> None:
     for secret in secrets:
         for form in {secret, urllib.parse.quote(secret), urllib.parse.quote_plus(secret)}:
             assert form not in text, "a password appears in the captured output"
+
+
+@dataclass
+class Database:
+    """A per-test database and the login role the app uses for it."""
+
+    cluster: PostgresCluster
+    name: str
+    role: str
+    password: str
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings that point the app at this database with env credentials."""
+        base = Settings(
+            postgres_host="127.0.0.1",
+            postgres_port=self.cluster.port,
+            postgres_db=self.name,
+            postgres_user=self.role,
+            postgres_password=self.password,
+            postgres_ssl=False,
+            postgres_pool_size=3,
+            postgres_max_overflow=2,
+            db_pool_grace_period_ms=2000,
+            db_secret_refresh_interval_ms=1000,
+            log_format="console",
+        )
+        return replace(base, **overrides)
+
+    def secret_string(self, password: str | None = None) -> str:
+        """The RDS-style secret JSON for this role."""
+        return json.dumps({"username": self.role, "password": password or self.password})
+
+    def backends(self) -> int:
+        """Backends the app role holds open right now."""
+        return self.cluster.backend_count(self.role)
+
+    @contextmanager
+    def login_refused(self) -> Iterator[None]:
+        """ALTER ROLE ... NOLOGIN (ending the role's open sessions) inside the block; LOGIN after."""
+        role = sql.Identifier(self.role)
+        self.cluster.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(role))
+        self.cluster.terminate_backends(self.role, idle_only=False)
+        try:
+            yield
+        finally:
+            self.cluster.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role))
+
+    def env(self, login: bool = True, **extra: str) -> dict[str, str]:
+        """Environment for a server process: this database, JSON logs, and (``login``) env credentials."""
+        env = {
+            "POSTGRES_HOST": "127.0.0.1",
+            "POSTGRES_PORT": str(self.cluster.port),
+            "POSTGRES_DB": self.name,
+            "POSTGRES_SSL": "false",
+            "LOG_FORMAT": "json",
+        }
+        if login:
+            env.update(POSTGRES_USER=self.role, POSTGRES_PASSWORD=self.password)
+        return {**env, **extra}
+
+    def watched_env(self, moto_endpoint: str, workdir: Path, **extra: str) -> tuple[Any, str, dict[str, str]]:
+        """A moto secret holding this login, and the environment of a gunicorn that watches it.
+
+        Returns (boto3 client, secret ARN, env). The secret is the env's only source of the
+        login; the refresh interval is 1 s and metrics go to ``workdir/prometheus``.
+        """
+        client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+        arn = client.create_secret(Name=f"e2e/{self.name}", SecretString=self.secret_string())["ARN"]
+        (workdir / "prometheus").mkdir()
+        env = self.env(
+            login=False,
+            DB_SECRET_ID=arn,
+            AWS_ENDPOINT_URL_SECRETS_MANAGER=moto_endpoint,
+            DB_SECRET_REFRESH_INTERVAL_MS="1000",
+            PROMETHEUS_MULTIPROC_DIR=str(workdir / "prometheus"),
+            **extra,
+        )
+        return client, arn, env

@@ -15,12 +15,10 @@ import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from commng import history
-from commng.devstack import new_password
-from commng.events import RotationEvent
-from commng.runtime import get_runtime
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets
+from commng.rotation.events import RotationEvent
+from commng.rotation.runtime import get_runtime
+from devstack import new_password
+from tests.helpers import Database, assert_no_secrets
 
 # A token68 value (RFC 7235): what a Bearer token may carry, as secrets.token_urlsafe makes.
 TOKEN = "admin-Token_0123.~+/xyz"
@@ -76,7 +74,8 @@ def test_every_admin_route_is_404_without_admin_token(
         for headers in [None, _bearer(TOKEN), _basic("admin", TOKEN), _bearer("")]:
             response = _call(app, route, headers)
             assert response.status_code == 404, (route, headers)
-            assert response.json is not None and response.json["error"]["code"] == "not_found"
+            assert response.json is not None
+            assert response.json["error"]["code"] == "not_found"
             assert "WWW-Authenticate" not in response.headers
 
 
@@ -105,7 +104,8 @@ def test_auth_matrix(case: str, admin_app: Flask, database: Database) -> None:
         challenge = response.headers["WWW-Authenticate"]
         assert challenge.startswith("Basic " if route == PAGE else "Bearer "), challenge
         if route != PAGE:
-            assert response.json is not None and response.json["error"]["code"] == "unauthorized"
+            assert response.json is not None
+            assert response.json["error"]["code"] == "unauthorized"
 
 
 def test_post_does_not_accept_cookies_or_basic(admin_app: Flask) -> None:
@@ -129,17 +129,20 @@ def test_check_now_returns_its_outcome_is_rate_limited_and_logged(
     first = _call(admin_app, CHECK, _bearer(TOKEN))
     second = _call(admin_app, CHECK, _bearer(TOKEN))
 
-    assert first.status_code == 200 and first.json is not None
+    assert first.status_code == 200
+    assert first.json is not None
     assert first.json["results"] == [
         {"bind": None, "result": "changed", "outcome": "rotated", "error": None, "unavailable": False}
     ]
     assert first.json["current_version"] == put["VersionId"]
     assert get_runtime(admin_app).events.recent(1)[0].trigger == "manual"
-    assert second.status_code == 429 and second.json is not None
+    assert second.status_code == 429
+    assert second.json is not None
     assert second.json["error"]["code"] == "rate_limited"
     assert 1 <= int(second.headers["Retry-After"]) <= 5
     actions = [r for r in caplog.records if "admin_action" in r.getMessage()]
-    assert len(actions) == 2 and all("remote_addr" in r.getMessage() for r in actions)
+    assert len(actions) == 2
+    assert all("remote_addr" in r.getMessage() for r in actions)
     assert "rotation_check" in actions[0].getMessage()
     _assert_clean(first, database.password, new, TOKEN)
     assert_no_secrets(caplog.text, [database.password, new, TOKEN])
@@ -148,7 +151,8 @@ def test_check_now_returns_its_outcome_is_rate_limited_and_logged(
 def test_check_now_without_a_secret_is_409(database: Database, make_app: Any) -> None:
     app = make_app(database.settings(admin_token=TOKEN))
     response = _call(app, CHECK, _bearer(TOKEN))
-    assert response.status_code == 409 and response.json is not None
+    assert response.status_code == 409
+    assert response.json is not None
     assert response.json["error"]["code"] == "no_secret"
     assert "DB_SECRET_ID" in response.json["error"]["message"]
 
@@ -187,7 +191,7 @@ def _record(app: Flask, n: int) -> list[RotationEvent]:
         )
         for i in range(n)
     ]
-    assert history.get_writer(app).flush()
+    assert get_runtime(app).history.flush()
     return events
 
 
@@ -201,7 +205,8 @@ def test_rotations_paginate_newest_first_without_gaps(admin_app: Flask) -> None:
             admin_app, ("GET", f"/admin/api/rotations?limit=5&before_id={cursor}"), _bearer(TOKEN)
         )
         body = response.json
-        assert body is not None and set(body) == {"events", "next_before_id"}
+        assert body is not None
+        assert set(body) == {"events", "next_before_id"}
         seen += [e["id"] for e in body["events"]]
         if body["next_before_id"] is None:
             break
@@ -218,25 +223,33 @@ def test_page_shows_status_history_and_failures_and_paginates(
     events = _record(admin_app, 30)
     runtime = get_runtime(admin_app)
     failed = runtime.events.record(RotationEvent("auth_failure", "failed", error="OperationalError:28P01"))
-    assert history.get_writer(admin_app).flush()
+    assert get_runtime(admin_app).history.flush()
 
     page = _call(admin_app, PAGE, _basic("admin", TOKEN))
     html = page.get_data(as_text=True)
 
-    assert page.status_code == 200 and page.mimetype == "text/html"
-    assert "script" not in html and "default-src 'none'" in page.headers["Content-Security-Policy"]
-    assert secret in html and runtime.rotator().current.version_id in html  # type: ignore[union-attr]
-    assert 'id="engines"' in html and "active" in html
+    assert page.status_code == 200
+    assert page.mimetype == "text/html"
+    assert "script" not in html
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert secret in html
+    assert runtime.rotator().current.version_id in html
+    assert 'id="engines"' in html
+    assert "active" in html
     rows = re.findall(r'<tr class="(\w+)" data-event-id="(\w+)">', html)
-    assert len(rows) == 25 and rows[0] == ("failed", failed.id)  # newest first, failure marked
-    assert "FAILED" in html and "OperationalError:28P01" in html
+    assert len(rows) == 25
+    assert rows[0] == ("failed", failed.id)
+    assert "FAILED" in html
+    assert "OperationalError:28P01" in html
     older = re.search(r'id="older" href="([^"]+)"', html)
     assert older is not None
     page2 = _call(admin_app, ("GET", older.group(1).replace("&amp;", "&")), _basic("admin", TOKEN))
     rows2 = re.findall(r'data-event-id="(\w+)"', page2.get_data(as_text=True))
-    assert len(rows2) == 6 and not set(rows2) & {r[1] for r in rows}
+    assert len(rows2) == 6
+    assert not set(rows2) & {r[1] for r in rows}
     assert {e.id for e in events} | {failed.id} == {r[1] for r in rows} | set(rows2)
-    assert 'http-equiv="refresh"' in html and 'http-equiv="refresh"' not in page2.get_data(as_text=True)
+    assert 'http-equiv="refresh"' in html
+    assert 'http-equiv="refresh"' not in page2.get_data(as_text=True)
     _assert_clean(page, database.password, TOKEN)
     _assert_clean(page2, database.password, TOKEN)
 
@@ -248,7 +261,8 @@ def test_page_still_shows_the_status_when_the_history_cannot_be_read(
         page = _call(admin_app, PAGE, _basic("admin", TOKEN))
     html = page.get_data(as_text=True)
     assert page.status_code == 200
-    assert "the history cannot be read now" in html and 'id="status"' in html
+    assert "the history cannot be read now" in html
+    assert 'id="status"' in html
     _assert_clean(page, database.password, TOKEN)
 
 
@@ -297,7 +311,8 @@ def test_the_page_in_a_real_browser_shows_the_rotation(
             )
             page = context.new_page()
             response = page.goto(f"{stack.server.url}/admin/")
-            assert response is not None and response.status == 200
+            assert response is not None
+            assert response.status == 200
             rows = page.locator("#history tr.rotated", has_text=stack.version)
             assert rows.count() == 2  # one per worker
             assert page.locator("#status").inner_text().count(stack.version) >= 1

@@ -16,7 +16,8 @@ def _channel(client: Any, name: str = "ops") -> dict[str, Any]:
 
 def test_create_and_list_channels(client: Any) -> None:
     created = _channel(client, "alpha-1")
-    assert set(created) == {"id", "name", "created_at"} and created["name"] == "alpha-1"
+    assert set(created) == {"id", "name", "created_at"}
+    assert created["name"] == "alpha-1"
     _channel(client, "bravo")
     listed = client.get("/api/channels")
     assert listed.status_code == 200
@@ -47,7 +48,8 @@ def test_post_read_and_page_messages(client: Any) -> None:
     default = client.get(f"/api/channels/{channel['id']}/messages").json
     assert len(default["messages"]) == 5
     one = client.get(f"/api/messages/{ids[0]}")
-    assert one.status_code == 200 and one.json["body"] == "m0"
+    assert one.status_code == 200
+    assert one.json["body"] == "m0"
 
 
 def test_unknown_ids_are_404(client: Any) -> None:
@@ -125,4 +127,5 @@ def test_bad_paging_parameters_are_400(client: Any, query: str) -> None:
 def test_unknown_route_and_method_are_json(client: Any) -> None:
     assert client.get("/nope").json["error"]["code"] == "not_found"
     response = client.delete("/api/channels")
-    assert response.status_code == 405 and response.json["error"]["code"] == "method_not_allowed"
+    assert response.status_code == 405
+    assert response.json["error"]["code"] == "method_not_allowed"

@@ -14,8 +14,11 @@ def test_defaults_follow_the_design_document() -> None:
     assert s.db_secret_refresh_interval_ms == 300_000
     assert s.db_pool_grace_period_ms == 30_000
     assert (s.postgres_port, s.postgres_db, s.postgres_pool_size) == (5432, "comm_ng", 20)
-    assert s.postgres_ssl is True and s.sslmode == "require"
-    assert s.admin_token is None and s.port == 8000 and s.log_format == "json"
+    assert s.postgres_ssl is True
+    assert s.sslmode == "require"
+    assert s.admin_token is None
+    assert s.port == 8000
+    assert s.log_format == "json"
     assert not s.uses_secrets_manager
 
 
@@ -23,7 +26,9 @@ def test_secret_id_alone_is_enough() -> None:
     s = load_settings(
         {"DB_SECRET_ID": "arn:aws:secretsmanager:us-east-1:1:secret:x", "AWS_REGION": "eu-west-1"}
     )
-    assert s.uses_secrets_manager and s.aws_region == "eu-west-1" and s.postgres_user is None
+    assert s.uses_secrets_manager
+    assert s.aws_region == "eu-west-1"
+    assert s.postgres_user is None
 
 
 def test_ssl_false_disables_tls() -> None:
@@ -65,7 +70,7 @@ def test_bad_value_names_the_variable(name: str, value: str, expected: str) -> N
 
 
 def test_missing_credentials_without_secret_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="POSTGRES_USER .* must be set when DB_SECRET_ID is not set"):
+    with pytest.raises(ConfigError, match=r"POSTGRES_USER .* must be set when DB_SECRET_ID is not set"):
         load_settings({})
 
 
@@ -77,19 +82,20 @@ def test_password_without_user_is_an_error_that_hides_the_password() -> None:
 
 
 def test_empty_password_is_rejected_without_echo() -> None:
-    with pytest.raises(ConfigError, match="^POSTGRES_PASSWORD must not be empty when set$"):
+    with pytest.raises(ConfigError, match=r"^POSTGRES_PASSWORD must not be empty when set$"):
         load_settings({"POSTGRES_USER": "app", "POSTGRES_PASSWORD": ""})
 
 
 def test_settings_repr_never_shows_secrets() -> None:
     s = load_settings({**BASE, "ADMIN_TOKEN": "tok-0123456789+/=="})
-    assert "pw#?%&=+" not in repr(s) and "tok-0123456789+/==" not in repr(s)
+    assert "pw#?%&=+" not in repr(s)
+    assert "tok-0123456789+/==" not in repr(s)
 
 
 @pytest.mark.parametrize(
     "token", ["short-token", "tok#?%&=+en-0123456789", "has space 0123456789", "a=b0123456789abcdef"]
 )
 def test_admin_token_that_a_bearer_header_cannot_carry_is_rejected_without_echo(token: str) -> None:
-    with pytest.raises(ConfigError, match="^ADMIN_TOKEN must be at least 16 characters") as caught:
+    with pytest.raises(ConfigError, match=r"^ADMIN_TOKEN must be at least 16 characters") as caught:
         load_settings({**BASE, "ADMIN_TOKEN": token})
     assert token not in str(caught.value)

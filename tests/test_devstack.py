@@ -15,8 +15,8 @@ from typing import IO
 import pytest
 import requests
 
-from commng.devstack import free_port
-from commng.devstack.processes import http_status
+from devstack import free_port
+from devstack.processes import http_status
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,7 @@ def _stack_env(local_dir: Path) -> dict[str, str]:
 
 def _start_stack(local_dir: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
     stack = subprocess.Popen(
-        [sys.executable, "-m", "commng.devstack", "run", "--port", str(port)],
+        [sys.executable, "-m", "devstack", "run", "--port", str(port)],
         cwd=ROOT,
         env=_stack_env(local_dir),
         stdout=log,
@@ -71,11 +71,12 @@ def test_make_run_serves_rotates_and_stops_on_ctrl_c(local_dir: Path) -> None:
     try:
         assert stack.poll() is None, (local_dir / "run.log").read_text()[-3000:]
         output = (local_dir / "run.log").read_text()
-        assert f"http://127.0.0.1:{port}/readyz" in output and "make rotate" in output
+        assert f"http://127.0.0.1:{port}/readyz" in output
+        assert "make rotate" in output
 
         channel = requests.post(f"{base}/api/channels", json={"name": "local"}, timeout=10).json()["id"]
         rotate = subprocess.run(
-            [sys.executable, "-m", "commng.devstack", "rotate", "--pause", "1"],
+            [sys.executable, "-m", "devstack", "rotate", "--pause", "1"],
             cwd=ROOT,
             env=env,
             capture_output=True,

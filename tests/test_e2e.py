@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from commng.devstack import free_port, new_password, rotate_secret
-from commng.devstack.processes import GunicornServer, LoadGenerator
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets, wait_for
+from devstack import free_port, new_password, rotate_secret
+from devstack.processes import GunicornServer, LoadGenerator
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -72,11 +71,13 @@ def test_three_rotations_under_load_fail_no_request(
                 for i in result.created_ids
                 if session.get(f"{server.url}/api/messages/{i}", timeout=10).status_code != 200
             ]
-        assert result.created_ids and missing == []
+        assert result.created_ids
+        assert missing == []
     finally:
         code = server.stop()
     assert code == 0
-    assert server.process is not None and server.process.poll() is not None
+    assert server.process is not None
+    assert server.process.poll() is not None
     output = server.output()
     assert '"Database connection successfully refreshed with new credentials"' in output
     assert '"Auto-refresh started"' in output

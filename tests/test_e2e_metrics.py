@@ -20,10 +20,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from commng.devstack import free_port, new_password, rotate_secret
-from commng.devstack.processes import GunicornServer, LoadGenerator
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets, wait_for
+from devstack import free_port, new_password, rotate_secret
+from devstack.processes import GunicornServer, LoadGenerator
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -143,7 +142,8 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
         rotate_secret(
             client, arn, database.cluster, database.role, newer, before_current=request_in_the_window
         )
-        assert answers[0].status_code == 200 and answers[0].headers["X-Request-ID"] == REQUEST_ID
+        assert answers[0].status_code == 200
+        assert answers[0].headers["X-Request-ID"] == REQUEST_ID
         # The replacement worker never saw rotation 1, the dead one did: still workers x rotations.
         wait_for(lambda: _rotated(_scrape(server)) == WORKERS * 2, timeout_s=20)
         scrapes.append(_scrape(server))
@@ -156,7 +156,8 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
         assert {"event", "level", "timestamp"} <= set(record), record
     assert records[0]["event"].startswith("Starting gunicorn")
     access = [r for r in records if r["event"] == "http_request"]
-    assert access and all({"method", "path", "status", "duration_ms", "request_id"} <= set(r) for r in access)
+    assert access
+    assert all({"method", "path", "status", "duration_ms", "request_id"} <= set(r) for r in access)
     assert not [r for r in access if r["path"] == "/metrics" and r["status"] != 200]
     tagged = [r for r in records if r.get("request_id") == REQUEST_ID]
     assert [r["status"] for r in tagged if r["event"] == "http_request"] == [200]

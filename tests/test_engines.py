@@ -1,25 +1,53 @@
-"""Engine construction and installation, and the one private Flask-SQLAlchemy attribute."""
+"""Engine construction and installation, and the one place with framework internals."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, ClassVar
 
-import flask_sqlalchemy
+import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from commng.engines import EngineFactory, install_engine
-from commng.models import db
-from commng.runtime import get_runtime
-from tests.conftest import Database
+from commng.db import db
+from commng.rotation import compat, get_runtime
+from commng.rotation.compat import install_engine
+from commng.rotation.engines import EngineFactory
+from tests.helpers import Database
+
+PACKAGE = Path(__file__).resolve().parent.parent / "commng"
+# Private names of Flask-SQLAlchemy and Flask that code could be tempted to reach for.
+PRIVATE = re.compile(r"\._app_engines|\._teardown_session|before_request_funcs|\._db\b|\._get_current_object")
 
 
-def test_flask_sqlalchemy_version_is_the_one_install_engine_was_written_for() -> None:
-    # install_engine writes db._app_engines; a new Flask-SQLAlchemy must be re-checked.
-    from importlib.metadata import version
+def test_flask_sqlalchemy_is_the_version_the_compat_module_was_checked_against() -> None:
+    installed = version("flask-sqlalchemy")
+    assert installed == compat.TESTED_VERSION, (
+        f"Flask-SQLAlchemy {installed} is installed; commng/rotation/compat.py was checked against "
+        f"{compat.TESTED_VERSION}: re-check db._app_engines, then update TESTED_VERSION"
+    )
 
-    assert version("flask-sqlalchemy") == "3.1.1"
-    assert hasattr(flask_sqlalchemy.SQLAlchemy(), "_app_engines")
+
+def test_only_the_compat_module_touches_framework_internals() -> None:
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{n}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "compat.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if PRIVATE.search(line)
+    ]
+    assert offenders == []
+
+
+def test_compat_check_refuses_an_extension_that_keeps_engines_elsewhere(app: Flask) -> None:
+    class Moved:
+        engines: ClassVar[dict[str | None, Any]] = {}
+
+    with pytest.raises(compat.IncompatibleFlaskSQLAlchemy, match=re.escape(compat.TESTED_VERSION)):
+        compat.check(Moved(), app)
+    compat.check(db, app)  # the real one passes
 
 
 def test_install_engine_changes_what_flask_sqlalchemy_hands_out(app: Flask, database: Database) -> None:
@@ -41,31 +69,31 @@ def test_every_engine_gets_the_same_options(app: Flask) -> None:
     second = factory.build(None).engine
     for engine in (first, second):
         pool: Any = engine.pool
-        assert pool.size() == factory.settings.postgres_pool_size
+        assert pool.size() == factory.settings.pool_size
         assert pool._pre_ping is True
         assert engine.hide_parameters is True
-    assert factory.options() == factory.options() and factory.options() is not factory.options()
+    assert factory.options() == factory.options()
+    assert factory.options() is not factory.options()
 
 
 def test_no_password_in_engine_urls_or_reprs(app: Flask, database: Database) -> None:
     with app.app_context():
         engine = db.engine
         rendered = engine.url.render_as_string(hide_password=False)
-        assert database.password not in rendered and database.password not in repr(engine)
+        assert database.password not in rendered
+        assert database.password not in repr(engine)
         assert engine.url.password is None
     credentials = get_runtime(app).rotator().credentials
-    assert database.password not in repr(credentials) and database.password not in str(credentials)
+    assert database.password not in repr(credentials)
+    assert database.password not in str(credentials)
 
 
 def test_bind_parameters_are_hidden_by_sqlalchemy(client: Any, app: Flask) -> None:
     # PostgreSQL's own message may still quote a literal (psycopg2 interpolates client
     # side), which is why logs and responses carry only an error class and code.
     with app.app_context():
-        try:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
             db.session.execute(sa.text("SELECT CAST(:v AS integer)"), {"v": "secret-value-123"})
-        except sa.exc.DBAPIError as exc:
-            assert "[SQL parameters hidden due to hide_parameters=True]" in str(exc)
-            assert "'v': 'secret-value-123'" not in str(exc)
-        else:  # pragma: no cover
-            raise AssertionError("the cast should fail")
+        assert "[SQL parameters hidden due to hide_parameters=True]" in str(raised.value)
+        assert "'v': 'secret-value-123'" not in str(raised.value)
         db.session.rollback()

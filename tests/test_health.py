@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from psycopg2 import sql
 
-from commng.devstack import PostgresCluster, new_password, running_cluster
 from config import Settings
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets
+from devstack import PostgresCluster, new_password, running_cluster
+from tests.helpers import Database, assert_no_secrets
 
 
 @pytest.fixture
@@ -70,5 +69,6 @@ def test_readyz_is_503_when_the_login_stops_working(database: Database, make_app
     assert response.status_code == 503
     assert response.json["reason"] == "database authentication failed"
     api = client.get("/api/channels")
-    assert api.status_code == 503 and api.json["error"]["code"] == "database_unavailable"
+    assert api.status_code == 503
+    assert api.json["error"]["code"] == "database_unavailable"
     assert_no_secrets(response.get_data(as_text=True) + api.get_data(as_text=True), [database.password])

@@ -17,14 +17,13 @@ import requests
 import sqlalchemy as sa
 from flask import Flask
 
-from commng import history
-from commng.devstack import free_port, new_password, rotate_secret
-from commng.devstack.processes import GunicornServer
-from commng.events import RotationEvent
-from commng.models import db
-from commng.runtime import get_runtime
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets, wait_for
+from commng.db import db
+from commng.rotation import history
+from commng.rotation.events import RotationEvent
+from commng.rotation.runtime import get_runtime
+from devstack import free_port, new_password, rotate_secret
+from devstack.processes import GunicornServer
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 TOKEN = "history-admin-token-0123456789"
 # gunicorn's gevent worker waits out graceful_timeout for a kept-alive connection, even
@@ -35,14 +34,14 @@ CLOSE = {"Connection": "close"}
 def _rows(app: Flask) -> list[dict[str, Any]]:
     """Every history row, oldest first."""
     with app.app_context():
-        table = history.RotationRecord.__table__
+        table = history.rotation_events
         with db.engine.connect() as conn:
             query = sa.select(table).order_by(table.c.occurred_at, table.c.id)
             return [dict(r._mapping) for r in conn.execute(query)]
 
 
 def _flushed(app: Flask) -> history.HistoryWriter:
-    writer = history.get_writer(app)
+    writer = get_runtime(app).history
     assert writer.flush(), writer.last_error
     return writer
 
@@ -62,7 +61,9 @@ def test_a_rotation_is_written_then_updated_with_drained_ms(
     event = runtime.events.recent(1)[0]
     assert row["id"] == event.id
     assert (row["trigger"], row["outcome"], row["new_version"]) == ("poll", "rotated", put["VersionId"])
-    assert row["worker"] == event.worker and row["swap_ms"] is not None and row["error"] is None
+    assert row["worker"] == event.worker
+    assert row["swap_ms"] is not None
+    assert row["error"] is None
     wait_for(lambda: event.drained_ms is not None)
     wait_for(lambda: _flushed(secret_app) and _rows(secret_app)[0]["drained_ms"] is not None)
     assert len(_rows(secret_app)) == 1
@@ -83,7 +84,8 @@ def test_a_failed_refresh_is_written_as_failed_and_nothing_else(
     assert [(r["trigger"], r["outcome"], r["error"]) for r in rows] == [
         ("poll", "failed", "OperationalError:28P01")
     ]
-    assert rows[0]["new_version"] is None and rows[0]["swap_ms"] is None
+    assert rows[0]["new_version"] is None
+    assert rows[0]["swap_ms"] is None
     assert_no_secrets(json.dumps(rows, default=str), [database.password, bad])
 
 
@@ -92,21 +94,23 @@ def test_events_recorded_while_the_database_is_unreachable_are_written_later_in_
 ) -> None:
     caplog.set_level(logging.WARNING)
     runtime = get_runtime(secret_app)
-    writer = history.get_writer(secret_app)
+    writer = get_runtime(secret_app).history
     with database.login_refused():
         for _ in range(3):
             runtime.watcher.check_once(trigger="manual")  # type: ignore[union-attr]
         manual = [e.id for e in reversed(runtime.events.recent(10)) if e.trigger == "manual"]
         assert len(manual) == 3
         assert writer.flush() is False
-        assert writer.pending >= 3 and writer.last_error is not None
+        assert writer.pending >= 3
+        assert writer.last_error is not None
 
     wait_for(lambda: writer.flush(), timeout_s=15)
 
     rows = _rows(secret_app)
     assert [r["id"] for r in rows if r["trigger"] == "manual"] == manual
     assert {r["outcome"] for r in rows if r["trigger"] == "manual"} == {"unchanged"}
-    assert writer.pending == 0 and writer.dropped == 0
+    assert writer.pending == 0
+    assert writer.dropped == 0
     assert "rotation_history_write_failed" in caplog.text
 
 
@@ -115,7 +119,7 @@ def test_past_the_bound_the_oldest_unwritten_events_are_dropped_with_a_warning(
 ) -> None:
     caplog.set_level(logging.WARNING)
     runtime = get_runtime(app)
-    writer = history.get_writer(app)
+    writer = get_runtime(app).history
     writer.maxlen = 3
     with database.login_refused():
         events = [runtime.events.record(RotationEvent("manual", "unchanged")) for _ in range(5)]
@@ -128,7 +132,7 @@ def test_past_the_bound_the_oldest_unwritten_events_are_dropped_with_a_warning(
 
 def test_rows_past_the_retention_limit_are_pruned_at_most_once_an_hour(app: Flask) -> None:
     runtime = get_runtime(app)
-    writer = history.get_writer(app)
+    writer = get_runtime(app).history
     old = datetime.now(UTC) - writer.retention - timedelta(days=1)
 
     runtime.events.record(RotationEvent("manual", "unchanged", occurred_at=old))
@@ -154,7 +158,8 @@ def test_the_startup_attempt_recorded_before_anyone_listened_is_written(
     _flushed(app)
     rows = _rows(app)
     assert [(r["trigger"], r["outcome"]) for r in rows] == [("startup", "failed")]
-    assert rows[0]["error"] and "ResourceNotFound" in rows[0]["error"]
+    assert rows[0]["error"]
+    assert "ResourceNotFound" in rows[0]["error"]
 
 
 def test_cli_prints_the_history_as_a_table(app: Flask, database: Database) -> None:
@@ -170,8 +175,11 @@ def test_cli_prints_the_history_as_a_table(app: Flask, database: Database) -> No
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split()[:4] == ["occurred_at", "worker", "trigger", "outcome"]
-    assert "rotated" in lines[1] and "v-new" in lines[1] and "12.3" in lines[1]  # newest first
-    assert "FAILED" in lines[2] and "OperationalError:28P01" in lines[2]
+    assert "rotated" in lines[1]
+    assert "v-new" in lines[1]
+    assert "12.3" in lines[1]
+    assert "FAILED" in lines[2]
+    assert "OperationalError:28P01" in lines[2]
     assert_no_secrets(result.output, [database.password])
     bad = app.test_cli_runner().invoke(args=["rotation", "history", "--limit", "0"])
     assert bad.exit_code != 0
@@ -258,7 +266,8 @@ def test_gunicorn_workers_each_write_their_rotation(
         assert [e for e in events if e["outcome"] == "failed"] == []
 
         page = requests.get(f"{server.url}/admin/", auth=("admin", TOKEN), headers=CLOSE, timeout=10)
-        assert page.status_code == 200 and version in page.text
+        assert page.status_code == 200
+        assert version in page.text
         bodies = [json.dumps(events), page.text]
     output = server.output()
     assert '"admin_auth_failed"' not in output

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from commng.devstack import free_port
-from commng.devstack.processes import http_status
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets, wait_for
+from devstack import free_port
+from devstack.processes import http_status
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 pytestmark = pytest.mark.e2e
 

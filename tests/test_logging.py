@@ -19,8 +19,8 @@ import structlog
 from gunicorn import glogging
 from gunicorn.config import Config
 
-from commng import logs
-from commng.request_context import REQUEST_ID_HEADER, request_id_from
+from commng.observability import logs, request_context
+from commng.observability.request_context import REQUEST_ID_HEADER, request_id_from
 from config import Settings
 from tests.helpers import assert_no_secrets
 
@@ -75,16 +75,17 @@ def test_exceptions_are_rendered_without_local_variables(
     assert_no_secrets(buffer.getvalue(), [SECRET])
 
 
-def test_seed_sentences_are_the_messages_of_stable_events(
+def test_stable_events_carry_their_sentences(
     json_lines: tuple[logging.Logger, io.StringIO],
 ) -> None:
-    logger, buffer = json_lines
+    _logger, buffer = json_lines
     logs.route_to_stdlib()
     structlog.get_logger("commng.tests.logging").info("refresh_succeeded", swap_ms=12.5)
     (record,) = _records(buffer)
     assert record["event"] == "refresh_succeeded"
     assert record["message"] == "Database connection successfully refreshed with new credentials"
-    assert record["level"] == "info" and record["pid"] == os.getpid()
+    assert record["level"] == "info"
+    assert record["pid"] == os.getpid()
 
 
 def _access_record(
@@ -147,7 +148,8 @@ def test_request_id_comes_from_the_header_then_the_alb_then_is_generated() -> No
     assert request_id_from({"X-Request-ID": "x" * 129}, new="fresh") == "fresh"
     assert request_id_from({"X-Request-ID": 'a"b\nc'}, new="fresh") == "fresh"
     generated = request_id_from({})
-    assert len(generated) == 32 and int(generated, 16) >= 0
+    assert len(generated) == 32
+    assert int(generated, 16) >= 0
     assert request_id_from({}) != generated
 
 
@@ -164,7 +166,15 @@ def test_request_id_is_echoed_and_bound_to_the_requests_log_lines(make_app: Any,
     assert any(line["event"] == "database_unavailable" and line["request_id"] == "req-42" for line in lines)
     assert "request_id" not in structlog.contextvars.get_contextvars()
     generated = client.get("/healthz").headers[REQUEST_ID_HEADER]
-    assert generated and generated != "req-42"
+    assert generated
+    assert generated != "req-42"
+
+
+def test_the_request_id_is_bound_before_every_other_request_hook(make_app: Any) -> None:
+    settings = Settings(postgres_host="127.0.0.1", postgres_port=1, postgres_user="x", postgres_password="y")
+    app = make_app(settings)
+    # Registration order is the order Flask runs them: the factory registers the id first.
+    assert app.before_request_funcs[None][0] is request_context._bind
 
 
 def _gunicorn_conf(log_format: str) -> subprocess.CompletedProcess[str]:
@@ -194,7 +204,9 @@ def test_gunicorn_logs_through_the_same_formatter_without_loading_the_app() -> N
     (line,) = result.stdout.splitlines()
     record = json.loads(line)
     assert record["event"] == "Booting worker with pid: 1"
-    assert record["logger"] == "gunicorn.error" and {"level", "timestamp"} <= set(record)
+    assert record["logger"] == "gunicorn.error"
+    assert {"level", "timestamp"} <= set(record)
 
     console = _gunicorn_conf("console").stdout
-    assert "Booting worker with pid: 1" in console and not console.startswith("{")
+    assert "Booting worker with pid: 1" in console
+    assert not console.startswith("{")

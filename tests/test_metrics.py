@@ -16,19 +16,18 @@ from flask import Flask
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from commng import metrics
-from commng.devstack import new_password
-from commng.models import db
-from commng.runtime import get_runtime
-from commng.watcher import DEGRADED_AFTER_FAILURES
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets, wait_for
+from commng.db import db
+from commng.observability import metrics
+from commng.rotation.runtime import get_runtime
+from commng.rotation.watcher import DEGRADED_AFTER_FAILURES
+from devstack import new_password
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 
 @pytest.fixture(autouse=True)
 def _process_local_registry() -> Iterator[None]:
     assert not os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "unit tests read the process-local registry"
-    yield
+    return
 
 
 def _value(name: str, **labels: str) -> float:
@@ -113,7 +112,7 @@ def test_rotation_feeds_refresh_check_swap_detection_and_drain_metrics(
     drains = _value("commng_db_old_pool_drain_seconds_count")
     client = secret_app.test_client()
     assert client.get("/readyz").status_code == 200  # the old pool has a connection to drain
-    assert watcher.check_once()[0].result == "unchanged"
+    assert watcher.check_once()[0].change == "unchanged"
 
     new = new_password()
     database.cluster.set_password(database.role, new)
@@ -147,7 +146,7 @@ def test_secrets_manager_errors_are_counted_and_degrade_the_status_not_healthz(
     for n in range(1, DEGRADED_AFTER_FAILURES + 1):
         assert runtime.status()["degraded"] is False
         result = watcher.check_once()[0]
-        assert (result.result, result.error, result.unavailable) == ("error", code, True)
+        assert (result.change, result.error, result.unavailable) == ("error", code, True)
         assert _value("commng_secret_watcher_consecutive_failures") == n
         assert client.get("/healthz").status_code == 200
 

@@ -12,12 +12,11 @@ import sqlalchemy as sa
 from flask import Flask
 from moto.server import ThreadedMotoServer
 
-from commng.credentials import SecretsManagerSource
-from commng.devstack import free_port, new_password, rotate_secret
-from commng.models import db
-from commng.runtime import get_runtime
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets, wait_for
+from commng.db import db
+from commng.rotation.credentials import SecretsManagerSource
+from commng.rotation.runtime import get_runtime
+from devstack import free_port, new_password, rotate_secret
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 
 def _post_channel(app: Flask, name: str) -> int:
@@ -58,17 +57,18 @@ def test_put_secret_value_rotation_swaps_and_drains(
 
     results = runtime.watcher.check_once()  # type: ignore[union-attr]
 
-    assert [(r.result, r.outcome) for r in results] == [("changed", "rotated")]
+    assert [(r.change, r.outcome) for r in results] == [("changed", "rotated")]
     assert _engine(secret_app) is not old_engine
     event = runtime.events.recent(1)[0]
     assert (event.trigger, event.outcome, event.new_version) == ("poll", "rotated", put["VersionId"])
-    assert event.swap_ms is not None and event.detection_latency_ms is not None
+    assert event.swap_ms is not None
+    assert event.detection_latency_ms is not None
     wait_for(lambda: _drained(secret_app))
     assert event.drained_ms is not None
     assert old_engine.pool.checkedin() == 0
     _post_channel(secret_app, "after")
     wait_for(lambda: database.backends() <= baseline)
-    assert runtime.watcher.check_once()[0].result == "unchanged"  # type: ignore[union-attr]
+    assert runtime.watcher.check_once()[0].change == "unchanged"  # type: ignore[union-attr]
     messages = [r.getMessage() for r in caplog.records]
     for name in ("rotation_detected", "refresh_started", "refresh_succeeded", "old_pool_closed"):
         assert any(name in m for m in messages), name
@@ -84,7 +84,7 @@ def test_new_version_with_the_same_login_does_not_swap(
     results = runtime.watcher.check_once()  # type: ignore[union-attr]
     assert results[0].outcome == "unchanged"
     assert _engine(secret_app) is engine
-    assert runtime.watcher.check_once()[0].result == "unchanged"  # type: ignore[union-attr]
+    assert runtime.watcher.check_once()[0].change == "unchanged"  # type: ignore[union-attr]
 
 
 def test_rotation_window_is_bridged_by_awspending(
@@ -110,7 +110,7 @@ def test_rotation_window_is_bridged_by_awspending(
 
     assert runtime.rotator().current.version_id == version  # type: ignore[union-attr]
     engine = _engine(secret_app)
-    assert runtime.watcher.check_once()[0].result == "unchanged"  # type: ignore[union-attr]
+    assert runtime.watcher.check_once()[0].change == "unchanged"  # type: ignore[union-attr]
     assert _engine(secret_app) is engine  # settled on AWSCURRENT, no second swap
     assert secret_app.test_client().get("/readyz").status_code == 200
     assert_no_secrets(caplog.text, [database.password, new])
@@ -177,12 +177,13 @@ def test_failed_new_credentials_keep_the_old_engine_and_are_retried(
     assert first[0].outcome == "failed"
     assert _engine(secret_app) is engine
     event = runtime.events.recent(1)[0]
-    assert event.outcome == "failed" and event.error == "OperationalError:28P01"
+    assert event.outcome == "failed"
+    assert event.error == "OperationalError:28P01"
     _post_channel(secret_app, "still-serving")
 
     database.cluster.set_password(database.role, new)  # the database catches up
     second = runtime.watcher.check_once()  # type: ignore[union-attr]
-    assert second[0].outcome == "rotated"  # the seed would wait for the next rotation
+    assert second[0].outcome == "rotated"  # a plain poller would wait for the next rotation
     assert _engine(secret_app) is not engine
 
 
@@ -230,7 +231,8 @@ def test_secrets_manager_outage_is_survived(database: Database, make_app: Any, c
         server.stop()
 
         results = watcher.check_once()
-        assert results[0].result == "error" and results[0].error
+        assert results[0].change == "error"
+        assert results[0].error
         assert watcher.consecutive_failures == 1
         assert watcher.next_delay_s() == 1.0
         watcher.check_once()
@@ -303,4 +305,4 @@ def test_many_concurrent_auth_failures_cost_a_handful_of_calls(
 def test_env_credentials_mean_no_watcher(app: Flask, caplog: Any) -> None:
     runtime = get_runtime(app)
     assert runtime.watcher is None
-    assert runtime.rotator().source.name == "environment"
+    assert runtime.rotator().source.name == "static"

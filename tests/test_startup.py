@@ -13,9 +13,8 @@ import boto3
 from moto.server import ThreadedMotoServer
 from psycopg2 import sql
 
-from commng.devstack import free_port
-from tests.conftest import Database
-from tests.helpers import assert_no_secrets
+from devstack import free_port
+from tests.helpers import Database, assert_no_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -6,7 +6,6 @@ import math
 import re
 import threading
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,13 +14,11 @@ from flask import Blueprint, current_app, render_template, request
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from commng import history
 from commng.admin.auth import api_auth, closed_unless_configured, page_auth, remote_addr
-from commng.engines import NoCredentials, error_code
+from commng.db import db
 from commng.errors import APIError, error_response
-from commng.events import worker_name
-from commng.models import db
-from commng.runtime import get_runtime
+from commng.rotation import NoCredentials, Trigger, error_code, get_runtime, history
+from commng.rotation.events import worker_name
 
 __all__ = ["CHECK_MIN_INTERVAL_S", "CheckLimiter", "bp"]
 
@@ -67,7 +64,7 @@ def _status() -> dict[str, Any]:
             if engine is not None:
                 age = now - datetime.fromisoformat(engine["created_at"])
                 engine["age_s"] = round(age.total_seconds(), 1)
-    status["history_writer"] = history.get_writer(current_app).status()
+    status["history_writer"] = get_runtime().history.status()
     return status
 
 
@@ -91,7 +88,7 @@ def _limit() -> int:
 
 def _page(limit: int) -> tuple[list[history.RotationRecord], str | None]:
     try:
-        return history.list_events(limit, _cursor())
+        return history.list_events(db.session, limit, _cursor())
     except history.InvalidCursor:
         raise APIError(400, "invalid_parameter", "before_id names no event in the history") from None
 
@@ -104,7 +101,7 @@ def index() -> Any:
     history_error = None
     try:
         events, next_before_id = _page(PAGE_SIZE)
-        counts = history.count_by_trigger()
+        counts = history.count_by_trigger(db.session)
     except _DB_ERRORS as exc:
         db.session.rollback()
         events, next_before_id, counts = [], None, {}
@@ -127,7 +124,7 @@ def api_status() -> Any:
     """This worker's status as JSON, with the history's counts per trigger and outcome."""
     status = _status()
     try:
-        status["history_counts"] = history.count_by_trigger()
+        status["history_counts"] = history.count_by_trigger(db.session)
     except _DB_ERRORS as exc:
         db.session.rollback()
         status["history_counts"] = None
@@ -159,12 +156,12 @@ def api_check() -> Any:
         response = error_response(429, "rate_limited", f"one check per {CHECK_MIN_INTERVAL_S:g} s per worker")
         response.headers["Retry-After"] = str(wait_s)
         return response
-    results = runtime.watcher.check_once(trigger="manual")
-    _log_action(200, results=[r.result for r in results], outcomes=[r.outcome for r in results])
+    results = runtime.watcher.check_once(trigger=Trigger.MANUAL)
+    _log_action(200, results=[r.change for r in results], outcomes=[r.outcome for r in results])
     rotator = runtime.rotator()
     return {
         "worker": worker_name(),
-        "results": [asdict(r) for r in results],
+        "results": [r.as_dict() for r in results],
         "current_version": rotator.current.version_id if rotator.current else None,
     }
 

@@ -14,15 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import structlog
 
-from commng.credentials import SecretsUnavailable
-from commng.rotation import Rotator
+from commng.rotation.credentials import SecretsUnavailable
+from commng.rotation.events import Outcome, Trigger
+from commng.rotation.rotator import Rotator
 
 __all__ = ["DEGRADED_AFTER_FAILURES", "CheckResult", "SecretWatcher"]
 
-log = structlog.get_logger("commng.watcher")
+log = structlog.get_logger("commng.rotation.watcher")
 
 FIRST_RETRY_S = 1.0
 # A watcher that has failed this many checks in a row shows as degraded in the status.
@@ -31,14 +33,24 @@ DEGRADED_AFTER_FAILURES = 3
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What one check of one bind found: unchanged, changed, or error."""
+    """What one check of one bind found; ``outcome`` is the refresh's, when one ran."""
 
     bind: str | None
-    result: str
-    outcome: str | None = None
+    change: Literal["unchanged", "changed", "error"]
+    outcome: Outcome | None = None
     error: str | None = None
     # True when Secrets Manager could not be asked; ``error`` is then its error code.
     unavailable: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON for the admin API and the CLI (``change`` is published as ``result``)."""
+        return {
+            "bind": self.bind,
+            "result": self.change,
+            "outcome": self.outcome,
+            "error": self.error,
+            "unavailable": self.unavailable,
+        }
 
 
 class SecretWatcher:
@@ -62,7 +74,7 @@ class SecretWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def check_once(self, trigger: str = "poll") -> list[CheckResult]:
+    def check_once(self, trigger: Trigger = Trigger.POLL) -> list[CheckResult]:
         """Check every bind once; the single step the loop repeats and tests call."""
         results = []
         for rotator in self.rotators:
@@ -78,11 +90,11 @@ class SecretWatcher:
                 continue
             if event is None:
                 results.append(CheckResult(rotator.bind, "unchanged"))
-            elif event.outcome == "unchanged" and event.old_version == event.new_version:
+            elif event.outcome == Outcome.UNCHANGED and event.old_version == event.new_version:
                 results.append(CheckResult(rotator.bind, "unchanged", event.outcome))  # manual check
             else:
                 results.append(CheckResult(rotator.bind, "changed", event.outcome, event.error))
-        failed = any(r.result == "error" or r.outcome == "failed" for r in results)
+        failed = any(r.change == "error" or r.outcome == Outcome.FAILED for r in results)
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         self.last_check_at = datetime.now(UTC)
         self.last_results = results

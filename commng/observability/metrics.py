@@ -5,11 +5,11 @@ Under gunicorn every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR`` a
 prometheus_client's multiprocess collector; without that variable (the Flask test
 client, a shell) the process-local default registry is served.
 
-Metrics are fed through the seams the rotation core offers, never by polling it:
+Metrics are fed through the seams the rotation layer offers, never by polling it:
 refresh events (``EventLog.listeners`` / ``update_listeners``), the watcher's check
 results, the engine factory's build and auth-failure listeners, and SQLAlchemy pool
-events. Gauges are set from events with ``.set()``: ``set_function`` exports 0 in
-multiprocess mode (shared/NOTES.md). No label ever holds a value read from a secret.
+events. Gauges are set from events with ``.set()``: ``Gauge.set_function`` exports 0
+in prometheus_client's multiprocess mode. No label ever holds a value read from a secret.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prom_multiprocess
 
 from commng.admin.auth import api_auth
-from commng.engines import ManagedEngine
 from commng.errors import error_response
-from commng.events import RotationEvent
-from commng.runtime import Runtime, get_runtime
-from commng.watcher import CheckResult
+from commng.rotation.engines import ManagedEngine
+from commng.rotation.events import Outcome, RotationEvent
+from commng.rotation.runtime import Runtime, get_runtime
+from commng.rotation.watcher import CheckResult
 from config import Settings
 
 __all__ = ["bp", "init_app", "render", "track_engine"]
@@ -182,7 +182,7 @@ def _on_refresh(event: RotationEvent) -> None:
     REFRESHES.labels(event.trigger, event.outcome).inc()
     if event.error and event.error.startswith("SecretsUnavailable:"):
         SECRET_FETCH_ERRORS.labels(_label_code(event.error.partition(":")[2])).inc()
-    if event.outcome != "rotated":
+    if event.outcome != Outcome.ROTATED:
         return
     if event.swap_ms is not None:
         SWAP.observe(event.swap_ms / 1000)
@@ -197,7 +197,7 @@ def _on_drained(event: RotationEvent) -> None:
 
 def _on_checks(results: list[CheckResult]) -> None:
     for result in results:
-        SECRET_CHECKS.labels(result.result).inc()
+        SECRET_CHECKS.labels(result.change).inc()
         if result.unavailable and result.error:
             SECRET_FETCH_ERRORS.labels(_label_code(result.error)).inc()
 

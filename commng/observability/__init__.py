@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from commng import metrics, request_context
+from commng.observability import metrics, request_context
 
 __all__ = ["init_app"]
 

@@ -1,4 +1,4 @@
-"""Routes for the benchmark only (``COMMNG_BENCH_ROUTES=true``); never registered otherwise.
+"""Routes for the benchmark only, mounted by ``bench/wsgi.py``; the product never has them.
 
 ``GET /bench/sleep`` holds one pooled connection for 50 ms inside PostgreSQL. With one
 gevent worker and a pool of 20, the ceiling is 20 / 0.05 s = 400 requests per second,
@@ -12,8 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Blueprint, Flask
 
-from commng.models import db
-from config import Settings
+from commng.db import db
 
 __all__ = ["SLEEP_S", "bp", "init_app"]
 
@@ -30,7 +29,5 @@ def sleep() -> Any:
 
 
 def init_app(app: Flask) -> None:
-    """Register the bench routes when the settings enable them (never by default)."""
-    settings: Settings = app.config["COMMNG_SETTINGS"]
-    if settings.bench_routes:
-        app.register_blueprint(bp)
+    """Mount the bench routes on CommNG's app."""
+    app.register_blueprint(bp)

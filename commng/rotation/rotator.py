@@ -13,12 +13,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy.engine import Engine
 
-from commng.credentials import (
+from commng.rotation.credentials import (
     AWSCURRENT,
     AWSPENDING,
     Credentials,
@@ -27,7 +28,7 @@ from commng.credentials import (
     SecretsUnavailable,
     SecretVersion,
 )
-from commng.engines import (
+from commng.rotation.engines import (
     EngineFactory,
     ManagedEngine,
     describe_error,
@@ -36,11 +37,11 @@ from commng.engines import (
     is_auth_failure,
     probe,
 )
-from commng.events import EventLog, RotationEvent
+from commng.rotation.events import EventLog, Outcome, RotationEvent, Trigger
 
 __all__ = ["Rotator"]
 
-log = structlog.get_logger("commng.rotation")
+log = structlog.get_logger("commng.rotation.rotator")
 
 # At most one Secrets Manager fetch per second per worker for auth-failure refreshes.
 REACTIVE_MIN_INTERVAL_S = 1.0
@@ -55,6 +56,18 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.result: RotationEvent | None = None
+
+
+@dataclass
+class _Attempt:
+    """One refresh as it goes: what started it and which stage it is reading now."""
+
+    trigger: Trigger
+    # The login PostgreSQL just refused (reactive refreshes only).
+    failed: Credentials | None
+    old_version: str | None
+    stage: str = AWSCURRENT
+    detected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class Rotator:
@@ -79,7 +92,7 @@ class Rotator:
         self.current: SecretVersion | None = None
         self.active: ManagedEngine | None = None
         self.draining: list[ManagedEngine] = []
-        self.trigger_counts: Counter[str] = Counter()
+        self.trigger_counts: Counter[Trigger] = Counter()
         self._swap_lock = threading.Lock()
         self._flight_lock = threading.Lock()
         self._flight: _Flight | None = None
@@ -101,19 +114,19 @@ class Rotator:
             if self.source.watchable:
                 log.info("credentials_fetched", bind=self.bind, version=version.version_id)
         except (SecretsUnavailable, InvalidSecret) as exc:
-            self._record(RotationEvent("startup", "failed", self.bind, error=error_code(exc)))
+            self._record(RotationEvent(Trigger.STARTUP, Outcome.FAILED, self.bind, error=error_code(exc)))
             log.warning(
                 "startup_credentials_unavailable",
                 bind=self.bind,
                 error=error_code(exc),
                 reason=describe_error(exc),
-                using="environment" if fallback else "none until the secret is readable",
+                using="static credentials" if fallback else "none until the secret is readable",
             )
             version = SecretVersion(fallback, None) if fallback else None
         self.active = self.factory.build(version.credentials if version else None)
         self.active.reactive = True
         self.install(self.active.engine)
-        # Env fallback credentials are not a secret version: the watcher will replace them.
+        # Static fallback credentials are not a secret version: the watcher will replace them.
         self.current = version if version and version.version_id else None
 
     @property
@@ -123,7 +136,7 @@ class Rotator:
 
     # -- the watcher's step -----------------------------------------------------------
 
-    def check(self, trigger: str = "poll") -> RotationEvent | None:
+    def check(self, trigger: Trigger = Trigger.POLL) -> RotationEvent | None:
         """Compare AWSCURRENT's version id with ours; refresh when it moved.
 
         Returns the refresh's event, or None when nothing changed (a poll records no
@@ -133,14 +146,16 @@ class Rotator:
         if self._window_from is not None and version_id != self._window_from:
             self._window_from = None  # AWSCURRENT moved on: the window is over
         if self.current is not None and version_id in {self.current.version_id, self._window_from}:
-            if trigger == "manual":
-                return self._record(RotationEvent(trigger, "unchanged", self.bind, version_id, version_id))
+            if trigger == Trigger.MANUAL:
+                return self._record(
+                    RotationEvent(trigger, Outcome.UNCHANGED, self.bind, version_id, version_id)
+                )
             return None
         return self.refresh(trigger)
 
     # -- single-flight refresh ---------------------------------------------------------
 
-    def refresh(self, trigger: str, failed: Credentials | None = None) -> RotationEvent:
+    def refresh(self, trigger: Trigger, failed: Credentials | None = None) -> RotationEvent:
         """Run a refresh, or join the one already running and return its event."""
         with self._flight_lock:
             flight = self._flight
@@ -150,7 +165,7 @@ class Rotator:
         if not leader:
             if flight.done.wait(JOIN_TIMEOUT_S) and flight.result is not None:
                 return flight.result
-            return RotationEvent(trigger, "failed", self.bind, error="JoinTimeout")
+            return RotationEvent(trigger, Outcome.FAILED, self.bind, error="JoinTimeout")
         try:
             flight.result = self._refresh(trigger, failed)
         finally:
@@ -159,74 +174,105 @@ class Rotator:
             flight.done.set()
         return flight.result
 
-    def _refresh(self, trigger: str, failed: Credentials | None) -> RotationEvent:
+    def _refresh(self, trigger: Trigger, failed: Credentials | None) -> RotationEvent:
+        """Fetch, then either record "unchanged" or adopt the new login; never raises."""
         self.trigger_counts[trigger] += 1
-        old_version = self.current.version_id if self.current else None
-        stage = AWSCURRENT
+        attempt = _Attempt(trigger, failed, self.current.version_id if self.current else None)
         try:
-            latest = self.source.fetch(AWSCURRENT)
-            detected_at = datetime.now(UTC)
-            if failed is not None and latest.credentials.same_login(failed):
-                # The rotation window: the database already has the new password but
-                # AWSCURRENT still holds the old one. AWSPENDING holds the new one.
-                stage = AWSPENDING
-                latest = self.source.fetch(AWSPENDING)
-            elif latest.credentials.same_login(self.credentials):
-                self.current = latest
-                log.info(
-                    "secret_version_unchanged_login",
-                    bind=self.bind,
-                    trigger=trigger,
-                    new_version=latest.version_id,
-                )
-                return self._record(
-                    RotationEvent(trigger, "unchanged", self.bind, old_version, latest.version_id)
-                )
+            latest = self._fetch_latest(attempt)
+            if latest is None:
+                return self._unchanged(attempt)
+            self._log_detected(attempt, latest)
+            latest, swap_ms, old = self._adopt_latest(attempt, latest)
+        except Exception as exc:
+            return self._failed(attempt, exc)
+        return self._rotated(attempt, latest, swap_ms, old)
+
+    def _fetch_latest(self, attempt: _Attempt) -> SecretVersion | None:
+        """The version to adopt, or None when AWSCURRENT holds the login in use."""
+        latest = self.source.fetch(AWSCURRENT)
+        attempt.detected_at = datetime.now(UTC)
+        if attempt.failed is not None and latest.credentials == attempt.failed:
+            # The rotation window: the database already has the new password but
+            # AWSCURRENT still holds the old one. AWSPENDING holds the new one.
+            attempt.stage = AWSPENDING
+            return self.source.fetch(AWSPENDING)
+        if latest.credentials == self.credentials:
+            self.current = latest  # a new version id with the same login: nothing to swap
             log.info(
-                "rotation_detected",
+                "secret_version_unchanged_login",
                 bind=self.bind,
-                trigger=trigger,
-                stage=stage,
-                old_version=old_version,
+                trigger=attempt.trigger,
                 new_version=latest.version_id,
             )
-            log.info("refresh_started", bind=self.bind, trigger=trigger)
-            try:
-                swap_ms, old = self._adopt(latest)
-            except Exception as exc:
-                if not (failed is not None and stage == AWSCURRENT and is_auth_failure(exc)):
-                    raise
-                stage = AWSPENDING  # AWSCURRENT moved but fails too: try what comes next
-                latest = self.source.fetch(AWSPENDING)
-                swap_ms, old = self._adopt(latest)
+            return None
+        return latest
+
+    def _adopt_latest(
+        self, attempt: _Attempt, latest: SecretVersion
+    ) -> tuple[SecretVersion, float, ManagedEngine | None]:
+        """Adopt ``latest``; after a login failure, fall back to AWSPENDING if it fails too."""
+        try:
+            swap_ms, old = self._adopt(latest)
+            return latest, swap_ms, old
         except Exception as exc:
-            log.error(
-                "refresh_failed",
-                bind=self.bind,
-                trigger=trigger,
-                stage=stage,
-                old_version=old_version,
-                error=error_code(exc),
-                reason=describe_error(exc),
-            )
-            return self._record(
-                RotationEvent(trigger, "failed", self.bind, old_version, error=error_code(exc))
-            )
+            if not (attempt.failed is not None and attempt.stage == AWSCURRENT and is_auth_failure(exc)):
+                raise
+        attempt.stage = AWSPENDING  # AWSCURRENT moved but fails too: try what comes next
+        pending = self.source.fetch(AWSPENDING)
+        swap_ms, old = self._adopt(pending)
+        return pending, swap_ms, old
+
+    def _log_detected(self, attempt: _Attempt, latest: SecretVersion) -> None:
+        log.info(
+            "rotation_detected",
+            bind=self.bind,
+            trigger=attempt.trigger,
+            stage=attempt.stage,
+            old_version=attempt.old_version,
+            new_version=latest.version_id,
+        )
+        log.info("refresh_started", bind=self.bind, trigger=attempt.trigger)
+
+    def _unchanged(self, attempt: _Attempt) -> RotationEvent:
+        new_version = self.current.version_id if self.current else None
+        return self._record(
+            RotationEvent(attempt.trigger, Outcome.UNCHANGED, self.bind, attempt.old_version, new_version)
+        )
+
+    def _failed(self, attempt: _Attempt, exc: Exception) -> RotationEvent:
+        log.error(
+            "refresh_failed",
+            bind=self.bind,
+            trigger=attempt.trigger,
+            stage=attempt.stage,
+            old_version=attempt.old_version,
+            error=error_code(exc),
+            reason=describe_error(exc),
+        )
+        failed = RotationEvent(
+            attempt.trigger, Outcome.FAILED, self.bind, attempt.old_version, error=error_code(exc)
+        )
+        return self._record(failed)
+
+    def _rotated(
+        self, attempt: _Attempt, latest: SecretVersion, swap_ms: float, old: ManagedEngine | None
+    ) -> RotationEvent:
         event = RotationEvent(
-            trigger,
-            "rotated",
+            attempt.trigger,
+            Outcome.ROTATED,
             self.bind,
-            old_version,
+            attempt.old_version,
             latest.version_id,
-            detection_latency_ms=_latency_ms(latest, detected_at),
+            detection_latency_ms=_latency_ms(latest, attempt.detected_at),
             swap_ms=swap_ms,
         )
         log.info(
             "refresh_succeeded",
             bind=self.bind,
-            trigger=trigger,
-            stage=stage,
-            old_version=old_version,
+            trigger=attempt.trigger,
+            stage=attempt.stage,
+            old_version=attempt.old_version,
             new_version=latest.version_id,
             swap_ms=round(swap_ms, 1),
             detection_latency_ms=event.detection_latency_ms,
@@ -279,17 +325,17 @@ class Rotator:
     def on_auth_failure(self, failed: Credentials) -> Credentials | None:
         """Called when a new connection's login fails; returns credentials that work."""
         if not self.source.watchable:
-            return None  # environment credentials cannot change under us
+            return None  # static credentials cannot change under us
         now = self.credentials
-        if now is not None and not now.same_login(failed):
+        if now is not None and now != failed:
             return now  # another refresh already moved on: use its credentials
         last = self._last_reactive
-        if last is not None and time.monotonic() - last[0] < REACTIVE_MIN_INTERVAL_S:
-            if last[1].outcome != "rotated":
-                return None  # share the recent failure instead of asking again
-        event = self.refresh("auth_failure", failed=failed)
+        recent = last is not None and time.monotonic() - last[0] < REACTIVE_MIN_INTERVAL_S
+        if recent and last is not None and last[1].outcome != Outcome.ROTATED:
+            return None  # share the recent failure instead of asking again
+        event = self.refresh(Trigger.AUTH_FAILURE, failed=failed)
         self._last_reactive = (time.monotonic(), event)
-        if event.outcome != "rotated":
+        if event.outcome != Outcome.ROTATED:
             return None
         return self.credentials
 

@@ -68,7 +68,8 @@ def _unbind(_: BaseException | None) -> None:
 
 def init_app(app: Flask) -> None:
     """Bind a request id at the start of each request and echo it in the response."""
-    # First of the before_request hooks, so that everything after logs with the id.
-    app.before_request_funcs.setdefault(None, []).insert(0, _bind)
+    # The factory calls this before any other init_app that adds a request hook, so the
+    # id is bound before anything else runs (tests/test_logging.py checks the order).
+    app.before_request(_bind)
     app.after_request(_echo)
     app.teardown_request(_unbind)

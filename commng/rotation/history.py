@@ -16,33 +16,29 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from flask import Flask
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Mapped, mapped_column
 
-from commng.engines import error_code
-from commng.events import RotationEvent
-from commng.models import db
-from commng.runtime import get_runtime
+from commng.rotation.engines import error_code
+from commng.rotation.events import RotationEvent
 
 __all__ = [
     "HistoryWriter",
     "InvalidCursor",
     "RotationRecord",
     "count_by_trigger",
-    "get_writer",
-    "init_app",
     "list_events",
+    "metadata",
+    "rotation_events",
 ]
 
-log = structlog.get_logger("commng.history")
-
-EXTENSION = "commng.history"
+log = structlog.get_logger("commng.rotation.history")
 # Events kept in memory per worker while the database cannot be written.
 BUFFER_MAX = 1000
 # Rows per INSERT; the queue is written in order, batch after batch.
@@ -59,46 +55,55 @@ STOP_JOIN_TIMEOUT_S = 5.0
 COALESCE_S = 1.0
 
 
-class RotationRecord(db.Model):  # type: ignore[name-defined,misc]
-    """One refresh attempt of one worker (migration 0002)."""
+# The table has a metadata of its own, so that the layer needs none of the host's models.
+# Create it with the host's migrations (CommNG: migrations/versions/0002_rotation_events.py)
+# or with ``metadata.create_all(engine)``.
+metadata = sa.MetaData()
+rotation_events = sa.Table(
+    "rotation_events",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("worker", sa.Text, nullable=False),
+    sa.Column("bind", sa.Text),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("old_version", sa.Text),
+    sa.Column("new_version", sa.Text),
+    sa.Column("detection_latency_ms", sa.Float),
+    sa.Column("swap_ms", sa.Float),
+    sa.Column("drained_ms", sa.Float),
+    sa.Column("error", sa.Text),
+)
+# Newest first, with the id as the tie-breaker of the pagination cursor.
+sa.Index("ix_rotation_events_occurred_at", rotation_events.c.occurred_at.desc(), rotation_events.c.id.desc())
 
-    __tablename__ = "rotation_events"
 
-    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
-    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), nullable=False)
-    worker: Mapped[str] = mapped_column(sa.Text, nullable=False)
-    bind: Mapped[str | None] = mapped_column(sa.Text)
-    trigger: Mapped[str] = mapped_column(sa.String(16), nullable=False)
-    outcome: Mapped[str] = mapped_column(sa.String(16), nullable=False)
-    old_version: Mapped[str | None] = mapped_column(sa.Text)
-    new_version: Mapped[str | None] = mapped_column(sa.Text)
-    detection_latency_ms: Mapped[float | None] = mapped_column(sa.Float)
-    swap_ms: Mapped[float | None] = mapped_column(sa.Float)
-    drained_ms: Mapped[float | None] = mapped_column(sa.Float)
-    error: Mapped[str | None] = mapped_column(sa.Text)
+@dataclass(frozen=True)
+class RotationRecord:
+    """One refresh attempt of one worker, as persisted."""
+
+    id: str
+    occurred_at: datetime
+    worker: str
+    bind: str | None
+    trigger: str
+    outcome: str
+    old_version: str | None
+    new_version: str | None
+    detection_latency_ms: float | None
+    swap_ms: float | None
+    drained_ms: float | None
+    error: str | None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields: version ids, timings and an error class, never a credential."""
-        return {
-            "id": self.id,
-            "occurred_at": self.occurred_at.isoformat(),
-            "worker": self.worker,
-            "bind": self.bind,
-            "trigger": self.trigger,
-            "outcome": self.outcome,
-            "old_version": self.old_version,
-            "new_version": self.new_version,
-            "detection_latency_ms": self.detection_latency_ms,
-            "swap_ms": self.swap_ms,
-            "drained_ms": self.drained_ms,
-            "error": self.error,
-        }
+        data = {name: getattr(self, name) for name in _COLUMNS}
+        data["occurred_at"] = self.occurred_at.isoformat()
+        return data
 
 
-# Newest first, with the id as the tie-breaker of the pagination cursor.
-sa.Index("ix_rotation_events_occurred_at", RotationRecord.occurred_at.desc(), RotationRecord.id.desc())
-
-_COLUMNS = tuple(c.name for c in RotationRecord.__table__.columns)
+_COLUMNS = tuple(c.name for c in rotation_events.columns)
 
 
 def _snapshot(event: RotationEvent) -> dict[str, Any]:
@@ -121,8 +126,11 @@ def _merge(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class HistoryWriter:
     """Queues rotation events and writes them, in order, when the database allows."""
 
-    def __init__(self, app: Flask, retention: timedelta, maxlen: int = BUFFER_MAX) -> None:
-        self.app = app
+    def __init__(
+        self, engine: Callable[[], sa.Engine], retention: timedelta, maxlen: int = BUFFER_MAX
+    ) -> None:
+        # Called at each write: the engine the latest refresh installed.
+        self._engine = engine
         self.retention = retention
         self.maxlen = maxlen
         self.dropped = 0
@@ -199,12 +207,8 @@ class HistoryWriter:
                 self.last_written_at = datetime.now(UTC)
                 self._maybe_prune()
 
-    def _engine(self) -> sa.Engine:
-        with self.app.app_context():
-            return db.engine  # whatever the latest refresh installed
-
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        table = RotationRecord.__table__
+        table = rotation_events
         stmt = pg_insert(table)
         stmt = stmt.on_conflict_do_update(
             index_elements=[table.c.id],
@@ -229,7 +233,7 @@ class HistoryWriter:
 
     def prune(self) -> int:
         """Delete rows older than the retention limit; return how many went."""
-        table = RotationRecord.__table__
+        table = rotation_events
         cutoff = datetime.now(UTC) - self.retention
         with self._engine().begin() as conn:
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
@@ -286,54 +290,33 @@ class InvalidCursor(ValueError):
     """``before_id`` does not name an event in the history."""
 
 
-def list_events(limit: int, before_id: str | None = None) -> tuple[list[RotationRecord], str | None]:
+def list_events(
+    session: Any, limit: int, before_id: str | None = None
+) -> tuple[list[RotationRecord], str | None]:
     """Up to ``limit`` events newest first, older than ``before_id``; and the next cursor.
 
-    The cursor is the id of the last event of the previous page (the response's
-    ``next_before_id``); it is None when there is nothing older.
+    ``session`` is a SQLAlchemy Session or Connection. The cursor is the id of the last
+    event of the previous page (the response's ``next_before_id``); it is None when there
+    is nothing older.
     """
-    rec = RotationRecord
-    query = sa.select(rec).order_by(rec.occurred_at.desc(), rec.id.desc()).limit(limit + 1)
+    t = rotation_events
+    query = sa.select(t).order_by(t.c.occurred_at.desc(), t.c.id.desc()).limit(limit + 1)
     if before_id is not None:
-        anchor = db.session.get(rec, before_id)
+        anchor = session.execute(sa.select(t.c.occurred_at, t.c.id).where(t.c.id == before_id)).first()
         if anchor is None:
             raise InvalidCursor(before_id)
-        query = query.where(sa.tuple_(rec.occurred_at, rec.id) < (anchor.occurred_at, anchor.id))
-    rows = list(db.session.scalars(query))
+        query = query.where(sa.tuple_(t.c.occurred_at, t.c.id) < (anchor.occurred_at, anchor.id))
+    rows = [RotationRecord(**row._mapping) for row in session.execute(query)]
     if len(rows) > limit:
         return rows[:limit], rows[limit - 1].id
     return rows, None
 
 
-def count_by_trigger() -> dict[str, dict[str, int]]:
+def count_by_trigger(session: Any) -> dict[str, dict[str, int]]:
     """{trigger: {outcome: n}} over the whole retained history (every worker and task)."""
-    rec = RotationRecord
-    query = sa.select(rec.trigger, rec.outcome, sa.func.count()).group_by(rec.trigger, rec.outcome)
+    t = rotation_events
+    query = sa.select(t.c.trigger, t.c.outcome, sa.func.count()).group_by(t.c.trigger, t.c.outcome)
     counts: dict[str, dict[str, int]] = {}
-    for trigger, outcome, n in db.session.execute(query):
+    for trigger, outcome, n in session.execute(query):
         counts.setdefault(trigger, {})[outcome] = int(n)
     return counts
-
-
-# -- wiring -------------------------------------------------------------------------------
-
-
-def get_writer(app: Flask) -> HistoryWriter:
-    """The history writer of ``app``."""
-    writer: HistoryWriter = app.extensions[EXTENSION]
-    return writer
-
-
-def init_app(app: Flask) -> HistoryWriter:
-    """Persist every event of this app's rotation runtime, including those already recorded."""
-    if EXTENSION in app.extensions:
-        raise RuntimeError("commng.history.init_app was already called for this app")
-    runtime = get_runtime(app)
-    writer = HistoryWriter(app, timedelta(days=runtime.settings.rotation_history_retention_days))
-    for event in reversed(runtime.events.recent(limit=BUFFER_MAX)):
-        writer.enqueue(event)  # the start-up attempt happened before anyone listened
-    runtime.events.listeners.append(writer.enqueue)
-    runtime.events.update_listeners.append(writer.enqueue)
-    runtime.stop_hooks.append(writer.stop)
-    app.extensions[EXTENSION] = writer
-    return writer

@@ -10,16 +10,31 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import structlog
 
-__all__ = ["EventLog", "RotationEvent", "worker_name"]
+__all__ = ["EventLog", "Outcome", "RotationEvent", "Trigger", "worker_name"]
 
-log = structlog.get_logger("commng.events")
+log = structlog.get_logger("commng.rotation.events")
 
-TRIGGERS = ("startup", "poll", "auth_failure", "manual")
-OUTCOMES = ("rotated", "failed", "unchanged")
+
+class Trigger(StrEnum):
+    """What started a check or a refresh (a ``str``: logs, rows and labels show the value)."""
+
+    STARTUP = "startup"
+    POLL = "poll"
+    AUTH_FAILURE = "auth_failure"
+    MANUAL = "manual"
+
+
+class Outcome(StrEnum):
+    """How a refresh attempt ended."""
+
+    ROTATED = "rotated"
+    FAILED = "failed"
+    UNCHANGED = "unchanged"
 
 
 def worker_name() -> str:
@@ -31,8 +46,8 @@ def worker_name() -> str:
 class RotationEvent:
     """What one refresh attempt did. ``error`` is a class and code, never a message."""
 
-    trigger: str
-    outcome: str
+    trigger: Trigger
+    outcome: Outcome
     bind: str | None = None
     old_version: str | None = None
     new_version: str | None = None

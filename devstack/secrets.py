@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any
 
-from commng.devstack.postgres import PostgresCluster
+from devstack.postgres import PostgresCluster
 
 
 def secrets_client(endpoint: str, config: Any = None) -> Any:

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class GunicornServer:
     """`gunicorn -c gunicorn.conf.py wsgi:app` (the image's CMD) with a log file of its own."""
 
-    def __init__(self, env: Mapping[str, str], port: int, workers: int, logfile: Path) -> None:
+    def __init__(
+        self, env: Mapping[str, str], port: int, workers: int, logfile: Path, app: str = "wsgi:app"
+    ) -> None:
+        self.app = app
         self.port = port
         self.workers = workers
         self.logfile = logfile
@@ -47,7 +50,7 @@ class GunicornServer:
         offset = self._log.tell()  # a restart appends to the same file: count only this run
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
         self.process = subprocess.Popen(
-            [gunicorn, "-c", "gunicorn.conf.py", "wsgi:app"],
+            [gunicorn, "-c", "gunicorn.conf.py", self.app],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,

@@ -20,10 +20,11 @@ from typing import Any
 import click
 import structlog
 
-__all__ = ["ACCESS_EVENT", "QUIET_LOGGERS", "SEED_MESSAGES", "configure", "formatter", "route_to_stdlib"]
+__all__ = ["ACCESS_EVENT", "EVENT_MESSAGES", "QUIET_LOGGERS", "configure", "formatter", "route_to_stdlib"]
 
-# The design document's log lines, kept word for word as the messages of stable events.
-SEED_MESSAGES = {
+# The operator-facing sentence of each stable event (the wording runbooks and log
+# searches already use), kept word for word as its message.
+EVENT_MESSAGES = {
     "auto_refresh_started": "Auto-refresh started",
     "credentials_fetched": "Successfully fetched database credentials from Secrets Manager",
     "rotation_detected": "Database password rotation detected",
@@ -40,8 +41,8 @@ SEED_MESSAGES = {
 QUIET_LOGGERS = {"alembic.runtime.plugins": "WARNING"}
 
 
-def _seed_message(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    message = SEED_MESSAGES.get(str(event_dict.get("event")))
+def _event_message(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    message = EVENT_MESSAGES.get(str(event_dict.get("event")))
     if message is not None:
         event_dict.setdefault("message", message)
     return event_dict
@@ -86,7 +87,7 @@ def _shared_processors() -> list[Any]:
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _seed_message,
+        _event_message,
         _pid,
     ]
 

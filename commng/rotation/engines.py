@@ -1,4 +1,4 @@
-"""Building, testing, installing and draining SQLAlchemy engines.
+"""Building, testing and draining SQLAlchemy engines.
 
 Every engine this service uses is built by ``EngineFactory.build`` with the same
 options, so a replacement engine behaves exactly like the one it replaces. Passwords
@@ -18,12 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import Engine
 
-from commng.credentials import Credentials, InvalidSecret
-from config import Settings
+from commng.rotation.credentials import Credentials, InvalidSecret
+from commng.rotation.settings import RotationSettings
 
 __all__ = [
     "EngineFactory",
@@ -32,7 +30,6 @@ __all__ = [
     "describe_error",
     "drain",
     "error_code",
-    "install_engine",
     "is_auth_failure",
     "probe",
 ]
@@ -95,9 +92,8 @@ def describe_error(exc: BaseException) -> str:
 class EngineFactory:
     """Builds engines that all share one set of options and listeners."""
 
-    def __init__(self, settings: Settings, application_name: str = "commng") -> None:
+    def __init__(self, settings: RotationSettings) -> None:
         self.settings = settings
-        self.application_name = application_name
         self.on_auth_failure: AuthFailureHandler | None = None
         # Observers (metrics): every engine built, and every login PostgreSQL refused.
         self.build_listeners: list[Callable[[ManagedEngine], None]] = []
@@ -107,17 +103,17 @@ class EngineFactory:
         """Engine options; exposed so tests can prove every engine gets the same ones."""
         s = self.settings
         return {
-            "pool_size": s.postgres_pool_size,
-            "max_overflow": s.postgres_max_overflow,
-            "pool_timeout": s.postgres_pool_timeout_s,
+            "pool_size": s.pool_size,
+            "max_overflow": s.max_overflow,
+            "pool_timeout": s.pool_timeout_s,
             # A connection killed while idle is noticed before use, then replaced.
             "pool_pre_ping": True,
             # Bind parameters would otherwise appear in exception text and logs.
             "hide_parameters": True,
             "connect_args": {
-                "connect_timeout": s.postgres_connect_timeout_s,
+                "connect_timeout": s.connect_timeout_s,
                 "sslmode": s.sslmode,
-                "application_name": self.application_name,
+                "application_name": s.application_name,
             },
         }
 
@@ -126,9 +122,9 @@ class EngineFactory:
         url = sa.URL.create(
             "postgresql+psycopg2",
             username=credentials.username if credentials else None,
-            host=credentials.host if credentials else self.settings.postgres_host,
-            port=credentials.port if credentials else self.settings.postgres_port,
-            database=credentials.dbname if credentials else self.settings.postgres_db,
+            host=credentials.host if credentials else self.settings.host,
+            port=credentials.port if credentials else self.settings.port,
+            database=credentials.dbname if credentials else self.settings.dbname,
         )
         engine = sa.create_engine(url, **self.options())
         managed = ManagedEngine(engine, credentials)
@@ -173,15 +169,6 @@ def probe(engine: Engine, timeout_s: float) -> None:
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
         conn.exec_driver_sql("SELECT 1")
         conn.rollback()
-
-
-def install_engine(db: SQLAlchemy, app: Flask, bind_key: str | None, engine: Engine) -> None:
-    """Make ``engine`` the one Flask-SQLAlchemy hands out for ``bind_key``.
-
-    Flask-SQLAlchemy 3.1 has no public setter: this is the only place that touches its
-    private engine map (the version is pinned; tests/test_engines.py fails if it moves).
-    """
-    db._app_engines[app][bind_key] = engine
 
 
 def drain(managed: ManagedEngine, grace_s: float, stop: threading.Event) -> float:

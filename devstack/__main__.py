@@ -1,4 +1,4 @@
-"""`python -m commng.devstack run|rotate`: the local stack behind `make run` and `make rotate`.
+"""`python -m devstack run|rotate`: the local stack behind `make run` and `make rotate`.
 
 - ``run`` keeps a cluster under ``.local/``, starts a moto server holding the app role's
   secret, migrates, and runs gunicorn in the foreground. Ctrl-C stops everything.
@@ -26,10 +26,10 @@ from typing import Any
 
 from psycopg2 import sql
 
-from commng.devstack.postgres import PostgresCluster, free_port, new_password
-from commng.devstack.secrets import rotate_secret, secrets_client
+from devstack.postgres import PostgresCluster, free_port, new_password
+from devstack.secrets import rotate_secret, secrets_client
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 LOCAL = Path(os.environ.get("COMMNG_LOCAL_DIR", str(ROOT / ".local")))
 STATE_FILE = LOCAL / "stack.json"
 APP_ROLE = "commng_app"
@@ -214,7 +214,7 @@ def rotate(pause_s: float = 5.0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m commng.devstack")
+    parser = argparse.ArgumentParser(prog="python -m devstack")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start the local stack in the foreground")
     run_parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))

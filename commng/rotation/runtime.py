@@ -1,6 +1,7 @@
-"""Wires credential sources, rotators and the watcher into an app; starts and stops them.
+"""Wires a credential source, a rotator, the watcher and the history into one app.
 
-State lives in ``app.extensions["commng.rotation"]``. gunicorn's hooks call
+State lives in ``app.extensions["commng.rotation"]`` (the package's name, since
+``commng.rotation.init_app`` is what puts it there). gunicorn's hooks call
 ``start_background`` and ``stop_background``; tests drive ``Runtime.watcher.check_once``.
 """
 
@@ -8,42 +9,43 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from flask import Flask, current_app
 from sqlalchemy.engine import Engine
 
-from commng.credentials import (
-    EnvSource,
+from commng.rotation import compat
+from commng.rotation.credentials import (
+    CredentialSource,
     SecretsManagerSource,
-    env_credentials,
+    StaticSource,
     make_secrets_client,
+    static_credentials,
 )
-from commng.engines import EngineFactory, install_engine
-from commng.events import EventLog, worker_name
-from commng.models import db
-from commng.rotation import Rotator
-from commng.watcher import SecretWatcher
-from config import Settings
+from commng.rotation.engines import EngineFactory, ManagedEngine
+from commng.rotation.events import EventLog, worker_name
+from commng.rotation.history import HistoryWriter
+from commng.rotation.rotator import Rotator
+from commng.rotation.settings import RotationSettings
+from commng.rotation.watcher import SecretWatcher
 
-__all__ = ["Runtime", "get_runtime", "init_app", "start_background", "stop_background"]
+__all__ = ["EXTENSION", "Runtime", "get_runtime", "init_app", "start_background", "stop_background"]
 
 EXTENSION = "commng.rotation"
-log = structlog.get_logger("commng.runtime")
+log = structlog.get_logger("commng.rotation.runtime")
 
 
 @dataclass
 class Runtime:
     """Everything rotation-related for one app in one worker process."""
 
-    settings: Settings
+    settings: RotationSettings
     rotators: dict[str | None, Rotator]
     watcher: SecretWatcher | None
     events: EventLog
-    secret_id: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    history: HistoryWriter
     # Called by stop() after the watcher stopped and before the engines close (e.g. the
     # rotation history's last flush, which still needs a working engine).
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
@@ -69,10 +71,10 @@ class Runtime:
         w = self.watcher
         return {
             "worker": worker_name(),
-            "secret_id": self.secret_id,
+            "secret_id": self.settings.secret_id,
             "watcher": {
                 "running": bool(w and w.running),
-                "interval_ms": self.settings.db_secret_refresh_interval_ms,
+                "interval_ms": int(self.settings.refresh_interval_s * 1000),
                 "last_check_at": w.last_check_at.isoformat() if w and w.last_check_at else None,
                 "next_check_at": w.next_check_at.isoformat() if w and w.next_check_at else None,
                 "consecutive_failures": w.consecutive_failures if w else 0,
@@ -90,56 +92,68 @@ class Runtime:
         log.info("worker_ready", watcher=self.watcher is not None)
 
     def stop(self) -> None:
-        """Stop the watcher, cancel drains and dispose every engine."""
+        """Stop the watcher, write what history is queued, cancel drains, dispose every engine."""
         if self.watcher is not None:
             self.watcher.stop()
         for hook in list(self.stop_hooks):
             hook()
+        self.history.stop()
         for rotator in self.rotators.values():
             rotator.close()
 
 
-def _engine_status(managed: Any) -> dict[str, Any]:
+def _engine_status(managed: ManagedEngine) -> dict[str, Any]:
     return {"created_at": managed.created_at.isoformat(), "pool": managed.pool_figures()}
 
 
-def init_app(app: Flask, settings: Settings, secrets_client: Any | None = None) -> Runtime:
-    """Choose the credential source, install the first engine, prepare the watcher."""
+def init_app(app: Flask, db: Any, settings: RotationSettings, secrets_client: Any | None = None) -> Runtime:
+    """Choose the credential source, install the first engine, prepare watcher and history.
+
+    ``db`` is the app's Flask-SQLAlchemy extension, already initialised for ``app``.
+    """
     if EXTENSION in app.extensions:
-        raise RuntimeError("commng.runtime.init_app was already called for this app")
+        raise RuntimeError("commng.rotation.init_app was already called for this app")
+    compat.check(db, app)
     events = EventLog()
-    source: Any
-    if settings.db_secret_id:
+    source: CredentialSource
+    if settings.secret_id:
         client = secrets_client if secrets_client is not None else make_secrets_client(settings)
-        source = SecretsManagerSource(client, settings.db_secret_id, settings)
+        source = SecretsManagerSource(client, settings.secret_id, settings)
     else:
-        source = EnvSource(settings)
+        source = StaticSource(settings)
         log.info(
             "secret_watcher_disabled",
-            message="DB_SECRET_ID is not set: using POSTGRES_USER/POSTGRES_PASSWORD, no watcher",
+            message="No secret to watch: using the static username and password, no watcher",
         )
     with app.app_context():
         flask_sqlalchemy_default = db.engines.get(None)
     rotator = Rotator(
         source=source,
         factory=EngineFactory(settings),
-        install=partial(_install_default, app),
-        grace_s=settings.db_pool_grace_period_ms / 1000,
+        install=lambda engine: compat.install_engine(db, app, None, engine),
+        grace_s=settings.grace_period_s,
         events=events,
     )
-    rotator.bootstrap(fallback=env_credentials(settings))
+    history = HistoryWriter(_active_engine(rotator), timedelta(days=settings.history_retention_days))
+    # Listen before the first refresh, so that the start-up attempt is persisted too.
+    events.listeners.append(history.enqueue)
+    events.update_listeners.append(history.enqueue)
+    rotator.bootstrap(fallback=static_credentials(settings))
     if flask_sqlalchemy_default is not None:
         flask_sqlalchemy_default.dispose()  # built by Flask-SQLAlchemy, never connected
-    watcher = (
-        SecretWatcher([rotator], settings.db_secret_refresh_interval_ms / 1000) if source.watchable else None
-    )
-    runtime = Runtime(settings, {None: rotator}, watcher, events, settings.db_secret_id)
+    watcher = SecretWatcher([rotator], settings.refresh_interval_s) if source.watchable else None
+    runtime = Runtime(settings, {None: rotator}, watcher, events, history)
     app.extensions[EXTENSION] = runtime
     return runtime
 
 
-def _install_default(app: Flask, engine: Engine) -> None:
-    install_engine(db, app, None, engine)
+def _active_engine(rotator: Rotator) -> Callable[[], Engine]:
+    def engine() -> Engine:
+        if rotator.active is None:
+            raise RuntimeError("no engine is installed yet")
+        return rotator.active.engine  # whatever the latest refresh installed
+
+    return engine
 
 
 def get_runtime(app: Flask | None = None) -> Runtime:

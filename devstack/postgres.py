@@ -1,7 +1,8 @@
 """A real PostgreSQL server (scram-sha-256 password auth) in a folder of its own.
 
-initdb and pg_ctl refuse to run as root, so as root they run as the ``postgres`` user
-(shared/NOTES.md). Used by `make run`, the test suite and the benchmark.
+initdb and pg_ctl refuse to run as root ("cannot be run as root"), so as root they run
+as the ``postgres`` user, who is given the data directory. Used by `make run`, the test
+suite and the benchmark.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class PostgresCluster:
         """pg_terminate_backend for ``role``'s backends (idle ones by default)."""
         condition = "AND state = 'idle'" if idle_only else ""
         rows = self.execute(
-            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "  # noqa: S608
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             f"WHERE usename = %s AND pid <> pg_backend_pid() {condition}",
             (role,),
         )

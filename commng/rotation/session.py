@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import SessionTransaction
@@ -21,8 +22,10 @@ __all__ = ["PinnedSession"]
 class PinnedSession(Session):
     """Flask-SQLAlchemy session that pins each transaction to one engine per bind."""
 
-    def __init__(self, db: Any, **kwargs: Any) -> None:
+    def __init__(self, db: SQLAlchemy, **kwargs: Any) -> None:
         super().__init__(db, **kwargs)
+        # Flask-SQLAlchemy hands its extension to the session class: keep our own reference.
+        self._extension = db
         self._pinned: dict[str | None, Engine] | None = None
         sa.event.listen(self, "after_transaction_end", _unpin)
 
@@ -37,7 +40,7 @@ class PinnedSession(Session):
         chosen = super().get_bind(mapper=mapper, clause=clause, bind=bind, **kwargs)
         if bind is not None or not isinstance(chosen, Engine):
             return chosen
-        current = self._db.engines
+        current = self._extension.engines
         if self._pinned is None:
             self._pinned = dict(current)
         for key, engine in current.items():

@@ -3,8 +3,8 @@
 Nothing in the request path imports this package.
 """
 
-from commng.devstack.postgres import PostgresCluster, free_port, new_password, running_cluster
-from commng.devstack.secrets import rotate_secret, secrets_client
+from devstack.postgres import PostgresCluster, free_port, new_password, running_cluster
+from devstack.secrets import rotate_secret, secrets_client
 
 __all__ = [
     "PostgresCluster",

@@ -1,4 +1,4 @@
-"""Where database credentials come from: Secrets Manager or the environment.
+"""Where database credentials come from: a Secrets Manager secret, or a static login.
 
 The boto3 client is passed in (tests hand in a moto-backed one); nothing here creates
 AWS clients except ``make_secrets_client``, which the worker calls after gevent has
@@ -12,18 +12,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from config import Settings
+from commng.rotation.settings import RotationSettings
 
 __all__ = [
-    "Credentials",
     "CredentialSource",
-    "EnvSource",
+    "Credentials",
     "InvalidSecret",
     "SecretVersion",
     "SecretsManagerSource",
     "SecretsUnavailable",
+    "StaticSource",
     "make_secrets_client",
     "parse_secret",
+    "static_credentials",
 ]
 
 AWSCURRENT = "AWSCURRENT"
@@ -51,16 +52,6 @@ class Credentials:
     host: str
     port: int
     dbname: str
-
-    def same_login(self, other: Credentials | None) -> bool:
-        """True when ``other`` would open exactly the same kind of connection."""
-        return other is not None and (
-            self.username,
-            self.password,
-            self.host,
-            self.port,
-            self.dbname,
-        ) == (other.username, other.password, other.host, other.port, other.dbname)
 
     def connect_params(self) -> dict[str, Any]:
         """Keyword arguments for psycopg2.connect (a fresh dict every call)."""
@@ -94,7 +85,7 @@ class CredentialSource(Protocol):
     def fetch(self, stage: str = AWSCURRENT) -> SecretVersion: ...
 
 
-def parse_secret(text: str | None, defaults: Settings) -> Credentials:
+def parse_secret(text: str | None, defaults: RotationSettings) -> Credentials:
     """Parse an RDS-style secret; raise InvalidSecret naming the problem, not the value."""
     if text is None:
         raise InvalidSecret("secret has no SecretString")
@@ -109,9 +100,9 @@ def parse_secret(text: str | None, defaults: Settings) -> Credentials:
             raise InvalidSecret(f"secret is missing the key '{key}'")
         if not isinstance(data[key], str) or not data[key]:
             raise InvalidSecret(f"secret key '{key}' must be a non-empty string")
-    host = data.get("host", defaults.postgres_host)
-    dbname = data.get("dbname", defaults.postgres_db)
-    port = data.get("port", defaults.postgres_port)
+    host = data.get("host", defaults.host)
+    dbname = data.get("dbname", defaults.dbname)
+    port = data.get("port", defaults.port)
     if not isinstance(host, str) or not host:
         raise InvalidSecret("secret key 'host' must be a non-empty string")
     if not isinstance(dbname, str) or not dbname:
@@ -137,7 +128,7 @@ class SecretsManagerSource:
 
     watchable = True
 
-    def __init__(self, client: Any, secret_id: str, defaults: Settings) -> None:
+    def __init__(self, client: Any, secret_id: str, defaults: RotationSettings) -> None:
         self.client = client
         self.secret_id = secret_id
         self.defaults = defaults
@@ -157,7 +148,11 @@ class SecretsManagerSource:
         return None
 
     def fetch(self, stage: str = AWSCURRENT) -> SecretVersion:
-        """GetSecretValue for ``stage``, always naming the stage (see NOTES: moto quirk)."""
+        """GetSecretValue for ``stage``, always naming the stage.
+
+        Naming it is correct against AWS and needed with moto, which after a stage move
+        still answers a stage-less call with the old value.
+        """
         self.calls["GetSecretValue"] += 1
         try:
             got = self.client.get_secret_value(SecretId=self.secret_id, VersionStage=stage)
@@ -167,40 +162,34 @@ class SecretsManagerSource:
         return SecretVersion(credentials, got.get("VersionId"), got.get("CreatedDate"), stage)
 
 
-class EnvSource:
-    """Credentials from POSTGRES_USER/POSTGRES_PASSWORD; never changes, so never watched."""
+class StaticSource:
+    """A login given in the settings; it never changes, so it is never watched."""
 
     watchable = False
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: RotationSettings) -> None:
         self.settings = settings
-        self.name = "environment"
+        self.name = "static"
 
     def current_version_id(self) -> str | None:
         return None
 
     def fetch(self, stage: str = AWSCURRENT) -> SecretVersion:
-        return SecretVersion(env_credentials(self.settings) or _missing(), None, None, None)
+        return SecretVersion(static_credentials(self.settings) or _missing(), None, None, None)
 
 
-def env_credentials(settings: Settings) -> Credentials | None:
-    """The POSTGRES_* credentials, or None when the environment has no password."""
-    if settings.postgres_user is None or settings.postgres_password is None:
+def static_credentials(settings: RotationSettings) -> Credentials | None:
+    """The settings' username and password, or None when either is missing."""
+    if settings.username is None or settings.password is None:
         return None
-    return Credentials(
-        settings.postgres_user,
-        settings.postgres_password,
-        settings.postgres_host,
-        settings.postgres_port,
-        settings.postgres_db,
-    )
+    return Credentials(settings.username, settings.password, settings.host, settings.port, settings.dbname)
 
 
 def _missing() -> Credentials:
-    raise InvalidSecret("POSTGRES_USER and POSTGRES_PASSWORD are not both set")
+    raise InvalidSecret("no static username and password are configured")
 
 
-def make_secrets_client(settings: Settings) -> Any:
+def make_secrets_client(settings: RotationSettings) -> Any:
     """Create the boto3 client. Call only inside a worker, after gevent patching."""
     import boto3  # imported here so that gunicorn's master never imports botocore/ssl
     from botocore.config import Config

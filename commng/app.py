@@ -1,0 +1,78 @@
+"""The application factory: one ``init_app`` per concern, in the order they depend on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from flask_migrate import Migrate
+
+from commng import admin, api, cli, errors, health, observability, rotation
+from commng import db as database
+from commng.db import db
+from commng.observability import logs
+from commng.rotation import RotationSettings
+from config import Settings, load_settings
+
+__all__ = ["create_app", "rotation_settings"]
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+migrate = Migrate()
+
+
+def create_app(
+    config: Settings | None = None,
+    *,
+    secrets_client: Any | None = None,
+    configure_logging: bool = True,
+) -> Flask:
+    """Build the app: settings, logging, database, rotation, observability, routes."""
+    settings = config if config is not None else load_settings()
+    if configure_logging:
+        logs.configure(settings.log_level, settings.log_format)
+    else:
+        logs.route_to_stdlib()
+    app = Flask(__name__)
+    app.config.update(
+        COMMNG_SETTINGS=settings,
+        MAX_CONTENT_LENGTH=64 * 1024,
+        # Flask-SQLAlchemy needs a URL at init; rotation.init_app replaces its engine with
+        # one that gets the password at connect time.
+        SQLALCHEMY_DATABASE_URI="postgresql+psycopg2://",
+    )
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(MIGRATIONS))
+    rotation.init_app(app, db, rotation_settings(settings), secrets_client=secrets_client)
+    database.init_app(app)
+    # Observability first among the request hooks: the request id binds before anything logs.
+    observability.init_app(app)
+    errors.init_app(app)
+    health.init_app(app)
+    api.init_app(app)
+    admin.init_app(app)
+    cli.init_app(app)
+    return app
+
+
+def rotation_settings(settings: Settings) -> RotationSettings:
+    """CommNG's environment, as the rotation layer's settings."""
+    return RotationSettings(
+        secret_id=settings.db_secret_id,
+        aws_region=settings.aws_region,
+        refresh_interval_s=settings.db_secret_refresh_interval_ms / 1000,
+        grace_period_s=settings.db_pool_grace_period_ms / 1000,
+        host=settings.postgres_host,
+        port=settings.postgres_port,
+        dbname=settings.postgres_db,
+        username=settings.postgres_user,
+        password=settings.postgres_password,
+        sslmode=settings.sslmode,
+        pool_size=settings.postgres_pool_size,
+        max_overflow=settings.postgres_max_overflow,
+        pool_timeout_s=settings.postgres_pool_timeout_s,
+        connect_timeout_s=settings.postgres_connect_timeout_s,
+        application_name="commng",
+        history_retention_days=settings.rotation_history_retention_days,
+    )

@@ -1,0 +1,50 @@
+"""Database credentials that rotate without a failed request, for any Flask-SQLAlchemy app.
+
+Each worker watches a Secrets Manager secret, builds and tests an engine with the new
+login, swaps it in under a lock, drains the old pool for a grace period and closes it.
+A login refused mid-rotation triggers an immediate refresh (AWSCURRENT, then AWSPENDING).
+
+The host application wires it in three lines and two gunicorn hooks::
+
+    db = SQLAlchemy(session_options={"class_": PinnedSession})
+    db.init_app(app)
+    rotation.init_app(app, db, RotationSettings(secret_id=..., ...))
+    # gunicorn.conf.py: post_worker_init -> start_background(worker.wsgi)
+    #                   worker_exit      -> stop_background(worker.wsgi)
+
+Nothing here imports the host application: it is handed the app, the extension and
+the settings, and keeps its state in ``app.extensions["commng.rotation"]``.
+"""
+
+from commng.rotation.credentials import Credentials, InvalidSecret, SecretsUnavailable
+from commng.rotation.engines import NoCredentials, describe_error, error_code, is_auth_failure, probe
+from commng.rotation.events import Outcome, RotationEvent, Trigger
+from commng.rotation.history import InvalidCursor, RotationRecord, count_by_trigger, list_events
+from commng.rotation.runtime import Runtime, get_runtime, init_app, start_background, stop_background
+from commng.rotation.session import PinnedSession
+from commng.rotation.settings import RotationSettings
+
+__all__ = [
+    "Credentials",
+    "InvalidCursor",
+    "InvalidSecret",
+    "NoCredentials",
+    "Outcome",
+    "PinnedSession",
+    "RotationEvent",
+    "RotationRecord",
+    "RotationSettings",
+    "Runtime",
+    "SecretsUnavailable",
+    "Trigger",
+    "count_by_trigger",
+    "describe_error",
+    "error_code",
+    "get_runtime",
+    "init_app",
+    "is_auth_failure",
+    "list_events",
+    "probe",
+    "start_background",
+    "stop_background",
+]

@@ -1,0 +1,38 @@
+"""What the rotation layer needs to know, as one frozen object the host application builds.
+
+The layer reads no environment variable itself: the host maps its own configuration onto
+``RotationSettings`` (CommNG does it in ``commng.app``), so an adopter keeps its own names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["RotationSettings"]
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    """Where credentials come from, how often to look, and how engines are built."""
+
+    # The Secrets Manager secret (name or ARN) holding {"username", "password", ...}.
+    # None: use ``username``/``password`` below and never watch anything.
+    secret_id: str | None = None
+    aws_region: str | None = None
+    refresh_interval_s: float = 300.0
+    # How long an old pool may keep its checked-out connections after a swap.
+    grace_period_s: float = 30.0
+    # Defaults for the secret's optional keys, and the static login without a secret.
+    host: str = "localhost"
+    port: int = 5432
+    dbname: str = "postgres"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # libpq's sslmode for every connection.
+    sslmode: str = "require"
+    pool_size: int = 5
+    max_overflow: int = 5
+    pool_timeout_s: int = 10
+    connect_timeout_s: int = 5
+    application_name: str = "flask-app"
+    history_retention_days: int = 90
