@@ -17,17 +17,18 @@ help:
 	@echo "make lock     recompile requirements*.txt (every package pinned, with hashes) from requirements*.in"
 
 # Two stamps: `make run` needs only the service and moto (about 30 s to install on a
-# fresh clone); the tests, linters and the benchmark add the rest.
+# fresh clone); the tests, linters and the benchmark add the rest. Each requirements*.txt
+# is a complete lock (see `lock`), installed in hash-checking mode: nothing floats.
 venv: $(STAMP)
 
-$(LOCAL_STAMP): requirements.txt requirements-local.txt
+$(LOCAL_STAMP): requirements-local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-local.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-local.txt
 	touch $(LOCAL_STAMP)
 
-$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+$(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
 	touch $(LOCAL_STAMP) $(STAMP)
 
 # requirements*.in hold the direct pins. `make lock` compiles each to its .txt: every
