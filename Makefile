@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: help run rotate test test-fast pytest lint typecheck lint-infra postgres test-packages venv bench bench-smoke clean
+.PHONY: help run rotate test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke clean
 
 help:
 	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
@@ -15,20 +15,50 @@ help:
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
+	@echo "make lock     recompile requirements*.txt (every package pinned, with hashes) from requirements*.in"
 
 # Two stamps: `make run` needs only the service and moto (about 30 s to install on a
-# fresh clone); the tests, linters and the benchmark add the rest.
+# fresh clone); the tests, linters and the benchmark add the rest. Each requirements*.txt
+# is a complete lock (see `lock`), installed in hash-checking mode: nothing floats.
 venv: $(STAMP)
 
-$(LOCAL_STAMP): requirements.txt requirements-local.txt
+$(LOCAL_STAMP): requirements-local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-local.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-local.txt
 	touch $(LOCAL_STAMP)
 
-$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+$(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
 	touch $(LOCAL_STAMP) $(STAMP)
+
+# requirements*.in hold the direct pins. `make lock` compiles each to its .txt: every
+# transitive package pinned, with the hashes of all files of each pinned version (x86_64 and
+# aarch64 wheels alike: the image also runs on Graviton). Resolved for CPython 3.11 on
+# Linux; an aarch64 resolution must give the same file or `make lock` fails. Each layer is
+# constrained by the one below, so a package has one version in all three files. Existing
+# pins stay unless an .in changes them; `make lock LOCK_ARGS=--upgrade` moves them all.
+UV_VENV := .local/venvs/uv
+UV := $(UV_VENV)/bin/uv
+LOCK_ARGS ?=
+UV_COMPILE = $(UV) pip compile --quiet --no-config --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_ARGS)
+LOCK_FILES := requirements requirements-local requirements-dev
+
+$(UV):
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/pip install --quiet --disable-pip-version-check uv==0.13.8
+
+lock: $(UV)
+	rm -rf .local/lock-aarch64 && mkdir -p .local/lock-aarch64
+	for f in $(LOCK_FILES); do \
+	  $(UV_COMPILE) --python-platform x86_64-manylinux_2_28 $$f.in -o $$f.txt || exit 1; \
+	  cp $$f.txt .local/lock-aarch64/$$f.txt; \
+	  $(UV_COMPILE) --python-platform aarch64-manylinux_2_28 $$f.in -o .local/lock-aarch64/$$f.txt \
+	    || exit 1; \
+	  diff -u $$f.txt .local/lock-aarch64/$$f.txt \
+	    || { echo "$$f.txt: aarch64 resolves differently from x86_64"; exit 1; }; \
+	done
 
 # Debian packages: the PostgreSQL server (initdb, pg_ctl) for `run` and the tests, and
 # chromium for the admin page's browser test. As root, what is missing is installed.
