@@ -1,7 +1,8 @@
 # Terraform and provider versions, the provider itself, and names shared by every file.
 
 terraform {
-  required_version = ">= 1.5"
+  # 1.10: the S3 backend's native lock file (use_lockfile below).
+  required_version = ">= 1.10"
 
   required_providers {
     aws = {
@@ -10,8 +11,14 @@ terraform {
     }
   }
 
-  # State: configure a backend (e.g. S3 with a DynamoDB lock table) per environment with
-  # `terraform init -backend-config=...`; nothing here is environment specific.
+  # State in S3, locked by a lock file next to the state object (no DynamoDB table). Partial
+  # configuration: bucket, key and region come from `terraform init -backend-config=...`
+  # (infra/README.md, "State backend"), so nothing here is environment specific. The offline
+  # check runs `terraform init -backend=false`, which skips this block.
+  backend "s3" {
+    use_lockfile = true
+    encrypt      = true
+  }
 }
 
 provider "aws" {

@@ -117,10 +117,21 @@ def _container(tf: dict[str, Any]) -> dict[str, Any]:
 
 def test_versions(tf):
     (block,) = tf["terraform"]
-    assert block["required_version"] == ">= 1.5"
+    assert block["required_version"] == ">= 1.10"
     aws = block["required_providers"][0]["aws"]
     assert aws["source"] == "hashicorp/aws"
     assert aws["version"] == "~> 5.0"
+
+
+def test_s3_backend_is_partial_and_uses_the_native_lock_file(tf):
+    (block,) = tf["terraform"]
+    (backend,) = block["backend"]
+    assert list(backend) == ["s3"]
+    s3 = backend["s3"]
+    assert s3["use_lockfile"] is True
+    assert s3["encrypt"] is True
+    # Partial configuration: everything environment specific comes from -backend-config.
+    assert not {"bucket", "key", "region", "dynamodb_table", "profile"} & set(s3)
 
 
 def test_every_variable_is_documented(tf):
