@@ -3,7 +3,7 @@
 resource "aws_db_subnet_group" "main" {
   name        = local.prefix
   description = "Private subnets of ${local.prefix}"
-  subnet_ids  = aws_subnet.private[*].id
+  subnet_ids  = local.private_subnet_ids
 }
 
 resource "aws_db_parameter_group" "main" {

@@ -143,7 +143,7 @@ resource "aws_ecs_service" "app" {
   propagate_tags         = "SERVICE"
 
   network_configuration {
-    subnets          = aws_subnet.private[*].id
+    subnets          = local.private_subnet_ids
     security_groups  = [aws_security_group.tasks.id]
     assign_public_ip = false
   }

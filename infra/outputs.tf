@@ -59,3 +59,23 @@ output "execution_role_arn" {
   description = "IAM role of the ECS agent (image pull, logs, secrets injected at start)."
   value       = aws_iam_role.execution.arn
 }
+
+output "vpc_id" {
+  description = "VPC of the stack (created, or existing_vpc_id)."
+  value       = local.vpc_id
+}
+
+output "private_subnet_ids" {
+  description = "Private subnets of the tasks, the database and the endpoints."
+  value       = local.private_subnet_ids
+}
+
+output "public_subnet_ids" {
+  description = "Public subnets of the ALB."
+  value       = local.public_subnet_ids
+}
+
+output "tasks_security_group_id" {
+  description = "Security group of the ECS tasks (the service's, and the one a one-off task such as the migration must use)."
+  value       = aws_security_group.tasks.id
+}

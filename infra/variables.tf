@@ -39,7 +39,7 @@ variable "tags" {
 # --- Network -----------------------------------------------------------------------------
 
 variable "vpc_cidr" {
-  description = "CIDR block of the VPC. Split into two public (ALB) and two private (tasks, database, endpoints) subnets."
+  description = "CIDR block of the VPC the stack creates. Split into two public (ALB) and two private (tasks, database, endpoints) subnets. Unused with existing_vpc_id."
   type        = string
   default     = "10.40.0.0/16"
 
@@ -50,13 +50,80 @@ variable "vpc_cidr" {
 }
 
 variable "availability_zones" {
-  description = "The two Availability Zones (names, in aws_region) for the subnets. Change together with aws_region."
+  description = "The two Availability Zones (names, in aws_region) for the subnets the stack creates. Change together with aws_region. Unused with existing_vpc_id."
   type        = list(string)
   default     = ["us-east-1a", "us-east-1b"]
 
   validation {
     condition     = length(var.availability_zones) == 2 && length(distinct(var.availability_zones)) == 2
     error_message = "availability_zones must list exactly two distinct zones."
+  }
+}
+
+# Use an existing VPC instead of creating one: give all three of existing_vpc_id,
+# existing_private_subnet_ids and existing_public_subnet_ids, or none.
+
+variable "existing_vpc_id" {
+  description = "ID of an existing VPC to deploy into (with existing_private_subnet_ids and existing_public_subnet_ids). null (default) creates the stack's own VPC from vpc_cidr and availability_zones. The VPC must have DNS support and DNS hostnames enabled."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.existing_vpc_id == null || can(regex("^vpc-[0-9a-f]+$", var.existing_vpc_id))
+    error_message = "existing_vpc_id must be a VPC id (vpc-...) or null."
+  }
+}
+
+variable "existing_private_subnet_ids" {
+  description = "With existing_vpc_id: at least two private subnets of that VPC, in different AZs, for the tasks, the database and the interface endpoints. Empty (default) when the stack creates its VPC."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.existing_private_subnet_ids : can(regex("^subnet-[0-9a-f]+$", id))])
+    error_message = "existing_private_subnet_ids must contain subnet ids (subnet-...)."
+  }
+
+  validation {
+    condition     = (var.existing_vpc_id == null) == (length(var.existing_private_subnet_ids) == 0)
+    error_message = "existing_private_subnet_ids is required with existing_vpc_id and must stay empty without it: give existing_vpc_id, existing_private_subnet_ids and existing_public_subnet_ids together, or none of them."
+  }
+
+  validation {
+    condition     = length(var.existing_private_subnet_ids) == 0 || length(distinct(var.existing_private_subnet_ids)) >= 2
+    error_message = "existing_private_subnet_ids needs at least two distinct subnets (in two AZs): the database subnet group and the service span two zones."
+  }
+}
+
+variable "existing_public_subnet_ids" {
+  description = "With existing_vpc_id: at least two public subnets of that VPC (routed to an internet gateway), in different AZs, for the ALB. Empty (default) when the stack creates its VPC."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.existing_public_subnet_ids : can(regex("^subnet-[0-9a-f]+$", id))])
+    error_message = "existing_public_subnet_ids must contain subnet ids (subnet-...)."
+  }
+
+  validation {
+    condition     = (var.existing_vpc_id == null) == (length(var.existing_public_subnet_ids) == 0)
+    error_message = "existing_public_subnet_ids is required with existing_vpc_id and must stay empty without it: give existing_vpc_id, existing_private_subnet_ids and existing_public_subnet_ids together, or none of them."
+  }
+
+  validation {
+    condition     = length(var.existing_public_subnet_ids) == 0 || length(distinct(var.existing_public_subnet_ids)) >= 2
+    error_message = "existing_public_subnet_ids needs at least two distinct subnets (in two AZs): an ALB spans at least two zones."
+  }
+}
+
+variable "create_vpc_endpoints" {
+  description = "Create the interface endpoints (Secrets Manager, ECR api and dkr, CloudWatch Logs) and the S3 gateway endpoint the tasks need without a NAT. Always true for the stack's own VPC. With existing_vpc_id, set false when that VPC already has these endpoints (private DNS allows one per service and VPC) or a NAT route from the private subnets: the tasks then get HTTPS (443) egress to anywhere instead."
+  type        = bool
+  default     = true
+
+  validation {
+    condition     = var.create_vpc_endpoints || var.existing_vpc_id != null
+    error_message = "create_vpc_endpoints = false is only for an existing VPC (existing_vpc_id): the stack's own VPC has no NAT, so its tasks need the endpoints."
   }
 }
 

@@ -43,13 +43,13 @@ def _clean(value: Any) -> Any:
 def _load() -> dict[str, Any]:
     model: dict[str, Any] = {
         "resource": {}, "data": {}, "locals": {}, "variable": {}, "output": {}, "terraform": [],
-        "files": {},
+        "ephemeral": {}, "moved": [], "files": {},
     }
     for path in sorted(INFRA.glob("*.tf")):
         with path.open() as handle:
             parsed = _clean(hcl2.load(handle))
         model["files"][path.name] = parsed
-        for kind in ("resource", "data"):
+        for kind in ("resource", "data", "ephemeral"):
             for block in parsed.get(kind, []):
                 for rtype, named in block.items():
                     for name, body in named.items():
@@ -61,6 +61,7 @@ def _load() -> dict[str, Any]:
         for block in parsed.get("output", []):
             model["output"].update(block)
         model["terraform"].extend(parsed.get("terraform", []))
+        model["moved"].extend(parsed.get("moved", []))
     return model
 
 
@@ -141,6 +142,143 @@ def test_every_variable_is_documented(tf):
 
 def test_every_output_is_documented(tf):
     assert all(str(o.get("description", "")).strip() for o in tf["output"].values())
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (expression or literal) anywhere inside a parsed block."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _validations(tf: dict[str, Any], variable: str) -> list[dict[str, Any]]:
+    return tf["variable"][variable].get("validation", [])
+
+
+# --- network ----------------------------------------------------------------------------------
+
+VPC_OR_SUBNET = re.compile(r"\baws_vpc\.main\b|\baws_subnet\.(private|public)\b")
+
+
+def test_vpc_and_subnets_come_from_locals_that_switch_to_an_existing_vpc(tf):
+    locals_ = tf["locals"]
+    assert locals_["create_vpc"] == "var.existing_vpc_id == null"
+    assert locals_["vpc_id"] == "local.create_vpc ? aws_vpc.main[0].id : var.existing_vpc_id"
+    assert (
+        locals_["private_subnet_ids"]
+        == "local.create_vpc ? aws_subnet.private[*].id : var.existing_private_subnet_ids"
+    )
+    assert (
+        locals_["public_subnet_ids"]
+        == "local.create_vpc ? aws_subnet.public[*].id : var.existing_public_subnet_ids"
+    )
+    for name in ("existing_vpc_id",):
+        assert tf["variable"][name]["default"] is None
+    for name in ("existing_private_subnet_ids", "existing_public_subnet_ids"):
+        assert tf["variable"][name]["default"] == []
+    # The stack's own VPC and everything only it needs exist only when no VPC is given.
+    for address in (
+        ("aws_vpc", "main"),
+        ("aws_default_security_group", "default"),
+        ("aws_internet_gateway", "main"),
+        ("aws_route_table", "public"),
+        ("aws_route_table", "private"),
+        ("aws_flow_log", "main"),
+        ("aws_cloudwatch_log_group", "flow_logs"),
+        ("aws_iam_role", "flow_logs"),
+    ):
+        assert tf["resource"][address]["count"] == "local.create_vpc ? 1 : 0", address
+    for name in ("public", "private"):
+        subnet = tf["resource"][("aws_subnet", name)]
+        assert subnet["count"] == "local.create_vpc ? length(local.azs) : 0"
+
+
+def test_own_vpc_has_flow_logs_and_a_closed_default_group(tf):
+    """What checkov's CKV2_AWS_11/12 would check, skipped on aws_vpc.main (see network.tf)."""
+    flow = tf["resource"][("aws_flow_log", "main")]
+    assert flow["count"] == "local.create_vpc ? 1 : 0"
+    assert flow["vpc_id"] == "local.vpc_id"
+    assert flow["traffic_type"] == "ALL"
+    default = tf["resource"][("aws_default_security_group", "default")]
+    assert default["count"] == "local.create_vpc ? 1 : 0"
+    assert default["vpc_id"] == "local.vpc_id"
+    assert not {"ingress", "egress"} & set(default)
+
+
+def test_no_direct_vpc_or_subnet_reference_outside_the_locals(tf):
+    offenders = []
+    for filename, parsed in tf["files"].items():
+        for kind, blocks in parsed.items():
+            if kind in {"locals", "moved"}:
+                continue
+            offenders += [(filename, kind, s) for s in _strings(blocks) if VPC_OR_SUBNET.search(s)]
+    assert not offenders
+    # The locals that do name them are exactly the three switches.
+    naming = sorted(k for k, v in tf["locals"].items() if any(VPC_OR_SUBNET.search(s) for s in _strings(v)))
+    assert naming == ["private_subnet_ids", "public_subnet_ids", "vpc_id"]
+
+
+def test_consumers_read_the_network_locals(tf):
+    r = tf["resource"]
+    assert r[("aws_ecs_service", "app")]["network_configuration"][0]["subnets"] == "local.private_subnet_ids"
+    assert r[("aws_db_subnet_group", "main")]["subnet_ids"] == "local.private_subnet_ids"
+    assert r[("aws_vpc_endpoint", "interface")]["subnet_ids"] == "local.private_subnet_ids"
+    assert r[("aws_vpc_endpoint", "s3")]["route_table_ids"] == "local.private_route_table_ids"
+    assert r[("aws_lb", "main")]["subnets"] == "local.public_subnet_ids"
+    with_vpc = [
+        (rtype, name)
+        for (rtype, name), body in r.items()
+        if "vpc_id" in body and rtype != "aws_flow_log"
+    ]
+    assert len(with_vpc) >= 9
+    assert all(r[a]["vpc_id"] == "local.vpc_id" for a in with_vpc), with_vpc
+    assert r[("aws_flow_log", "main")]["vpc_id"] == "local.vpc_id"
+
+
+def test_half_given_existing_vpc_fails_validation(tf):
+    for name in ("existing_private_subnet_ids", "existing_public_subnet_ids"):
+        conditions = [v["condition"] for v in _validations(tf, name)]
+        assert (
+            f"(var.existing_vpc_id == null) == (length(var.{name}) == 0)" in conditions
+        ), name
+        assert any("length(distinct(var." + name + ")) >= 2" in c for c in conditions), name
+    conditions = [v["condition"] for v in _validations(tf, "create_vpc_endpoints")]
+    assert conditions == ["var.create_vpc_endpoints || var.existing_vpc_id != null"]
+
+
+def test_existing_vpc_is_checked_at_plan_time(tf):
+    vpc = tf["data"][("aws_vpc", "existing")]
+    (post,) = vpc["lifecycle"][0]["postcondition"]
+    assert post["condition"] == "self.enable_dns_support && self.enable_dns_hostnames"
+    subnet = tf["data"][("aws_subnet", "existing")]
+    (post,) = subnet["lifecycle"][0]["postcondition"]
+    assert post["condition"] == "self.vpc_id == var.existing_vpc_id"
+
+
+def test_moved_blocks_keep_a_stack_applied_before_the_existing_vpc_option(tf):
+    moves = {m["from"]: m["to"] for m in tf["moved"]}
+    for address in ("aws_vpc.main", "aws_route_table.private", "aws_flow_log.main", "aws_vpc_endpoint.s3"):
+        assert moves[address] == address + "[0]"
+    # Each move lands on a resource that now has a count (no move to a typo).
+    counted = {
+        f"{rtype}.{name}"
+        for (rtype, name), body in tf["resource"].items()
+        if str(body.get("count", "")).endswith("? 1 : 0") or str(body.get("count", "")).endswith("? 0 : 1")
+    }
+    assert set(moves) <= counted
+
+
+def test_tasks_reach_aws_apis_through_endpoints_or_https_egress(tf):
+    r = tf["resource"]
+    assert r[("aws_vpc_endpoint", "interface")]["for_each"] == (
+        "var.create_vpc_endpoints ? local.interface_endpoints : toset([])"
+    )
+    assert r[("aws_vpc_endpoint", "s3")]["count"] == "var.create_vpc_endpoints ? 1 : 0"
+    anywhere = r[("aws_vpc_security_group_egress_rule", "tasks_https_anywhere")]
+    assert anywhere["count"] == "var.create_vpc_endpoints ? 0 : 1"
+    assert (anywhere["from_port"], anywhere["to_port"]) == (443, 443)
 
 
 # --- database ---------------------------------------------------------------------------------
@@ -336,7 +474,7 @@ def test_service_runs_in_private_subnets_behind_the_alb(tf):
     service = tf["resource"][("aws_ecs_service", "app")]
     (network,) = service["network_configuration"]
     assert network["assign_public_ip"] is False
-    assert network["subnets"] == "aws_subnet.private[*].id"
+    assert network["subnets"] == "local.private_subnet_ids"
     (lb,) = service["load_balancer"]
     assert lb["target_group_arn"] == "aws_lb_target_group.app.arn"
 
