@@ -299,6 +299,17 @@ variable "container_image" {
   type        = string
 }
 
+variable "admin_token_version" {
+  description = "Version of the generated ADMIN_TOKEN. Terraform writes a new random token (write-only, never in state) whenever this number changes, and the service then replaces its tasks: bump it to rotate the token."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.admin_token_version >= 1 && floor(var.admin_token_version) == var.admin_token_version
+    error_message = "admin_token_version must be a whole number, 1 or more."
+  }
+}
+
 variable "desired_count" {
   description = "Number of tasks of the service."
   type        = number

@@ -1,13 +1,15 @@
 # Terraform and provider versions, the provider itself, and names shared by every file.
 
 terraform {
-  # 1.10: the S3 backend's native lock file (use_lockfile below).
-  required_version = ">= 1.10"
+  # 1.11: write-only arguments (the ADMIN_TOKEN's secret_string_wo, ecs.tf). 1.10 already
+  # brought ephemeral resources and the S3 backend's native lock file (use_lockfile below).
+  required_version = ">= 1.11"
 
   required_providers {
     aws = {
-      source  = "hashicorp/aws"
-      version = "~> 5.0"
+      source = "hashicorp/aws"
+      # 5.100: ephemeral aws_secretsmanager_random_password and write-only secret_string_wo.
+      version = "~> 5.100"
     }
   }
 

@@ -118,10 +118,11 @@ def _container(tf: dict[str, Any]) -> dict[str, Any]:
 
 def test_versions(tf):
     (block,) = tf["terraform"]
-    assert block["required_version"] == ">= 1.10"
+    # 1.11 for write-only arguments; the AWS provider 5.100 for the ephemeral password.
+    assert block["required_version"] == ">= 1.11"
     aws = block["required_providers"][0]["aws"]
     assert aws["source"] == "hashicorp/aws"
-    assert aws["version"] == "~> 5.0"
+    assert aws["version"] == "~> 5.100"
 
 
 def test_s3_backend_is_partial_and_uses_the_native_lock_file(tf):
@@ -445,6 +446,38 @@ def test_initial_credentials_come_from_the_secret_json_keys(tf):
     assert secrets["ADMIN_TOKEN"] == "aws_secretsmanager_secret.admin_token.arn"
     env = {e["name"] for e in _container(tf)["environment"]}
     assert not env & {"POSTGRES_PASSWORD", "ADMIN_TOKEN"}
+
+
+def test_admin_token_is_generated_write_only_and_never_in_state(tf):
+    (password,) = [
+        body for (rtype, _), body in tf["ephemeral"].items() if rtype == "aws_secretsmanager_random_password"
+    ]
+    assert password is tf["ephemeral"][("aws_secretsmanager_random_password", "admin_token")]
+    # Bearer-safe: letters and digits, well over the app's 16-character minimum.
+    assert password["exclude_punctuation"] is True
+    assert password["include_space"] is False
+    assert password["password_length"] >= 32
+
+    version = tf["resource"][("aws_secretsmanager_secret_version", "admin_token")]
+    assert version["secret_id"] == "aws_secretsmanager_secret.admin_token.id"
+    assert (
+        version["secret_string_wo"]
+        == "ephemeral.aws_secretsmanager_random_password.admin_token.random_password"
+    )
+    assert version["secret_string_wo_version"] == "var.admin_token_version"
+    assert "secret_string" not in version
+    assert tf["variable"]["admin_token_version"]["default"] == 1
+    # No non-ephemeral random source anywhere (its result would be in the state).
+    assert not [r for r in tf["resource"] if r[0].startswith("random_")]
+
+
+def test_service_starts_after_the_admin_token_and_restarts_when_it_changes(tf):
+    service = tf["resource"][("aws_ecs_service", "app")]
+    assert "aws_secretsmanager_secret_version.admin_token" in service["depends_on"]
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["ADMIN_TOKEN_VERSION"] == (
+        "tostring(aws_secretsmanager_secret_version.admin_token.secret_string_wo_version)"
+    )
 
 
 def test_container_health_check_is_healthz_without_curl(tf):
