@@ -11,7 +11,7 @@ resource "aws_db_parameter_group" "main" {
   family      = var.db_parameter_group_family
   description = "CommNG: SSL only, connection logging"
 
-  # Reject any connection that is not TLS (the app connects with sslmode=require).
+  # Reject any connection that is not TLS (the app connects with sslmode=verify-full).
   parameter {
     name  = "rds.force_ssl"
     value = "1"

@@ -59,12 +59,17 @@ locals {
       { name = "POSTGRES_HOST", value = aws_db_instance.main.address },
       { name = "POSTGRES_PORT", value = tostring(aws_db_instance.main.port) },
       { name = "POSTGRES_DB", value = var.db_name },
-      { name = "POSTGRES_SSL", value = "true" },
+      # TLS with the server certificate checked against the RDS CA bundle the image ships,
+      # host name included (rds.force_ssl already rejects plain connections).
+      { name = "POSTGRES_SSL", value = "verify-full" },
+      { name = "POSTGRES_SSL_ROOT_CERT", value = "/opt/commng/certs/rds-global-bundle.pem" },
       { name = "POSTGRES_POOL_SIZE", value = tostring(var.postgres_pool_size) },
       { name = "PORT", value = tostring(local.container_port) },
       { name = "WEB_CONCURRENCY", value = tostring(var.web_concurrency) },
       { name = "LOG_LEVEL", value = var.log_level },
       { name = "LOG_FORMAT", value = "json" },
+      # /metrics requires the admin Bearer token (the Prometheus scrape sends it).
+      { name = "METRICS_PUBLIC", value = "false" },
       # Not read by the app. Bumping admin_token_version writes a new token and, through this
       # value, a new task-definition revision, so the service replaces its tasks and they
       # start with the new token (ECS injects secrets only at task start).

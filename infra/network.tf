@@ -451,6 +451,53 @@ resource "aws_lb_listener_rule" "block_metrics" {
   }
 }
 
+# The admin page and API (/admin*) answer only to var.admin_allowed_cidrs; to everyone else
+# the ALB itself answers 404, before the app's token check. With the list empty (default)
+# only the 404 rule exists: nobody reaches /admin through the ALB.
+resource "aws_lb_listener_rule" "admin_allowed" {
+  count = length(var.admin_allowed_cidrs) > 0 ? 1 : 0
+
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 20
+
+  condition {
+    path_pattern {
+      values = ["/admin*"]
+    }
+  }
+
+  condition {
+    source_ip {
+      values = var.admin_allowed_cidrs
+    }
+  }
+
+  action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.app.arn
+  }
+}
+
+resource "aws_lb_listener_rule" "admin_denied" {
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 21
+
+  condition {
+    path_pattern {
+      values = ["/admin*"]
+    }
+  }
+
+  action {
+    type = "fixed-response"
+    fixed_response {
+      content_type = "text/plain"
+      message_body = "Not Found"
+      status_code  = "404"
+    }
+  }
+}
+
 resource "aws_lb_listener" "http" {
   load_balancer_arn = aws_lb.main.arn
   port              = 80

@@ -143,6 +143,22 @@ variable "acm_certificate_arn" {
   }
 }
 
+variable "admin_allowed_cidrs" {
+  description = "CIDR blocks (IPv4 or IPv6, as the ALB sees the client) allowed to reach /admin* through the ALB. Empty (default): nobody; the ALB answers 404 for /admin* to everyone. At most 4: an ALB rule takes 5 condition values and the path takes one."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(var.admin_allowed_cidrs) <= 4
+    error_message = "admin_allowed_cidrs takes at most 4 CIDR blocks: a listener rule has at most 5 condition values in total, and the /admin* path pattern is one of them."
+  }
+
+  validation {
+    condition     = alltrue([for cidr in var.admin_allowed_cidrs : can(cidrhost(cidr, 0))])
+    error_message = "admin_allowed_cidrs must contain CIDR blocks such as 203.0.113.0/24 or 2001:db8::/64."
+  }
+}
+
 variable "alb_ssl_policy" {
   description = "TLS policy of the HTTPS listener."
   type        = string

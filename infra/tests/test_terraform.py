@@ -427,7 +427,6 @@ def test_no_wildcard_resource_for_secretsmanager_or_kms(tf):
 def test_db_secret_id_references_the_master_user_secret(tf):
     env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
     assert env["DB_SECRET_ID"] == DB_SECRET
-    assert env["POSTGRES_SSL"] == "true"
     for name in (
         "AWS_REGION",
         "DB_SECRET_REFRESH_INTERVAL_MS",
@@ -437,6 +436,19 @@ def test_db_secret_id_references_the_master_user_secret(tf):
         "POSTGRES_DB",
     ):
         assert name in env
+
+
+def test_database_tls_is_verify_full_against_the_bundled_rds_ca(tf):
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["POSTGRES_SSL"] == "verify-full"
+    assert env["POSTGRES_SSL_ROOT_CERT"] == "/opt/commng/certs/rds-global-bundle.pem"
+    # verify-full checks the host name: it must be the instance endpoint the certificate names.
+    assert env["POSTGRES_HOST"] == f"{DB}.address"
+
+
+def test_metrics_are_not_public(tf):
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["METRICS_PUBLIC"] == "false"
 
 
 def test_initial_credentials_come_from_the_secret_json_keys(tf):
@@ -520,6 +532,49 @@ def test_http_redirects_to_https(tf):
     https = tf["resource"][("aws_lb_listener", "https")]
     assert https["protocol"] == "HTTPS"
     assert https["certificate_arn"] == "var.acm_certificate_arn"
+
+
+def _listener_rules(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: body
+        for (rtype, name), body in tf["resource"].items()
+        if rtype == "aws_lb_listener_rule" and body["listener_arn"] == "aws_lb_listener.https.arn"
+    }
+
+
+def _paths(rule: dict[str, Any]) -> list[str]:
+    return [v for c in rule["condition"] for p in c.get("path_pattern", []) for v in p["values"]]
+
+
+def test_admin_is_forwarded_only_from_the_allowed_cidrs(tf):
+    rules = _listener_rules(tf)
+    allowed, denied = rules["admin_allowed"], rules["admin_denied"]
+
+    assert allowed["count"] == "length(var.admin_allowed_cidrs) > 0 ? 1 : 0"
+    assert _paths(allowed) == ["/admin*"]
+    source_ips = [s["values"] for c in allowed["condition"] for s in c.get("source_ip", [])]
+    assert source_ips == ["var.admin_allowed_cidrs"]
+    (action,) = allowed["action"]
+    assert action["type"] == "forward"
+    assert action["target_group_arn"] == "aws_lb_target_group.app.arn"
+
+    # The catch-all for /admin* from anywhere else: no count, no source condition, 404.
+    assert "count" not in denied
+    assert _paths(denied) == ["/admin*"]
+    assert all("source_ip" not in c for c in denied["condition"])
+    (action,) = denied["action"]
+    assert action["type"] == "fixed-response"
+    assert action["fixed_response"][0]["status_code"] in {"403", "404"}
+
+    # Evaluated in this order (lowest priority first), and before the default forward.
+    assert allowed["priority"] < denied["priority"]
+    assert len({r["priority"] for r in rules.values()}) == len(rules)
+
+    variable = tf["variable"]["admin_allowed_cidrs"]
+    assert variable["default"] == []
+    conditions = [v["condition"] for v in variable["validation"]]
+    # 5 condition values per rule, one taken by the path pattern.
+    assert "length(var.admin_allowed_cidrs) <= 4" in conditions
 
 
 # --- events -----------------------------------------------------------------------------------
