@@ -279,6 +279,31 @@ resource "aws_vpc_security_group_ingress_rule" "tasks_from_alb" {
   to_port                      = local.container_port
 }
 
+# Prometheus scrapes each task directly (its private IP, the container port): /metrics is
+# blocked at the ALB, and the ALB would spread scrapes over tasks anyway. The app still wants
+# the admin Bearer token there (METRICS_PUBLIC=false).
+resource "aws_vpc_security_group_ingress_rule" "tasks_from_prometheus_cidr" {
+  for_each = toset(var.prometheus_cidr_blocks)
+
+  security_group_id = aws_security_group.tasks.id
+  description       = "Prometheus scrape (/metrics) from ${each.value}"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = local.container_port
+  to_port           = local.container_port
+}
+
+resource "aws_vpc_security_group_ingress_rule" "tasks_from_prometheus_sg" {
+  for_each = toset(var.prometheus_security_group_ids)
+
+  security_group_id            = aws_security_group.tasks.id
+  description                  = "Prometheus scrape (/metrics) from ${each.value}"
+  referenced_security_group_id = each.value
+  ip_protocol                  = "tcp"
+  from_port                    = local.container_port
+  to_port                      = local.container_port
+}
+
 resource "aws_vpc_security_group_egress_rule" "tasks_to_db" {
   security_group_id            = aws_security_group.tasks.id
   description                  = "PostgreSQL"

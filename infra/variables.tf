@@ -183,6 +183,33 @@ variable "waf_web_acl_arn" {
   default     = null
 }
 
+variable "prometheus_cidr_blocks" {
+  description = "IPv4 CIDR blocks of Prometheus servers allowed to scrape the tasks directly on the container port (8000, /metrics with the admin Bearer token). Empty (default): none. The tasks have private addresses only, so these are VPC, peered or on-premises ranges."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.prometheus_cidr_blocks : can(cidrnetmask(cidr))])
+    error_message = "prometheus_cidr_blocks must contain IPv4 CIDR blocks such as 10.0.5.0/24."
+  }
+
+  validation {
+    condition     = !contains(var.prometheus_cidr_blocks, "0.0.0.0/0")
+    error_message = "prometheus_cidr_blocks must name the scrapers' ranges, not 0.0.0.0/0."
+  }
+}
+
+variable "prometheus_security_group_ids" {
+  description = "Security groups of Prometheus servers (in this VPC or a peered one in the same region) allowed to scrape the tasks on the container port. Empty (default): none."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.prometheus_security_group_ids : can(regex("^sg-[0-9a-f]+$", id))])
+    error_message = "prometheus_security_group_ids must contain security group ids (sg-...)."
+  }
+}
+
 # --- Database ----------------------------------------------------------------------------
 
 variable "db_engine_version" {

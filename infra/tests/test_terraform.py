@@ -271,6 +271,30 @@ def test_moved_blocks_keep_a_stack_applied_before_the_existing_vpc_option(tf):
     assert set(moves) <= counted
 
 
+def test_prometheus_may_scrape_the_tasks_on_the_container_port(tf):
+    r = tf["resource"]
+    by_cidr = r[("aws_vpc_security_group_ingress_rule", "tasks_from_prometheus_cidr")]
+    by_sg = r[("aws_vpc_security_group_ingress_rule", "tasks_from_prometheus_sg")]
+    assert by_cidr["for_each"] == "toset(var.prometheus_cidr_blocks)"
+    assert by_cidr["cidr_ipv4"] == "each.value"
+    assert by_sg["for_each"] == "toset(var.prometheus_security_group_ids)"
+    assert by_sg["referenced_security_group_id"] == "each.value"
+    for rule in (by_cidr, by_sg):
+        assert rule["security_group_id"] == "aws_security_group.tasks.id"
+        assert rule["ip_protocol"] == "tcp"
+        assert rule["from_port"] == rule["to_port"] == "local.container_port"
+    for name in ("prometheus_cidr_blocks", "prometheus_security_group_ids"):
+        assert tf["variable"][name]["default"] == []
+    # Nothing else may reach the tasks' port: the ALB and these two.
+    ingress = sorted(
+        name
+        for (rtype, name), body in r.items()
+        if rtype == "aws_vpc_security_group_ingress_rule"
+        and body["security_group_id"] == "aws_security_group.tasks.id"
+    )
+    assert ingress == ["tasks_from_alb", "tasks_from_prometheus_cidr", "tasks_from_prometheus_sg"]
+
+
 def test_tasks_reach_aws_apis_through_endpoints_or_https_egress(tf):
     r = tf["resource"]
     assert r[("aws_vpc_endpoint", "interface")]["for_each"] == (
