@@ -79,3 +79,8 @@ output "tasks_security_group_id" {
   description = "Security group of the ECS tasks (the service's, and the one a one-off task such as the migration must use)."
   value       = aws_security_group.tasks.id
 }
+
+output "alarm_sns_topic_arn" {
+  description = "SNS topic of the stack's alarms (created, or alarm_sns_topic_arn). Subscribe your paging or e-mail to it."
+  value       = local.alarm_topic_arn
+}

@@ -210,6 +210,19 @@ variable "prometheus_security_group_ids" {
   }
 }
 
+# --- Alarms ------------------------------------------------------------------------------
+
+variable "alarm_sns_topic_arn" {
+  description = "ARN of an existing SNS topic for the stack's alarms. null (default) creates a KMS-encrypted topic (output alarm_sns_topic_arn) to subscribe to. An existing topic must let events.amazonaws.com and cloudwatch.amazonaws.com publish (and use its KMS key, if encrypted)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.alarm_sns_topic_arn == null || can(regex("^arn:[a-z-]+:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]+$", var.alarm_sns_topic_arn))
+    error_message = "alarm_sns_topic_arn must be an SNS topic ARN (arn:aws:sns:<region>:<account>:<name>) or null."
+  }
+}
+
 # --- Database ----------------------------------------------------------------------------
 
 variable "db_engine_version" {

@@ -622,3 +622,114 @@ def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
     assert condition["variable"] == "aws:SourceArn"
     assert "local.rotation_event_rules" in str(condition["values"])
     assert "rotation_events_queue_url" in tf["output"]
+
+
+# --- alarms -----------------------------------------------------------------------------------
+
+TOPIC = "local.alarm_topic_arn"
+
+
+def test_alarm_topic_is_created_encrypted_unless_one_is_given(tf):
+    assert tf["variable"]["alarm_sns_topic_arn"]["default"] is None
+    assert tf["locals"]["create_alarm_topic"] == "var.alarm_sns_topic_arn == null"
+    assert (
+        tf["locals"]["alarm_topic_arn"]
+        == "local.create_alarm_topic ? aws_sns_topic.alarms[0].arn : var.alarm_sns_topic_arn"
+    )
+    topic = tf["resource"][("aws_sns_topic", "alarms")]
+    assert topic["count"] == "local.create_alarm_topic ? 1 : 0"
+    # A customer key: CloudWatch and EventBridge cannot publish through aws/sns.
+    assert topic["kms_master_key_id"] == "aws_kms_key.alarms[0].arn"
+    key = tf["resource"][("aws_kms_key", "alarms")]
+    assert key["enable_key_rotation"] is True
+    assert "cloudwatch.amazonaws.com" in key["policy"] and "events.amazonaws.com" in key["policy"]
+    assert tf["output"]["alarm_sns_topic_arn"]["value"] == TOPIC
+
+
+def test_alarm_topic_policy_lets_only_the_stacks_rule_and_alarms_publish(tf):
+    policy = tf["resource"][("aws_sns_topic_policy", "alarms")]
+    assert policy["policy"] == "data.aws_iam_policy_document.alarm_topic[0].json"
+    statements = {s["sid"]: s for s in _statements(tf["data"][("aws_iam_policy_document", "alarm_topic")])}
+    events = statements["RotationFailedRule"]
+    assert events["actions"] == ["sns:Publish"]
+    assert events["principals"][0]["identifiers"] == ["events.amazonaws.com"]
+    (condition,) = events["condition"]
+    assert condition["variable"] == "aws:SourceArn"
+    assert condition["values"] == ["aws_cloudwatch_event_rule.db_secret_rotation_failed.arn"]
+    alarms = statements["StackAlarms"]
+    assert alarms["principals"][0]["identifiers"] == ["cloudwatch.amazonaws.com"]
+    source_arn = next(c for c in alarms["condition"] if c["variable"] == "aws:SourceArn")
+    assert source_arn["values"][0].endswith(":alarm:${local.alarm_name_prefix}*")
+
+
+def test_rotation_failed_event_goes_to_the_alarm_topic(tf):
+    rule = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_rotation_failed")]
+    pattern = rule["event_pattern"]
+    assert '"AWS Service Event via CloudTrail"' in pattern
+    assert 'eventName = ["RotationFailed"]' in pattern
+    assert "RotationSucceeded" not in pattern
+    assert "SecretId = [local.db_secret_arn]" in pattern
+    target = tf["resource"][("aws_cloudwatch_event_target", "db_secret_rotation_failed")]
+    assert target["rule"] == "aws_cloudwatch_event_rule.db_secret_rotation_failed.name"
+    assert target["arn"] == TOPIC
+    assert target["depends_on"] == ["aws_sns_topic_policy.alarms"]
+
+
+def _alarms(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: body
+        for (rtype, name), body in tf["resource"].items()
+        if rtype == "aws_cloudwatch_metric_alarm"
+    }
+
+
+def test_every_alarm_notifies_the_topic_and_is_named_for_its_policy(tf):
+    alarms = _alarms(tf)
+    assert set(alarms) == {"refresh_failed", "unhealthy_targets", "no_healthy_targets"}
+    for name, alarm in alarms.items():
+        assert alarm["alarm_actions"] == [TOPIC], name
+        assert alarm["ok_actions"] == [TOPIC], name
+        assert alarm["alarm_name"].startswith("${local.alarm_name_prefix}"), name
+        assert str(alarm.get("alarm_description", "")).strip(), name
+
+
+def test_refresh_failed_log_events_raise_an_alarm(tf):
+    metric_filter = tf["resource"][("aws_cloudwatch_log_metric_filter", "refresh_failed")]
+    assert metric_filter["log_group_name"] == "aws_cloudwatch_log_group.app.name"
+    # A JSON filter on the "event" field of the app's JSON log lines.
+    pattern = metric_filter["pattern"].replace('\\"', '"')  # python-hcl2 keeps the HCL escapes
+    assert pattern == '{ $.event = "refresh_failed" }'
+    (transformation,) = metric_filter["metric_transformation"]
+    assert transformation["value"] == "1"
+    alarm = _alarms(tf)["refresh_failed"]
+    assert alarm["metric_name"] == (
+        "aws_cloudwatch_log_metric_filter.refresh_failed.metric_transformation[0].name"
+    )
+    assert alarm["namespace"] == (
+        "aws_cloudwatch_log_metric_filter.refresh_failed.metric_transformation[0].namespace"
+    )
+    assert alarm["statistic"] == "Sum"
+    assert alarm["comparison_operator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["threshold"] == 1
+    assert alarm["treat_missing_data"] == "notBreaching"
+
+
+def test_readyz_failures_behind_the_alb_raise_alarms(tf):
+    dims = tf["locals"]["target_group_dimensions"]
+    assert dims == {
+        "TargetGroup": "aws_lb_target_group.app.arn_suffix",
+        "LoadBalancer": "aws_lb.main.arn_suffix",
+    }
+    alarms = _alarms(tf)
+    unhealthy = alarms["unhealthy_targets"]
+    assert (unhealthy["namespace"], unhealthy["metric_name"]) == ("AWS/ApplicationELB", "UnHealthyHostCount")
+    assert unhealthy["dimensions"] == "local.target_group_dimensions"
+    assert (unhealthy["comparison_operator"], unhealthy["threshold"]) == ("GreaterThanThreshold", 0)
+    healthy = alarms["no_healthy_targets"]
+    assert (healthy["namespace"], healthy["metric_name"]) == ("AWS/ApplicationELB", "HealthyHostCount")
+    assert healthy["dimensions"] == "local.target_group_dimensions"
+    assert (healthy["comparison_operator"], healthy["threshold"]) == ("LessThanThreshold", 1)
+    assert healthy["treat_missing_data"] == "breaching"
+    # The target group these watch is the one health-checking /readyz.
+    (health_check,) = tf["resource"][("aws_lb_target_group", "app")]["health_check"]
+    assert health_check["path"] == "/readyz"
