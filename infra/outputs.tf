@@ -20,6 +20,36 @@ output "ecs_service_name" {
   value       = aws_ecs_service.app.name
 }
 
+output "ecs_task_definition_family" {
+  description = "Task definition family (same name as the cluster and service)."
+  value       = aws_ecs_task_definition.app.family
+}
+
+output "ecs_task_definition_arn" {
+  description = "ARN of the task definition revision this apply deployed; run one-off tasks (the migration) with exactly this revision."
+  value       = aws_ecs_task_definition.app.arn
+}
+
+output "migration_network_configuration" {
+  description = "Ready-made --network-configuration for `aws ecs run-task`: the service's private subnets and the tasks' security group, no public IP."
+  value       = "awsvpcConfiguration={subnets=[${join(",", local.private_subnet_ids)}],securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=DISABLED}"
+}
+
+output "migration_overrides" {
+  description = "Ready-made --overrides for `aws ecs run-task`: the app container runs the database migrations (flask db upgrade) instead of gunicorn."
+  value = jsonencode({
+    containerOverrides = [{
+      name    = local.app_container.name
+      command = ["flask", "--app", "wsgi", "db", "upgrade"]
+    }]
+  })
+}
+
+output "aws_region" {
+  description = "Region of the stack, for --region in the AWS CLI commands of infra/README.md."
+  value       = local.region
+}
+
 output "db_endpoint" {
   description = "Hostname of the database (POSTGRES_HOST)."
   value       = aws_db_instance.main.address

@@ -306,6 +306,41 @@ def test_tasks_reach_aws_apis_through_endpoints_or_https_egress(tf):
     assert (anywhere["from_port"], anywhere["to_port"]) == (443, 443)
 
 
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def test_outputs_cover_the_readme_commands(tf):
+    out = {name: body["value"] for name, body in tf["output"].items()}
+    assert out["private_subnet_ids"] == "local.private_subnet_ids"
+    assert out["public_subnet_ids"] == "local.public_subnet_ids"
+    assert out["vpc_id"] == "local.vpc_id"
+    assert out["tasks_security_group_id"] == "aws_security_group.tasks.id"
+    assert out["ecs_cluster_name"] == "aws_ecs_cluster.main.name"
+    assert out["ecs_service_name"] == "aws_ecs_service.app.name"
+    assert out["ecs_task_definition_family"] == "aws_ecs_task_definition.app.family"
+    assert out["ecs_task_definition_arn"] == "aws_ecs_task_definition.app.arn"
+    assert out["db_secret_arn"] == "local.db_secret_arn"
+    assert out["admin_token_secret_arn"] == "aws_secretsmanager_secret.admin_token.arn"
+    assert out["aws_region"] == "local.region"
+    network = out["migration_network_configuration"]
+    assert network == (
+        "awsvpcConfiguration={subnets=[${join(\",\", local.private_subnet_ids)}],"
+        "securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=DISABLED}"
+    )
+    overrides = out["migration_overrides"]
+    assert "local.app_container.name" in overrides
+    assert '["flask", "--app", "wsgi", "db", "upgrade"]' in overrides
+
+
+def test_readme_commands_only_use_outputs_that_exist(tf):
+    readme = (INFRA / "README.md").read_text()
+    used = set(re.findall(r"terraform output (?:-raw |-json )?([a-z0-9_]+)", readme))
+    assert {"migration_network_configuration", "ecs_task_definition_arn", "admin_token_secret_arn"} <= used
+    assert used <= set(tf["output"]), used - set(tf["output"])
+    # No placeholder left for a value an output provides.
+    assert not re.search(r"<(private-subnet-ids|tasks-sg-id|db_secret_arn|url)>", readme)
+
+
 # --- database ---------------------------------------------------------------------------------
 
 
