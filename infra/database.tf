@@ -3,7 +3,7 @@
 resource "aws_db_subnet_group" "main" {
   name        = local.prefix
   description = "Private subnets of ${local.prefix}"
-  subnet_ids  = aws_subnet.private[*].id
+  subnet_ids  = local.private_subnet_ids
 }
 
 resource "aws_db_parameter_group" "main" {
@@ -11,7 +11,7 @@ resource "aws_db_parameter_group" "main" {
   family      = var.db_parameter_group_family
   description = "CommNG: SSL only, connection logging"
 
-  # Reject any connection that is not TLS (the app connects with sslmode=require).
+  # Reject any connection that is not TLS (the app connects with sslmode=verify-full).
   parameter {
     name  = "rds.force_ssl"
     value = "1"

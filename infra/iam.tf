@@ -122,7 +122,7 @@ resource "aws_iam_role_policy" "task_db_secret" {
   policy = data.aws_iam_policy_document.task_db_secret.json
 }
 
-# --- VPC flow logs ----------------------------------------------------------------------------
+# --- VPC flow logs (only in the stack's own VPC) ------------------------------------------------
 
 data "aws_iam_policy_document" "flow_logs_assume" {
   statement {
@@ -143,12 +143,16 @@ data "aws_iam_policy_document" "flow_logs_assume" {
 }
 
 resource "aws_iam_role" "flow_logs" {
+  count = local.create_vpc ? 1 : 0
+
   name               = "${local.prefix}-flow-logs"
   description        = "VPC flow logs of ${local.prefix} to CloudWatch Logs"
   assume_role_policy = data.aws_iam_policy_document.flow_logs_assume.json
 }
 
 data "aws_iam_policy_document" "flow_logs" {
+  count = local.create_vpc ? 1 : 0
+
   statement {
     sid = "WriteFlowLogs"
     actions = [
@@ -157,16 +161,18 @@ data "aws_iam_policy_document" "flow_logs" {
       "logs:DescribeLogStreams",
     ]
     resources = [
-      aws_cloudwatch_log_group.flow_logs.arn,
-      "${aws_cloudwatch_log_group.flow_logs.arn}:*",
+      aws_cloudwatch_log_group.flow_logs[0].arn,
+      "${aws_cloudwatch_log_group.flow_logs[0].arn}:*",
     ]
   }
 }
 
 resource "aws_iam_role_policy" "flow_logs" {
+  count = local.create_vpc ? 1 : 0
+
   name   = "write-flow-logs"
-  role   = aws_iam_role.flow_logs.id
-  policy = data.aws_iam_policy_document.flow_logs.json
+  role   = aws_iam_role.flow_logs[0].id
+  policy = data.aws_iam_policy_document.flow_logs[0].json
 }
 
 # --- RDS Enhanced Monitoring --------------------------------------------------------------------

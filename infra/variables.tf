@@ -39,7 +39,7 @@ variable "tags" {
 # --- Network -----------------------------------------------------------------------------
 
 variable "vpc_cidr" {
-  description = "CIDR block of the VPC. Split into two public (ALB) and two private (tasks, database, endpoints) subnets."
+  description = "CIDR block of the VPC the stack creates. Split into two public (ALB) and two private (tasks, database, endpoints) subnets. Unused with existing_vpc_id."
   type        = string
   default     = "10.40.0.0/16"
 
@@ -50,13 +50,80 @@ variable "vpc_cidr" {
 }
 
 variable "availability_zones" {
-  description = "The two Availability Zones (names, in aws_region) for the subnets. Change together with aws_region."
+  description = "The two Availability Zones (names, in aws_region) for the subnets the stack creates. Change together with aws_region. Unused with existing_vpc_id."
   type        = list(string)
   default     = ["us-east-1a", "us-east-1b"]
 
   validation {
     condition     = length(var.availability_zones) == 2 && length(distinct(var.availability_zones)) == 2
     error_message = "availability_zones must list exactly two distinct zones."
+  }
+}
+
+# Use an existing VPC instead of creating one: give all three of existing_vpc_id,
+# existing_private_subnet_ids and existing_public_subnet_ids, or none.
+
+variable "existing_vpc_id" {
+  description = "ID of an existing VPC to deploy into (with existing_private_subnet_ids and existing_public_subnet_ids). null (default) creates the stack's own VPC from vpc_cidr and availability_zones. The VPC must have DNS support and DNS hostnames enabled."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.existing_vpc_id == null || can(regex("^vpc-[0-9a-f]+$", var.existing_vpc_id))
+    error_message = "existing_vpc_id must be a VPC id (vpc-...) or null."
+  }
+}
+
+variable "existing_private_subnet_ids" {
+  description = "With existing_vpc_id: at least two private subnets of that VPC, in different AZs, for the tasks, the database and the interface endpoints. Empty (default) when the stack creates its VPC."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.existing_private_subnet_ids : can(regex("^subnet-[0-9a-f]+$", id))])
+    error_message = "existing_private_subnet_ids must contain subnet ids (subnet-...)."
+  }
+
+  validation {
+    condition     = (var.existing_vpc_id == null) == (length(var.existing_private_subnet_ids) == 0)
+    error_message = "existing_private_subnet_ids is required with existing_vpc_id and must stay empty without it: give existing_vpc_id, existing_private_subnet_ids and existing_public_subnet_ids together, or none of them."
+  }
+
+  validation {
+    condition     = length(var.existing_private_subnet_ids) == 0 || length(distinct(var.existing_private_subnet_ids)) >= 2
+    error_message = "existing_private_subnet_ids needs at least two distinct subnets (in two AZs): the database subnet group and the service span two zones."
+  }
+}
+
+variable "existing_public_subnet_ids" {
+  description = "With existing_vpc_id: at least two public subnets of that VPC (routed to an internet gateway), in different AZs, for the ALB. Empty (default) when the stack creates its VPC."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.existing_public_subnet_ids : can(regex("^subnet-[0-9a-f]+$", id))])
+    error_message = "existing_public_subnet_ids must contain subnet ids (subnet-...)."
+  }
+
+  validation {
+    condition     = (var.existing_vpc_id == null) == (length(var.existing_public_subnet_ids) == 0)
+    error_message = "existing_public_subnet_ids is required with existing_vpc_id and must stay empty without it: give existing_vpc_id, existing_private_subnet_ids and existing_public_subnet_ids together, or none of them."
+  }
+
+  validation {
+    condition     = length(var.existing_public_subnet_ids) == 0 || length(distinct(var.existing_public_subnet_ids)) >= 2
+    error_message = "existing_public_subnet_ids needs at least two distinct subnets (in two AZs): an ALB spans at least two zones."
+  }
+}
+
+variable "create_vpc_endpoints" {
+  description = "Create the interface endpoints (Secrets Manager, ECR api and dkr, CloudWatch Logs) and the S3 gateway endpoint the tasks need without a NAT. Always true for the stack's own VPC. With existing_vpc_id, set false when that VPC already has these endpoints (private DNS allows one per service and VPC) or a NAT route from the private subnets: the tasks then get HTTPS (443) egress to anywhere instead."
+  type        = bool
+  default     = true
+
+  validation {
+    condition     = var.create_vpc_endpoints || var.existing_vpc_id != null
+    error_message = "create_vpc_endpoints = false is only for an existing VPC (existing_vpc_id): the stack's own VPC has no NAT, so its tasks need the endpoints."
   }
 }
 
@@ -73,6 +140,22 @@ variable "acm_certificate_arn" {
   validation {
     condition     = can(regex("^arn:[a-z-]+:acm:", var.acm_certificate_arn))
     error_message = "acm_certificate_arn must be an ACM certificate ARN."
+  }
+}
+
+variable "admin_allowed_cidrs" {
+  description = "CIDR blocks (IPv4 or IPv6, as the ALB sees the client) allowed to reach /admin* through the ALB. Empty (default): nobody; the ALB answers 404 for /admin* to everyone. At most 4: an ALB rule takes 5 condition values and the path takes one."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(var.admin_allowed_cidrs) <= 4
+    error_message = "admin_allowed_cidrs takes at most 4 CIDR blocks: a listener rule has at most 5 condition values in total, and the /admin* path pattern is one of them."
+  }
+
+  validation {
+    condition     = alltrue([for cidr in var.admin_allowed_cidrs : can(cidrhost(cidr, 0))])
+    error_message = "admin_allowed_cidrs must contain CIDR blocks such as 203.0.113.0/24 or 2001:db8::/64."
   }
 }
 
@@ -98,6 +181,46 @@ variable "waf_web_acl_arn" {
   description = "ARN of an existing WAFv2 web ACL (REGIONAL scope) to associate with the ALB. null associates none."
   type        = string
   default     = null
+}
+
+variable "prometheus_cidr_blocks" {
+  description = "IPv4 CIDR blocks of Prometheus servers allowed to scrape the tasks directly on the container port (8000, /metrics with the admin Bearer token). Empty (default): none. The tasks have private addresses only, so these are VPC, peered or on-premises ranges."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.prometheus_cidr_blocks : can(cidrnetmask(cidr))])
+    error_message = "prometheus_cidr_blocks must contain IPv4 CIDR blocks such as 10.0.5.0/24."
+  }
+
+  validation {
+    condition     = !contains(var.prometheus_cidr_blocks, "0.0.0.0/0")
+    error_message = "prometheus_cidr_blocks must name the scrapers' ranges, not 0.0.0.0/0."
+  }
+}
+
+variable "prometheus_security_group_ids" {
+  description = "Security groups of Prometheus servers (in this VPC or a peered one in the same region) allowed to scrape the tasks on the container port. Empty (default): none."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.prometheus_security_group_ids : can(regex("^sg-[0-9a-f]+$", id))])
+    error_message = "prometheus_security_group_ids must contain security group ids (sg-...)."
+  }
+}
+
+# --- Alarms ------------------------------------------------------------------------------
+
+variable "alarm_sns_topic_arn" {
+  description = "ARN of an existing SNS topic for the stack's alarms. null (default) creates a KMS-encrypted topic (output alarm_sns_topic_arn) to subscribe to. An existing topic must let events.amazonaws.com and cloudwatch.amazonaws.com publish (and use its KMS key, if encrypted)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.alarm_sns_topic_arn == null || can(regex("^arn:[a-z-]+:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]+$", var.alarm_sns_topic_arn))
+    error_message = "alarm_sns_topic_arn must be an SNS topic ARN (arn:aws:sns:<region>:<account>:<name>) or null."
+  }
 }
 
 # --- Database ----------------------------------------------------------------------------
@@ -230,6 +353,17 @@ variable "db_secret_rotation_window" {
 variable "container_image" {
   description = "Image to run, preferably pinned by digest (…@sha256:…). It must be in ECR in this region: the private subnets have no NAT, only VPC endpoints."
   type        = string
+}
+
+variable "admin_token_version" {
+  description = "Version of the generated ADMIN_TOKEN. Terraform writes a new random token (write-only, never in state) whenever this number changes, and the service then replaces its tasks: bump it to rotate the token."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.admin_token_version >= 1 && floor(var.admin_token_version) == var.admin_token_version
+    error_message = "admin_token_version must be a whole number, 1 or more."
+  }
 }
 
 variable "desired_count" {

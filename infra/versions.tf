@@ -1,17 +1,26 @@
 # Terraform and provider versions, the provider itself, and names shared by every file.
 
 terraform {
-  required_version = ">= 1.5"
+  # 1.11: write-only arguments (the ADMIN_TOKEN's secret_string_wo, ecs.tf). 1.10 already
+  # brought ephemeral resources and the S3 backend's native lock file (use_lockfile below).
+  required_version = ">= 1.11"
 
   required_providers {
     aws = {
-      source  = "hashicorp/aws"
-      version = "~> 5.0"
+      source = "hashicorp/aws"
+      # 5.100: ephemeral aws_secretsmanager_random_password and write-only secret_string_wo.
+      version = "~> 5.100"
     }
   }
 
-  # State: configure a backend (e.g. S3 with a DynamoDB lock table) per environment with
-  # `terraform init -backend-config=...`; nothing here is environment specific.
+  # State in S3, locked by a lock file next to the state object (no DynamoDB table). Partial
+  # configuration: bucket, key and region come from `terraform init -backend-config=...`
+  # (infra/README.md, "State backend"), so nothing here is environment specific. The offline
+  # check runs `terraform init -backend=false`, which skips this block.
+  backend "s3" {
+    use_lockfile = true
+    encrypt      = true
+  }
 }
 
 provider "aws" {

@@ -43,13 +43,13 @@ def _clean(value: Any) -> Any:
 def _load() -> dict[str, Any]:
     model: dict[str, Any] = {
         "resource": {}, "data": {}, "locals": {}, "variable": {}, "output": {}, "terraform": [],
-        "files": {},
+        "ephemeral": {}, "moved": [], "files": {},
     }
     for path in sorted(INFRA.glob("*.tf")):
         with path.open() as handle:
             parsed = _clean(hcl2.load(handle))
         model["files"][path.name] = parsed
-        for kind in ("resource", "data"):
+        for kind in ("resource", "data", "ephemeral"):
             for block in parsed.get(kind, []):
                 for rtype, named in block.items():
                     for name, body in named.items():
@@ -61,6 +61,7 @@ def _load() -> dict[str, Any]:
         for block in parsed.get("output", []):
             model["output"].update(block)
         model["terraform"].extend(parsed.get("terraform", []))
+        model["moved"].extend(parsed.get("moved", []))
     return model
 
 
@@ -117,10 +118,22 @@ def _container(tf: dict[str, Any]) -> dict[str, Any]:
 
 def test_versions(tf):
     (block,) = tf["terraform"]
-    assert block["required_version"] == ">= 1.5"
+    # 1.11 for write-only arguments; the AWS provider 5.100 for the ephemeral password.
+    assert block["required_version"] == ">= 1.11"
     aws = block["required_providers"][0]["aws"]
     assert aws["source"] == "hashicorp/aws"
-    assert aws["version"] == "~> 5.0"
+    assert aws["version"] == "~> 5.100"
+
+
+def test_s3_backend_is_partial_and_uses_the_native_lock_file(tf):
+    (block,) = tf["terraform"]
+    (backend,) = block["backend"]
+    assert list(backend) == ["s3"]
+    s3 = backend["s3"]
+    assert s3["use_lockfile"] is True
+    assert s3["encrypt"] is True
+    # Partial configuration: everything environment specific comes from -backend-config.
+    assert not {"bucket", "key", "region", "dynamodb_table", "profile"} & set(s3)
 
 
 def test_every_variable_is_documented(tf):
@@ -130,6 +143,202 @@ def test_every_variable_is_documented(tf):
 
 def test_every_output_is_documented(tf):
     assert all(str(o.get("description", "")).strip() for o in tf["output"].values())
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (expression or literal) anywhere inside a parsed block."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _validations(tf: dict[str, Any], variable: str) -> list[dict[str, Any]]:
+    return tf["variable"][variable].get("validation", [])
+
+
+# --- network ----------------------------------------------------------------------------------
+
+VPC_OR_SUBNET = re.compile(r"\baws_vpc\.main\b|\baws_subnet\.(private|public)\b")
+
+
+def test_vpc_and_subnets_come_from_locals_that_switch_to_an_existing_vpc(tf):
+    locals_ = tf["locals"]
+    assert locals_["create_vpc"] == "var.existing_vpc_id == null"
+    assert locals_["vpc_id"] == "local.create_vpc ? aws_vpc.main[0].id : var.existing_vpc_id"
+    assert (
+        locals_["private_subnet_ids"]
+        == "local.create_vpc ? aws_subnet.private[*].id : var.existing_private_subnet_ids"
+    )
+    assert (
+        locals_["public_subnet_ids"]
+        == "local.create_vpc ? aws_subnet.public[*].id : var.existing_public_subnet_ids"
+    )
+    for name in ("existing_vpc_id",):
+        assert tf["variable"][name]["default"] is None
+    for name in ("existing_private_subnet_ids", "existing_public_subnet_ids"):
+        assert tf["variable"][name]["default"] == []
+    # The stack's own VPC and everything only it needs exist only when no VPC is given.
+    for address in (
+        ("aws_vpc", "main"),
+        ("aws_default_security_group", "default"),
+        ("aws_internet_gateway", "main"),
+        ("aws_route_table", "public"),
+        ("aws_route_table", "private"),
+        ("aws_flow_log", "main"),
+        ("aws_cloudwatch_log_group", "flow_logs"),
+        ("aws_iam_role", "flow_logs"),
+    ):
+        assert tf["resource"][address]["count"] == "local.create_vpc ? 1 : 0", address
+    for name in ("public", "private"):
+        subnet = tf["resource"][("aws_subnet", name)]
+        assert subnet["count"] == "local.create_vpc ? length(local.azs) : 0"
+
+
+def test_own_vpc_has_flow_logs_and_a_closed_default_group(tf):
+    """What checkov's CKV2_AWS_11/12 would check, skipped on aws_vpc.main (see network.tf)."""
+    flow = tf["resource"][("aws_flow_log", "main")]
+    assert flow["count"] == "local.create_vpc ? 1 : 0"
+    assert flow["vpc_id"] == "local.vpc_id"
+    assert flow["traffic_type"] == "ALL"
+    default = tf["resource"][("aws_default_security_group", "default")]
+    assert default["count"] == "local.create_vpc ? 1 : 0"
+    assert default["vpc_id"] == "local.vpc_id"
+    assert not {"ingress", "egress"} & set(default)
+
+
+def test_no_direct_vpc_or_subnet_reference_outside_the_locals(tf):
+    offenders = []
+    for filename, parsed in tf["files"].items():
+        for kind, blocks in parsed.items():
+            if kind in {"locals", "moved"}:
+                continue
+            offenders += [(filename, kind, s) for s in _strings(blocks) if VPC_OR_SUBNET.search(s)]
+    assert not offenders
+    # The locals that do name them are exactly the three switches.
+    naming = sorted(k for k, v in tf["locals"].items() if any(VPC_OR_SUBNET.search(s) for s in _strings(v)))
+    assert naming == ["private_subnet_ids", "public_subnet_ids", "vpc_id"]
+
+
+def test_consumers_read_the_network_locals(tf):
+    r = tf["resource"]
+    assert r[("aws_ecs_service", "app")]["network_configuration"][0]["subnets"] == "local.private_subnet_ids"
+    assert r[("aws_db_subnet_group", "main")]["subnet_ids"] == "local.private_subnet_ids"
+    assert r[("aws_vpc_endpoint", "interface")]["subnet_ids"] == "local.private_subnet_ids"
+    assert r[("aws_vpc_endpoint", "s3")]["route_table_ids"] == "local.private_route_table_ids"
+    assert r[("aws_lb", "main")]["subnets"] == "local.public_subnet_ids"
+    with_vpc = [
+        (rtype, name)
+        for (rtype, name), body in r.items()
+        if "vpc_id" in body and rtype != "aws_flow_log"
+    ]
+    assert len(with_vpc) >= 9
+    assert all(r[a]["vpc_id"] == "local.vpc_id" for a in with_vpc), with_vpc
+    assert r[("aws_flow_log", "main")]["vpc_id"] == "local.vpc_id"
+
+
+def test_half_given_existing_vpc_fails_validation(tf):
+    for name in ("existing_private_subnet_ids", "existing_public_subnet_ids"):
+        conditions = [v["condition"] for v in _validations(tf, name)]
+        assert (
+            f"(var.existing_vpc_id == null) == (length(var.{name}) == 0)" in conditions
+        ), name
+        assert any("length(distinct(var." + name + ")) >= 2" in c for c in conditions), name
+    conditions = [v["condition"] for v in _validations(tf, "create_vpc_endpoints")]
+    assert conditions == ["var.create_vpc_endpoints || var.existing_vpc_id != null"]
+
+
+def test_existing_vpc_is_checked_at_plan_time(tf):
+    vpc = tf["data"][("aws_vpc", "existing")]
+    (post,) = vpc["lifecycle"][0]["postcondition"]
+    assert post["condition"] == "self.enable_dns_support && self.enable_dns_hostnames"
+    subnet = tf["data"][("aws_subnet", "existing")]
+    (post,) = subnet["lifecycle"][0]["postcondition"]
+    assert post["condition"] == "self.vpc_id == var.existing_vpc_id"
+
+
+def test_moved_blocks_keep_a_stack_applied_before_the_existing_vpc_option(tf):
+    moves = {m["from"]: m["to"] for m in tf["moved"]}
+    for address in ("aws_vpc.main", "aws_route_table.private", "aws_flow_log.main", "aws_vpc_endpoint.s3"):
+        assert moves[address] == address + "[0]"
+    # Each move lands on a resource that now has a count (no move to a typo).
+    counted = {
+        f"{rtype}.{name}"
+        for (rtype, name), body in tf["resource"].items()
+        if str(body.get("count", "")).endswith("? 1 : 0") or str(body.get("count", "")).endswith("? 0 : 1")
+    }
+    assert set(moves) <= counted
+
+
+def test_prometheus_may_scrape_the_tasks_on_the_container_port(tf):
+    r = tf["resource"]
+    by_cidr = r[("aws_vpc_security_group_ingress_rule", "tasks_from_prometheus_cidr")]
+    by_sg = r[("aws_vpc_security_group_ingress_rule", "tasks_from_prometheus_sg")]
+    assert by_cidr["for_each"] == "toset(var.prometheus_cidr_blocks)"
+    assert by_cidr["cidr_ipv4"] == "each.value"
+    assert by_sg["for_each"] == "toset(var.prometheus_security_group_ids)"
+    assert by_sg["referenced_security_group_id"] == "each.value"
+    for rule in (by_cidr, by_sg):
+        assert rule["security_group_id"] == "aws_security_group.tasks.id"
+        assert rule["ip_protocol"] == "tcp"
+        assert rule["from_port"] == rule["to_port"] == "local.container_port"
+    for name in ("prometheus_cidr_blocks", "prometheus_security_group_ids"):
+        assert tf["variable"][name]["default"] == []
+    # Nothing else may reach the tasks' port: the ALB and these two.
+    ingress = sorted(
+        name
+        for (rtype, name), body in r.items()
+        if rtype == "aws_vpc_security_group_ingress_rule"
+        and body["security_group_id"] == "aws_security_group.tasks.id"
+    )
+    assert ingress == ["tasks_from_alb", "tasks_from_prometheus_cidr", "tasks_from_prometheus_sg"]
+
+
+def test_tasks_reach_aws_apis_through_endpoints_or_https_egress(tf):
+    r = tf["resource"]
+    assert r[("aws_vpc_endpoint", "interface")]["for_each"] == (
+        "var.create_vpc_endpoints ? local.interface_endpoints : toset([])"
+    )
+    assert r[("aws_vpc_endpoint", "s3")]["count"] == "var.create_vpc_endpoints ? 1 : 0"
+    anywhere = r[("aws_vpc_security_group_egress_rule", "tasks_https_anywhere")]
+    assert anywhere["count"] == "var.create_vpc_endpoints ? 0 : 1"
+    assert (anywhere["from_port"], anywhere["to_port"]) == (443, 443)
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def test_outputs_cover_the_readme_commands(tf):
+    out = {name: body["value"] for name, body in tf["output"].items()}
+    assert out["private_subnet_ids"] == "local.private_subnet_ids"
+    assert out["public_subnet_ids"] == "local.public_subnet_ids"
+    assert out["vpc_id"] == "local.vpc_id"
+    assert out["tasks_security_group_id"] == "aws_security_group.tasks.id"
+    assert out["ecs_cluster_name"] == "aws_ecs_cluster.main.name"
+    assert out["ecs_service_name"] == "aws_ecs_service.app.name"
+    assert out["ecs_task_definition_family"] == "aws_ecs_task_definition.app.family"
+    assert out["ecs_task_definition_arn"] == "aws_ecs_task_definition.app.arn"
+    assert out["db_secret_arn"] == "local.db_secret_arn"
+    assert out["admin_token_secret_arn"] == "aws_secretsmanager_secret.admin_token.arn"
+    assert out["aws_region"] == "local.region"
+    network = out["migration_network_configuration"]
+    assert network == (
+        "awsvpcConfiguration={subnets=[${join(\",\", local.private_subnet_ids)}],"
+        "securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=DISABLED}"
+    )
+    overrides = out["migration_overrides"]
+    assert "local.app_container.name" in overrides
+    assert '["flask", "--app", "wsgi", "db", "upgrade"]' in overrides
+
+
+def test_readme_commands_only_use_outputs_that_exist(tf):
+    readme = (INFRA / "README.md").read_text()
+    used = set(re.findall(r"terraform output (?:-raw |-json )?([a-z0-9_]+)", readme))
+    assert {"migration_network_configuration", "ecs_task_definition_arn", "admin_token_secret_arn"} <= used
+    assert used <= set(tf["output"]), used - set(tf["output"])
+    # No placeholder left for a value an output provides.
+    assert not re.search(r"<(private-subnet-ids|tasks-sg-id|db_secret_arn|url)>", readme)
 
 
 # --- database ---------------------------------------------------------------------------------
@@ -277,7 +486,6 @@ def test_no_wildcard_resource_for_secretsmanager_or_kms(tf):
 def test_db_secret_id_references_the_master_user_secret(tf):
     env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
     assert env["DB_SECRET_ID"] == DB_SECRET
-    assert env["POSTGRES_SSL"] == "true"
     for name in (
         "AWS_REGION",
         "DB_SECRET_REFRESH_INTERVAL_MS",
@@ -289,6 +497,19 @@ def test_db_secret_id_references_the_master_user_secret(tf):
         assert name in env
 
 
+def test_database_tls_is_verify_full_against_the_bundled_rds_ca(tf):
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["POSTGRES_SSL"] == "verify-full"
+    assert env["POSTGRES_SSL_ROOT_CERT"] == "/opt/commng/certs/rds-global-bundle.pem"
+    # verify-full checks the host name: it must be the instance endpoint the certificate names.
+    assert env["POSTGRES_HOST"] == f"{DB}.address"
+
+
+def test_metrics_are_not_public(tf):
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["METRICS_PUBLIC"] == "false"
+
+
 def test_initial_credentials_come_from_the_secret_json_keys(tf):
     secrets = {s["name"]: _resolve(tf, s["valueFrom"]) for s in _container(tf)["secrets"]}
     assert secrets["POSTGRES_USER"] == "${" + DB_SECRET + "}:username::"
@@ -296,6 +517,38 @@ def test_initial_credentials_come_from_the_secret_json_keys(tf):
     assert secrets["ADMIN_TOKEN"] == "aws_secretsmanager_secret.admin_token.arn"
     env = {e["name"] for e in _container(tf)["environment"]}
     assert not env & {"POSTGRES_PASSWORD", "ADMIN_TOKEN"}
+
+
+def test_admin_token_is_generated_write_only_and_never_in_state(tf):
+    (password,) = [
+        body for (rtype, _), body in tf["ephemeral"].items() if rtype == "aws_secretsmanager_random_password"
+    ]
+    assert password is tf["ephemeral"][("aws_secretsmanager_random_password", "admin_token")]
+    # Bearer-safe: letters and digits, well over the app's 16-character minimum.
+    assert password["exclude_punctuation"] is True
+    assert password["include_space"] is False
+    assert password["password_length"] >= 32
+
+    version = tf["resource"][("aws_secretsmanager_secret_version", "admin_token")]
+    assert version["secret_id"] == "aws_secretsmanager_secret.admin_token.id"
+    assert (
+        version["secret_string_wo"]
+        == "ephemeral.aws_secretsmanager_random_password.admin_token.random_password"
+    )
+    assert version["secret_string_wo_version"] == "var.admin_token_version"
+    assert "secret_string" not in version
+    assert tf["variable"]["admin_token_version"]["default"] == 1
+    # No non-ephemeral random source anywhere (its result would be in the state).
+    assert not [r for r in tf["resource"] if r[0].startswith("random_")]
+
+
+def test_service_starts_after_the_admin_token_and_restarts_when_it_changes(tf):
+    service = tf["resource"][("aws_ecs_service", "app")]
+    assert "aws_secretsmanager_secret_version.admin_token" in service["depends_on"]
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["ADMIN_TOKEN_VERSION"] == (
+        "tostring(aws_secretsmanager_secret_version.admin_token.secret_string_wo_version)"
+    )
 
 
 def test_container_health_check_is_healthz_without_curl(tf):
@@ -325,7 +578,7 @@ def test_service_runs_in_private_subnets_behind_the_alb(tf):
     service = tf["resource"][("aws_ecs_service", "app")]
     (network,) = service["network_configuration"]
     assert network["assign_public_ip"] is False
-    assert network["subnets"] == "aws_subnet.private[*].id"
+    assert network["subnets"] == "local.private_subnet_ids"
     (lb,) = service["load_balancer"]
     assert lb["target_group_arn"] == "aws_lb_target_group.app.arn"
 
@@ -338,6 +591,49 @@ def test_http_redirects_to_https(tf):
     https = tf["resource"][("aws_lb_listener", "https")]
     assert https["protocol"] == "HTTPS"
     assert https["certificate_arn"] == "var.acm_certificate_arn"
+
+
+def _listener_rules(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: body
+        for (rtype, name), body in tf["resource"].items()
+        if rtype == "aws_lb_listener_rule" and body["listener_arn"] == "aws_lb_listener.https.arn"
+    }
+
+
+def _paths(rule: dict[str, Any]) -> list[str]:
+    return [v for c in rule["condition"] for p in c.get("path_pattern", []) for v in p["values"]]
+
+
+def test_admin_is_forwarded_only_from_the_allowed_cidrs(tf):
+    rules = _listener_rules(tf)
+    allowed, denied = rules["admin_allowed"], rules["admin_denied"]
+
+    assert allowed["count"] == "length(var.admin_allowed_cidrs) > 0 ? 1 : 0"
+    assert _paths(allowed) == ["/admin*"]
+    source_ips = [s["values"] for c in allowed["condition"] for s in c.get("source_ip", [])]
+    assert source_ips == ["var.admin_allowed_cidrs"]
+    (action,) = allowed["action"]
+    assert action["type"] == "forward"
+    assert action["target_group_arn"] == "aws_lb_target_group.app.arn"
+
+    # The catch-all for /admin* from anywhere else: no count, no source condition, 404.
+    assert "count" not in denied
+    assert _paths(denied) == ["/admin*"]
+    assert all("source_ip" not in c for c in denied["condition"])
+    (action,) = denied["action"]
+    assert action["type"] == "fixed-response"
+    assert action["fixed_response"][0]["status_code"] in {"403", "404"}
+
+    # Evaluated in this order (lowest priority first), and before the default forward.
+    assert allowed["priority"] < denied["priority"]
+    assert len({r["priority"] for r in rules.values()}) == len(rules)
+
+    variable = tf["variable"]["admin_allowed_cidrs"]
+    assert variable["default"] == []
+    conditions = [v["condition"] for v in variable["validation"]]
+    # 5 condition values per rule, one taken by the path pattern.
+    assert "length(var.admin_allowed_cidrs) <= 4" in conditions
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -361,3 +657,114 @@ def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
     assert condition["variable"] == "aws:SourceArn"
     assert "local.rotation_event_rules" in str(condition["values"])
     assert "rotation_events_queue_url" in tf["output"]
+
+
+# --- alarms -----------------------------------------------------------------------------------
+
+TOPIC = "local.alarm_topic_arn"
+
+
+def test_alarm_topic_is_created_encrypted_unless_one_is_given(tf):
+    assert tf["variable"]["alarm_sns_topic_arn"]["default"] is None
+    assert tf["locals"]["create_alarm_topic"] == "var.alarm_sns_topic_arn == null"
+    assert (
+        tf["locals"]["alarm_topic_arn"]
+        == "local.create_alarm_topic ? aws_sns_topic.alarms[0].arn : var.alarm_sns_topic_arn"
+    )
+    topic = tf["resource"][("aws_sns_topic", "alarms")]
+    assert topic["count"] == "local.create_alarm_topic ? 1 : 0"
+    # A customer key: CloudWatch and EventBridge cannot publish through aws/sns.
+    assert topic["kms_master_key_id"] == "aws_kms_key.alarms[0].arn"
+    key = tf["resource"][("aws_kms_key", "alarms")]
+    assert key["enable_key_rotation"] is True
+    assert "cloudwatch.amazonaws.com" in key["policy"] and "events.amazonaws.com" in key["policy"]
+    assert tf["output"]["alarm_sns_topic_arn"]["value"] == TOPIC
+
+
+def test_alarm_topic_policy_lets_only_the_stacks_rule_and_alarms_publish(tf):
+    policy = tf["resource"][("aws_sns_topic_policy", "alarms")]
+    assert policy["policy"] == "data.aws_iam_policy_document.alarm_topic[0].json"
+    statements = {s["sid"]: s for s in _statements(tf["data"][("aws_iam_policy_document", "alarm_topic")])}
+    events = statements["RotationFailedRule"]
+    assert events["actions"] == ["sns:Publish"]
+    assert events["principals"][0]["identifiers"] == ["events.amazonaws.com"]
+    (condition,) = events["condition"]
+    assert condition["variable"] == "aws:SourceArn"
+    assert condition["values"] == ["aws_cloudwatch_event_rule.db_secret_rotation_failed.arn"]
+    alarms = statements["StackAlarms"]
+    assert alarms["principals"][0]["identifiers"] == ["cloudwatch.amazonaws.com"]
+    source_arn = next(c for c in alarms["condition"] if c["variable"] == "aws:SourceArn")
+    assert source_arn["values"][0].endswith(":alarm:${local.alarm_name_prefix}*")
+
+
+def test_rotation_failed_event_goes_to_the_alarm_topic(tf):
+    rule = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_rotation_failed")]
+    pattern = rule["event_pattern"]
+    assert '"AWS Service Event via CloudTrail"' in pattern
+    assert 'eventName = ["RotationFailed"]' in pattern
+    assert "RotationSucceeded" not in pattern
+    assert "SecretId = [local.db_secret_arn]" in pattern
+    target = tf["resource"][("aws_cloudwatch_event_target", "db_secret_rotation_failed")]
+    assert target["rule"] == "aws_cloudwatch_event_rule.db_secret_rotation_failed.name"
+    assert target["arn"] == TOPIC
+    assert target["depends_on"] == ["aws_sns_topic_policy.alarms"]
+
+
+def _alarms(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: body
+        for (rtype, name), body in tf["resource"].items()
+        if rtype == "aws_cloudwatch_metric_alarm"
+    }
+
+
+def test_every_alarm_notifies_the_topic_and_is_named_for_its_policy(tf):
+    alarms = _alarms(tf)
+    assert set(alarms) == {"refresh_failed", "unhealthy_targets", "no_healthy_targets"}
+    for name, alarm in alarms.items():
+        assert alarm["alarm_actions"] == [TOPIC], name
+        assert alarm["ok_actions"] == [TOPIC], name
+        assert alarm["alarm_name"].startswith("${local.alarm_name_prefix}"), name
+        assert str(alarm.get("alarm_description", "")).strip(), name
+
+
+def test_refresh_failed_log_events_raise_an_alarm(tf):
+    metric_filter = tf["resource"][("aws_cloudwatch_log_metric_filter", "refresh_failed")]
+    assert metric_filter["log_group_name"] == "aws_cloudwatch_log_group.app.name"
+    # A JSON filter on the "event" field of the app's JSON log lines.
+    pattern = metric_filter["pattern"].replace('\\"', '"')  # python-hcl2 keeps the HCL escapes
+    assert pattern == '{ $.event = "refresh_failed" }'
+    (transformation,) = metric_filter["metric_transformation"]
+    assert transformation["value"] == "1"
+    alarm = _alarms(tf)["refresh_failed"]
+    assert alarm["metric_name"] == (
+        "aws_cloudwatch_log_metric_filter.refresh_failed.metric_transformation[0].name"
+    )
+    assert alarm["namespace"] == (
+        "aws_cloudwatch_log_metric_filter.refresh_failed.metric_transformation[0].namespace"
+    )
+    assert alarm["statistic"] == "Sum"
+    assert alarm["comparison_operator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["threshold"] == 1
+    assert alarm["treat_missing_data"] == "notBreaching"
+
+
+def test_readyz_failures_behind_the_alb_raise_alarms(tf):
+    dims = tf["locals"]["target_group_dimensions"]
+    assert dims == {
+        "TargetGroup": "aws_lb_target_group.app.arn_suffix",
+        "LoadBalancer": "aws_lb.main.arn_suffix",
+    }
+    alarms = _alarms(tf)
+    unhealthy = alarms["unhealthy_targets"]
+    assert (unhealthy["namespace"], unhealthy["metric_name"]) == ("AWS/ApplicationELB", "UnHealthyHostCount")
+    assert unhealthy["dimensions"] == "local.target_group_dimensions"
+    assert (unhealthy["comparison_operator"], unhealthy["threshold"]) == ("GreaterThanThreshold", 0)
+    healthy = alarms["no_healthy_targets"]
+    assert (healthy["namespace"], healthy["metric_name"]) == ("AWS/ApplicationELB", "HealthyHostCount")
+    assert healthy["dimensions"] == "local.target_group_dimensions"
+    assert (healthy["comparison_operator"], healthy["threshold"]) == ("LessThanThreshold", 1)
+    assert healthy["treat_missing_data"] == "breaching"
+    # The target group these watch is the one health-checking /readyz.
+    (health_check,) = tf["resource"][("aws_lb_target_group", "app")]["health_check"]
+    assert health_check["path"] == "/readyz"

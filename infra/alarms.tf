@@ -1,0 +1,250 @@
+# Alarms, all notifying one SNS topic (created here unless var.alarm_sns_topic_arn names one):
+#   - a rotation of the DB master secret failed (EventBridge, CloudTrail RotationFailed);
+#   - the app keeps failing to refresh its DB credentials (log metric on event=refresh_failed);
+#   - /readyz fails: the ALB sees unhealthy targets, or no healthy one.
+
+locals {
+  create_alarm_topic = var.alarm_sns_topic_arn == null
+  alarm_topic_arn    = local.create_alarm_topic ? aws_sns_topic.alarms[0].arn : var.alarm_sns_topic_arn
+
+  # Every CloudWatch alarm of the stack is named "<prefix>-..."; the topic policy allows
+  # exactly these to publish.
+  alarm_name_prefix = "${local.prefix}-"
+}
+
+# --- The topic ----------------------------------------------------------------------------------
+
+# CloudWatch and EventBridge cannot publish to a topic encrypted with the AWS-managed
+# aws/sns key, so the topic has its own customer key. The service principals get only what
+# publishing needs; who may publish at all is decided by the topic policy below (EventBridge
+# does not pass aws:SourceArn to KMS, so the key policy cannot narrow it further).
+resource "aws_kms_key" "alarms" {
+  count = local.create_alarm_topic ? 1 : 0
+
+  description             = "${local.prefix}: alarm notifications (SNS)"
+  enable_key_rotation     = true
+  deletion_window_in_days = 30
+
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid       = "AccountAdministersThroughIam"
+        Effect    = "Allow"
+        Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:root" }
+        Action    = "kms:*"
+        Resource  = "*"
+      },
+      {
+        Sid       = "AlarmPublishersEncrypt"
+        Effect    = "Allow"
+        Principal = { Service = ["cloudwatch.amazonaws.com", "events.amazonaws.com"] }
+        Action    = ["kms:Decrypt", "kms:GenerateDataKey*"]
+        Resource  = "*"
+      },
+    ]
+  })
+}
+
+resource "aws_kms_alias" "alarms" {
+  count = local.create_alarm_topic ? 1 : 0
+
+  name          = "alias/${local.prefix}-alarms"
+  target_key_id = aws_kms_key.alarms[0].key_id
+}
+
+resource "aws_sns_topic" "alarms" {
+  count = local.create_alarm_topic ? 1 : 0
+
+  name              = "${local.prefix}-alarms"
+  kms_master_key_id = aws_kms_key.alarms[0].arn
+}
+
+data "aws_iam_policy_document" "alarm_topic" {
+  count = local.create_alarm_topic ? 1 : 0
+
+  statement {
+    sid       = "RotationFailedRule"
+    actions   = ["sns:Publish"]
+    resources = [aws_sns_topic.alarms[0].arn]
+
+    principals {
+      type        = "Service"
+      identifiers = ["events.amazonaws.com"]
+    }
+
+    condition {
+      test     = "ArnEquals"
+      variable = "aws:SourceArn"
+      values   = [aws_cloudwatch_event_rule.db_secret_rotation_failed.arn]
+    }
+  }
+
+  statement {
+    sid       = "StackAlarms"
+    actions   = ["sns:Publish"]
+    resources = [aws_sns_topic.alarms[0].arn]
+
+    principals {
+      type        = "Service"
+      identifiers = ["cloudwatch.amazonaws.com"]
+    }
+
+    condition {
+      test     = "ArnLike"
+      variable = "aws:SourceArn"
+      values   = ["arn:${local.partition}:cloudwatch:${local.region}:${local.account_id}:alarm:${local.alarm_name_prefix}*"]
+    }
+
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+  }
+
+  statement {
+    sid       = "DenyInsecureTransport"
+    effect    = "Deny"
+    actions   = ["sns:Publish", "sns:Subscribe"]
+    resources = [aws_sns_topic.alarms[0].arn]
+
+    principals {
+      type        = "*"
+      identifiers = ["*"]
+    }
+
+    condition {
+      test     = "Bool"
+      variable = "aws:SecureTransport"
+      values   = ["false"]
+    }
+  }
+}
+
+resource "aws_sns_topic_policy" "alarms" {
+  count = local.create_alarm_topic ? 1 : 0
+
+  arn    = aws_sns_topic.alarms[0].arn
+  policy = data.aws_iam_policy_document.alarm_topic[0].json
+}
+
+# --- (a) Rotation of the DB master secret failed ------------------------------------------------
+
+# The same CloudTrail-delivered event as the rotation-outcome rule in events.tf, only
+# RotationFailed, straight to the topic: a failed rotation needs an operator.
+resource "aws_cloudwatch_event_rule" "db_secret_rotation_failed" {
+  name        = "${local.prefix}-db-secret-rotation-failed"
+  description = "Rotation of the ${local.prefix} DB master secret failed"
+
+  event_pattern = jsonencode({
+    source        = ["aws.secretsmanager"]
+    "detail-type" = ["AWS Service Event via CloudTrail"]
+    detail = {
+      eventSource = ["secretsmanager.amazonaws.com"]
+      eventName   = ["RotationFailed"]
+      additionalEventData = {
+        SecretId = [local.db_secret_arn]
+      }
+    }
+  })
+}
+
+resource "aws_cloudwatch_event_target" "db_secret_rotation_failed" {
+  rule      = aws_cloudwatch_event_rule.db_secret_rotation_failed.name
+  target_id = "alarm-topic"
+  arn       = local.alarm_topic_arn
+
+  retry_policy {
+    maximum_event_age_in_seconds = 86400
+    maximum_retry_attempts       = 185
+  }
+
+  depends_on = [aws_sns_topic_policy.alarms]
+}
+
+# --- (b) Credential refresh keeps failing -------------------------------------------------------
+
+# The app logs JSON lines; a failed pool swap is {"event": "refresh_failed", ...}.
+resource "aws_cloudwatch_log_metric_filter" "refresh_failed" {
+  name           = "${local.prefix}-refresh-failed"
+  log_group_name = aws_cloudwatch_log_group.app.name
+  pattern        = "{ $.event = \"refresh_failed\" }"
+
+  metric_transformation {
+    name      = "RefreshFailed"
+    namespace = "CommNG/${local.prefix}"
+    value     = "1"
+    unit      = "Count"
+  }
+}
+
+# One failure can be a blip that the next poll or login repairs; failures in two
+# consecutive 5-minute periods mean a worker is stuck on credentials that do not work.
+resource "aws_cloudwatch_metric_alarm" "refresh_failed" {
+  alarm_name        = "${local.alarm_name_prefix}db-credential-refresh-failing"
+  alarm_description = "CommNG workers failed to refresh their DB credentials (log event refresh_failed) in two consecutive 5-minute periods: check the DB secret, its rotation and the app logs."
+
+  namespace           = aws_cloudwatch_log_metric_filter.refresh_failed.metric_transformation[0].namespace
+  metric_name         = aws_cloudwatch_log_metric_filter.refresh_failed.metric_transformation[0].name
+  statistic           = "Sum"
+  period              = 300
+  evaluation_periods  = 2
+  datapoints_to_alarm = 2
+  comparison_operator = "GreaterThanOrEqualToThreshold"
+  threshold           = 1
+  treat_missing_data  = "notBreaching" # no matching log line: nothing failed
+
+  alarm_actions = [local.alarm_topic_arn]
+  ok_actions    = [local.alarm_topic_arn]
+}
+
+# --- (c) /readyz failing behind the ALB ------------------------------------------------------------
+
+locals {
+  target_group_dimensions = {
+    TargetGroup  = aws_lb_target_group.app.arn_suffix
+    LoadBalancer = aws_lb.main.arn_suffix
+  }
+}
+
+# A task out of rotation for 3 minutes (health check every 15 s, 3 failures to go
+# unhealthy): it cannot reach the database, or is otherwise not ready.
+resource "aws_cloudwatch_metric_alarm" "unhealthy_targets" {
+  alarm_name        = "${local.alarm_name_prefix}readyz-unhealthy-targets"
+  alarm_description = "At least one CommNG task has failed the ALB's /readyz check for 3 minutes."
+
+  namespace           = "AWS/ApplicationELB"
+  metric_name         = "UnHealthyHostCount"
+  dimensions          = local.target_group_dimensions
+  statistic           = "Maximum"
+  period              = 60
+  evaluation_periods  = 3
+  datapoints_to_alarm = 3
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = 0
+  treat_missing_data  = "notBreaching"
+
+  alarm_actions = [local.alarm_topic_arn]
+  ok_actions    = [local.alarm_topic_arn]
+}
+
+# No task ready at all: the service is down. Missing data (no registered target) counts too.
+resource "aws_cloudwatch_metric_alarm" "no_healthy_targets" {
+  alarm_name        = "${local.alarm_name_prefix}readyz-no-healthy-targets"
+  alarm_description = "No CommNG task has passed the ALB's /readyz check for 3 minutes: the service is down."
+
+  namespace           = "AWS/ApplicationELB"
+  metric_name         = "HealthyHostCount"
+  dimensions          = local.target_group_dimensions
+  statistic           = "Minimum"
+  period              = 60
+  evaluation_periods  = 3
+  datapoints_to_alarm = 3
+  comparison_operator = "LessThanThreshold"
+  threshold           = 1
+  treat_missing_data  = "breaching"
+
+  alarm_actions = [local.alarm_topic_arn]
+  ok_actions    = [local.alarm_topic_arn]
+}
