@@ -20,6 +20,29 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt
 
+# The RDS CA bundle (every region's roots), so that POSTGRES_SSL=verify-full authenticates the
+# database. Fetched over HTTPS and checked against a SHA-256 the builder must supply: obtain it
+# from a copy you trust (e.g. `curl -fsS https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem
+# | sha256sum` from a workstation, compared with your organisation's pinned copy) and pass
+# --build-arg RDS_CA_BUNDLE_SHA256=<hex>. The build fails without it, or on any mismatch.
+ARG RDS_CA_BUNDLE_URL=https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem
+ARG RDS_CA_BUNDLE_SHA256
+RUN python - <<'PY'
+import hashlib, os, sys, urllib.request
+expected = os.environ.get("RDS_CA_BUNDLE_SHA256", "").strip().lower()
+if len(expected) != 64:
+    sys.exit("RDS_CA_BUNDLE_SHA256 build argument is required (64 hex digits)")
+url = os.environ["RDS_CA_BUNDLE_URL"]
+if not url.startswith("https://"):
+    sys.exit("RDS_CA_BUNDLE_URL must be https")
+data = urllib.request.urlopen(url, timeout=30).read()
+if hashlib.sha256(data).hexdigest() != expected:
+    sys.exit("RDS CA bundle checksum mismatch: refusing to trust it")
+os.makedirs("/opt/commng/certs", exist_ok=True)
+with open("/opt/commng/certs/rds-global-bundle.pem", "wb") as out:
+    out.write(data)
+PY
+
 # --- release: the venv and the application, run as an unprivileged numeric user -----------------
 FROM python:3.11.15-slim-bookworm AS release
 
@@ -38,6 +61,7 @@ RUN groupadd --system --gid 10001 commng \
 WORKDIR /app
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/commng/certs /opt/commng/certs
 # Application files stay owned by root: the runtime user can read them, not change them.
 COPY wsgi.py gunicorn.conf.py ./
 COPY commng/ ./commng/

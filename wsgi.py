@@ -1,12 +1,13 @@
-"""gunicorn's entry point. gevent and psycogreen patch first, then the app is built."""
+"""gunicorn's entry point: gevent patches the standard library first, then the app is built.
+
+The app's rotation layer installs psycopg2's wait callback (``commng.rotation.bounds``):
+with ``select`` patched by gevent, every database wait yields to the other greenlets and
+is bounded by a deadline.
+"""
 
 from gevent import monkey
 
 monkey.patch_all()
-
-from psycogreen.gevent import patch_psycopg  # noqa: E402
-
-patch_psycopg()
 
 from commng.app import create_app  # noqa: E402
 

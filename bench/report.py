@@ -130,6 +130,15 @@ def summarize(
         summary["extra"]["db_down_s"] = round(up - float(ctx.extra["down_at_s"]), 2)
         summary["extra"]["recovery_s"] = round(max([0.0, *(e - up for e in ends)]), 2)
         summary["extra"]["failures_after_up"] = sum(1 for e in ends if e > up)
+        # Requests that were in flight at any time while PostgreSQL was down: they waited it out.
+        down = float(ctx.extra["down_at_s"])
+        during = [
+            s.duration_ms
+            for s in result.samples
+            if s.started - t0 < up and s.started - t0 + s.duration_ms / 1000 > down
+        ]
+        summary["extra"]["outage_requests"] = len(during)
+        summary["extra"]["outage_p99_ms"] = _round(percentile(during, 99))
     return summary
 
 
@@ -163,7 +172,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def add(target: str, measured: Any, ok: bool | None, note: str = "") -> None:
         rows.append({"target": target, "measured": measured, "ok": ok, "note": note})
 
-    for name in ("rotate", "window-reconnect", "secrets-outage", "bad-secret"):
+    for name in ("rotate", "window-reconnect", "secrets-outage", "bad-secret", "db-restart"):
         if name in by:
             add(f"{name}: failed requests = 0", by[name]["failures"], by[name]["failures"] == 0)
     lost = {r["name"]: r["writes"]["lost"] for r in results}

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
-from commng.rotation import PinnedSession, describe_error, get_runtime
+from commng.rotation import PinnedSession, bounds, describe_error, get_runtime
 from commng.rotation.engines import ManagedEngine
 
 __all__ = ["MAX_ATTEMPTS", "Base", "db", "init_app", "retry_on_disconnect"]
@@ -96,7 +96,8 @@ def _xact_status(xid: str) -> str | None:
     deadline = time.monotonic() + XACT_STATUS_WAIT_S
     while True:
         try:
-            with db.engine.connect() as conn:
+            # Every wait of the lookup, its connect included, ends within the verdict's wait.
+            with bounds.deadline(XACT_STATUS_WAIT_S), db.engine.connect() as conn:
                 status = conn.exec_driver_sql("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid}).scalar()
         except DBAPIError:
             return None
@@ -118,21 +119,29 @@ def _nothing_committed() -> bool:
 
 
 def retry_on_disconnect(view: F) -> F:
-    """Run ``view`` again (at most MAX_ATTEMPTS in all) after a disconnect before any commit."""
+    """Run ``view`` again (at most MAX_ATTEMPTS in all) after a disconnect before any commit.
+
+    The whole request's database work is bounded: connection attempts wait out an outage
+    for up to the outage budget, and no wait lasts past that budget plus one statement
+    timeout.
+    """
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            g.commng_commit_xids = []
-            try:
-                return view(*args, **kwargs)
-            except DBAPIError as exc:
-                if not exc.connection_invalidated or attempt == MAX_ATTEMPTS:
-                    raise
-                db.session.rollback()
-                if not _nothing_committed():
-                    raise
-                log.warning("request_retried_after_disconnect", attempt=attempt)
+        settings = get_runtime().settings
+        budget_s = settings.outage_wait_s
+        with bounds.outage_wait(budget_s), bounds.deadline(budget_s + settings.statement_timeout_ms / 1000):
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                g.commng_commit_xids = []
+                try:
+                    return view(*args, **kwargs)
+                except DBAPIError as exc:
+                    if not exc.connection_invalidated or attempt == MAX_ATTEMPTS:
+                        raise
+                    db.session.rollback()
+                    if not _nothing_committed():
+                        raise
+                    log.warning("request_retried_after_disconnect", attempt=attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper  # type: ignore[return-value]

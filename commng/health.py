@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask
+from sqlalchemy.exc import DBAPIError
 
 from commng.db import db
-from commng.rotation import NoCredentials, is_auth_failure, probe
+from commng.rotation import NoCredentials, bounds, is_auth_failure, probe
 
 __all__ = ["bp", "init_app"]
 
@@ -24,15 +25,31 @@ def healthz() -> Any:
 
 @bp.get("/readyz")
 def readyz() -> Any:
-    """200 when SELECT 1 succeeds through the current engine, else 503 with a reason."""
-    try:
-        probe(db.engine, READY_TIMEOUT_S)
-    except NoCredentials:
-        return {"status": "unavailable", "reason": "no database credentials yet"}, 503
-    except Exception as exc:
-        reason = "database authentication failed" if is_auth_failure(exc) else "database unreachable"
-        return {"status": "unavailable", "reason": reason}, 503
-    return {"status": "ready"}
+    """200 when SELECT 1 succeeds through the current engine, else 503 with a reason; within 2 s.
+
+    A pooled connection whose backend died (a rotation that terminates idle backends, a
+    failover) is not the database being down: like the API, readiness tries once more on
+    a fresh connection, inside the same bound.
+    """
+    with bounds.deadline(READY_TIMEOUT_S):
+        for attempt in (1, 2):
+            try:
+                probe(db.engine, READY_TIMEOUT_S)
+            except NoCredentials:
+                return {"status": "unavailable", "reason": "no database credentials yet"}, 503
+            except DBAPIError as exc:
+                if attempt == 1 and exc.connection_invalidated:
+                    continue
+                return _unavailable(exc)
+            except Exception as exc:
+                return _unavailable(exc)
+            return {"status": "ready"}
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unavailable(exc: Exception) -> tuple[dict[str, str], int]:
+    reason = "database authentication failed" if is_auth_failure(exc) else "database unreachable"
+    return {"status": "unavailable", "reason": reason}, 503
 
 
 def init_app(app: Flask) -> None:

@@ -33,10 +33,18 @@ class Settings:
     postgres_db: str = "comm_ng"
     postgres_user: str | None = None
     postgres_password: str | None = field(default=None, repr=False)
-    postgres_ssl: bool = True
+    # libpq sslmode: disable | require | verify-ca | verify-full (true/false mean require/disable).
+    postgres_ssl: str = "require"
+    # The CA bundle verify-ca and verify-full trust (the image ships RDS's global bundle).
+    postgres_ssl_root_cert: str | None = None
     postgres_pool_size: int = 20
     postgres_max_overflow: int = 5
     postgres_connect_timeout_s: int = 5
+    postgres_statement_timeout_ms: int = 5000
+    # How long a request waits out refused connections (a restart) before its 503: a
+    # restart or a brief network blip fits; a Multi-AZ failover (DNS flip, 60-120 s) does
+    # not, and should not hold requests that long behind a 60 s load-balancer timeout.
+    db_outage_wait_ms: int = 10_000
     postgres_pool_timeout_s: int = 10
     admin_token: str | None = field(default=None, repr=False)
     rotation_history_retention_days: int = 90
@@ -48,8 +56,8 @@ class Settings:
 
     @property
     def sslmode(self) -> str:
-        """libpq sslmode derived from POSTGRES_SSL (true -> require, false -> disable)."""
-        return "require" if self.postgres_ssl else "disable"
+        """libpq sslmode from POSTGRES_SSL."""
+        return self.postgres_ssl
 
     @property
     def uses_secrets_manager(self) -> bool:
@@ -93,6 +101,23 @@ def _boolean(name: str, raw: str) -> bool:
     if value in {"false", "0", "no", "off"}:
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+_SSLMODES = {
+    "true": "require",
+    "false": "disable",
+    **{m: m for m in ("disable", "require", "verify-ca", "verify-full")},
+}
+
+
+def _sslmode(name: str, raw: str) -> str:
+    # allow and prefer are refused: both fall back to cleartext when TLS fails.
+    mode = _SSLMODES.get(raw.strip().lower())
+    if mode is None:
+        raise ConfigError(
+            f"{name} must be one of disable|require|verify-ca|verify-full (or true|false), got {raw!r}"
+        )
+    return mode
 
 
 def _choice(*choices: str, lower: bool = True) -> Callable[[str, str], str]:
@@ -140,7 +165,14 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("POSTGRES_DB", "postgres_db", _text),
     ("POSTGRES_USER", "postgres_user", _text),
     ("POSTGRES_PASSWORD", "postgres_password", _secret),
-    ("POSTGRES_SSL", "postgres_ssl", _boolean),
+    ("POSTGRES_SSL", "postgres_ssl", _sslmode),
+    ("POSTGRES_SSL_ROOT_CERT", "postgres_ssl_root_cert", _text),
+    (
+        "POSTGRES_STATEMENT_TIMEOUT_MS",
+        "postgres_statement_timeout_ms",
+        _int_at_least(100, " number of milliseconds"),
+    ),
+    ("DB_OUTAGE_WAIT_MS", "db_outage_wait_ms", _int_at_least(0, " number of milliseconds")),
     ("POSTGRES_POOL_SIZE", "postgres_pool_size", _int_at_least(1)),
     ("POSTGRES_MAX_OVERFLOW", "postgres_max_overflow", _int_at_least(0)),
     ("POSTGRES_CONNECT_TIMEOUT_S", "postgres_connect_timeout_s", _int_at_least(1, " number of seconds")),
@@ -165,6 +197,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             continue
         values[attr] = coerce(name, raw)
     settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.postgres_ssl in {"verify-ca", "verify-full"} and settings.postgres_ssl_root_cert is None:
+        raise ConfigError(
+            f"POSTGRES_SSL_ROOT_CERT must name a CA file when POSTGRES_SSL is {settings.postgres_ssl}"
+        )
     if settings.postgres_password is not None and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER must be set when POSTGRES_PASSWORD is set")
     if not settings.uses_secrets_manager and settings.postgres_user is None:

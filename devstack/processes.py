@@ -40,8 +40,11 @@ class GunicornServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 60.0, ready: bool = True) -> None:
         """Start gunicorn; wait (bounded) until every worker logged worker_ready and /readyz is 200.
+
+        ``ready=False`` waits for the workers only (a server started against a database
+        that is meant not to answer).
 
         /readyz alone is not enough: the first worker can answer while the others still
         boot, and a worker that boots after a rotation never logs that rotation.
@@ -60,8 +63,8 @@ class GunicornServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}: see {self.logfile}")
-            ready = self.logfile.read_bytes()[offset:].count(b"worker_ready")
-            if ready >= self.workers and http_status(f"{self.url}/readyz") == 200:
+            booted = self.logfile.read_bytes()[offset:].count(b"worker_ready") >= self.workers
+            if booted and (not ready or http_status(f"{self.url}/readyz") == 200):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn not ready within {timeout_s} s: see {self.logfile}")

@@ -7,7 +7,9 @@ ever rendered into a URL or into Alembic's config.
 from alembic import context
 from flask import current_app
 
-from commng.rotation import history
+from commng.rotation import bounds, history
+
+MIGRATION_DEADLINE_S = 3600
 
 target_db = current_app.extensions["migrate"].db
 # The app's models and the rotation history table (which keeps a metadata of its own).
@@ -26,10 +28,17 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    """Apply migrations on a connection from the app's current engine."""
-    with target_db.engine.connect() as connection:
+    """Apply migrations on a connection from the app's current engine.
+
+    The app's connections carry a 5 s statement timeout and bounded waits; a migration may
+    legitimately run longer (an index on a large table), so it gets an hour instead.
+    """
+    with bounds.deadline(MIGRATION_DEADLINE_S), target_db.engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
+            # Inside alembic's transaction: a statement before it would begin one that
+            # alembic then leaves uncommitted.
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {MIGRATION_DEADLINE_S * 1000}")
             context.run_migrations()
 
 

@@ -7,7 +7,6 @@ template, so tests are isolated and may rotate passwords freely.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import tempfile
@@ -16,18 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import flask_migrate
 import pytest
 from flask import Flask
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
-from psycopg2 import sql
 
 from commng.app import create_app
 from commng.rotation.runtime import get_runtime
 from config import Settings
-from devstack import PostgresCluster, free_port, new_password, running_cluster
-from tests.helpers import OWNER_ROLE, Database
+from devstack import PostgresCluster, free_port, running_cluster
+from tests.helpers import Database, drop_database, make_template, new_database
 
 # Never reach a real AWS account, whatever the environment holds.
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER"):
@@ -39,9 +36,6 @@ os.environ.update(
     AWS_REGION="us-east-1",
 )
 
-TEMPLATE_DB = "commng_template"
-_counter = itertools.count(1)
-
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PostgresCluster]:
@@ -49,51 +43,18 @@ def pg() -> Iterator[PostgresCluster]:
     base = Path(tempfile.mkdtemp(prefix="commng-pg-"))
     try:
         with running_cluster(base) as cluster:
-            _make_template(cluster)
+            make_template(cluster)
             yield cluster
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _make_template(cluster: PostgresCluster) -> None:
-    password = new_password()
-    cluster.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(OWNER_ROLE), sql.Literal(password))
-    )
-    cluster.execute(
-        sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(TEMPLATE_DB), sql.Identifier(OWNER_ROLE))
-    )
-    settings = Settings(
-        postgres_host="127.0.0.1",
-        postgres_port=cluster.port,
-        postgres_db=TEMPLATE_DB,
-        postgres_user=OWNER_ROLE,
-        postgres_password=password,
-        postgres_ssl=False,
-    )
-    app = create_app(settings, configure_logging=False)
-    with app.app_context():
-        flask_migrate.upgrade()
-    get_runtime(app).stop()
-
-
 @pytest.fixture
 def database(pg: PostgresCluster) -> Iterator[Database]:
     """A fresh database cloned from the template, and a fresh role that can use it."""
-    n = next(_counter)
-    db = Database(pg, f"commng_test_{n}", f"app_{n}", new_password())
-    pg.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(db.role), sql.Literal(db.password))
-    )
-    pg.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(OWNER_ROLE), sql.Identifier(db.role)))
-    pg.execute(
-        sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
-            sql.Identifier(db.name), sql.Identifier(TEMPLATE_DB), sql.Identifier(db.role)
-        )
-    )
+    db = new_database(pg)
     yield db
-    pg.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db.name)))
-    pg.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(db.role)))
+    drop_database(db)
 
 
 @pytest.fixture

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import signal
+import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -12,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import flask_migrate
 from psycopg2 import sql
 
 from config import Settings
-from devstack import PostgresCluster
+from devstack import PostgresCluster, new_password
 
 # The role that owns the migrated template database; each test's role is granted it.
 OWNER_ROLE = "commng_owner"
+TEMPLATE_DB = "commng_template"
+_counter = itertools.count(1)
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
@@ -56,7 +63,7 @@ class Database:
             postgres_db=self.name,
             postgres_user=self.role,
             postgres_password=self.password,
-            postgres_ssl=False,
+            postgres_ssl="disable",
             postgres_pool_size=3,
             postgres_max_overflow=2,
             db_pool_grace_period_ms=2000,
@@ -115,3 +122,98 @@ class Database:
             **extra,
         )
         return client, arn, env
+
+
+def make_template(cluster: PostgresCluster) -> None:
+    """The owner role and a database migrated to head, to clone test databases from."""
+    from commng.app import create_app
+    from commng.rotation import get_runtime
+
+    password = new_password()
+    cluster.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(OWNER_ROLE), sql.Literal(password))
+    )
+    cluster.execute(
+        sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(TEMPLATE_DB), sql.Identifier(OWNER_ROLE))
+    )
+    settings = Settings(
+        postgres_host="127.0.0.1",
+        postgres_port=cluster.port,
+        postgres_db=TEMPLATE_DB,
+        postgres_user=OWNER_ROLE,
+        postgres_password=password,
+        postgres_ssl="disable",
+    )
+    app = create_app(settings, configure_logging=False)
+    with app.app_context():
+        flask_migrate.upgrade()
+    get_runtime(app).stop()
+
+
+def new_database(cluster: PostgresCluster) -> Database:
+    """A fresh database cloned from the template, and a fresh role that can use it."""
+    n = next(_counter)
+    db = Database(cluster, f"commng_test_{n}", f"app_{n}", new_password())
+    cluster.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(db.role), sql.Literal(db.password))
+    )
+    cluster.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(OWNER_ROLE), sql.Identifier(db.role)))
+    cluster.execute(
+        sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+            sql.Identifier(db.name), sql.Identifier(TEMPLATE_DB), sql.Identifier(db.role)
+        )
+    )
+    return db
+
+
+def drop_database(db: Database) -> None:
+    """Drop what ``new_database`` made."""
+    db.cluster.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db.name)))
+    db.cluster.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(db.role)))
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 whose kernel completes the handshake and nobody ever answers."""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield int(listener.getsockname()[1])
+    finally:
+        listener.close()
+
+
+def postmaster_pid(cluster: PostgresCluster) -> int:
+    """The pid on the first line of postmaster.pid."""
+    return int((cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
+
+
+def cluster_pids(cluster: PostgresCluster) -> list[int]:
+    """The postmaster and every process it forked (backends, checkpointer, ...)."""
+    parent = postmaster_pid(cluster)
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                children.append(int(entry.name))
+    return [parent, *children]
+
+
+@contextmanager
+def frozen(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP ``pids`` for the block: their sockets stay open, nothing answers. SIGCONT after."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)

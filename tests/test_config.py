@@ -14,7 +14,7 @@ def test_defaults_follow_the_design_document() -> None:
     assert s.db_secret_refresh_interval_ms == 300_000
     assert s.db_pool_grace_period_ms == 30_000
     assert (s.postgres_port, s.postgres_db, s.postgres_pool_size) == (5432, "comm_ng", 20)
-    assert s.postgres_ssl is True
+    assert s.postgres_ssl == "require"
     assert s.sslmode == "require"
     assert s.admin_token is None
     assert s.port == 8000
@@ -33,6 +33,20 @@ def test_secret_id_alone_is_enough() -> None:
 
 def test_ssl_false_disables_tls() -> None:
     assert load_settings({**BASE, "POSTGRES_SSL": "false"}).sslmode == "disable"
+
+
+def test_ssl_modes_that_verify_need_a_ca_file() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^POSTGRES_SSL_ROOT_CERT must name a CA file when POSTGRES_SSL is verify-full$"
+    ):
+        load_settings({**BASE, "POSTGRES_SSL": "verify-full"})
+    settings = load_settings({**BASE, "POSTGRES_SSL": "VERIFY-FULL", "POSTGRES_SSL_ROOT_CERT": "/ca.pem"})
+    assert (settings.sslmode, settings.postgres_ssl_root_cert) == ("verify-full", "/ca.pem")
+
+
+def test_statement_timeout_and_outage_wait_are_read() -> None:
+    settings = load_settings({**BASE, "POSTGRES_STATEMENT_TIMEOUT_MS": "2500", "DB_OUTAGE_WAIT_MS": "0"})
+    assert (settings.postgres_statement_timeout_ms, settings.db_outage_wait_ms) == (2500, 0)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +68,16 @@ def test_ssl_false_disables_tls() -> None:
             "DB_POOL_GRACE_PERIOD_MS must be an integer number of milliseconds >= 0, got '-1'",
         ),
         ("POSTGRES_POOL_SIZE", "0", "POSTGRES_POOL_SIZE must be an integer >= 1, got '0'"),
-        ("POSTGRES_SSL", "maybe", "POSTGRES_SSL must be true or false, got 'maybe'"),
+        (
+            "POSTGRES_SSL",
+            "maybe",
+            "POSTGRES_SSL must be one of disable|require|verify-ca|verify-full (or true|false), got 'maybe'",
+        ),
+        (
+            "POSTGRES_SSL",
+            "prefer",
+            "POSTGRES_SSL must be one of disable|require|verify-ca|verify-full (or true|false), got 'prefer'",
+        ),
         ("POSTGRES_PORT", "70000", "POSTGRES_PORT must be a TCP port from 1 to 65535, got '70000'"),
         ("PORT", "http", "PORT must be an integer >= 1, got 'http'"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT must be one of json|console, got 'xml'"),

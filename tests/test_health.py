@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from psycopg2 import sql
 
+from commng.rotation import get_runtime
 from config import Settings
 from devstack import PostgresCluster, new_password, running_cluster
-from tests.helpers import Database, assert_no_secrets
+from tests.helpers import Database, assert_no_secrets, wait_for
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def test_readyz_follows_the_database_down_and_back(own_cluster: PostgresCluster,
         postgres_db="postgres",
         postgres_user="ready",
         postgres_password=password,
-        postgres_ssl=False,
+        postgres_ssl="disable",
         postgres_connect_timeout_s=2,
     )
     client = make_app(settings).test_client()
@@ -72,3 +74,30 @@ def test_readyz_is_503_when_the_login_stops_working(database: Database, make_app
     assert api.status_code == 503
     assert api.json["error"]["code"] == "database_unavailable"
     assert_no_secrets(response.get_data(as_text=True) + api.get_data(as_text=True), [database.password])
+
+
+def test_readyz_survives_a_pooled_connection_whose_backend_died(
+    database: Database, make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotation window that terminates idle backends: the pool hands out a dead one."""
+    app = make_app(database.settings())
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200  # one idle connection in the pool now
+    engine = get_runtime(app).rotator().active.engine  # type: ignore[union-attr]
+    killed: list[int] = []
+
+    def kill_after_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if not killed:  # the first checkout only: after the pre-ping, before SELECT 1
+            with dbapi_connection.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                pid = cur.fetchone()[0]
+            database.cluster.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            wait_for(
+                lambda: not database.cluster.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+            )
+            killed.append(pid)
+
+    sa.event.listen(engine, "checkout", kill_after_checkout)
+    response = client.get("/readyz")
+    assert killed
+    assert response.status_code == 200, response.json

@@ -36,7 +36,7 @@ def _image_venv() -> Path:
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
+        subprocess.run([*pip, "--require-hashes", "-r", str(ROOT / "requirements.txt")], check=True)
         (venv / ".complete").touch()
     return venv
 

@@ -16,6 +16,7 @@ Nothing here imports the host application: it is handed the app, the extension a
 the settings, and keeps its state in ``app.extensions["commng.rotation"]``.
 """
 
+from commng.rotation import bounds
 from commng.rotation.credentials import Credentials, InvalidSecret, SecretsUnavailable
 from commng.rotation.engines import NoCredentials, describe_error, error_code, is_auth_failure, probe
 from commng.rotation.events import Outcome, RotationEvent, Trigger
@@ -37,6 +38,7 @@ __all__ = [
     "Runtime",
     "SecretsUnavailable",
     "Trigger",
+    "bounds",
     "count_by_trigger",
     "describe_error",
     "error_code",

@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Engine
 
+from commng.rotation import bounds
 from commng.rotation.credentials import Credentials, InvalidSecret
 from commng.rotation.settings import RotationSettings
 
@@ -35,6 +37,14 @@ __all__ = [
 ]
 
 AuthFailureHandler = Callable[[Credentials], "Credentials | None"]
+
+log = structlog.get_logger("commng.rotation.engines")
+
+# How long sent data may stay unacknowledged before the kernel gives up on the peer.
+KEEPALIVE_USER_TIMEOUT_MS = 10_000
+# Backoff between connection attempts while a request waits out an outage.
+OUTAGE_FIRST_RETRY_S = 0.05
+OUTAGE_MAX_RETRY_S = 1.0
 
 
 class NoCredentials(RuntimeError):
@@ -113,7 +123,18 @@ class EngineFactory:
             "connect_args": {
                 "connect_timeout": s.connect_timeout_s,
                 "sslmode": s.sslmode,
+                **({"sslrootcert": s.ssl_root_cert} if s.ssl_root_cert else {}),
+                # The password is only ever sent for SCRAM: a server (or an impostor) asking
+                # for cleartext or md5 gets no password, the connection fails instead.
+                "require_auth": "scram-sha-256",
                 "application_name": s.application_name,
+                "options": f"-c statement_timeout={s.statement_timeout_ms}",
+                # A peer that vanished (host gone, route black-holed) is noticed in seconds.
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": KEEPALIVE_USER_TIMEOUT_MS,
             },
         }
 
@@ -133,6 +154,24 @@ class EngineFactory:
             listener(managed)
         return managed
 
+    def _connect(self, dialect: Any, cargs: Any, params: dict[str, Any]) -> Any:
+        """One physical connection, bounded by the connect timeout, waiting out a short outage."""
+        delay = OUTAGE_FIRST_RETRY_S
+        while True:
+            try:
+                with bounds.deadline(self.settings.connect_timeout_s):
+                    return dialect.connect(*cargs, **params)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                until = bounds.outage_deadline()
+                left = None if until is None else until - time.monotonic()
+                if left is None or left <= 0 or not bounds.is_transient_connect_failure(exc):
+                    raise
+                log.warning(
+                    "database_connect_retrying", reason=describe_error(exc), wait_ms=round(delay * 1000)
+                )
+                time.sleep(min(delay, left))  # bounded by the outage budget; yields under gevent
+                delay = min(delay * 2, OUTAGE_MAX_RETRY_S)
+
     def _listen(self, managed: ManagedEngine) -> None:
         def connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
             credentials = managed.credentials
@@ -140,7 +179,7 @@ class EngineFactory:
                 raise NoCredentials("no database credentials are known yet")
             # cparams is shared by every connect of this engine: copy, never mutate.
             try:
-                return dialect.connect(*cargs, **{**cparams, **credentials.connect_params()})
+                return self._connect(dialect, cargs, {**cparams, **credentials.connect_params()})
             except dialect.loaded_dbapi.OperationalError as exc:
                 auth_failed = is_auth_failure(exc)
                 if auth_failed:
@@ -153,7 +192,7 @@ class EngineFactory:
                 if fresh is None:
                     raise
             # One retry, with credentials the refresh has just tested.
-            return dialect.connect(*cargs, **{**cparams, **fresh.connect_params()})
+            return self._connect(dialect, cargs, {**cparams, **fresh.connect_params()})
 
         def checkin(dbapi_connection: Any, record: Any) -> None:
             if managed.retired and dbapi_connection is not None:
@@ -164,8 +203,8 @@ class EngineFactory:
 
 
 def probe(engine: Engine, timeout_s: float) -> None:
-    """Connect and run SELECT 1, bounded by the connect and statement timeouts."""
-    with engine.connect() as conn:
+    """Connect and run SELECT 1; every wait of it ends within ``timeout_s``."""
+    with bounds.deadline(timeout_s), engine.connect() as conn:
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
         conn.exec_driver_sql("SELECT 1")
         conn.rollback()

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from commng.rotation import bounds
 from commng.rotation.engines import error_code
 from commng.rotation.events import RotationEvent
 
@@ -45,6 +46,8 @@ BUFFER_MAX = 1000
 BATCH_SIZE = 100
 # A history write must never hold a connection for long: the pool serves requests.
 STATEMENT_TIMEOUT_MS = 3000
+# ...and every wait of a write (connect included) ends by then, even on a silent server.
+WRITE_DEADLINE_S = 5.0
 PRUNE_EVERY_S = 3600.0
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
@@ -214,7 +217,7 @@ class HistoryWriter:
             index_elements=[table.c.id],
             set_={"drained_ms": sa.func.coalesce(stmt.excluded.drained_ms, table.c.drained_ms)},
         )
-        with self._engine().begin() as conn:
+        with bounds.deadline(WRITE_DEADLINE_S), self._engine().begin() as conn:
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
             conn.execute(stmt, rows)
 
@@ -235,7 +238,7 @@ class HistoryWriter:
         """Delete rows older than the retention limit; return how many went."""
         table = rotation_events
         cutoff = datetime.now(UTC) - self.retention
-        with self._engine().begin() as conn:
+        with bounds.deadline(WRITE_DEADLINE_S), self._engine().begin() as conn:
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
             result = conn.execute(sa.delete(table).where(table.c.occurred_at < cutoff))
         return int(result.rowcount)

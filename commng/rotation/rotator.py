@@ -48,6 +48,8 @@ REACTIVE_MIN_INTERVAL_S = 1.0
 # How long a request waits for a refresh that another request or the watcher runs.
 JOIN_TIMEOUT_S = 15.0
 PROBE_TIMEOUT_S = 5.0
+# Old pools kept draining at once; rotations faster than the grace period close the oldest.
+MAX_DRAINING = 2
 
 
 class _Flight:
@@ -67,6 +69,8 @@ class _Attempt:
     failed: Credentials | None
     old_version: str | None
     stage: str = AWSCURRENT
+    # The version AWSCURRENT pointed at when this attempt read it.
+    current_version: str | None = None
     detected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -168,6 +172,9 @@ class Rotator:
             return RotationEvent(trigger, Outcome.FAILED, self.bind, error="JoinTimeout")
         try:
             flight.result = self._refresh(trigger, failed)
+        except BaseException as exc:  # killed (GreenletExit): joiners learn why, not "JoinTimeout"
+            flight.result = RotationEvent(trigger, Outcome.FAILED, self.bind, error=type(exc).__name__)
+            raise
         finally:
             with self._flight_lock:
                 self._flight = None
@@ -192,6 +199,7 @@ class Rotator:
         """The version to adopt, or None when AWSCURRENT holds the login in use."""
         latest = self.source.fetch(AWSCURRENT)
         attempt.detected_at = datetime.now(UTC)
+        attempt.current_version = latest.version_id
         if attempt.failed is not None and latest.credentials == attempt.failed:
             # The rotation window: the database already has the new password but
             # AWSCURRENT still holds the old one. AWSPENDING holds the new one.
@@ -213,14 +221,14 @@ class Rotator:
     ) -> tuple[SecretVersion, float, ManagedEngine | None]:
         """Adopt ``latest``; after a login failure, fall back to AWSPENDING if it fails too."""
         try:
-            swap_ms, old = self._adopt(latest)
+            swap_ms, old = self._adopt(latest, attempt.current_version)
             return latest, swap_ms, old
         except Exception as exc:
             if not (attempt.failed is not None and attempt.stage == AWSCURRENT and is_auth_failure(exc)):
                 raise
         attempt.stage = AWSPENDING  # AWSCURRENT moved but fails too: try what comes next
         pending = self.source.fetch(AWSPENDING)
-        swap_ms, old = self._adopt(pending)
+        swap_ms, old = self._adopt(pending, attempt.current_version)
         return pending, swap_ms, old
 
     def _log_detected(self, attempt: _Attempt, latest: SecretVersion) -> None:
@@ -282,19 +290,25 @@ class Rotator:
             self._start_drain(old, event)
         return event
 
-    def _adopt(self, version: SecretVersion) -> tuple[float, ManagedEngine | None]:
-        """Build and test an engine for ``version`` and swap it in; return the old one."""
+    def _adopt(
+        self, version: SecretVersion, failing_current: str | None
+    ) -> tuple[float, ManagedEngine | None]:
+        """Build and test an engine for ``version`` and swap it in; return the old one.
+
+        ``failing_current`` is the AWSCURRENT version read by this refresh: when
+        ``version`` is AWSPENDING, that one is known to fail, and polls skip it.
+        """
         started = time.monotonic()
         candidate = self.factory.build(version.credentials)
         try:
             probe(candidate.engine, PROBE_TIMEOUT_S)
-        except Exception:
+        except BaseException:  # GreenletExit too: a killed refresh leaves no pool behind
             candidate.engine.dispose()
             raise
         with self._swap_lock:
             old = self.active
             if version.stage == AWSPENDING:
-                self._window_from = self.current.version_id if self.current else None
+                self._window_from = failing_current
             self.install(candidate.engine)
             candidate.reactive = True
             self.active = candidate
@@ -304,7 +318,16 @@ class Rotator:
                 for engine in (old, *self.draining):
                     engine.credentials = version.credentials
                 self.draining.append(old)
+                self._cap_draining()
         return (time.monotonic() - started) * 1000, old
+
+    def _cap_draining(self) -> None:
+        """Rotations faster than the grace period: close the oldest pools beyond the cap now."""
+        while len(self.draining) > MAX_DRAINING:
+            oldest = self.draining.pop(0)
+            oldest.retired = True  # its checked-out connections close when returned
+            oldest.engine.dispose()
+            log.warning("old_pool_closed_early", bind=self.bind, draining=len(self.draining))
 
     def _start_drain(self, old: ManagedEngine, event: RotationEvent) -> None:
         def run() -> None:

@@ -16,7 +16,7 @@ import structlog
 from flask import Flask, current_app
 from sqlalchemy.engine import Engine
 
-from commng.rotation import compat
+from commng.rotation import bounds, compat
 from commng.rotation.credentials import (
     CredentialSource,
     SecretsManagerSource,
@@ -34,6 +34,8 @@ from commng.rotation.watcher import SecretWatcher
 __all__ = ["EXTENSION", "Runtime", "get_runtime", "init_app", "start_background", "stop_background"]
 
 EXTENSION = "commng.rotation"
+# A silent server is given this much beyond the statement timeout before a wait gives up.
+WAIT_MARGIN_S = 1.0
 log = structlog.get_logger("commng.rotation.runtime")
 
 
@@ -114,6 +116,8 @@ def init_app(app: Flask, db: Any, settings: RotationSettings, secrets_client: An
     if EXTENSION in app.extensions:
         raise RuntimeError("commng.rotation.init_app was already called for this app")
     compat.check(db, app)
+    # Process-wide: every psycopg2 wait is bounded from now on (see bounds).
+    bounds.install(default_wait_s=settings.statement_timeout_ms / 1000 + WAIT_MARGIN_S)
     events = EventLog()
     source: CredentialSource
     if settings.secret_id:

@@ -28,11 +28,17 @@ class RotationSettings:
     dbname: str = "postgres"
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    # libpq's sslmode for every connection.
+    # libpq's sslmode for every connection, and the CA file verify-ca/verify-full trust.
     sslmode: str = "require"
+    ssl_root_cert: str | None = None
     pool_size: int = 5
     max_overflow: int = 5
     pool_timeout_s: int = 10
+    # Bounds: a connection attempt, a statement (server-side statement_timeout, and the
+    # longest a client waits on a silent server), and how long a request waits out an
+    # outage (refused connections, a restart) before it fails.
     connect_timeout_s: int = 5
+    statement_timeout_ms: int = 5000
+    outage_wait_s: float = 10.0
     application_name: str = "flask-app"
     history_retention_days: int = 90
