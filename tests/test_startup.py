@@ -1,19 +1,29 @@
-"""Start-up paths as an operator meets them: the image's CMD, the CLI, bad configuration."""
+"""Start-up paths and errors as an operator meets them: bad configuration, the CLI's one-line
+errors, and the reason every database failure is logged with."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import boto3
+import psycopg2
+import pytest
+import sqlalchemy as sa
 from moto.server import ThreadedMotoServer
 from psycopg2 import sql
 
-from devstack import free_port
+from commng.rotation import describe_error, error_code
+from devstack import PostgresCluster, free_port, new_password
 from tests.helpers import Database, assert_no_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,3 +95,130 @@ def test_rotation_cli_reads_and_checks_the_secret(database: Database) -> None:
         assert_no_secrets(status.stdout + status.stderr + check.stdout + check.stderr, [database.password])
     finally:
         server.stop()
+
+
+# -- what every database failure is logged as -------------------------------------------------
+
+
+def _connect_error(**params: object) -> psycopg2.OperationalError:
+    """The error of a plain psycopg2 connect (no gevent, no pool)."""
+    settings = {"dbname": "comm_ng", "user": "commng", "password": "x#?%&=+", "connect_timeout": 2, **params}
+    with pytest.raises(psycopg2.OperationalError) as caught:
+        psycopg2.connect(**settings)
+    return caught.value
+
+
+def _assert_reason(exc: BaseException, reason: str, code: str = "OperationalError") -> None:
+    assert describe_error(exc) == reason
+    assert error_code(exc) == code
+    assert "e3q8" not in describe_error(exc) + error_code(exc)
+
+
+def test_a_closed_port_is_connection_refused_also_through_sqlalchemy() -> None:
+    port = free_port()
+    _assert_reason(_connect_error(host="127.0.0.1", port=port), "connection refused")
+    url = sa.URL.create("postgresql+psycopg2", "commng", "x#?%&=+", "127.0.0.1", port, "comm_ng")
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
+    try:
+        with pytest.raises(sa.exc.OperationalError) as caught, engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    assert caught.value.code == "e3q8"  # SQLAlchemy's documentation link, not an error code
+    _assert_reason(caught.value, "connection refused")
+
+
+def test_a_listener_that_never_answers_is_a_timeout() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # the kernel completes the handshake; nobody ever answers
+        exc = _connect_error(host="127.0.0.1", port=listener.getsockname()[1], sslmode="disable")
+    _assert_reason(exc, "timeout")
+
+
+def test_a_name_that_does_not_resolve_is_a_dns_failure() -> None:
+    # .invalid never resolves (RFC 2606): one query to the local resolver, no traffic to a host.
+    exc = _connect_error(host="nonexistent.invalid", port=5432)
+    _assert_reason(exc, "DNS lookup failed")
+    assert "nonexistent" not in describe_error(exc)
+
+
+def test_a_wrong_password_is_password_authentication_failed(database: Database) -> None:
+    wrong = new_password()
+    exc = _connect_error(
+        host="127.0.0.1", port=database.cluster.port, user=database.role, password=wrong, dbname=database.name
+    )
+    _assert_reason(exc, "password authentication failed", "OperationalError:28P01")
+    assert_no_secrets(describe_error(exc) + error_code(exc), [wrong, database.password])
+
+
+def test_tls_required_by_a_server_without_tls_is_a_tls_failure(database: Database) -> None:
+    exc = _connect_error(
+        host="127.0.0.1",
+        port=database.cluster.port,
+        user=database.role,
+        password=database.password,
+        dbname=database.name,
+        sslmode="require",
+    )
+    _assert_reason(exc, "TLS failure")
+
+
+def test_a_missing_database_and_a_role_at_its_limit_say_so(database: Database) -> None:
+    login = {"host": "127.0.0.1", "port": database.cluster.port, "user": database.role}
+    missing = _connect_error(**login, password=database.password, dbname=f"{database.name}_missing")
+    _assert_reason(missing, "database does not exist")
+    cluster: PostgresCluster = database.cluster
+    cluster.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 0").format(sql.Identifier(database.role)))
+    try:
+        full = _connect_error(**login, password=database.password, dbname=database.name)
+    finally:
+        cluster.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT -1").format(sql.Identifier(database.role)))
+    _assert_reason(full, "too many connections")
+
+
+@contextmanager
+def _server_that_refuses_logins(sqlstate: str, message: str) -> Iterator[int]:
+    """A listener on 127.0.0.1 that answers one login with PostgreSQL's ErrorResponse.
+
+    What a server that is starting up, shutting down or full sends: libpq reports it as
+    it would from PostgreSQL itself.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def answer() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            length = struct.unpack("!I", conn.recv(4, socket.MSG_WAITALL))[0]
+            conn.recv(length - 4, socket.MSG_WAITALL)  # the StartupMessage
+            fields = f"SFATAL\0VFATAL\0C{sqlstate}\0M{message}\0\0".encode()
+            conn.sendall(b"E" + struct.pack("!I", len(fields) + 4) + fields)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "reason"),
+    [
+        ("57P03", "the database system is starting up", "database is starting up"),
+        ("57P03", "the database system is shutting down", "database is shutting down"),
+        ("53300", "sorry, too many clients already", "too many connections"),
+    ],
+)
+def test_a_server_that_cannot_take_a_login_now_says_why(sqlstate: str, message: str, reason: str) -> None:
+    with _server_that_refuses_logins(sqlstate, message) as port:
+        exc = _connect_error(host="127.0.0.1", port=port, sslmode="disable", gssencmode="disable")
+    _assert_reason(exc, reason)
