@@ -3,7 +3,6 @@ errors, and the reason every database failure is logged with."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -13,13 +12,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import boto3
 import psycopg2
 import pytest
 import sqlalchemy as sa
-from moto.server import ThreadedMotoServer
 from psycopg2 import sql
 
 from commng.rotation import describe_error, error_code
@@ -113,6 +109,7 @@ def test_bare_gunicorn_cannot_check_what_it_parses_itself(database: Database, va
 # -- the CLI's one-line errors ----------------------------------------------------------------
 
 FLASK = [str(BIN / "flask"), "--app", "wsgi", "rotation"]
+TOKEN = "startup-admin-token-0123456789"
 
 
 def _without_service_variables() -> dict[str, str]:
@@ -127,6 +124,47 @@ def test_the_cli_without_configuration_prints_the_config_error_line() -> None:
         "configuration error: POSTGRES_USER (and POSTGRES_PASSWORD) must be set when DB_SECRET_ID is not set"
     ]
     assert result.stdout == ""
+
+
+def test_the_cli_says_in_one_line_that_the_database_is_unreachable() -> None:
+    port = free_port()  # nothing listens there
+    password = new_password()
+    env = {
+        **_without_service_variables(),
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(port),
+        "POSTGRES_USER": "commng",
+        "POSTGRES_PASSWORD": password,
+        "POSTGRES_SSL": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+    for command in ("status", "history"):
+        result = _run([*FLASK, command], env)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert result.stderr.splitlines() == [
+            f"Error: cannot read the rotation history in 127.0.0.1:{port}/comm_ng: connection refused"
+        ]
+        assert "Traceback" not in result.stderr
+        assert_no_secrets(result.stdout + result.stderr, [password])
+
+
+def test_the_cli_check_says_in_one_line_that_the_service_is_unreachable_or_no_token_is_set(
+    database: Database,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**_without_service_variables(), **database.env(LOG_LEVEL="WARNING", ADMIN_TOKEN=TOKEN)}
+    result = _run([*FLASK, "check", "--url", url], env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"Error: the admin API at {url} is unreachable (connection refused): "
+        "is the service running there? (--url)"
+    ]
+    del env["ADMIN_TOKEN"]
+    result = _run([*FLASK, "check", "--url", url], env)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: ADMIN_TOKEN is not set: the admin API needs the running service's token")
+    assert_no_secrets(result.stdout + result.stderr, [database.password, TOKEN])
 
 
 def test_db_upgrade_creates_the_schema_on_an_empty_database(database: Database) -> None:
@@ -147,29 +185,6 @@ def test_db_upgrade_creates_the_schema_on_an_empty_database(database: Database) 
         assert_no_secrets(result.stdout + result.stderr, [database.password])
     finally:
         cluster.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(empty)))
-
-
-def test_rotation_cli_reads_and_checks_the_secret(database: Database) -> None:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        client: Any = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=endpoint)
-        arn = client.create_secret(Name="cli", SecretString=database.secret_string())["ARN"]
-        env = _env(database, login=False, DB_SECRET_ID=arn, AWS_ENDPOINT_URL_SECRETS_MANAGER=endpoint)
-        status = _run([str(BIN / "flask"), "--app", "wsgi", "rotation", "status"], env)
-        assert status.returncode == 0, status.stderr[-2000:]
-        document = json.loads(status.stdout)  # the logs went to stderr
-        assert '"credentials_fetched"' in status.stderr
-        versions = client.describe_secret(SecretId=arn)["VersionIdsToStages"].keys()
-        assert [b["current_version"] for b in document["binds"]] == list(versions)
-        check = _run([str(BIN / "flask"), "--app", "wsgi", "rotation", "check"], env)
-        assert check.returncode == 0, check.stderr[-2000:]
-        assert json.loads(check.stdout)["result"] == "unchanged"
-        assert_no_secrets(status.stdout + status.stderr + check.stdout + check.stderr, [database.password])
-    finally:
-        server.stop()
 
 
 # -- what every database failure is logged as -------------------------------------------------
