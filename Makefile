@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: help run rotate test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke clean
+.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke clean
 
 help:
 	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
 	@echo "make rotate   rotate the running local stack's database password"
+	@echo "make status   every worker's rotation state (flask --app wsgi rotation status on the local stack)"
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
@@ -73,6 +74,13 @@ run: $(LOCAL_STAMP) postgres
 
 rotate: $(LOCAL_STAMP)
 	$(BIN)/python -m devstack rotate
+
+# `flask --app wsgi rotation status` in the running local stack's environment, which
+# `$(BIN)/python -m devstack env` prints (eval it to run any `rotation` command by hand).
+# No stack running: that command says so in one line and make stops.
+status: $(LOCAL_STAMP)
+	@stack_env="$$($(BIN)/python -m devstack env)" && eval "$$stack_env" && \
+		$(BIN)/flask --app wsgi rotation status
 
 lint: venv
 	$(BIN)/ruff check .

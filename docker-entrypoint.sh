@@ -7,6 +7,19 @@
 # forks any worker). `exec` makes the CMD PID 1, so it receives ECS's SIGTERM directly.
 set -eu
 
+# gunicorn parses WEB_CONCURRENCY itself as it is imported, before gunicorn.conf.py runs
+# (which checks everything else): junk there would end in gunicorn's traceback. The
+# app's own coercer checks it first: one line `configuration error: ...`, exit code 2.
+# Empty means unset, as for every variable (gunicorn itself would choke on it).
+case "${1:-}" in
+    gunicorn | */gunicorn)
+        if [ -z "${WEB_CONCURRENCY:-}" ]; then
+            unset WEB_CONCURRENCY
+        fi
+        python -c 'import config; config.check_or_exit(["WEB_CONCURRENCY"])'
+        ;;
+esac
+
 if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
     case "$PROMETHEUS_MULTIPROC_DIR" in
         /?*/?*) ;;

@@ -13,6 +13,15 @@ import sys
 # in each worker, after fork.
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _ROOT)
+
+from config import check_or_exit  # noqa: E402 - the standard library and click only
+
+# The variables read below go through the same coercers as the app's settings before
+# anything uses them: junk stops start-up with one line and exit code 2, not a
+# traceback. on_starting checks the rest. (gunicorn itself parses WEB_CONCURRENCY when
+# it is imported, before this file runs: the image's entrypoint checks it first.)
+check_or_exit(("PORT", "WEB_CONCURRENCY", "LOG_LEVEL", "LOG_FORMAT"))
 
 
 def _load_logs():
@@ -38,9 +47,9 @@ def _env_choice(name, default, choices):
 # gevent workers: a request waiting on PostgreSQL or Secrets Manager yields to others.
 worker_class = "gevent"
 # Listen on all interfaces inside the container; the port comes from $PORT.
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+bind = f"0.0.0.0:{int(os.environ.get('PORT') or 8000)}"
 # Two workers per core is plenty for an I/O-bound gevent app; ECS sets WEB_CONCURRENCY.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = int(os.environ.get("WEB_CONCURRENCY") or 2)
 # Each gevent worker multiplexes this many connections (gunicorn's default, explicit).
 worker_connections = 1000
 # Never preload: each worker must import the app (and boto3) after gevent patched it.
@@ -81,15 +90,8 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Validate the configuration once, in the master, before any worker starts."""
-    sys.path.insert(0, _ROOT)
-    from config import ConfigError, load_settings
-
-    try:
-        load_settings()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Validate the whole configuration once, in the master, before any worker starts."""
+    check_or_exit()
 
 
 def post_worker_init(worker):

@@ -1,44 +1,294 @@
-"""`flask --app wsgi rotation status|check|history`."""
+"""`flask --app wsgi rotation status|check|history`: the running service, seen from a shell.
+
+The CLI is a short-lived process of its own: its own engine, no watcher, no workers.
+So nothing here reports that process's runtime state. ``status`` and ``history`` read
+what the service's workers persisted (``rotation_events``) and ask Secrets Manager for
+the secret's AWSCURRENT version; ``check`` asks the running service, through its admin
+API, to check the secret (the server records that check in the history).
+
+Every failure ends in one line (``click.ClickException``): a configuration error, a
+database or Secrets Manager that cannot be reached, an admin API that is down or
+refuses the token. No line holds a password or the token.
+"""
 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
 
 import click
-from flask import Flask
+import sqlalchemy as sa
+from flask import Flask, current_app
 from flask.cli import AppGroup
+from sqlalchemy.exc import SQLAlchemyError
 
 from commng.db import db
-from commng.rotation import RotationRecord, Trigger, get_runtime, list_events
+from commng.rotation import (
+    NoCredentials,
+    RotationRecord,
+    SecretsUnavailable,
+    describe_error,
+    get_runtime,
+    history,
+    list_events,
+)
+from config import Settings
 
-__all__ = ["init_app"]
+__all__ = ["init_app", "latest_by_worker"]
 
-rotation = AppGroup("rotation", help="Inspect and trigger database credential rotation.")
+rotation = AppGroup(
+    "rotation", help="Inspect and trigger database credential rotation of the running service."
+)
+
+CHECK_PATH = "/admin/api/rotations/check"
+CHECK_TIMEOUT_S = 30.0
+_READ_ERRORS = (SQLAlchemyError, NoCredentials)
+
+
+def _database() -> str:
+    """host:port/dbname of the history this process reads (never the login)."""
+    url = db.engine.url
+    return f"{url.host}:{url.port}/{url.database}"
+
+
+def latest_by_worker(session: Any) -> list[RotationRecord]:
+    """The latest persisted event of every worker, newest first."""
+    t = history.rotation_events
+    query = sa.select(t).distinct(t.c.worker).order_by(t.c.worker, t.c.occurred_at.desc(), t.c.id.desc())
+    rows = [RotationRecord(**row._mapping) for row in session.execute(query)]
+    return sorted(rows, key=lambda r: (r.occurred_at, r.id), reverse=True)
+
+
+def _held_version(row: RotationRecord) -> str | None:
+    """The version a worker used after its latest attempt (a failed one keeps the old)."""
+    return row.old_version if row.outcome == "failed" else row.new_version
+
+
+def _read_history() -> list[RotationRecord]:
+    try:
+        return latest_by_worker(db.session)
+    except _READ_ERRORS as exc:
+        db.session.rollback()
+        raise click.ClickException(
+            f"cannot read the rotation history in {_database()}: {describe_error(exc)}"
+        ) from None
 
 
 @rotation.command("status")
-def status_command() -> None:
-    """Print this process's rotation status as JSON."""
-    click.echo(json.dumps(get_runtime().status(), indent=2, default=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def status_command(as_json: bool) -> None:
+    """The running service's state: each worker's latest refresh attempt and the secret's AWSCURRENT.
+
+    Read from the rotation history every worker writes (a worker appears once it has
+    recorded an attempt: a rotation, a failure, a manual check) and from Secrets
+    Manager; not from this process, which is only the CLI.
+    """
+    workers = _read_history()
+    runtime = get_runtime()
+    source = runtime.rotator().source
+    secret_id = runtime.settings.secret_id
+    awscurrent: str | None = None
+    secret_error: str | None = None
+    if source.watchable:
+        try:
+            awscurrent = source.current_version_id()
+        except SecretsUnavailable as exc:
+            secret_error = exc.code
+    rows = []
+    for row in workers:
+        version = _held_version(row)
+        matches = None if awscurrent is None or version is None else version == awscurrent
+        rows.append({**row.as_dict(), "version": version, "matches_awscurrent": matches})
+    differs = [r["worker"] for r in rows if r["matches_awscurrent"] is False]
+    document = {
+        "source": "rotation_history",
+        "database": _database(),
+        "secret_id": secret_id,
+        "awscurrent_version": awscurrent,
+        "secret_error": secret_error,
+        "workers": rows,
+        "differs_from_awscurrent": differs,
+    }
+    click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
+    if secret_error is not None:
+        raise click.ClickException(f"AWSCURRENT could not be read from Secrets Manager ({secret_error})")
+
+
+STATUS_COLUMNS = ("worker", "last_event_at", "trigger", "outcome", "version", "awscurrent", "error")
+
+
+def format_status(document: dict[str, Any]) -> str:
+    """The status document as text: a header naming its source, a table, a summary."""
+    lines = [
+        "# state of the running service, from the rotation history in "
+        f"{document['database']} (not this process)"
+    ]
+    if document["secret_id"] is None:
+        lines.append("secret      none: DB_SECRET_ID is not set (credentials from the environment)")
+    else:
+        lines.append(f"secret      {document['secret_id']}")
+        shown = document["awscurrent_version"] or f"unknown ({document['secret_error']})"
+        lines.append(f"AWSCURRENT  {shown}")
+    workers = document["workers"]
+    if not workers:
+        lines.append(
+            "no worker has recorded a refresh attempt yet (workers record rotations, failures and "
+            "manual checks: `flask --app wsgi rotation check` makes one)"
+        )
+        return "\n".join(lines)
+
+    def match(value: bool | None) -> str:
+        return "?" if value is None else ("yes" if value else "DIFFERS")
+
+    table = [STATUS_COLUMNS]
+    for w in workers:
+        table.append(
+            (
+                w["worker"],
+                w["occurred_at"][:19].replace("T", " "),
+                w["trigger"],
+                w["outcome"].upper() if w["outcome"] == "failed" else w["outcome"],
+                w["version"] or "-",
+                match(w["matches_awscurrent"]),
+                w["error"] or "",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
+    lines += ["  ".join(c.ljust(n) for c, n in zip(row, widths, strict=True)).rstrip() for row in table]
+    differs = document["differs_from_awscurrent"]
+    if document["awscurrent_version"] is not None and differs:
+        lines.append(
+            f"# {len(differs)} of {len(workers)} workers' latest adopted version differs from "
+            f"AWSCURRENT: {', '.join(differs)}"
+        )
+    elif document["awscurrent_version"] is not None:
+        lines.append("# no worker's latest adopted version differs from AWSCURRENT")
+    lines.append(
+        "# times are UTC; a worker that stopped stays listed until its rows are pruned "
+        "(ROTATION_HISTORY_RETENTION_DAYS)"
+    )
+    return "\n".join(lines)
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` as it may be printed: no user:password@ part."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _post_check(url: str, token: str) -> dict[str, Any]:
+    """POST the admin API's check; its JSON answer, or ClickException with one line."""
+    shown = _without_userinfo(url)
+    if urllib.parse.urlsplit(url).scheme not in {"http", "https"}:
+        raise click.ClickException(f"--url must be an http:// or https:// URL, got {shown}")
+    request = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
+        url.rstrip("/") + CHECK_PATH,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Connection": "close", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S) as response:  # noqa: S310
+            answer: dict[str, Any] = json.load(response)
+            return answer
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(_refusal(shown, exc)) from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason if isinstance(exc.reason, BaseException) else exc
+        raise click.ClickException(
+            f"the admin API at {shown} is unreachable ({describe_error(reason)}): "
+            "is the service running there? (--url)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(
+            f"the admin API at {shown} failed to answer ({describe_error(exc)})"
+        ) from None
+
+
+def _refusal(shown: str, exc: urllib.error.HTTPError) -> str:
+    """One line for an admin API answer other than 200."""
+    if exc.code == 401:
+        return f"the admin API at {shown} refused ADMIN_TOKEN (401): it is not the running service's token"
+    if exc.code == 404:
+        return (
+            f"no admin API at {shown} (404): the service runs without ADMIN_TOKEN, "
+            "or --url points at something else"
+        )
+    if exc.code == 429:
+        wait = exc.headers.get("Retry-After", "a few")
+        return f"the worker that answered checked the secret moments ago (429): retry in {wait} s"
+    try:
+        error = json.loads(exc.read())["error"]
+        detail = f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        detail = exc.reason
+    return f"the admin API at {shown} answered {exc.code} ({detail})"
 
 
 @rotation.command("check")
-def check_command() -> None:
-    """Check the secret now and refresh if its AWSCURRENT version moved."""
-    runtime = get_runtime()
-    if runtime.watcher is None:
-        raise click.ClickException("DB_SECRET_ID is not set: there is no secret to check")
-    for result in runtime.watcher.check_once(trigger=Trigger.MANUAL):
-        click.echo(json.dumps(result.as_dict()))
-    if runtime.watcher.consecutive_failures:
-        raise SystemExit(1)
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="The running service (default: http://127.0.0.1:$PORT, PORT 8000 when unset).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the admin API's JSON answer.")
+def check_command(url: str | None, as_json: bool) -> None:
+    """Make the running service check the secret now (POST /admin/api/rotations/check).
+
+    Sends ADMIN_TOKEN as a Bearer token. One worker, the one that takes the request,
+    checks the secret and refreshes if AWSCURRENT moved, and records the check in the
+    history (trigger manual). The other workers follow at their next poll, or at once
+    when their next login is refused. Exit code 1 when the check failed.
+    """
+    settings: Settings = current_app.config["COMMNG_SETTINGS"]
+    if not settings.admin_token:
+        raise click.ClickException(
+            "ADMIN_TOKEN is not set: the admin API needs the running service's token "
+            '(local stack: eval "$(.venv/bin/python -m devstack env)")'
+        )
+    target = url or f"http://127.0.0.1:{settings.port}"
+    answer = _post_check(target, settings.admin_token)
+    results: list[dict[str, Any]] = answer.get("results") or []
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        for result in results:
+            click.echo(f"worker {answer.get('worker')} checked the secret: {_check_line(result)}")
+        click.echo(f"current version {answer.get('current_version') or '-'}")
+        click.echo(
+            "# one worker answered and recorded the check (trigger manual); the others follow "
+            "at their next poll or at their first refused login"
+        )
+    failed = [r for r in results if r.get("result") == "error" or r.get("outcome") == "failed"]
+    if failed:
+        raise click.ClickException(f"the check failed on {answer.get('worker')}: {failed[0].get('error')}")
+
+
+def _check_line(result: dict[str, Any]) -> str:
+    if result.get("result") == "error":
+        where = "Secrets Manager unavailable" if result.get("unavailable") else "check failed"
+        return f"{where} ({result.get('error')})"
+    if result.get("result") == "changed":
+        error = f" ({result['error']})" if result.get("error") else ""
+        return f"AWSCURRENT moved, refresh {result.get('outcome')}{error}"
+    return "AWSCURRENT unchanged"
 
 
 @rotation.command("history")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="Rows to print.")
 def history_command(limit: int) -> None:
     """Print the persisted rotation history of every worker and task, newest first."""
-    rows, _ = list_events(db.session, limit)
+    try:
+        rows, _ = list_events(db.session, limit)
+    except _READ_ERRORS as exc:
+        db.session.rollback()
+        raise click.ClickException(
+            f"cannot read the rotation history in {_database()}: {describe_error(exc)}"
+        ) from None
     click.echo(format_history(rows))
 
 

@@ -8,16 +8,30 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import IO, Any, ClassVar
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+import click
+
+__all__ = ["ConfigError", "Settings", "check_or_exit", "load_settings"]
 
 _SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN"})
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or malformed; the message names the variable."""
+class ConfigError(click.ClickException, ValueError):
+    """A configuration value is missing or malformed; the message names the variable.
+
+    A click exception too, so that a command run through ``flask --app wsgi`` that
+    cannot build the app ends with the same one line as gunicorn, not a traceback.
+    """
+
+    exit_code: ClassVar[int] = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """``configuration error: <message>``, one line on stderr."""
+        print(f"configuration error: {self.message}", file=file or sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -206,3 +220,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not settings.uses_secrets_manager and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER (and POSTGRES_PASSWORD) must be set when DB_SECRET_ID is not set")
     return settings
+
+
+def check_or_exit(names: Collection[str] | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Check ``names`` (default: every variable) with the coercers of ``load_settings``.
+
+    On junk, print ``configuration error: <message>`` (one line) on stderr and exit 2:
+    for gunicorn.conf.py and the image's entrypoint, which run before any app exists.
+    """
+    e = os.environ if env is None else env
+    try:
+        if names is None:
+            load_settings(e)
+            return
+        for name, _, coerce in _VARIABLES:
+            raw = e.get(name)
+            if name in names and raw is not None and (raw != "" or name in _SECRET_VARIABLES):
+                coerce(name, raw)
+    except ConfigError as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None

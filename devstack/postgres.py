@@ -29,6 +29,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` in a file that is mode 0600 from its creation.
+
+    The file is created next to ``path`` and renamed over it, so a reader sees the old
+    content or the new one, and a wider mode never exists even for an instant.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
+
+
 def new_password() -> str:
     """A random password that contains every character that breaks naive URLs."""
     return secrets.token_urlsafe(18) + "#?%&=+:;"
@@ -85,8 +99,7 @@ class PostgresCluster:
         self.socket_dir.mkdir(exist_ok=True)
         self._own(self.socket_dir)
         pwfile = base / "pwfile"
-        pwfile.write_text(self.superuser_password + "\n")
-        pwfile.chmod(0o600)
+        write_private_file(pwfile, self.superuser_password + "\n")
         self._own(pwfile)
         try:
             self._run(

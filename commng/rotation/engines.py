@@ -83,20 +83,108 @@ def is_auth_failure(exc: BaseException) -> bool:
 
 
 def error_code(exc: BaseException) -> str:
-    """Class and code only: exception messages may carry details we do not control."""
-    code = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "code", None)
+    """Class and SQLSTATE (or AWS error code) only: messages may carry details we do not control.
+
+    SQLAlchemy's own ``exc.code`` (e.g. ``e3q8``) is a link into its documentation, not
+    an error code: it is never used.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    code = getattr(orig, "pgcode", None)
+    if code is None and not isinstance(exc, sa.exc.SQLAlchemyError):
+        code = getattr(exc, "code", None)  # e.g. SecretsUnavailable's AWS error code
     if is_auth_failure(exc):
         code = "28P01"
     return f"{type(exc).__name__}:{code}" if code else type(exc).__name__
 
 
+# What happened, from the SQLSTATE of an error PostgreSQL sent during a session ...
+_PGCODE_REASONS = {
+    "28P01": "password authentication failed",
+    "28000": "login rejected",
+    "3D000": "database does not exist",
+    "53300": "too many connections",
+    "57P01": "connection terminated by the server",
+    "57P02": "connection terminated by the server",
+    "57014": "statement timeout",
+    "42P01": "table does not exist",
+}
+# ... or from libpq's message (its connection failures carry no SQLSTATE), with every
+# quoted part (host, role and database names) removed first. Checked in order: each
+# entry is (reason, words that must all appear). Only the reason ever goes out.
+_MESSAGE_REASONS = (
+    ("password authentication failed", ("password authentication failed",)),
+    ("database is starting up", ("the database system is starting up",)),
+    ("database is starting up", ("the database system is not yet accepting connections",)),
+    ("database is starting up", ("the database system is in recovery mode",)),
+    ("database is shutting down", ("the database system is shutting down",)),
+    ("too many connections", ("too many clients already",)),
+    ("too many connections", ("too many connections",)),
+    ("too many connections", ("remaining connection slots are reserved",)),
+    ("login rejected", ("is not permitted to log in",)),
+    ("login rejected", ("no pg_hba.conf entry",)),
+    ("login rejected", ("role", "does not exist")),
+    ("database does not exist", ("database", "does not exist")),
+    ("DNS lookup failed", ("could not translate host name",)),
+    ("DNS lookup failed", ("name or service not known",)),
+    ("DNS lookup failed", ("temporary failure in name resolution",)),
+    ("DNS lookup failed", ("nodename nor servname",)),
+    ("connection refused", ("connection refused",)),
+    ("timeout", ("timeout expired",)),
+    ("timeout", ("timed out",)),
+    ("statement timeout", ("statement timeout",)),
+    ("no route to host", ("no route to host",)),
+    ("network unreachable", ("network is unreachable",)),
+    ("TLS failure", ("ssl",)),
+    ("TLS failure", ("certificate",)),
+    ("connection terminated by the server", ("terminating connection",)),
+    ("connection closed unexpectedly", ("server closed the connection unexpectedly",)),
+    ("connection closed unexpectedly", ("could not receive data from server",)),
+    ("connection closed unexpectedly", ("connection already closed",)),
+)
+
+
+def _reason(exc: BaseException) -> str | None:
+    """The kind of failure of a database or socket error, in words; None when unknown."""
+    import re
+    import socket
+    import ssl
+
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(exc, sa.exc.TimeoutError):
+        return "connection pool timeout"  # QueuePool limit reached: the database was never asked
+    if isinstance(orig, ssl.SSLError):
+        return "TLS failure"
+    if isinstance(orig, socket.gaierror):
+        return "DNS lookup failed"
+    if isinstance(orig, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(orig, TimeoutError):
+        return "timeout"
+    pgcode = getattr(orig, "pgcode", None)
+    if pgcode in _PGCODE_REASONS:
+        return _PGCODE_REASONS[pgcode]
+    text = re.sub(r'"[^"]*"', '""', str(orig)).lower()
+    for reason, words in _MESSAGE_REASONS:
+        if all(word in text for word in words):
+            return reason
+    return None
+
+
 def describe_error(exc: BaseException) -> str:
-    """A short, safe explanation for logs (InvalidSecret messages never hold values)."""
-    if isinstance(exc, InvalidSecret | NoCredentials):
+    """What happened, in a few safe words, for logs and operators.
+
+    ``connection refused``, ``timeout``, ``password authentication failed``, ``DNS lookup
+    failed``, ``TLS failure``, ``database is starting up`` …: classified from the SQLSTATE
+    and libpq's message, never the message itself (it can name a host); else the class.
+    InvalidSecret, NoCredentials and SecretsUnavailable messages never hold values.
+    """
+    from commng.rotation.credentials import SecretsUnavailable
+
+    if isinstance(exc, InvalidSecret | NoCredentials | SecretsUnavailable):
         return str(exc)
     if is_auth_failure(exc):
         return "password authentication failed"
-    return error_code(exc)
+    return _reason(exc) or error_code(exc)
 
 
 class EngineFactory:
