@@ -37,29 +37,11 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-__all__ = [
-    "deadline",
-    "install",
-    "is_transient_connect_failure",
-    "outage_deadline",
-    "outage_wait",
-    "remaining",
-]
+__all__ = ["deadline", "install", "outage_deadline", "outage_wait", "remaining"]
 
 _deadline: ContextVar[float | None] = ContextVar("commng_db_deadline", default=None)
 _outage_until: ContextVar[float | None] = ContextVar("commng_db_outage_until", default=None)
 _default_wait_s = 30.0
-
-# Failures of a login that waiting will not mend.
-_PERMANENT = (
-    "password authentication failed",
-    "does not exist",
-    "certificate",
-    "SSL",
-    "require_auth",
-    "authentication method requirement",
-    "no pg_hba.conf entry",
-)
 
 
 def install(default_wait_s: float) -> None:
@@ -100,12 +82,6 @@ def outage_wait(seconds: float) -> Iterator[None]:
 def outage_deadline() -> float | None:
     """The monotonic time until which connection attempts may be retried (None: not at all)."""
     return _outage_until.get()
-
-
-def is_transient_connect_failure(exc: BaseException) -> bool:
-    """True for a failed connection attempt that may succeed if tried again shortly."""
-    text = str(getattr(exc, "orig", exc))
-    return isinstance(exc, psycopg2.OperationalError) and not any(p in text for p in _PERMANENT)
 
 
 def _wait(conn: Any) -> None:

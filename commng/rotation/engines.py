@@ -10,6 +10,9 @@ freshest working login.
 
 from __future__ import annotations
 
+import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -143,12 +146,30 @@ _MESSAGE_REASONS = (
 )
 
 
+# Connection failures that may mend within seconds (a restart, a failover's DNS flip).
+_TRANSIENT_REASONS = frozenset(
+    {
+        "connection refused",
+        "timeout",
+        "DNS lookup failed",
+        "database is starting up",
+        "database is shutting down",
+        "too many connections",
+        "no route to host",
+        "network unreachable",
+        "connection closed unexpectedly",
+        "connection terminated by the server",
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failed connection attempt that may succeed if tried again shortly."""
+    return _reason(exc) in _TRANSIENT_REASONS
+
+
 def _reason(exc: BaseException) -> str | None:
     """The kind of failure of a database or socket error, in words; None when unknown."""
-    import re
-    import socket
-    import ssl
-
     orig = getattr(exc, "orig", None) or exc
     if isinstance(exc, sa.exc.TimeoutError):
         return "connection pool timeout"  # QueuePool limit reached: the database was never asked
@@ -252,7 +273,7 @@ class EngineFactory:
             except dialect.loaded_dbapi.OperationalError as exc:
                 until = bounds.outage_deadline()
                 left = None if until is None else until - time.monotonic()
-                if left is None or left <= 0 or not bounds.is_transient_connect_failure(exc):
+                if left is None or left <= 0 or not is_transient(exc):
                     raise
                 log.warning(
                     "database_connect_retrying", reason=describe_error(exc), wait_ms=round(delay * 1000)
