@@ -26,6 +26,7 @@ from typing import Any
 
 from psycopg2 import sql
 
+from devstack import events
 from devstack.postgres import PostgresCluster, free_port, new_password
 from devstack.secrets import rotate_secret, secrets_client
 
@@ -118,12 +119,15 @@ def run(port: int = 8000) -> int:
             Name=SECRET_NAME,
             SecretString=json.dumps({"username": APP_ROLE, "password": state["app_password"]}),
         )
+        queue_url = events.create_rotation_queue(events.sqs_client(endpoint))  # push (issue 13)
         env = {
             **os.environ,
             "AWS_REGION": "us-east-1",
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
             "AWS_ENDPOINT_URL_SECRETS_MANAGER": endpoint,
+            "AWS_ENDPOINT_URL_SQS": endpoint,
+            "DB_ROTATION_QUEUE_URL": queue_url,
             "DB_SECRET_ID": secret["ARN"],
             "DB_SECRET_REFRESH_INTERVAL_MS": os.environ.get("DB_SECRET_REFRESH_INTERVAL_MS", "5000"),
             "DB_POOL_GRACE_PERIOD_MS": os.environ.get("DB_POOL_GRACE_PERIOD_MS", "10000"),
@@ -142,7 +146,7 @@ def run(port: int = 8000) -> int:
         subprocess.run(
             [str(bindir / "flask"), "--app", "wsgi", "db", "upgrade"], env=env, cwd=ROOT, check=True
         )
-        _save_state({**state, "secret_arn": secret["ARN"], "endpoint": endpoint})
+        _save_state({**state, "secret_arn": secret["ARN"], "endpoint": endpoint, "queue_url": queue_url})
         print(
             "\nCommNG is starting (Ctrl-C stops everything):\n"
             f"  API      http://127.0.0.1:{port}/api/channels\n"
@@ -208,7 +212,11 @@ def rotate(pause_s: float = 5.0) -> int:
     client = secrets_client(state["endpoint"])
     cluster = PostgresCluster(_pg_datadir(), state["pg_port"], state["superuser_password"])
     new = new_password()
-    rotate_secret(client, state["secret_arn"], cluster, APP_ROLE, new, pause_s, log=print)
+    version = rotate_secret(client, state["secret_arn"], cluster, APP_ROLE, new, pause_s, log=print)
+    if state.get("queue_url"):  # what EventBridge delivers once AWSCURRENT moved (issue 13)
+        sqs = events.sqs_client(state["endpoint"])
+        events.send_rotation_event(sqs, state["queue_url"], state["secret_arn"], version)
+        print("5/5 Secret Label Updated (AWSCURRENT) event sent to the rotation-events queue")
     _save_state({**state, "app_password": new})
     return 0
 
