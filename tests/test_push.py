@@ -229,6 +229,7 @@ def test_gunicorn_push_reaches_one_worker_and_fan_out_the_other_within_2_s(
         send_rotation_event(sqs, url, arn, version)
         wait_for(lambda: len(_refreshes(server, version)) == 2, timeout_s=2.0, interval_s=0.02)
         elapsed = time.monotonic() - sent
+        print(f"event sent -> both workers on the new version: {elapsed * 1000:.0f} ms")
         assert sorted(_refreshes(server, version).values()) == ["notify", "push"], server.problems()
         wait_for(lambda: _left(sqs, url) == 0, timeout_s=5)
     finally:

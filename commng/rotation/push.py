@@ -64,7 +64,8 @@ FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 60.0
 # An empty answer faster than this (an endpoint that ignores WaitTimeSeconds) is paced.
 MIN_POLL_S = 1.0
-STOP_JOIN_TIMEOUT_S = 2.0
+# A long poll in flight holds nothing: stopping does not wait it out.
+STOP_JOIN_TIMEOUT_S = 0.5
 _NAME_MAX = 64
 
 Kind = Literal["label_updated", "rotation_succeeded", "rotation_failed", "ignored"]
