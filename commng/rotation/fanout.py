@@ -2,9 +2,11 @@
 
 **Sending.** ``FanOut.on_event`` listens to the ``EventLog``: an event with outcome
 ``rotated`` and a trigger other than ``notify`` (a worker that learnt from a notification
-does not echo it) makes the worker send ``pg_notify(channel, payload)`` through its
-current engine, in a short autocommit connection, from a thread of its own (a greenlet
-under gevent) so the refresh never waits for it, bounded by ``SEND_TIMEOUT_S``. The
+does not echo it) makes the worker send ``pg_notify(channel, payload)`` with its current
+engine's login and connect arguments, in a short autocommit connection of its own (not
+one of the pool, which would keep it afterwards: the pool's size is the requests'), from
+a thread of its own (a greenlet under gevent) so the refresh never waits for it, bounded
+by ``SEND_TIMEOUT_S``. The
 payload is JSON ``{"bind", "version", "worker"}``: a version id and a host:pid, never a
 credential, far below PostgreSQL's 8000-byte limit.
 
@@ -38,7 +40,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg2
-import sqlalchemy as sa
 import structlog
 from psycopg2 import sql
 
@@ -118,21 +119,23 @@ class FanOut:
         thread.start()
 
     def send(self, bind: str | None, version: str) -> bool:
-        """pg_notify through ``bind``'s current engine (autocommit, bounded); True when sent."""
+        """pg_notify with ``bind``'s current login (a short autocommit connection); True when sent."""
         rotator = self.rotators.get(bind)
-        if rotator is None or rotator.active is None:
+        credentials = rotator.credentials if rotator is not None else None
+        if rotator is None or credentials is None:
             return False
         payload = json.dumps({"bind": bind, "version": version, "worker": worker_name()})
         if len(payload.encode()) > MAX_PAYLOAD_BYTES:
             log.warning("rotation_notify_skipped", reason="payload too large", bind=bind)
             return False
         try:
-            with bounded(SEND_TIMEOUT_S), rotator.active.engine.connect() as conn:
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                conn.execute(
-                    sa.text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": self.channel, "payload": payload},
-                )
+            with bounded(SEND_TIMEOUT_S):
+                conn = self._open(rotator, credentials.connect_params(), listen=False)
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+                finally:
+                    conn.close()
         except Exception as exc:  # the others' poll and reactive refresh remain
             log.warning("rotation_notify_failed", bind=bind, version=version, error=error_code(exc))
             return False
@@ -168,16 +171,18 @@ class FanOut:
         self.connected_at = self._last_heard
         log.info("rotation_listener_connected", channel=self.channel, reconnects=self.reconnects)
 
-    def _open(self, rotator: Rotator, login: dict[str, Any]) -> Any:
+    def _open(self, rotator: Rotator, login: dict[str, Any], listen: bool = True) -> Any:
         args: dict[str, Any] = {**rotator.factory.options()["connect_args"], **KEEPALIVES, **login}
-        args["application_name"] = f"{args.get('application_name') or 'rotation'}-listener"[:63]
+        role = "listener" if listen else "notify"
+        args["application_name"] = f"{args.get('application_name') or 'rotation'}-{role}"[:63]
         timeout = float(args.get("connect_timeout") or 5) + PING_TIMEOUT_S
         with bounded(timeout):
             conn = psycopg2.connect(**args)
             try:
                 conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                if listen:
+                    with conn.cursor() as cur:
+                        cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
             except BaseException:
                 conn.close()
                 raise

@@ -4,7 +4,8 @@ Each worker upserts one row per bind into ``rotation_workers`` after every check
 adoption: its name (host:pid), the version in use, its last check and last refresh, and
 ``updated_at`` from the database's clock (tasks' clocks may differ). Like the history,
 writing never blocks a check: the listeners only start a short-lived writer thread (a
-greenlet under gevent) that writes the latest state, once more if it changed meanwhile.
+greenlet under gevent) that writes the latest state ``DELAY_S`` later, once more if it
+changed meanwhile.
 The writer also deletes, at most ``AGE_OUT_BATCH`` at a time, the rows of workers that
 have not written for ``STALE_INTERVALS`` refresh intervals (dead or scaled-in), and a
 worker that stops deletes its own rows. The table shares the history's metadata
@@ -46,6 +47,10 @@ AGE_OUT_BATCH = 100
 STATEMENT_TIMEOUT_MS = 3000
 STOP_JOIN_TIMEOUT_S = 3.0
 DEFAULT_BIND = ""  # the default engine's bind (None) as a primary-key value
+# The writer waits this long after a touch: it never competes for a new pool with the
+# requests that follow a swap, and it comes after the history writer's own first write
+# (1 s), so the two reuse one pooled connection instead of growing the pool.
+DELAY_S = 2.0
 
 rotation_workers = sa.Table(
     "rotation_workers",
@@ -102,6 +107,7 @@ class FleetReporter:
         self.last_error: str | None = None
         self._dirty = threading.Event()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None
 
@@ -128,6 +134,8 @@ class FleetReporter:
     def _run(self) -> None:
         # Bounded: one write, plus one per touch that arrived during it.
         while self._dirty.is_set() and not self._stopped:
+            if self._stopping.wait(DELAY_S):
+                return
             self._dirty.clear()
             self.report_once()
 
@@ -181,6 +189,7 @@ class FleetReporter:
 
     def stop(self) -> None:
         """Stop writing and delete this worker's rows (it is leaving the fleet); bounded."""
+        self._stopping.set()
         with self._lock:
             self._stopped = True
             thread = self._thread
