@@ -216,7 +216,7 @@ def rotate(pause_s: float = 5.0) -> int:
     if state.get("queue_url"):  # what EventBridge delivers once AWSCURRENT moved (issue 13)
         sqs = events.sqs_client(state["endpoint"])
         events.send_rotation_event(sqs, state["queue_url"], state["secret_arn"], version)
-        print("5/5 Secret Label Updated (AWSCURRENT) event sent to the rotation-events queue")
+        print("event: Secret Label Updated (AWSCURRENT) event sent to the rotation-events queue")
     _save_state({**state, "app_password": new})
     return 0
 

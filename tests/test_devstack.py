@@ -86,7 +86,10 @@ def test_make_run_serves_rotates_and_stops_on_ctrl_c(local_dir: Path) -> None:
         )
         assert rotate.returncode == 0, rotate.stderr[-2000:]
         assert "4/4 AWSCURRENT moved" in rotate.stdout
+        assert "Secret Label Updated (AWSCURRENT) event sent" in rotate.stdout
         wait_for(lambda: (local_dir / "run.log").read_text().count("refresh_succeeded") >= 2, timeout_s=30)
+        # One worker receives the queue's event (push), the other hears it over NOTIFY.
+        wait_for(lambda: "rotation_event_received" in (local_dir / "run.log").read_text(), timeout_s=30)
         posted = requests.post(f"{base}/api/channels/{channel}/messages", json={"body": "after"}, timeout=10)
         assert posted.status_code == 201
     finally:
