@@ -23,14 +23,17 @@ asks Secrets Manager, so a notification is only a hint and can never hand over a
 keeps listening across rotations until its backend dies (restart, failover,
 ``pg_terminate_backend``). Then it reconnects with the credentials the rotator holds at
 that moment (after a refused login it asks the rotator's reactive refresh for new ones),
-backing off 0.5 s, 1 s, 2 s ... up to 30 s, and runs one check after every reconnect,
-because notifications sent while it was away are lost. LISTEN is refused on a hot
-standby: point the rotation layer's host at the primary (RDS's endpoint is).
+first after 0.5 to 1.5 s (jittered: a restart or failover drops every worker's listener
+at once), then, while it cannot log in, every 0.5 s, 1 s, 2 s ... up to 30 s; and it runs
+one check after every reconnect, because notifications sent while it was away are lost.
+LISTEN is refused on a hot standby: point the rotation layer's host at the primary (RDS's
+endpoint is).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import select
 import threading
 import time
@@ -296,12 +299,14 @@ class FanOut:
                 first = False
             try:
                 self.wait_once()
+                continue
             except (psycopg2.Error, OSError, TimeoutError, ValueError) as exc:
                 log.warning("rotation_listener_lost", error=error_code(exc))
-                self.close()
             except Exception as exc:  # a bug must not end fan-out for this worker
                 log.exception("rotation_listener_crashed", error=type(exc).__name__)
-                self.close()
-                if self._stop.wait(delay):
-                    break
+            self.close()
+            # Not at once: every worker lost its listener together (restart, failover), and a
+            # request that needs a login does the reactive refresh in its own context first.
+            if self._stop.wait(FIRST_RETRY_S * random.uniform(1.0, 3.0)):
+                break
         self.close()
