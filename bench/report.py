@@ -111,7 +111,8 @@ def summarize(
         "backends": {
             "max": max((n for _, n in backends), default=None),
             "final": final_backends,
-            "limit": workers * scenario.pool_size,
+            # The pools, plus one LISTEN connection per worker where a secret is watched (fan-out).
+            "limit": workers * (scenario.pool_size + (1 if scenario.secrets_manager else 0)),
             "series": backends,
         },
         "writes": {"created": len(result.created_ids), "lost": lost_writes},
@@ -190,7 +191,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if worst:
         over = [r["name"] for r in worst if r["backends"]["final"] > r["backends"]["limit"]]
         shown = ", ".join(f"{r['name']} {r['backends']['final']}/{r['backends']['limit']}" for r in worst)
-        add("final backends <= workers x pool", shown, not over)
+        add("final backends <= workers x (pool + 1 listener)", shown, not over)
     if "steady" in by and by["steady"]["sm_describe_per_worker_hour_at_300s"] is not None:
         polls = by["steady"]["sm_describe_per_worker_hour_at_300s"]
         per_rotation = by.get("rotate", {}).get("sm_get_per_worker_per_rotation") or 0.0

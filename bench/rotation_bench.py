@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from bench import measure, report
+from bench import fleet, measure, report
 from bench.scenarios import SCENARIOS, SMOKE, Context, Scenario
 from bench.stack import BackendSampler, BenchStack
 from devstack import free_port
@@ -263,7 +263,10 @@ def _create_channels(url: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.rotation_bench", description=__doc__)
     parser.add_argument(
-        "--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default all"
+        "--scenario",
+        action="append",
+        choices=sorted([*SCENARIOS, fleet.NAME]),
+        help="repeatable; default all",
     )
     parser.add_argument("--smoke", action="store_true", help=f"short run of {', '.join(SMOKE)} (< 60 s)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
@@ -279,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (gunicorn logs)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
-    names = args.scenario or list(SMOKE if args.smoke else SCENARIOS)
+    # The fleet scenario (4 gunicorns) has a table of its own and is never part of the smoke.
+    names = args.scenario or list(SMOKE if args.smoke else [*SCENARIOS, fleet.NAME])
     out = args.out or (
         Path(tempfile.gettempdir()) / "commng-bench-smoke" if args.smoke else ROOT / "bench" / "results"
     )
@@ -304,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         paired = not args.smoke and {"steady", "static"} <= set(names)
         done: dict[str, dict[str, Any]] = {}
         for name in names:
+            if name == fleet.NAME:
+                fleet.run(stack, out)
+                continue
             if name in done:
                 continue
             scenario = SCENARIOS[name]
@@ -315,10 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 workers = scenario.workers or args.workers
                 done[name] = run_scenario(stack, scenario, workers, args.interval_ms, args.smoke)
-        results = [done[name] for name in names]
+        results = [done[name] for name in names if name != fleet.NAME]
     finally:
         stack.close()
     meta["wall_s"] = round(time.monotonic() - started, 1)
+    if not results:  # only the fleet scenario ran: its table is written
+        return 0
     doc = report.build(meta, results)
     report.write(doc, out, plot)
     print(report.markdown(doc), flush=True)

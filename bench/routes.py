@@ -2,7 +2,8 @@
 
 ``GET /bench/sleep`` holds one pooled connection for 50 ms inside PostgreSQL. With one
 gevent worker and a pool of 20, the ceiling is 20 / 0.05 s = 400 requests per second,
-reachable only if psycogreen lets the worker wait on many connections at once.
+reachable only if the cooperative wait callback (commng.rotation.bounds) lets the worker
+wait on many connections at once.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ def create_app(
     config: Settings | None = None,
     *,
     secrets_client: Any | None = None,
+    sqs_client: Any | None = None,
     configure_logging: bool = True,
 ) -> Flask:
     """Build the app: settings, logging, database, rotation, observability, routes."""
@@ -44,7 +45,9 @@ def create_app(
     )
     db.init_app(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
-    rotation.init_app(app, db, rotation_settings(settings), secrets_client=secrets_client)
+    rotation.init_app(
+        app, db, rotation_settings(settings), secrets_client=secrets_client, sqs_client=sqs_client
+    )
     database.init_app(app)
     # Observability first among the request hooks: the request id binds before anything logs.
     observability.init_app(app)
@@ -78,4 +81,6 @@ def rotation_settings(settings: Settings) -> RotationSettings:
         connect_timeout_s=settings.postgres_connect_timeout_s,
         application_name="commng",
         history_retention_days=settings.rotation_history_retention_days,
+        queue_url=settings.db_rotation_queue_url,
+        fanout=settings.db_rotation_fanout,
     )

@@ -62,6 +62,9 @@ class Settings:
     postgres_pool_timeout_s: int = 10
     admin_token: str | None = field(default=None, repr=False)
     rotation_history_retention_days: int = 90
+    # Issue 13: the SQS queue of the secret's EventBridge events, and LISTEN/NOTIFY fan-out.
+    db_rotation_queue_url: str | None = None
+    db_rotation_fanout: bool = True
     port: int = 8000
     web_concurrency: int | None = None
     log_level: str = "INFO"
@@ -164,6 +167,16 @@ def _bearer_token(name: str, raw: str) -> str:
     return raw
 
 
+def _queue_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"https?://[^\s/]+/\S+", value):
+        raise ConfigError(
+            f"{name} must be an SQS queue URL like "
+            f"https://sqs.REGION.amazonaws.com/ACCOUNT/QUEUE, got {raw!r}"
+        )
+    return value
+
+
 _INTERVAL_MS = _int_at_least(1000, " number of milliseconds")
 _DAYS = _int_at_least(1, " number of days")
 
@@ -193,6 +206,8 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("POSTGRES_POOL_TIMEOUT_S", "postgres_pool_timeout_s", _int_at_least(1, " number of seconds")),
     ("ADMIN_TOKEN", "admin_token", _bearer_token),
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
+    ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
+    ("DB_ROTATION_FANOUT", "db_rotation_fanout", _boolean),
     ("PORT", "port", _port),
     ("WEB_CONCURRENCY", "web_concurrency", _int_at_least(1)),
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),

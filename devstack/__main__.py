@@ -36,6 +36,7 @@ from typing import Any
 from psycopg2 import sql
 
 from config import check_or_exit
+from devstack import events
 from devstack.postgres import PostgresCluster, free_port, new_password, write_private_file
 from devstack.secrets import rotate_secret, secrets_client
 
@@ -161,6 +162,8 @@ def _stack_env(state: Mapping[str, Any], port: int) -> dict[str, str]:
         **os.environ,
         **DUMMY_AWS,
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["endpoint"],
+        "AWS_ENDPOINT_URL_SQS": state["endpoint"],
+        **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
         "DB_SECRET_ID": state["secret_arn"],
         "DB_SECRET_REFRESH_INTERVAL_MS": os.environ.get("DB_SECRET_REFRESH_INTERVAL_MS", "5000"),
         "DB_POOL_GRACE_PERIOD_MS": os.environ.get("DB_POOL_GRACE_PERIOD_MS", "10000"),
@@ -230,7 +233,8 @@ def _run_local_stack(port: int) -> int:
             Name=SECRET_NAME,
             SecretString=json.dumps({"username": APP_ROLE, "password": state["app_password"]}),
         )
-        state.update(secret_arn=secret["ARN"], endpoint=endpoint)
+        queue_url = events.create_rotation_queue(events.sqs_client(endpoint))  # the push path
+        state.update(secret_arn=secret["ARN"], endpoint=endpoint, queue_url=queue_url)
         env = _stack_env(state, port)
         migrated = _migrate(env)
         if migrated:
@@ -337,7 +341,11 @@ def rotate(pause_s: float = 5.0) -> int:
     cluster = PostgresCluster(_pg_datadir(), state["pg_port"], state["superuser_password"])
     new = new_password()
     try:
-        rotate_secret(client, state["secret_arn"], cluster, APP_ROLE, new, pause_s, log=print)
+        version = rotate_secret(client, state["secret_arn"], cluster, APP_ROLE, new, pause_s, log=print)
+        if state.get("queue_url"):  # what EventBridge delivers once AWSCURRENT moved
+            sqs = events.sqs_client(state["endpoint"])
+            events.send_rotation_event(sqs, state["queue_url"], state["secret_arn"], version)
+            print("event: Secret Label Updated (AWSCURRENT) sent to the rotation-events queue")
     except botocore.exceptions.EndpointConnectionError:
         raise SystemExit(
             f"the local Secrets Manager at {state['endpoint']} does not answer: restart the stack"
@@ -360,6 +368,8 @@ def env_lines() -> list[str]:
     variables = {
         **DUMMY_AWS,
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["endpoint"],
+        "AWS_ENDPOINT_URL_SQS": state["endpoint"],
+        **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
         "DB_SECRET_ID": state["secret_arn"],
         "POSTGRES_HOST": "127.0.0.1",
         "POSTGRES_PORT": str(state["pg_port"]),

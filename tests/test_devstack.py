@@ -166,7 +166,10 @@ def test_make_run_serves_and_rotates(stack: RunningStack) -> None:
     rotate = _devstack(stack.local_dir, "rotate", "--pause", "1", timeout=60)
     assert rotate.returncode == 0, rotate.stderr[-2000:]
     assert "4/4 AWSCURRENT moved" in rotate.stdout
+    assert "Secret Label Updated (AWSCURRENT) sent" in rotate.stdout
     wait_for(lambda: stack.log().count("refresh_succeeded") >= 2, timeout_s=30)
+    # One worker receives the queue's event (push), the other hears it over NOTIFY.
+    wait_for(lambda: "rotation_event_received" in stack.log(), timeout_s=30)
     posted = requests.post(f"{stack.url}/api/channels/{channel}/messages", json={"body": "after"}, timeout=10)
     assert posted.status_code == 201
 

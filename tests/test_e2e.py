@@ -64,7 +64,8 @@ def test_three_rotations_under_load_fail_no_request(
 
         assert len(result.samples) > 100, "the load generator did not run"
         assert result.failures == [], "\n".join([*map(repr, result.failures[:5]), *server.problems()])
-        wait_for(lambda: database.backends() <= WORKERS * POOL_SIZE, timeout_s=15)
+        # The pools, plus each worker's LISTEN connection (fan-out, on by default).
+        wait_for(lambda: database.backends() <= WORKERS * (POOL_SIZE + 1), timeout_s=15)
         with requests.Session() as session:
             missing = [
                 i

@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, render_template, request
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from commng.admin import fleet
 from commng.admin.auth import api_auth, closed_unless_configured, page_auth, remote_addr
 from commng.db import db
 from commng.errors import APIError, error_response
@@ -106,6 +107,7 @@ def index() -> Any:
         db.session.rollback()
         events, next_before_id, counts = [], None, {}
         history_error = f"the history cannot be read now ({error_code(exc)})"
+    fleet_view, fleet_error = _fleet()
     return render_template(
         "admin/index.html",
         status=status,
@@ -115,7 +117,30 @@ def index() -> Any:
         first_page=_cursor() is None,
         history_error=history_error,
         now=datetime.now(UTC),
+        triggers=[t.value for t in Trigger],
+        fleet=fleet_view,
+        fleet_error=fleet_error,
+        layout=fleet.layout,
     )
+
+
+def _fleet() -> tuple[dict[str, Any] | None, str | None]:
+    """The fleet view, or None and why it cannot be read (the page still renders)."""
+    try:
+        return fleet.fleet_view(db.session, get_runtime()), None
+    except _DB_ERRORS as exc:
+        db.session.rollback()
+        return None, f"the fleet cannot be read now ({error_code(exc)})"
+
+
+@bp.get("/api/fleet")
+@api_auth
+def api_fleet() -> Any:
+    """Every worker seen in the last 3 intervals, who is on AWSCURRENT, the recent rotations."""
+    view, error = _fleet()
+    if view is None:
+        raise APIError(503, "database_unavailable", error or "the fleet cannot be read now")
+    return view
 
 
 @bp.get("/api/status")

@@ -100,6 +100,12 @@ WATCHER_FAILURES = Gauge(
     "Consecutive failed secret checks of the worst watcher (0 when the last check succeeded).",
     multiprocess_mode="livemax",
 )
+# Issue 13: RotationFailed/RotationAbandoned for the watched secret, as the push consumer saw them.
+UPSTREAM_FAILURES = Counter(
+    "commng_rotation_upstream_failures",
+    "Rotations Secrets Manager reported as failed or abandoned (CloudTrail events via SQS).",
+    ["event"],
+)
 HTTP_REQUESTS = Counter(
     "commng_http_requests",
     "HTTP requests, by method, route (the URL rule, not the path) and status.",
@@ -204,6 +210,11 @@ def _on_checks(results: list[CheckResult]) -> None:
 
 def _on_auth_failure() -> None:
     AUTH_FAILURES.inc()
+
+
+def _on_upstream_failure(event_name: str) -> None:
+    # The push consumer passes only RotationFailed or RotationAbandoned; bounded anyway.
+    UPSTREAM_FAILURES.labels(_label_code(event_name)).inc()
 
 
 def _engines_counter(runtime: Runtime) -> Callable[..., None]:
@@ -321,6 +332,8 @@ def init_app(app: Flask) -> None:
             track_engine(rotator.active)
     if runtime.watcher is not None:
         runtime.watcher.listeners += [_on_checks, watcher_gauge]
+    if runtime.push is not None:
+        runtime.push.upstream_failure_listeners.append(_on_upstream_failure)
     count_engines()
     watcher_gauge()
     app.before_request(_start_timer)

@@ -20,24 +20,31 @@ from commng.rotation import bounds
 from commng.rotation.credentials import Credentials, InvalidSecret, SecretsUnavailable
 from commng.rotation.engines import NoCredentials, describe_error, error_code, is_auth_failure, probe
 from commng.rotation.events import Outcome, RotationEvent, Trigger
+from commng.rotation.fanout import FanOut
+from commng.rotation.fleet import FleetReporter, WorkerState, list_workers, recent_rotations
 from commng.rotation.history import InvalidCursor, RotationRecord, count_by_trigger, list_events
+from commng.rotation.push import PushConsumer
 from commng.rotation.runtime import Runtime, get_runtime, init_app, start_background, stop_background
 from commng.rotation.session import PinnedSession
 from commng.rotation.settings import RotationSettings
 
 __all__ = [
     "Credentials",
+    "FanOut",
+    "FleetReporter",
     "InvalidCursor",
     "InvalidSecret",
     "NoCredentials",
     "Outcome",
     "PinnedSession",
+    "PushConsumer",
     "RotationEvent",
     "RotationRecord",
     "RotationSettings",
     "Runtime",
     "SecretsUnavailable",
     "Trigger",
+    "WorkerState",
     "bounds",
     "count_by_trigger",
     "describe_error",
@@ -46,7 +53,9 @@ __all__ = [
     "init_app",
     "is_auth_failure",
     "list_events",
+    "list_workers",
     "probe",
+    "recent_rotations",
     "start_background",
     "stop_background",
 ]

@@ -27,6 +27,10 @@ class Trigger(StrEnum):
     POLL = "poll"
     AUTH_FAILURE = "auth_failure"
     MANUAL = "manual"
+    # A Secrets Manager event (EventBridge -> SQS) said AWSCURRENT moved (commng.rotation.push).
+    PUSH = "push"
+    # Another worker announced a new version over LISTEN/NOTIFY (commng.rotation.fanout).
+    NOTIFY = "notify"
 
 
 class Outcome(StrEnum):

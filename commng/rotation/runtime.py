@@ -26,7 +26,10 @@ from commng.rotation.credentials import (
 )
 from commng.rotation.engines import EngineFactory, ManagedEngine
 from commng.rotation.events import EventLog, worker_name
+from commng.rotation.fanout import FanOut
+from commng.rotation.fleet import FleetReporter
 from commng.rotation.history import HistoryWriter
+from commng.rotation.push import PushConsumer, make_sqs_client
 from commng.rotation.rotator import Rotator
 from commng.rotation.settings import RotationSettings
 from commng.rotation.watcher import SecretWatcher
@@ -51,6 +54,10 @@ class Runtime:
     # Called by stop() after the watcher stopped and before the engines close (e.g. the
     # rotation history's last flush, which still needs a working engine).
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
+    # Issue 13: SQS push, LISTEN/NOTIFY fan-out, the fleet table (None when not configured).
+    push: PushConsumer | None = None
+    fanout: FanOut | None = None
+    fleet: FleetReporter | None = None
 
     def rotator(self, bind: str | None = None) -> Rotator:
         """The rotator of ``bind`` (None is the default engine)."""
@@ -85,16 +92,41 @@ class Runtime:
             # the current credentials, but a rotation would not be seen until reactive refresh.
             "degraded": bool(w and w.degraded),
             "binds": binds,
+            "push": {"running": self.push.running, "received": self.push.received} if self.push else None,
+            "fanout": (
+                {
+                    "listening": self.fanout.connected,
+                    "sent": self.fanout.sent,
+                    "received": self.fanout.received,
+                    "reconnects": self.fanout.reconnects,
+                }
+                if self.fanout
+                else None
+            ),
         }
 
     def start(self) -> None:
         """Start the watcher loop, if there is anything to watch; then say this worker is ready."""
         if self.watcher is not None:
             self.watcher.start()
+        # -- issue 13: push loop, listener, first fleet row --
+        if self.push is not None:
+            self.push.start()
+        if self.fanout is not None:
+            self.fanout.start()
+        if self.fleet is not None:
+            self.fleet.touch()
+        # -- end issue 13 --
         log.info("worker_ready", watcher=self.watcher is not None)
 
     def stop(self) -> None:
         """Stop the watcher, write what history is queued, cancel drains, dispose every engine."""
+        # -- issue 13: no new push or notification may start a check once stopping --
+        if self.push is not None:
+            self.push.stop()
+        if self.fanout is not None:
+            self.fanout.stop()
+        # -- end issue 13 --
         if self.watcher is not None:
             self.watcher.stop()
         for hook in list(self.stop_hooks):
@@ -108,7 +140,13 @@ def _engine_status(managed: ManagedEngine) -> dict[str, Any]:
     return {"created_at": managed.created_at.isoformat(), "pool": managed.pool_figures()}
 
 
-def init_app(app: Flask, db: Any, settings: RotationSettings, secrets_client: Any | None = None) -> Runtime:
+def init_app(
+    app: Flask,
+    db: Any,
+    settings: RotationSettings,
+    secrets_client: Any | None = None,
+    sqs_client: Any | None = None,
+) -> Runtime:
     """Choose the credential source, install the first engine, prepare watcher and history.
 
     ``db`` is the app's Flask-SQLAlchemy extension, already initialised for ``app``.
@@ -147,8 +185,38 @@ def init_app(app: Flask, db: Any, settings: RotationSettings, secrets_client: An
         flask_sqlalchemy_default.dispose()  # built by Flask-SQLAlchemy, never connected
     watcher = SecretWatcher([rotator], settings.refresh_interval_s) if source.watchable else None
     runtime = Runtime(settings, {None: rotator}, watcher, events, history)
+    _attach_fleet(runtime, settings, sqs_client)
     app.extensions[EXTENSION] = runtime
     return runtime
+
+
+# -- issue 13: push (SQS), fan-out (LISTEN/NOTIFY), the fleet table ----------------------------
+
+
+def _attach_fleet(runtime: Runtime, settings: RotationSettings, sqs_client: Any | None) -> None:
+    """Wire push, fan-out and the fleet reporter; each only where a secret is watched."""
+    watcher = runtime.watcher
+    if watcher is None or not settings.secret_id:
+        return
+    rotators = list(runtime.rotators.values())
+    fleet = FleetReporter(_active_engine(rotators[0]), rotators, watcher, settings.refresh_interval_s)
+    watcher.listeners.append(fleet.on_checks)
+    runtime.events.listeners.append(fleet.on_event)
+    runtime.stop_hooks.append(fleet.stop)
+    runtime.fleet = fleet
+    if settings.fanout:
+        fanout = FanOut(rotators, watcher, settings.notify_channel)
+        runtime.events.listeners.append(fanout.on_event)
+        runtime.fanout = fanout
+    if settings.queue_url:
+        client = sqs_client if sqs_client is not None else make_sqs_client(settings)
+        push = PushConsumer(client, settings.queue_url, settings.secret_id, watcher)
+        if runtime.fanout is not None:
+            push.relay_listeners.append(runtime.fanout.announce)
+        runtime.push = push
+
+
+# -- end issue 13 ---------------------------------------------------------------------------------
 
 
 def _active_engine(rotator: Rotator) -> Callable[[], Engine]:

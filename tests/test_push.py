@@ -1,0 +1,239 @@
+"""Push: the secret's EventBridge events on SQS (moto) start a check at once; gunicorn end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from flask import Flask
+
+from commng.rotation import Trigger
+from commng.rotation.push import PushConsumer, QueueUnavailable, SecretMatcher, classify
+from commng.rotation.runtime import get_runtime
+from devstack import free_port, new_password, rotate_secret
+from devstack.events import cloudtrail_event, create_rotation_queue, label_updated_event, send_rotation_event
+from devstack.processes import GunicornServer
+from tests.helpers import Database, assert_no_secrets, wait_for
+
+ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:db/main-AbC123"
+
+
+@pytest.fixture
+def queue(secretsmanager: Any) -> tuple[Any, str]:
+    """An SQS client and queue in the same in-process moto as the secret."""
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    return sqs, create_rotation_queue(sqs)
+
+
+@pytest.fixture
+def push_app(
+    database: Database, secretsmanager: Any, secret: str, queue: tuple[Any, str], make_app: Any
+) -> Flask:
+    sqs, url = queue
+    settings = database.settings(
+        db_secret_id=secret, postgres_user=None, postgres_password=None, db_rotation_queue_url=url
+    )
+    app: Flask = make_app(settings, secrets_client=secretsmanager, sqs_client=sqs)
+    return app
+
+
+def _left(sqs: Any, url: str) -> int:
+    """Messages still on the queue, visible or in flight."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+    return sum(int(attributes[n]) for n in names)
+
+
+def _push(app: Flask) -> PushConsumer:
+    push = get_runtime(app).push
+    assert push is not None
+    return push
+
+
+def test_events_are_classified_by_secret_label_and_source() -> None:
+    by_arn = SecretMatcher(ARN)
+    by_name = SecretMatcher("db/main")
+    event = json.dumps(label_updated_event(ARN, "v2"))
+    assert classify(event, by_arn) == ("label_updated", "Secret Label Updated", None, "v2")
+    assert classify(event, by_name)[0] == "label_updated"  # detail.name and the ARN's name
+    other = label_updated_event(ARN.replace("db/main", "db/other"), "v2")
+    assert classify(json.dumps(other), by_arn)[2] == "other_secret"
+    staging = json.dumps(label_updated_event(ARN, "v2", label="STAGING"))
+    assert classify(staging, by_arn)[2] == "other_label"
+    failed = cloudtrail_event(ARN, "RotationFailed")
+    assert classify(json.dumps(failed), by_arn)[:2] == ("rotation_failed", "RotationFailed")
+    # Some sources carry the secret in serviceEventDetails rather than additionalEventData.
+    failed["detail"]["serviceEventDetails"] = failed["detail"].pop("additionalEventData")
+    assert classify(json.dumps(failed), by_name)[0] == "rotation_failed"
+    succeeded = json.dumps(cloudtrail_event(ARN, "RotationSucceeded"))
+    assert classify(succeeded, by_arn)[0] == "rotation_succeeded"
+    assert classify(json.dumps(cloudtrail_event(ARN, "GetSecretValue")), by_arn)[2] == "other_event"
+    for junk in ["", "not json", "[1]", '{"detail-type": 5}', '{"detail-type": "x", "detail": []}']:
+        assert classify(junk, by_arn)[::2] == ("ignored", "malformed"), junk
+
+
+def test_a_label_updated_event_adopts_at_once_with_trigger_push_and_is_deleted(
+    push_app: Flask, database: Database, secretsmanager: Any, secret: str, queue: tuple[Any, str]
+) -> None:
+    sqs, url = queue
+    runtime = get_runtime(push_app)
+    version = rotate_secret(secretsmanager, secret, database.cluster, database.role, new_password())
+    send_rotation_event(sqs, url, secret, version)
+
+    handled = _push(push_app).poll_once(wait_s=1)
+
+    assert [(h.kind, h.version, h.checked, h.deleted) for h in handled] == [
+        ("label_updated", version, True, True)
+    ]
+    event = runtime.events.recent(1)[0]
+    assert (event.trigger, event.outcome, event.new_version) == (Trigger.PUSH, "rotated", version)
+    assert runtime.rotator().current.version_id == version  # type: ignore[union-attr]
+    assert _left(sqs, url) == 0
+
+
+def test_other_secrets_and_malformed_bodies_are_logged_by_name_and_deleted(
+    push_app: Flask, secret: str, queue: tuple[Any, str], caplog: Any
+) -> None:
+    sqs, url = queue
+    other = secret.replace(":secret:db/", ":secret:elsewhere/")
+    bodies = [
+        json.dumps(label_updated_event(other, "v9")),
+        json.dumps(label_updated_event(secret, "v9", label="STAGING")),
+        "{not json at all MARKER-7f3a",
+        json.dumps({"detail-type": "Something Else", "detail": {"x": "MARKER-7f3a"}}),
+    ]
+    for body in bodies:
+        sqs.send_message(QueueUrl=url, MessageBody=body)
+    caplog.set_level(logging.INFO)
+    runtime = get_runtime(push_app)
+
+    handled = []
+    wait_for(lambda: handled.extend(_push(push_app).poll_once(wait_s=0)) or len(handled) == 4, timeout_s=10)
+
+    assert sorted(h.reason or "" for h in handled) == [
+        "malformed",
+        "other_event",
+        "other_label",
+        "other_secret",
+    ]
+    assert all(h.deleted and not h.checked for h in handled)
+    assert runtime.watcher is not None
+    assert runtime.watcher.last_check_at is None
+    assert _left(sqs, url) == 0
+    assert caplog.text.count("rotation_event_ignored") == 4
+    assert "Something Else" in caplog.text  # the event's name is logged ...
+    assert "MARKER-7f3a" not in caplog.text  # ... never its body
+
+
+def test_rotation_failed_upstream_is_an_error_and_told_to_listeners(
+    push_app: Flask, secret: str, queue: tuple[Any, str], caplog: Any
+) -> None:
+    sqs, url = queue
+    told: list[str] = []
+    _push(push_app).upstream_failure_listeners.append(told.append)
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(cloudtrail_event(secret, "RotationFailed")))
+    caplog.set_level(logging.INFO)
+
+    (handled,) = _push(push_app).poll_once(wait_s=1)
+
+    assert (handled.kind, handled.checked, handled.deleted) == ("rotation_failed", False, True)
+    assert told == ["RotationFailed"]
+    failed = [r for r in caplog.records if "rotation_failed_upstream" in r.getMessage()]
+    assert failed
+    assert failed[0].levelno == logging.ERROR
+    from commng.observability import metrics  # the metrics hook counts it by event name
+
+    assert metrics.UPSTREAM_FAILURES.labels("RotationFailed")._value.get() >= 1
+
+
+def test_a_push_for_a_version_already_in_use_is_relayed_to_the_fleet(
+    push_app: Flask, database: Database, secretsmanager: Any, secret: str, queue: tuple[Any, str]
+) -> None:
+    sqs, url = queue
+    runtime = get_runtime(push_app)
+    version = rotate_secret(secretsmanager, secret, database.cluster, database.role, new_password())
+    runtime.watcher.check_once()  # type: ignore[union-attr]  # adopted by the poll first
+    relayed: list[tuple[str | None, str]] = []
+    _push(push_app).relay_listeners[:] = [lambda bind, v: relayed.append((bind, v))]
+    send_rotation_event(sqs, url, secret, version)
+
+    (handled,) = _push(push_app).poll_once(wait_s=1)
+
+    assert handled.checked
+    assert handled.deleted
+    assert relayed == [(None, version)]
+
+
+def test_sqs_failures_back_off_and_never_end_the_loop(push_app: Flask, queue: tuple[Any, str]) -> None:
+    sqs, url = queue
+    runtime = get_runtime(push_app)
+    assert runtime.watcher is not None
+    missing = url.rsplit("/", 1)[0] + "/no-such-queue"
+    push = PushConsumer(sqs, missing, "db/x", runtime.watcher, wait_s=0)
+    with pytest.raises(QueueUnavailable) as raised:
+        push.poll_once()
+    assert "QueueDoesNotExist" in raised.value.code or "NonExistentQueue" in raised.value.code
+    push.start()
+    try:
+        wait_for(lambda: push.consecutive_failures >= 2, timeout_s=10)  # 1 s, then 2 s later
+        assert push.running
+    finally:
+        started = time.monotonic()
+        push.stop()
+    assert not push.running
+    assert time.monotonic() - started < 3
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqs_endpoint(moto_endpoint: str) -> Iterator[tuple[Any, str]]:
+    sqs = boto3.client("sqs", region_name="us-east-1", endpoint_url=moto_endpoint)
+    return sqs, create_rotation_queue(sqs)
+
+
+def _refreshes(server: GunicornServer, version: str) -> dict[int, str]:
+    """pid -> trigger of the workers that logged adopting ``version``."""
+    found = {}
+    for line in server.output().splitlines():
+        if '"refresh_succeeded"' in line:
+            record = json.loads(line)
+            if record.get("new_version") == version:
+                found[record["pid"]] = record["trigger"]
+    return found
+
+
+@pytest.mark.e2e
+def test_gunicorn_push_reaches_one_worker_and_fan_out_the_other_within_2_s(
+    database: Database, moto_endpoint: str, sqs_endpoint: tuple[Any, str], workdir: Path
+) -> None:
+    sqs, url = sqs_endpoint
+    client, arn, env = database.watched_env(
+        moto_endpoint, workdir, DB_ROTATION_QUEUE_URL=url, AWS_ENDPOINT_URL_SQS=moto_endpoint
+    )
+    env["DB_SECRET_REFRESH_INTERVAL_MS"] = "600000"  # the poll stays out of the way
+    server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
+    new = new_password()
+    server.start()
+    try:
+        wait_for(lambda: server.output().count('"rotation_listener_connected"') >= 2, timeout_s=15)
+        version = rotate_secret(client, arn, database.cluster, database.role, new, 0.5)
+        sent = time.monotonic()
+        send_rotation_event(sqs, url, arn, version)
+        wait_for(lambda: len(_refreshes(server, version)) == 2, timeout_s=2.0, interval_s=0.02)
+        elapsed = time.monotonic() - sent
+        print(f"event sent -> both workers on the new version: {elapsed * 1000:.0f} ms")
+        assert sorted(_refreshes(server, version).values()) == ["notify", "push"], server.problems()
+        wait_for(lambda: _left(sqs, url) == 0, timeout_s=5)
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert elapsed < 2.0
+    assert_no_secrets(server.output(), [database.password, new])
