@@ -38,20 +38,19 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg2
 import structlog
 from psycopg2 import sql
 
+from commng.rotation import bounds
 from commng.rotation.engines import NoCredentials, error_code, is_auth_failure
 from commng.rotation.events import Outcome, RotationEvent, Trigger, worker_name
 from commng.rotation.rotator import Rotator
 from commng.rotation.watcher import SecretWatcher
 
-__all__ = ["FanOut", "bounded"]
+__all__ = ["FanOut"]
 
 log = structlog.get_logger("commng.rotation.fanout")
 
@@ -66,26 +65,6 @@ MAX_RETRY_S = 30.0
 STOP_JOIN_TIMEOUT_S = 3.0
 MAX_PAYLOAD_BYTES = 7999
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-
-
-@contextmanager
-def bounded(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError after ``seconds`` when gevent runs this worker.
-
-    psycogreen's wait callback ignores libpq's connect_timeout and waits forever on a
-    server that accepts and never answers; a gevent.Timeout is what bounds it. Without
-    gevent (tests, a shell), psycopg2 blocks and libpq's own timeouts apply.
-    """
-    try:
-        from gevent import Timeout, monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency of the service
-        yield
-        return
-    if not monkey.is_module_patched("socket"):
-        yield
-        return
-    with Timeout(seconds, TimeoutError):
-        yield
 
 
 class FanOut:
@@ -132,7 +111,7 @@ class FanOut:
             log.warning("rotation_notify_skipped", reason="payload too large", bind=bind)
             return False
         try:
-            with bounded(SEND_TIMEOUT_S):
+            with bounds.deadline(SEND_TIMEOUT_S):
                 conn = self._open(rotator, credentials.connect_params(), listen=False)
                 try:
                     with conn.cursor() as cur:
@@ -179,7 +158,7 @@ class FanOut:
         role = "listener" if listen else "notify"
         args["application_name"] = f"{args.get('application_name') or 'rotation'}-{role}"[:63]
         timeout = float(args.get("connect_timeout") or 5) + PING_TIMEOUT_S
-        with bounded(timeout):
+        with bounds.deadline(timeout):
             conn = psycopg2.connect(**args)
             try:
                 conn.autocommit = True
@@ -203,7 +182,7 @@ class FanOut:
         if readable:
             conn.poll()  # a dead backend raises here: "terminating connection ..." or EOF
         elif time.monotonic() - self._last_heard > PING_EVERY_S:
-            with bounded(PING_TIMEOUT_S), conn.cursor() as cur:
+            with bounds.deadline(PING_TIMEOUT_S), conn.cursor() as cur:
                 cur.execute("SELECT 1")
             self._last_heard = time.monotonic()
         done = []
