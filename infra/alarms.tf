@@ -248,3 +248,23 @@ resource "aws_cloudwatch_metric_alarm" "no_healthy_targets" {
   alarm_actions = [local.alarm_topic_arn]
   ok_actions    = [local.alarm_topic_arn]
 }
+
+# --- (d) rotation events nobody could handle ----------------------------------------------------
+
+resource "aws_cloudwatch_metric_alarm" "rotation_events_dead_letters" {
+  alarm_name        = "${local.alarm_name_prefix}rotation-events-dead-letters"
+  alarm_description = "Rotation events reached the dead-letter queue: workers received them 5 times without finishing a check. Polling still finds the rotation; read the app logs."
+
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateNumberOfMessagesVisible"
+  dimensions          = { QueueName = aws_sqs_queue.rotation_events_dlq.name }
+  statistic           = "Maximum"
+  period              = 300
+  evaluation_periods  = 1
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = 0
+  treat_missing_data  = "notBreaching"
+
+  alarm_actions = [local.alarm_topic_arn]
+  ok_actions    = [local.alarm_topic_arn]
+}

@@ -55,6 +55,8 @@ locals {
       # The app polls this secret itself (task role) and swaps its pool on rotation.
       { name = "DB_SECRET_ID", value = aws_db_instance.main.master_user_secret[0].secret_arn },
       { name = "DB_SECRET_REFRESH_INTERVAL_MS", value = tostring(var.db_secret_refresh_interval_ms) },
+      # Push: the worker that receives the rotation event checks at once, the others hear NOTIFY.
+      { name = "DB_ROTATION_QUEUE_URL", value = aws_sqs_queue.rotation_events.url },
       { name = "DB_POOL_GRACE_PERIOD_MS", value = tostring(var.db_pool_grace_period_ms) },
       { name = "POSTGRES_HOST", value = aws_db_instance.main.address },
       { name = "POSTGRES_PORT", value = tostring(aws_db_instance.main.port) },

@@ -1,5 +1,7 @@
-# Rotation of the DB master secret as events: EventBridge rules -> an SQS queue.
-# Operators (and later the app) can see when AWSCURRENT moved and whether a rotation failed.
+# Rotation of the DB master secret as events: EventBridge rules -> an SQS queue that the app
+# consumes (DB_ROTATION_QUEUE_URL): the worker that receives an event checks the secret at
+# once and tells the other workers with NOTIFY. What no worker could handle lands in a
+# dead-letter queue.
 
 # Native Secrets Manager event (no CloudTrail needed): a staging label other than
 # AWSPENDING/AWSPREVIOUS moved to a new version. AWSCURRENT moving is "the new password is
@@ -52,6 +54,28 @@ resource "aws_sqs_queue" "rotation_events" {
   sqs_managed_sse_enabled   = true
   message_retention_seconds = 1209600 # 14 days, the maximum: rotations are weekly
   receive_wait_time_seconds = 20
+  # A worker deletes a message once its check ran; one that died mid-check lets the message
+  # come back to another worker after this long.
+  visibility_timeout_seconds = 60
+  redrive_policy = jsonencode({
+    deadLetterTargetArn = aws_sqs_queue.rotation_events_dlq.arn
+    maxReceiveCount     = 5
+  })
+}
+
+# Messages received 5 times without being deleted (every worker crashed on them).
+resource "aws_sqs_queue" "rotation_events_dlq" {
+  name                      = "${local.prefix}-db-secret-rotation-events-dlq"
+  sqs_managed_sse_enabled   = true
+  message_retention_seconds = 1209600
+}
+
+resource "aws_sqs_queue_redrive_allow_policy" "rotation_events_dlq" {
+  queue_url = aws_sqs_queue.rotation_events_dlq.id
+  redrive_allow_policy = jsonencode({
+    redrivePermission = "byQueue"
+    sourceQueueArns   = [aws_sqs_queue.rotation_events.arn]
+  })
 }
 
 data "aws_iam_policy_document" "rotation_events_queue" {

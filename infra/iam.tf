@@ -122,6 +122,22 @@ resource "aws_iam_role_policy" "task_db_secret" {
   policy = data.aws_iam_policy_document.task_db_secret.json
 }
 
+data "aws_iam_policy_document" "task_rotation_events" {
+  # Each worker long-polls the rotation-events queue and deletes what it handled. Nothing
+  # else: no send, no other queue (the dead-letter queue is for operators).
+  statement {
+    sid       = "ConsumeRotationEvents"
+    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
+    resources = [aws_sqs_queue.rotation_events.arn]
+  }
+}
+
+resource "aws_iam_role_policy" "task_rotation_events" {
+  name   = "consume-rotation-events"
+  role   = aws_iam_role.task.id
+  policy = data.aws_iam_policy_document.task_rotation_events.json
+}
+
 # --- VPC flow logs (only in the stack's own VPC) ------------------------------------------------
 
 data "aws_iam_policy_document" "flow_logs_assume" {

@@ -180,8 +180,9 @@ resource "aws_flow_log" "main" {
 locals {
   # Interface endpoints Fargate and the app need without a NAT:
   #   secretsmanager - ECS injects the secrets at start; the app polls the DB secret;
+  #   sqs - the app long-polls the rotation-events queue;
   #   ecr.api/ecr.dkr - image pull; logs - the awslogs driver.
-  interface_endpoints = toset(["secretsmanager", "ecr.api", "ecr.dkr", "logs"])
+  interface_endpoints = toset(["secretsmanager", "sqs", "ecr.api", "ecr.dkr", "logs"])
 }
 
 resource "aws_vpc_endpoint" "interface" {

@@ -391,7 +391,7 @@ variable "web_concurrency" {
 }
 
 variable "postgres_pool_size" {
-  description = "SQLAlchemy pool size per worker (POSTGRES_POOL_SIZE). desired_count x web_concurrency x (pool + overflow) must stay under the instance's max_connections, with room for the second pool during a rotation."
+  description = "SQLAlchemy pool size per worker (POSTGRES_POOL_SIZE). desired_count x web_concurrency x (pool + overflow + 1 LISTEN connection for rotation fan-out) must stay under the instance's max_connections, with room for the second pool during a rotation."
   type        = number
   default     = 10
 }

@@ -659,6 +659,28 @@ def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
     assert "rotation_events_queue_url" in tf["output"]
 
 
+def test_the_app_consumes_the_rotation_events_queue_with_a_dead_letter_queue(tf):
+    queue = tf["resource"][("aws_sqs_queue", "rotation_events")]
+    assert "aws_sqs_queue.rotation_events_dlq.arn" in queue["redrive_policy"]
+    assert queue["visibility_timeout_seconds"] == 60
+    dlq = tf["resource"][("aws_sqs_queue", "rotation_events_dlq")]
+    assert dlq["sqs_managed_sse_enabled"] is True
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert env["DB_ROTATION_QUEUE_URL"] == "aws_sqs_queue.rotation_events.url"
+    statements = [
+        s
+        for doc in _role_documents(tf, "task")
+        for s in _statements(doc)
+        if any(a.startswith("sqs:") for a in s["actions"])
+    ]
+    (statement,) = statements
+    assert sorted(statement["actions"]) == ["sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ReceiveMessage"]
+    assert statement["resources"] == ["aws_sqs_queue.rotation_events.arn"]
+    assert "sqs" in tf["locals"]["interface_endpoints"]
+    alarm = tf["resource"][("aws_cloudwatch_metric_alarm", "rotation_events_dead_letters")]
+    assert "aws_sqs_queue.rotation_events_dlq.name" in str(alarm["dimensions"])
+
+
 # --- alarms -----------------------------------------------------------------------------------
 
 TOPIC = "local.alarm_topic_arn"
@@ -720,7 +742,12 @@ def _alarms(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_every_alarm_notifies_the_topic_and_is_named_for_its_policy(tf):
     alarms = _alarms(tf)
-    assert set(alarms) == {"refresh_failed", "unhealthy_targets", "no_healthy_targets"}
+    assert set(alarms) == {
+        "refresh_failed",
+        "unhealthy_targets",
+        "no_healthy_targets",
+        "rotation_events_dead_letters",
+    }
     for name, alarm in alarms.items():
         assert alarm["alarm_actions"] == [TOPIC], name
         assert alarm["ok_actions"] == [TOPIC], name
