@@ -39,13 +39,19 @@ def _json_object(allowed: set[str]) -> dict[str, Any]:
     return data
 
 
-def _int_param(name: str, default: int | None, low: int, high: int) -> int | None:
+def _int_param(name: str, low: int, high: int) -> int | None:
+    """Query parameter ``name`` as an integer from ``low`` to ``high``; None when absent or empty."""
     raw = request.args.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     if not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
         raise APIError(400, "invalid_parameter", f"{name} must be an integer from {low} to {high}")
     return int(raw)
+
+
+def _limit() -> int:
+    limit = _int_param("limit", 1, MAX_LIMIT)
+    return DEFAULT_LIMIT if limit is None else limit
 
 
 def _get_or_404(model: type[Channel] | type[Message], ident: int) -> Any:
@@ -73,12 +79,25 @@ def create_channel() -> Any:
     return channel.as_dict(), 201
 
 
+def _page(query: sa.Select[Any], limit: int) -> tuple[list[Any], Any]:
+    """At most ``limit`` rows of ``query``, and the cursor of the next page (None: there is none)."""
+    rows = list(db.session.scalars(query.limit(limit + 1)).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, rows[-1].id if more else None
+
+
 @bp.get("/channels")
 @retry_on_disconnect
 def list_channels() -> Any:
-    """All channels, oldest first."""
-    channels = db.session.scalars(sa.select(Channel).order_by(Channel.id)).all()
-    return {"channels": [c.as_dict() for c in channels]}
+    """Channels, oldest first, paged forward by ``after_id`` (the last id of the previous page)."""
+    limit = _limit()
+    after_id = _int_param("after_id", 1, MAX_ID)
+    query = sa.select(Channel)
+    if after_id is not None:
+        query = query.where(Channel.id > after_id)
+    channels, next_after_id = _page(query.order_by(Channel.id), limit)
+    return {"channels": [c.as_dict() for c in channels], "next_after_id": next_after_id}
 
 
 @bp.post("/channels/<int:channel_id>/messages")
@@ -101,16 +120,15 @@ def post_message(channel_id: int) -> Any:
 @bp.get("/channels/<int:channel_id>/messages")
 @retry_on_disconnect
 def list_messages(channel_id: int) -> Any:
-    """Messages of a channel, newest first, paged by ``before_id``."""
-    limit = _int_param("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    before_id = _int_param("before_id", None, 1, MAX_ID)
+    """Messages of a channel, newest first, paged back by ``before_id`` (the last id of the previous page)."""
+    limit = _limit()
+    before_id = _int_param("before_id", 1, MAX_ID)
     channel = _get_or_404(Channel, channel_id)
     query = sa.select(Message).where(Message.channel_id == channel.id)
     if before_id is not None:
         query = query.where(Message.id < before_id)
-    rows = db.session.scalars(query.order_by(Message.id.desc()).limit(limit)).all()
-    next_before_id = rows[-1].id if len(rows) == limit else None
-    return {"messages": [m.as_dict() for m in rows], "next_before_id": next_before_id}
+    messages, next_before_id = _page(query.order_by(Message.id.desc()), limit)
+    return {"messages": [m.as_dict() for m in messages], "next_before_id": next_before_id}
 
 
 @bp.get("/messages/<int:message_id>")

@@ -22,6 +22,25 @@ def test_create_and_list_channels(client: Any) -> None:
     listed = client.get("/api/channels")
     assert listed.status_code == 200
     assert [c["name"] for c in listed.json["channels"]] == ["alpha-1", "bravo"]
+    assert listed.json["next_after_id"] is None
+
+
+def test_channels_page_oldest_first_by_after_id(client: Any) -> None:
+    ids = [_channel(client, f"c-{i}")["id"] for i in range(5)]
+    first = client.get("/api/channels?limit=2").json
+    assert [c["id"] for c in first["channels"]] == ids[:2]
+    assert first["next_after_id"] == ids[1]
+    second = client.get(f"/api/channels?limit=2&after_id={first['next_after_id']}").json
+    assert [c["id"] for c in second["channels"]] == ids[2:4]
+    third = client.get(f"/api/channels?limit=2&after_id={second['next_after_id']}").json
+    assert [c["id"] for c in third["channels"]] == ids[4:]
+    assert third["next_after_id"] is None
+    # A page that ends exactly with the last channel says so: no empty page to fetch.
+    exact = client.get(f"/api/channels?limit=3&after_id={ids[1]}").json
+    assert [c["id"] for c in exact["channels"]] == ids[2:]
+    assert exact["next_after_id"] is None
+    assert len(client.get("/api/channels").json["channels"]) == 5  # default limit 50
+    assert client.get(f"/api/channels?after_id={ids[-1]}").json == {"channels": [], "next_after_id": None}
 
 
 def test_duplicate_channel_is_409(client: Any) -> None:
@@ -45,6 +64,9 @@ def test_post_read_and_page_messages(client: Any) -> None:
     rest = client.get(f"/api/channels/{channel['id']}/messages?limit=100&before_id={ids[3]}").json
     assert [m["id"] for m in rest["messages"]] == ids[:3][::-1]
     assert rest["next_before_id"] is None
+    exact = client.get(f"/api/channels/{channel['id']}/messages?limit=3&before_id={ids[3]}").json
+    assert [m["id"] for m in exact["messages"]] == ids[:3][::-1]
+    assert exact["next_before_id"] is None  # nothing older: no empty page to fetch
     default = client.get(f"/api/channels/{channel['id']}/messages").json
     assert len(default["messages"]) == 5
     one = client.get(f"/api/messages/{ids[0]}")
