@@ -135,15 +135,21 @@ def test_longest_body_is_accepted(client: Any) -> None:
     assert response.status_code == 201
 
 
-@pytest.mark.parametrize(
-    "query",
-    ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1e3", "before_id=0", f"before_id={10**30}"],
-)
-def test_bad_paging_parameters_are_400(client: Any, query: str) -> None:
+# {cursor} is before_id for messages, after_id for channels. %C2%B2 is "²", %EF%BC%91 a fullwidth 1.
+BAD_PAGING = ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1e3", "limit=%C2%B2"]
+BAD_PAGING += ["{cursor}=0", f"{{cursor}}={10**30}", "{cursor}=%EF%BC%91", "{cursor}=+1"]
+
+
+def test_bad_paging_parameters_are_400(client: Any) -> None:
     channel = _channel(client)
-    response = client.get(f"/api/channels/{channel['id']}/messages?{query}")
-    assert response.status_code == 400
-    assert response.json["error"]["code"] == "invalid_parameter"
+    for path, cursor in [
+        (f"/api/channels/{channel['id']}/messages", "before_id"),
+        ("/api/channels", "after_id"),
+    ]:
+        for query in BAD_PAGING:
+            response = client.get(f"{path}?{query.format(cursor=cursor)}")
+            assert response.status_code == 400, (path, query)
+            assert response.json["error"]["code"] == "invalid_parameter"
 
 
 def test_unknown_route_and_method_are_json(client: Any) -> None:
