@@ -39,9 +39,10 @@ _UTF8_CHARSETS = frozenset({"utf-8", "utf8"})
 # str.isdigit() and int() also take superscript, Arabic-Indic and fullwidth digits:
 # query numbers are ASCII only.
 _ASCII_INT = re.compile(r"[0-9]{1,19}")
-# A JSON string literal (escapes included), so that brackets inside strings are not counted.
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
+# The nesting scan: outside strings it stops at a quote or a bracket; from an opening
+# quote it skips the rest of the string literal at once (possessive: no backtracking).
+_QUOTE_OR_BRACKET = re.compile(r'["\[\]{}]')
+_REST_OF_STRING = re.compile(r'(?:[^"\\]++|\\.)*+"', re.DOTALL)
 # What PostgreSQL's text cannot store (NUL) and what UTF-8 cannot encode (lone surrogates).
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
@@ -54,15 +55,28 @@ def _reject_constant(name: str) -> Any:
     raise _NonFiniteNumber(name)
 
 
-def _nesting_depth(text: str) -> int:
-    """How deep arrays and objects nest in ``text``, up to MAX_JSON_DEPTH + 1 (then it stops)."""
-    depth = deepest = 0
-    for match in _BRACKET.finditer(_JSON_STRING.sub("", text)):
-        depth += 1 if match.group() in "[{" else -1
-        deepest = max(deepest, depth)
-        if deepest > MAX_JSON_DEPTH:
-            break
-    return deepest
+def _too_deep(text: str) -> bool:
+    """Whether arrays and objects nest more than MAX_JSON_DEPTH deep in ``text``.
+
+    In time linear in the body whatever it holds; brackets inside strings do not count.
+    """
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False  # every body the API expects
+    depth = position = 0
+    while (found := _QUOTE_OR_BRACKET.search(text, position)) is not None:
+        char, position = found.group(), found.end()
+        if char == '"':
+            rest = _REST_OF_STRING.match(text, position)
+            if rest is None:
+                return False  # an unterminated string: json.loads refuses the body
+            position = rest.end()
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def _decoded_body() -> str:
@@ -86,7 +100,7 @@ def _decoded_body() -> str:
 def _json_object(allowed: set[str]) -> dict[str, Any]:
     """The request's JSON object, with only ``allowed`` keys; 415/400/422 otherwise."""
     text = _decoded_body()
-    if _nesting_depth(text) > MAX_JSON_DEPTH:
+    if _too_deep(text):
         raise APIError(400, "invalid_json", f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(text, parse_constant=_reject_constant)

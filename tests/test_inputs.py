@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 import urllib.parse
 from typing import Any
 
@@ -387,6 +388,15 @@ def test_deeply_nested_json_is_400_not_a_recursion_error(client: Any, channel_pa
             for path in ["/api/channels", channel_path]:
                 message = _error(_post(client, path, body), 400, "invalid_json", (depth, body[:6], path))
                 assert f"deeper than {MAX_JSON_DEPTH} levels" in message
+
+
+def test_the_nesting_scan_takes_linear_time_on_hostile_bodies(client: Any) -> None:
+    """64 kB built to make a string-literal regex backtrack: answered at once, not in seconds."""
+    bodies = ['\\"' * 31_000 + "[" * 40, '[""]' * 16_000, "[" * 40 + '"' + "\\" * 60_000, '"[' * 32_000]
+    for body in bodies:
+        started = time.monotonic()
+        _error(_post(client, "/api/channels", body), 400, "invalid_json", body[:10])
+        assert time.monotonic() - started < 2.0, body[:10]  # the quadratic scan took ~30 s
 
 
 def test_nesting_up_to_the_limit_is_parsed_and_refused_for_its_shape(client: Any) -> None:
