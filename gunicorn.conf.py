@@ -82,6 +82,9 @@ logconfig_dict = {
         "gunicorn.error": {"level": _log_level, "handlers": [], "propagate": True},
         # The access log is kept at INFO whatever LOG_LEVEL says: it is the request record.
         "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+        # botocore, boto3, urllib3, SQLAlchemy's engine and pool (and alembic's chatter)
+        # stay at WARNING even under LOG_LEVEL=DEBUG: at DEBUG botocore would log the
+        # secret's value and the AWS session token (logs.QUIET_LOGGERS says why each).
         **{name: {"level": level} for name, level in _logs.QUIET_LOGGERS.items()},
     },
 }

@@ -1,19 +1,27 @@
-"""The CommNG messaging API: channels and messages, JSON in and out."""
+"""The CommNG messaging API: channels and messages, JSON in and out.
+
+Every input is checked here before anything reaches PostgreSQL, so that no input ends
+in a 500: the body is parsed by ``_json_object`` (UTF-8 only, nesting bounded, no NaN or
+Infinity), strings that PostgreSQL's text cannot hold (NUL, unpaired surrogates) are
+refused naming the field, and numbers in the query string and the path are ASCII digits.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, request
 from sqlalchemy.exc import IntegrityError
+from werkzeug.routing import IntegerConverter
 
 from commng.db import db, retry_on_disconnect
 from commng.errors import APIError
 from commng.models import Channel, Message
 
-__all__ = ["bp", "init_app"]
+__all__ = ["MAX_JSON_DEPTH", "bp", "init_app"]
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -22,15 +30,89 @@ MAX_BODY = 4000
 MAX_ID = 2**63 - 1  # PostgreSQL bigint
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100
+# Our bodies are one flat object; the bound keeps the parser's recursion far from the
+# interpreter's limit (a RecursionError is still caught, should the scan below miss).
+MAX_JSON_DEPTH = 32
+
+# JSON travels as UTF-8: a charset parameter, when sent, must say UTF-8.
+_UTF8_CHARSETS = frozenset({"utf-8", "utf8"})
+# str.isdigit() and int() also take superscript, Arabic-Indic and fullwidth digits:
+# query numbers are ASCII only.
+_ASCII_INT = re.compile(r"[0-9]{1,19}")
+# The nesting scan: outside strings it stops at a quote or a bracket; from an opening
+# quote it skips the rest of the string literal at once (possessive: no backtracking).
+_QUOTE_OR_BRACKET = re.compile(r'["\[\]{}]')
+_REST_OF_STRING = re.compile(r'(?:[^"\\]++|\\.)*+"', re.DOTALL)
+# What PostgreSQL's text cannot store (NUL) and what UTF-8 cannot encode (lone surrogates).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+class _NonFiniteNumber(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON has no such numbers."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFiniteNumber(name)
+
+
+def _too_deep(text: str) -> bool:
+    """Whether arrays and objects nest more than MAX_JSON_DEPTH deep in ``text``.
+
+    In time linear in the body whatever it holds; brackets inside strings do not count.
+    """
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False  # every body the API expects
+    depth = position = 0
+    while (found := _QUOTE_OR_BRACKET.search(text, position)) is not None:
+        char, position = found.group(), found.end()
+        if char == '"':
+            rest = _REST_OF_STRING.match(text, position)
+            if rest is None:
+                return False  # an unterminated string: json.loads refuses the body
+            position = rest.end()
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _decoded_body() -> str:
+    """The request body as text: JSON media type, a UTF-8 charset if any, valid UTF-8."""
+    if not request.is_json:
+        raise APIError(415, "unsupported_media_type", "send Content-Type: application/json")
+    charset = request.mimetype_params.get("charset")
+    if charset is not None and charset.strip().lower() not in _UTF8_CHARSETS:
+        raise APIError(
+            415,
+            "unsupported_charset",
+            "JSON bodies must be UTF-8: send Content-Type: application/json with no charset or charset=utf-8",
+        )
+    try:
+        return request.get_data(cache=True).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"the request body is not valid UTF-8 (byte {exc.start})"
+        raise APIError(400, "invalid_encoding", message) from None
 
 
 def _json_object(allowed: set[str]) -> dict[str, Any]:
     """The request's JSON object, with only ``allowed`` keys; 415/400/422 otherwise."""
-    if not request.is_json:
-        raise APIError(415, "unsupported_media_type", "send Content-Type: application/json")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise APIError(400, "invalid_json", "the request body is not valid JSON")
+    text = _decoded_body()
+    if _too_deep(text):
+        raise APIError(400, "invalid_json", f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except _NonFiniteNumber as exc:
+        raise APIError(400, "invalid_json", f"{exc} is not a JSON number") from None
+    except json.JSONDecodeError as exc:
+        message = f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        raise APIError(400, "invalid_json", message) from None
+    except RecursionError:
+        raise APIError(400, "invalid_json", "the JSON body nests too deeply") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise APIError(400, "invalid_json", "a number in the JSON body has too many digits") from None
     if not isinstance(data, dict):
         raise APIError(422, "invalid_body", "the JSON body must be an object")
     unknown = sorted(set(data) - allowed)
@@ -39,13 +121,35 @@ def _json_object(allowed: set[str]) -> dict[str, Any]:
     return data
 
 
-def _int_param(name: str, default: int | None, low: int, high: int) -> int | None:
+def _text_field(data: dict[str, Any], field: str, code: str, rule: str) -> str:
+    """``data[field]`` when it is a string PostgreSQL can store; 422 ``code`` (saying ``rule``) if not."""
+    value = data.get(field)
+    if not isinstance(value, str):
+        raise APIError(422, code, f"{field} must be {rule}")
+    if _UNSTORABLE.search(value):
+        raise APIError(422, code, f"{field} must not contain NUL characters (U+0000) or unpaired surrogates")
+    return value
+
+
+def _int_param(name: str, low: int, high: int) -> int | None:
+    """Query parameter ``name`` as an integer from ``low`` to ``high``; None when absent or empty."""
     raw = request.args.get(name)
     if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
+        return None
+    if not _ASCII_INT.fullmatch(raw) or not low <= int(raw) <= high:
         raise APIError(400, "invalid_parameter", f"{name} must be an integer from {low} to {high}")
     return int(raw)
+
+
+def _limit() -> int:
+    limit = _int_param("limit", 1, MAX_LIMIT)
+    return DEFAULT_LIMIT if limit is None else limit
+
+
+class AsciiIntegerConverter(IntegerConverter):
+    """``<int:...>`` with ASCII digits only (werkzeug's ``\\d+`` also matches other scripts' digits)."""
+
+    regex = r"[0-9]+"
 
 
 def _get_or_404(model: type[Channel] | type[Message], ident: int) -> Any:
@@ -60,8 +164,8 @@ def _get_or_404(model: type[Channel] | type[Message], ident: int) -> Any:
 def create_channel() -> Any:
     """Create a channel; 409 when the name is taken."""
     data = _json_object({"name"})
-    name = data.get("name")
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+    name = _text_field(data, "name", "invalid_name", "a string matching [a-z0-9-]{1,64}")
+    if not NAME_RE.fullmatch(name):
         raise APIError(422, "invalid_name", "name must match [a-z0-9-]{1,64}")
     channel = Channel(name=name)
     db.session.add(channel)
@@ -73,12 +177,25 @@ def create_channel() -> Any:
     return channel.as_dict(), 201
 
 
+def _page(query: sa.Select[Any], limit: int) -> tuple[list[Any], Any]:
+    """At most ``limit`` rows of ``query``, and the cursor of the next page (None: there is none)."""
+    rows = list(db.session.scalars(query.limit(limit + 1)).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, rows[-1].id if more else None
+
+
 @bp.get("/channels")
 @retry_on_disconnect
 def list_channels() -> Any:
-    """All channels, oldest first."""
-    channels = db.session.scalars(sa.select(Channel).order_by(Channel.id)).all()
-    return {"channels": [c.as_dict() for c in channels]}
+    """Channels, oldest first, paged forward by ``after_id`` (the last id of the previous page)."""
+    limit = _limit()
+    after_id = _int_param("after_id", 1, MAX_ID)
+    query = sa.select(Channel)
+    if after_id is not None:
+        query = query.where(Channel.id > after_id)
+    channels, next_after_id = _page(query.order_by(Channel.id), limit)
+    return {"channels": [c.as_dict() for c in channels], "next_after_id": next_after_id}
 
 
 @bp.post("/channels/<int:channel_id>/messages")
@@ -86,11 +203,10 @@ def list_channels() -> Any:
 def post_message(channel_id: int) -> Any:
     """Post a message to a channel."""
     data = _json_object({"body"})
-    body = data.get("body")
-    if not isinstance(body, str) or not body.strip() or len(body) > MAX_BODY:
-        raise APIError(
-            422, "invalid_body", f"body must be a non-empty string of at most {MAX_BODY} characters"
-        )
+    rule = f"a non-empty string of at most {MAX_BODY} characters"
+    body = _text_field(data, "body", "invalid_body", rule)
+    if not body.strip() or len(body) > MAX_BODY:
+        raise APIError(422, "invalid_body", f"body must be {rule}")
     channel = _get_or_404(Channel, channel_id)
     message = Message(channel_id=channel.id, body=body)
     db.session.add(message)
@@ -101,16 +217,15 @@ def post_message(channel_id: int) -> Any:
 @bp.get("/channels/<int:channel_id>/messages")
 @retry_on_disconnect
 def list_messages(channel_id: int) -> Any:
-    """Messages of a channel, newest first, paged by ``before_id``."""
-    limit = _int_param("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    before_id = _int_param("before_id", None, 1, MAX_ID)
+    """Messages of a channel, newest first, paged back by ``before_id`` (the last id of the previous page)."""
+    limit = _limit()
+    before_id = _int_param("before_id", 1, MAX_ID)
     channel = _get_or_404(Channel, channel_id)
     query = sa.select(Message).where(Message.channel_id == channel.id)
     if before_id is not None:
         query = query.where(Message.id < before_id)
-    rows = db.session.scalars(query.order_by(Message.id.desc()).limit(limit)).all()
-    next_before_id = rows[-1].id if len(rows) == limit else None
-    return {"messages": [m.as_dict() for m in rows], "next_before_id": next_before_id}
+    messages, next_before_id = _page(query.order_by(Message.id.desc()), limit)
+    return {"messages": [m.as_dict() for m in messages], "next_before_id": next_before_id}
 
 
 @bp.get("/messages/<int:message_id>")
@@ -121,5 +236,8 @@ def get_message(message_id: int) -> Any:
 
 
 def init_app(app: Flask) -> None:
-    """Register the API blueprint."""
+    """Register the API blueprint, its ids read as ASCII digits only."""
+    # Rules compile their converters when registered: set ours before the blueprint.
+    # The rule text (and so the metrics' route label) stays "<int:...>".
+    app.url_map.converters["int"] = AsciiIntegerConverter
     app.register_blueprint(bp)

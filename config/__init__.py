@@ -69,7 +69,9 @@ class Settings:
     web_concurrency: int | None = None
     log_level: str = "INFO"
     log_format: str = "json"
-    metrics_public: bool = True
+    # /metrics answers only ``Authorization: Bearer <ADMIN_TOKEN>`` (404 without a token)
+    # unless METRICS_PUBLIC=true: what the service exposes is opened on purpose.
+    metrics_public: bool = False
 
     @property
     def sslmode(self) -> str:

@@ -53,6 +53,7 @@ def _call(app: Flask, route: tuple[str, str], headers: dict[str, str] | None = N
     method, path = route
     response = app.test_client().open(path, method=method, headers=headers or {})
     assert response.headers.get("Cache-Control") == "no-store", (route, response.status_code)
+    assert response.headers.get("Strict-Transport-Security") == "max-age=31536000; includeSubDomains"
     return response
 
 
@@ -103,9 +104,9 @@ def test_auth_matrix(case: str, admin_app: Flask, database: Database) -> None:
         assert response.status_code == 401, route
         challenge = response.headers["WWW-Authenticate"]
         assert challenge.startswith("Basic " if route == PAGE else "Bearer "), challenge
-        if route != PAGE:
-            assert response.json is not None
-            assert response.json["error"]["code"] == "unauthorized"
+        assert response.json is not None  # the page's refusal too: every 4xx is a JSON error
+        assert response.json["error"]["code"] == "unauthorized"
+        assert ("user 'admin'" in response.json["error"]["message"]) == (route == PAGE)
 
 
 def test_post_does_not_accept_cookies_or_basic(admin_app: Flask) -> None:

@@ -22,6 +22,25 @@ def test_create_and_list_channels(client: Any) -> None:
     listed = client.get("/api/channels")
     assert listed.status_code == 200
     assert [c["name"] for c in listed.json["channels"]] == ["alpha-1", "bravo"]
+    assert listed.json["next_after_id"] is None
+
+
+def test_channels_page_oldest_first_by_after_id(client: Any) -> None:
+    ids = [_channel(client, f"c-{i}")["id"] for i in range(5)]
+    first = client.get("/api/channels?limit=2").json
+    assert [c["id"] for c in first["channels"]] == ids[:2]
+    assert first["next_after_id"] == ids[1]
+    second = client.get(f"/api/channels?limit=2&after_id={first['next_after_id']}").json
+    assert [c["id"] for c in second["channels"]] == ids[2:4]
+    third = client.get(f"/api/channels?limit=2&after_id={second['next_after_id']}").json
+    assert [c["id"] for c in third["channels"]] == ids[4:]
+    assert third["next_after_id"] is None
+    # A page that ends exactly with the last channel says so: no empty page to fetch.
+    exact = client.get(f"/api/channels?limit=3&after_id={ids[1]}").json
+    assert [c["id"] for c in exact["channels"]] == ids[2:]
+    assert exact["next_after_id"] is None
+    assert len(client.get("/api/channels").json["channels"]) == 5  # default limit 50
+    assert client.get(f"/api/channels?after_id={ids[-1]}").json == {"channels": [], "next_after_id": None}
 
 
 def test_duplicate_channel_is_409(client: Any) -> None:
@@ -45,6 +64,9 @@ def test_post_read_and_page_messages(client: Any) -> None:
     rest = client.get(f"/api/channels/{channel['id']}/messages?limit=100&before_id={ids[3]}").json
     assert [m["id"] for m in rest["messages"]] == ids[:3][::-1]
     assert rest["next_before_id"] is None
+    exact = client.get(f"/api/channels/{channel['id']}/messages?limit=3&before_id={ids[3]}").json
+    assert [m["id"] for m in exact["messages"]] == ids[:3][::-1]
+    assert exact["next_before_id"] is None  # nothing older: no empty page to fetch
     default = client.get(f"/api/channels/{channel['id']}/messages").json
     assert len(default["messages"]) == 5
     one = client.get(f"/api/messages/{ids[0]}")
@@ -113,15 +135,21 @@ def test_longest_body_is_accepted(client: Any) -> None:
     assert response.status_code == 201
 
 
-@pytest.mark.parametrize(
-    "query",
-    ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1e3", "before_id=0", f"before_id={10**30}"],
-)
-def test_bad_paging_parameters_are_400(client: Any, query: str) -> None:
+# {cursor} is before_id for messages, after_id for channels. %C2%B2 is "²", %EF%BC%91 a fullwidth 1.
+BAD_PAGING = ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1e3", "limit=%C2%B2"]
+BAD_PAGING += ["{cursor}=0", f"{{cursor}}={10**30}", "{cursor}=%EF%BC%91", "{cursor}=+1"]
+
+
+def test_bad_paging_parameters_are_400(client: Any) -> None:
     channel = _channel(client)
-    response = client.get(f"/api/channels/{channel['id']}/messages?{query}")
-    assert response.status_code == 400
-    assert response.json["error"]["code"] == "invalid_parameter"
+    for path, cursor in [
+        (f"/api/channels/{channel['id']}/messages", "before_id"),
+        ("/api/channels", "after_id"),
+    ]:
+        for query in BAD_PAGING:
+            response = client.get(f"{path}?{query.format(cursor=cursor)}")
+            assert response.status_code == 400, (path, query)
+            assert response.json["error"]["code"] == "invalid_parameter"
 
 
 def test_unknown_route_and_method_are_json(client: Any) -> None:

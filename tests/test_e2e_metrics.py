@@ -82,6 +82,7 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
     client, arn, env = database.watched_env(
         moto_endpoint, workdir, POSTGRES_POOL_SIZE=str(POOL_SIZE), DB_POOL_GRACE_PERIOD_MS="1000"
     )
+    env["METRICS_PUBLIC"] = "true"  # scraped without a token; private by default
     server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log")
     passwords = [database.password]
     scrapes: list[str] = []

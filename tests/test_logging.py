@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -73,6 +74,55 @@ def test_exceptions_are_rendered_without_local_variables(
         assert any(f["name"] == "_fail_with_a_password_local" for f in frames)
         assert all(not f.get("locals") for f in frames)
     assert_no_secrets(buffer.getvalue(), [SECRET])
+
+
+def test_console_tracebacks_show_no_local_variables() -> None:
+    formatter = logs.formatter("console")
+    renderer = formatter.processors[-1]
+    assert isinstance(renderer, structlog.dev.ConsoleRenderer)
+    # Not left to the default, which becomes rich's traceback (locals shown) as soon as
+    # rich is installed, or better_exceptions (values shown).
+    assert renderer.exception_formatter is structlog.dev.plain_traceback
+    try:
+        _fail_with_a_password_local()
+    except RuntimeError:
+        record = logging.LogRecord(
+            "commng.tests.logging", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    text = formatter.format(record)
+    assert "_fail_with_a_password_local" in text
+    assert "RuntimeError: connection refused" in text
+    assert_no_secrets(text, [SECRET])
+
+
+QUIET = ["boto3", "botocore", "urllib3", "sqlalchemy.engine", "sqlalchemy.pool"]
+# Where the secrets would be logged from: their levels are inherited from QUIET.
+CHILDREN = ["botocore.endpoint", "botocore.parsers", "botocore.auth", "urllib3.connectionpool"]
+CHILDREN += ["sqlalchemy.engine.Engine", "sqlalchemy.pool.impl.QueuePool"]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure() replaces the root handler and sets levels: put them back after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in [*QUIET, *CHILDREN]}
+    try:
+        yield
+    finally:
+        root.handlers, root.level = handlers, level
+        for name, saved in levels.items():
+            logging.getLogger(name).setLevel(saved)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_libraries_that_log_secrets_at_debug_stay_at_warning(log_format: str) -> None:
+    logs.configure("DEBUG", log_format)
+    assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("commng.rotation").isEnabledFor(logging.DEBUG)
+    for name in [*QUIET, *CHILDREN]:
+        assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
 
 
 def test_stable_events_carry_their_sentences(
@@ -177,7 +227,7 @@ def test_the_request_id_is_bound_before_every_other_request_hook(make_app: Any) 
     assert app.before_request_funcs[None][0] is request_context._bind
 
 
-def _gunicorn_conf(log_format: str) -> subprocess.CompletedProcess[str]:
+def _gunicorn_conf(log_format: str, log_level: str = "INFO") -> subprocess.CompletedProcess[str]:
     script = (
         "import logging, logging.config, runpy, sys\n"
         "ns = runpy.run_path('gunicorn.conf.py')\n"
@@ -185,8 +235,10 @@ def _gunicorn_conf(log_format: str) -> subprocess.CompletedProcess[str]:
         "logging.getLogger('gunicorn.error').info('Booting worker with pid: %s', 1)\n"
         "loaded = [m for m in ('commng', 'flask', 'sqlalchemy', 'boto3', 'botocore') if m in sys.modules]\n"
         "print('LOADED', loaded, file=sys.stderr)\n"
+        f"levels = {{n: logging.getLogger(n).getEffectiveLevel() for n in {[*QUIET, *CHILDREN]!r}}}\n"
+        "print('LEVELS', levels, logging.getLogger('gunicorn.error').getEffectiveLevel(), file=sys.stderr)\n"
     )
-    env = {**os.environ, "LOG_FORMAT": log_format}
+    env = {**os.environ, "LOG_FORMAT": log_format, "LOG_LEVEL": log_level}
     return subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,
@@ -210,3 +262,11 @@ def test_gunicorn_logs_through_the_same_formatter_without_loading_the_app() -> N
     console = _gunicorn_conf("console").stdout
     assert "Booting worker with pid: 1" in console
     assert not console.startswith("{")
+
+
+def test_gunicorn_keeps_the_libraries_that_log_secrets_at_warning_under_debug() -> None:
+    stderr = _gunicorn_conf("json", log_level="DEBUG").stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("LEVELS ")]
+    levels, gunicorn_level = line.removeprefix("LEVELS ").rsplit(" ", 1)
+    assert int(gunicorn_level) == logging.DEBUG  # LOG_LEVEL=DEBUG took effect
+    assert ast.literal_eval(levels) == dict.fromkeys([*QUIET, *CHILDREN], logging.WARNING)

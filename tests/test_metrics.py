@@ -20,6 +20,7 @@ from commng.db import db
 from commng.observability import metrics
 from commng.rotation.runtime import get_runtime
 from commng.rotation.watcher import DEGRADED_AFTER_FAILURES
+from config import load_settings
 from devstack import new_password
 from tests.helpers import Database, assert_no_secrets, wait_for
 
@@ -38,6 +39,12 @@ def _refreshes(trigger: str, outcome: str) -> float:
     return _value("commng_db_credential_refreshes_total", trigger=trigger, outcome=outcome)
 
 
+@pytest.fixture
+def public_client(database: Database, make_app: Any) -> Any:
+    """A test client of an app whose /metrics is public (METRICS_PUBLIC=true)."""
+    return make_app(database.settings(metrics_public=True)).test_client()
+
+
 def _scrape(client: Any, **headers: str) -> str:
     response = client.get("/metrics", headers=headers)
     assert response.status_code == 200
@@ -46,9 +53,9 @@ def _scrape(client: Any, **headers: str) -> str:
     return text
 
 
-def test_metrics_lists_every_series_and_is_not_counted_itself(client: Any) -> None:
-    text = client.get("/metrics").get_data(as_text=True)
-    client.get("/metrics")
+def test_metrics_lists_every_series_and_is_not_counted_itself(public_client: Any) -> None:
+    text = _scrape(public_client)
+    _scrape(public_client)
     families = {family.name for family in text_string_to_metric_families(text)}
     assert {
         "commng_db_credential_refreshes",
@@ -67,7 +74,8 @@ def test_metrics_lists_every_series_and_is_not_counted_itself(client: Any) -> No
     assert _value("commng_http_requests_total", method="GET", route="/metrics", status="200") == 0.0
 
 
-def test_requests_are_counted_by_route_not_path(client: Any) -> None:
+def test_requests_are_counted_by_route_not_path(public_client: Any) -> None:
+    client = public_client
     route = "/api/channels/<int:channel_id>/messages"
     ok_before = _value("commng_http_requests_total", method="GET", route=route, status="404")
     unmatched = _value("commng_http_requests_total", method="GET", route="<unmatched>", status="404")
@@ -82,20 +90,29 @@ def test_requests_are_counted_by_route_not_path(client: Any) -> None:
         unmatched + 1
     )
     assert _value("commng_http_request_duration_seconds_count", method="GET", route=route) == timed + 2
-    assert "/api/channels/123456/messages" not in client.get("/metrics").get_data(as_text=True)
+    assert "/api/channels/123456/messages" not in _scrape(client)
 
 
-def test_metrics_need_the_admin_token_when_not_public(database: Database, make_app: Any) -> None:
+def test_metrics_are_private_by_default_behind_the_admin_token(database: Database, make_app: Any) -> None:
+    assert load_settings({"POSTGRES_USER": "u"}).metrics_public is False
     token = "metrics-token-0123456789+/="
-    client = make_app(database.settings(metrics_public=False, admin_token=token)).test_client()
-    assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics").headers["WWW-Authenticate"].startswith("Bearer")
-    assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert client.get("/metrics", headers={"Authorization": f"Basic {token}"}).status_code == 401
+    client = make_app(database.settings(admin_token=token)).test_client()
+    for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {token}"}]:
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert response.json["error"]["code"] == "unauthorized"
     _scrape(client, Authorization=f"Bearer {token}")
 
-    hidden = make_app(database.settings(metrics_public=False)).test_client()
-    assert hidden.get("/metrics").status_code == 404
+    # No token configured and not public: nobody may read them.
+    hidden = make_app(database.settings()).test_client()
+    response = hidden.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 404
+    assert response.json["error"]["code"] == "not_found"
+
+    # METRICS_PUBLIC=true opens them, a token or not.
+    opened = make_app(database.settings(metrics_public=True, admin_token=token)).test_client()
+    _scrape(opened)
 
 
 def test_rotation_feeds_refresh_check_swap_detection_and_drain_metrics(
@@ -128,7 +145,7 @@ def test_rotation_feeds_refresh_check_swap_detection_and_drain_metrics(
     wait_for(lambda: not runtime.rotator().draining)
     assert _value("commng_db_engines", state="draining") == 0
     assert _value("commng_db_engines", state="active") == 1
-    assert_no_secrets(client.get("/metrics").get_data(as_text=True), [database.password, new])
+    assert_no_secrets(metrics.render().decode(), [database.password, new])
 
 
 def test_secrets_manager_errors_are_counted_and_degrade_the_status_not_healthz(

@@ -10,10 +10,13 @@ from flask import Flask, Response, request
 
 from commng.admin.views import CHECK_MIN_INTERVAL_S, LIMITER, CheckLimiter, bp
 
-__all__ = ["init_app"]
+__all__ = ["HSTS", "init_app"]
 
 # No script, no external resource: the page is HTML and inline CSS only.
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+# Browsers that once reached /admin over HTTPS never fall back to plain HTTP for the
+# host (where a token or a Basic password would travel in clear) for a year.
+HSTS = "max-age=31536000; includeSubDomains"
 
 
 def _is_admin_path(path: str) -> bool:
@@ -21,8 +24,9 @@ def _is_admin_path(path: str) -> bool:
 
 
 def _protect(response: Response) -> Response:
-    """Nothing under /admin is cached, framed or sniffed (a 401 or 404 included)."""
+    """Nothing under /admin is cached, framed, sniffed or sent over plain HTTP (a 401 or 404 included)."""
     if _is_admin_path(request.path):
+        response.headers["Strict-Transport-Security"] = HSTS
         response.headers["Cache-Control"] = "no-store"
         response.headers["Pragma"] = "no-cache"
         response.headers["X-Content-Type-Options"] = "nosniff"

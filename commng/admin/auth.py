@@ -5,6 +5,10 @@ JSON APIs (and so the only POST) accept nothing but ``Authorization: Bearer``: a
 never attaches that header by itself, unlike cookies or cached Basic credentials, so a
 cross-site form cannot trigger a check. The HTML page takes Basic (user ``admin``, the
 token as the password) so that a browser can open it.
+
+A refusal is a JSON 401 (``{"error": {"code": "unauthorized", ...}}``) with the
+scheme's ``WWW-Authenticate`` challenge, whatever the header held: garbage, another
+scheme, bytes that are not UTF-8, or a megabyte of it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import structlog
-from flask import Response, abort, current_app, request
+from flask import abort, current_app, request
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth  # type: ignore[import-untyped]
+from werkzeug.datastructures import Authorization
 
 from commng.errors import error_response
 from config import Settings
@@ -29,8 +34,27 @@ REALM = "CommNG admin"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _authorization() -> tuple[str, str]:
+    """The Authorization header as (scheme in lower case, the rest); ("", "") without one.
+
+    Read here rather than through ``request.authorization``: werkzeug's parser raises
+    ValueError (a 500) on a Basic header holding a non-ASCII character.
+    """
+    scheme, _, rest = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower(), rest.strip(" \t")
+
+
+class _BearerAuth(HTTPTokenAuth):  # type: ignore[misc]
+    """Flask-HTTPAuth's token auth, with the header parsed by ``_authorization``."""
+
+    def get_auth(self) -> Authorization | None:
+        scheme, token = _authorization()
+        return Authorization("bearer", token=token) if scheme == "bearer" else None
+
+
 _basic: Any = HTTPBasicAuth(realm=REALM)
-_bearer: Any = HTTPTokenAuth(scheme="Bearer", realm=REALM)
+_bearer: Any = _BearerAuth(scheme="Bearer", realm=REALM)
 
 
 def _configured_token() -> str | None:
@@ -39,14 +63,19 @@ def _configured_token() -> str | None:
 
 
 def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    """Constant-time equality for any text a header can carry.
+
+    ``surrogatepass``: a credential decoded from a header may hold any code point, and
+    none of them may turn a refusal into a 500. The token is ASCII (``config``), so no
+    such credential can equal it.
+    """
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
 
 
 def _verify_basic(username: str, password: str) -> str | None:
     token = _configured_token()
-    auth = request.authorization
     # Flask-HTTPAuth's Basic parser ignores the scheme: insist on it being Basic.
-    if token is None or auth is None or auth.type != "basic":
+    if token is None or _authorization()[0] != "basic":
         return None
     user_ok = _same(username, ADMIN_USER)
     password_ok = _same(password, token)  # both compared, whatever the first said
@@ -77,8 +106,7 @@ def _api_unauthorized(status: int) -> Any:
 
 def _page_unauthorized(status: int) -> Any:
     _log_refusal()
-    text = "401 Unauthorized: sign in as user 'admin' with ADMIN_TOKEN as the password\n"
-    return Response(text, status=status, mimetype="text/plain")
+    return error_response(status, "unauthorized", "sign in as user 'admin' with ADMIN_TOKEN as the password")
 
 
 _basic.verify_password(_verify_basic)

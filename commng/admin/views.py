@@ -82,7 +82,7 @@ def _limit() -> int:
     raw = request.args.get("limit")
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isdigit() or len(raw) > 4 or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= MAX_LIMIT:
         raise APIError(400, "invalid_parameter", f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)
 

@@ -35,10 +35,22 @@ EVENT_MESSAGES = {
 }
 
 
-# Alembic announces each of its plugins at INFO whenever Flask-Migrate is imported, i.e.
-# at every worker boot, before the app configures logging (so gunicorn.conf.py applies
-# this too); migrations themselves still log "Running upgrade".
-QUIET_LOGGERS = {"alembic.runtime.plugins": "WARNING"}
+# Loggers held at WARNING whatever LOG_LEVEL says (configure() and gunicorn.conf.py's
+# logconfig both apply them, so they hold from the master's first line on):
+# - alembic announces each of its plugins at INFO whenever Flask-Migrate is imported,
+#   i.e. at every worker boot; migrations themselves still log "Running upgrade".
+# - at DEBUG botocore logs every Secrets Manager request with its headers (the AWS
+#   session token) and every response body (GetSecretValue: the database password);
+#   boto3 and urllib3 log the same traffic around it.
+# - at DEBUG SQLAlchemy logs statements with their parameters and result rows.
+QUIET_LOGGERS = {
+    "alembic.runtime.plugins": "WARNING",
+    "boto3": "WARNING",
+    "botocore": "WARNING",
+    "urllib3": "WARNING",
+    "sqlalchemy.engine": "WARNING",
+    "sqlalchemy.pool": "WARNING",
+}
 
 
 def _event_message(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -95,7 +107,12 @@ def _shared_processors() -> list[Any]:
 def formatter(log_format: str) -> structlog.stdlib.ProcessorFormatter:
     """The logging.Formatter used for every handler (also by gunicorn's logconfig)."""
     if log_format == "console":
-        renderer: Any = structlog.dev.ConsoleRenderer(colors=False)
+        # plain_traceback named explicitly: ConsoleRenderer's default becomes rich's
+        # traceback (local variables shown) or better_exceptions (values shown) as soon
+        # as either package is installed.
+        renderer: Any = structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
         exceptions: list[Any] = []
     else:
         renderer = structlog.processors.JSONRenderer()
