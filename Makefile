@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke clean
+.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost clean
 
 help:
 	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
@@ -103,6 +103,10 @@ test-fast: venv postgres
 
 bench: venv postgres
 	$(BIN)/python -m bench.rotation_bench
+
+# What each per-request feature costs, next to a bare Flask-SQLAlchemy port (docs/performance.md).
+bench-cost: venv postgres
+	$(BIN)/python -m bench.cost
 
 bench-smoke: venv postgres
 	$(BIN)/python -m bench.rotation_bench --smoke

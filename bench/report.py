@@ -181,6 +181,9 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if "steady" in by and "static" in by and by["static"]["throughput_rps"]:
         ratio = by["steady"]["throughput_rps"] / by["static"]["throughput_rps"]
         add("steady / static throughput >= 0.97", round(ratio, 3), ratio >= 0.97)
+    if "service" in by and "baseline" in by and by["baseline"]["throughput_rps"]:
+        ratio = by["service"]["throughput_rps"] / by["baseline"]["throughput_rps"]
+        add("service / baseline throughput >= 0.97", round(ratio, 3), ratio >= 0.97)
     steady_p99 = by.get("steady", {}).get("latency_ms", {}).get("p99")
     for r in results:
         around = r.get("around_rotations_ms")
@@ -268,7 +271,7 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {t['measured']} | {verdict} |")
     notes = []
     for r in doc["scenarios"]:
-        extra = {k: v for k, v in r["extra"].items() if k not in {"down_at_s", "up_at_s"}}
+        extra = {k: v for k, v in r["extra"].items() if k not in {"down_at_s", "up_at_s", "statements"}}
         if extra:
             notes.append(f"- {r['name']}: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
         if r["failure_reasons"]:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from devstack.processes import ROOT, GunicornServer, LoadGenerator, LoadResult, 
 DEFAULT_WORKERS = 2
 DEFAULT_INTERVAL_MS = 2000
 GRACE_MS = 3000
+# Scenarios run interleaved when both are asked for (and not --smoke).
+PAIRS = (("steady", "static"), ("service", "baseline"))
 SMOKE_GRACE_MS = 1000
 # Environment the bench must not inherit: it decides the app's credentials and endpoint.
 _SCRUBBED = (
@@ -83,11 +85,15 @@ class Launched:
     pids: list[int]
     cpu_before: float = 0.0
     sampler: BackendSampler | None = None
+    # Interleaved runs add up the workers' CPU over their own slices only (idle time excluded).
+    slice_cpu_s: float | None = None
+    statements_before: dict[str, int] = field(default_factory=dict)
 
     def begin(self, t0: float) -> None:
         """The measurement starts now: CPU baseline, backend sampling."""
         self.ctx.t0 = t0
         self.cpu_before = measure.process_cpu_s(self.pids)
+        self.statements_before = self.ctx.stack.statements(self.ctx.db)
         self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.role, t0)
         self.sampler.start()
 
@@ -102,9 +108,9 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
     arn = stack.create_secret(scenario.name, db) if scenario.secrets_manager else None
     ctx = Context(stack, db, arn, t0=0.0, smoke=smoke)
     workdir = stack.workdir_for(scenario.name)
-    env = gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir)
+    env = {**gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir), **dict(scenario.env)}
     # Scenarios that load a bench-only route run the bench's entry point; the others the product's.
-    entry = "bench.wsgi:app" if scenario.path else "wsgi:app"
+    entry = scenario.entry or ("bench.wsgi:app" if scenario.path else "wsgi:app")
     server = GunicornServer(env, free_port(), workers, workdir / "gunicorn.log", app=entry)
     print(f"[{scenario.name}] {scenario.description}: {scenario.clients} clients", flush=True)
     server.start(timeout_s=90)
@@ -125,7 +131,10 @@ def finish(
 ) -> dict[str, Any]:
     """Backends after the grace period (the caller waited), lost writes, logs: the summary."""
     assert run.sampler is not None
-    worker_cpu_s = measure.process_cpu_s(run.pids) - run.cpu_before
+    worker_cpu_s = (
+        run.slice_cpu_s if run.slice_cpu_s is not None else measure.process_cpu_s(run.pids) - run.cpu_before
+    )
+    statements = _delta(run.ctx.stack.statements(run.ctx.db), run.statements_before)
     final_backends = run.sampler.count_now()
     run.sampler.stop()
     lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
@@ -133,6 +142,10 @@ def finish(
     made = max(1, len(result.samples))
     run.ctx.extra["worker_cpu_ms_per_request"] = round(worker_cpu_s * 1000 / made, 2)
     run.ctx.extra["bench_cpu_ms_per_request"] = round(bench_cpu_s * 1000 / made, 2)
+    if statements:
+        run.ctx.extra["statements_per_request"] = round(sum(statements.values()) / made, 2)
+        ranked = sorted(statements.items(), key=lambda kv: -kv[1])
+        run.ctx.extra["statements"] = {query: round(calls / made, 3) for query, calls in ranked}
     return report.summarize(
         scenario=run.scenario,
         workers=run.workers,
@@ -184,27 +197,49 @@ def run_scenario(
 def run_pair(
     stack: BenchStack, a: Scenario, b: Scenario, workers: int, interval_ms: int, slice_s: float = 2.0
 ) -> list[dict[str, Any]]:
-    """``a`` and ``b`` both running, the load switched between them every ``slice_s``.
+    """``a`` and ``b`` both running, the load switched between them every ``slice_s``."""
+    return run_interleaved(stack, [a, b], workers, interval_ms, slice_s)
 
-    On a shared machine a burst of other work lands on both alike, so the throughput
-    ratio compares like with like. Each one's timeline has only its own slices.
+
+def run_interleaved(
+    stack: BenchStack,
+    scenarios: Sequence[Scenario],
+    workers: int,
+    interval_ms: int,
+    slice_s: float = 2.0,
+    duration_s: float | None = None,
+) -> list[dict[str, Any]]:
+    """Every scenario running at once, the load switched from one to the next every ``slice_s``.
+
+    On a shared machine a burst of other work lands on all alike, so throughput ratios
+    compare like with like. Each one's timeline has only its own slices, and its worker
+    CPU is counted over its own slices only. Each gets ``duration_s`` (default: the
+    first scenario's duration) of load.
     """
-    runs = [launch(stack, a, workers, interval_ms, False), launch(stack, b, workers, interval_ms, False)]
+    runs: list[Launched] = []
     try:
-        results = [LoadResult(), LoadResult()]
-        on_s = [0.0, 0.0]
-        cpu = [0.0, 0.0]
+        for scenario in scenarios:
+            runs.append(launch(stack, scenario, scenario.workers or workers, interval_ms, False))
+        n = len(runs)
+        results = [LoadResult() for _ in runs]
+        on_s = [0.0] * n
+        cpu = [0.0] * n
         stack.moto.take_calls()
         t0 = time.monotonic()
         for run in runs:
             run.begin(t0)
-        for k in range(2 * int(a.duration_s / slice_s)):
-            i = k % 2
-            load = runs[i].load(slice_s + 60)
+            run.slice_cpu_s = 0.0
+        for k in range(n * max(1, round((duration_s or scenarios[0].duration_s) / slice_s))):
+            i = k % n
+            run = runs[i]
+            load = run.load(slice_s + 60)
             started, bench_before = time.monotonic(), measure.self_cpu_s()
+            workers_before = measure.process_cpu_s(run.pids)
             load.start()
             time.sleep(slice_s)
             part = load.stop()
+            assert run.slice_cpu_s is not None
+            run.slice_cpu_s += measure.process_cpu_s(run.pids) - workers_before
             shift = t0 + on_s[i] - started  # lay this scenario's slices end to end
             results[i].samples += [
                 Sample(s.started + shift, s.duration_ms, s.status, s.error) for s in part.samples
@@ -215,12 +250,13 @@ def run_pair(
         wall = time.monotonic() - t0
         calls = stack.moto.take_calls()  # only the watched one asks Secrets Manager
         _settle(False)
+        watched = [run for run in runs if run.scenario.secrets_manager]
         return [
             finish(
                 run,
                 results[i],
                 on_s[i],
-                calls if run.scenario.secrets_manager else {},
+                calls if run.scenario.secrets_manager and len(watched) == 1 else {},
                 cpu[i],
                 interval_ms,
                 wall,
@@ -230,6 +266,11 @@ def run_pair(
     finally:
         for run in runs:
             run.server.stop()
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Calls per statement text between two snapshots (only the ones that ran)."""
+    return {q: n - before.get(q, 0) for q, n in after.items() if n - before.get(q, 0) > 0}
 
 
 def _wait_for_workers(server: GunicornServer, workers: int, watched: bool, timeout_s: float = 60.0) -> None:
@@ -305,7 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = BenchStack(keep=args.keep)
     try:
         stack.open()
-        paired = not args.smoke and {"steady", "static"} <= set(names)
         done: dict[str, dict[str, Any]] = {}
         for name in names:
             if name == fleet.NAME:
@@ -314,11 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name in done:
                 continue
             scenario = SCENARIOS[name]
-            if paired and name in {"steady", "static"}:
-                pair = run_pair(
-                    stack, SCENARIOS["steady"], SCENARIOS["static"], args.workers, args.interval_ms
-                )
-                done.update(steady=pair[0], static=pair[1])
+            pair = next((p for p in PAIRS if name in p and set(p) <= set(names)), None)
+            if pair is not None and not args.smoke:
+                a, b = pair
+                results_ab = run_pair(stack, SCENARIOS[a], SCENARIOS[b], args.workers, args.interval_ms)
+                done.update({a: results_ab[0], b: results_ab[1]})
             else:
                 workers = scenario.workers or args.workers
                 done[name] = run_scenario(stack, scenario, workers, args.interval_ms, args.smoke)

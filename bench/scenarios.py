@@ -98,6 +98,10 @@ class Scenario:
     max_overflow: int = 4
     clients: int = 16
     path: str | None = None
+    # The gunicorn entry point (default: the product's, or bench.wsgi:app with ``path``).
+    entry: str | None = None
+    # Extra environment of the app (e.g. BENCH_WITHOUT for bench/feature_wsgi.py).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def _rotate_three(terminate_idle: bool) -> Callable[[Context], None]:
@@ -172,6 +176,25 @@ SCENARIOS: dict[str, Scenario] = {
             "bad-secret", "AWSCURRENT without password 3 s, not JSON 3 s, then fixed", 20, 6, _bad_secret
         ),
         Scenario("db-restart", "PostgreSQL stopped (fast) for 3 s, then started", 22, 7, _db_restart),
+        # The yardstick pair (issue 14): interleaved like steady/static, post-then-read load.
+        Scenario(
+            "service",
+            "every feature on (rotation layer, retry, metrics, request ids, JSON access log), pool 5",
+            20,
+            4,
+            pool_size=5,
+            max_overflow=0,
+        ),
+        Scenario(
+            "baseline",
+            "bare Flask-SQLAlchemy port (bench/baseline.py): static engine, pool 5, pre-ping, no access log",
+            20,
+            4,
+            secrets_manager=False,
+            pool_size=5,
+            max_overflow=0,
+            entry="bench.baseline_wsgi:app",
+        ),
         Scenario(
             "concurrency",
             "1 worker, pool 20, GET /bench/sleep (SELECT pg_sleep(0.05))",

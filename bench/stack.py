@@ -55,7 +55,11 @@ class BenchStack:
     def open(self) -> BenchStack:
         """initdb, start both servers, and migrate a template database once."""
         self.cluster.init()
+        with open(self.cluster.datadir / "postgresql.conf", "a") as conf:
+            # The bench's cluster only: statements per request are counted at the server.
+            conf.write("shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.max = 1000\n")
         self.cluster.start()
+        self.cluster.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         self.moto.start()
         self.client = bench_client(self.moto.endpoint)
         self.cluster.execute(
@@ -137,6 +141,23 @@ class BenchStack:
             "SELECT count(*) FROM messages WHERE id = ANY(%s)", (wanted,), dbname=db.name
         )
         return len(wanted) - int(rows[0][0])
+
+    def statements(self, db: AppDatabase) -> dict[str, int]:
+        """Calls so far of each statement the app role ran in ``db`` (pg_stat_statements).
+
+        Each statement PostgreSQL executed counts once (BEGIN, COMMIT and the pool's
+        pre-ping included); statements sent together in one message count apart.
+        """
+        try:
+            rows = self.cluster.execute(
+                "SELECT s.query, s.calls FROM pg_stat_statements s "
+                "JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.userid "
+                "WHERE d.datname = %s AND r.rolname = %s",
+                (db.name, db.role),
+            )
+        except Exception:  # the db-restart scenario stops the server under us
+            return {}
+        return {str(query): int(calls) for query, calls in rows}
 
     def workdir_for(self, scenario: str) -> Path:
         path = self.workdir / scenario
