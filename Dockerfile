@@ -19,6 +19,10 @@ ENV PATH=/opt/venv/bin:$PATH
 
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt
+# The rotation layer, its own distribution, installed as any adopter would (its
+# dependencies are already in the hash-checked lock above).
+COPY rotation/ /tmp/rotation/
+RUN pip install --no-cache-dir --no-deps /tmp/rotation
 
 # The RDS CA bundle (every region's roots), so that POSTGRES_SSL=verify-full authenticates the
 # database. Fetched over HTTPS and checked against a SHA-256 the builder must supply: obtain it

@@ -21,17 +21,28 @@ help:
 # Two stamps: `make run` needs only the service and moto (about 30 s to install on a
 # fresh clone); the tests, linters and the benchmark add the rest. Each requirements*.txt
 # is a complete lock (see `lock`), installed in hash-checking mode: nothing floats.
-venv: $(STAMP)
+# The rotation layer (rotation/) is its own distribution: the service installs it like any
+# adopter would (not editable, its dependencies already locked above), again whenever its
+# source changes.
+LAYER_STAMP := $(VENV)/.installed-rotation
+LAYER_SOURCES := rotation/pyproject.toml rotation/README.md $(shell find rotation/src -name '*.py' -o -name py.typed)
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+venv: $(STAMP) $(LAYER_STAMP)
 
 $(LOCAL_STAMP): requirements-local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-local.txt
+	$(PIP) --require-hashes -r requirements-local.txt
 	touch $(LOCAL_STAMP)
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
+	$(PIP) --require-hashes -r requirements-dev.txt
 	touch $(LOCAL_STAMP) $(STAMP)
+
+$(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES)
+	$(PIP) --no-deps --force-reinstall ./rotation
+	touch $(LAYER_STAMP)
 
 # requirements*.in hold the direct pins. `make lock` compiles each to its .txt: every
 # transitive package pinned, with the hashes of all files of each pinned version (x86_64 and
@@ -69,16 +80,16 @@ postgres:
 test-packages:
 	@bash scripts/system-packages.sh postgresql chromium
 
-run: $(LOCAL_STAMP) postgres
+run: $(LAYER_STAMP) postgres
 	$(BIN)/python -m devstack run
 
-rotate: $(LOCAL_STAMP)
+rotate: $(LAYER_STAMP)
 	$(BIN)/python -m devstack rotate
 
 # `flask --app wsgi rotation status` in the running local stack's environment, which
 # `$(BIN)/python -m devstack env` prints (eval it to run any `rotation` command by hand).
 # No stack running: that command says so in one line and make stops.
-status: $(LOCAL_STAMP)
+status: $(LAYER_STAMP)
 	@stack_env="$$($(BIN)/python -m devstack env)" && eval "$$stack_env" && \
 		$(BIN)/flask --app wsgi rotation status
 

@@ -103,7 +103,7 @@ def post_worker_init(worker):
     Not post_fork: there the sockets are not patched yet and the app is not loaded; a
     greenlet spawned in post_fork only runs after this hook anyway.
     """
-    from commng.rotation import start_background
+    from commng_rotation import start_background
 
     start_background(worker.wsgi)
 
@@ -112,7 +112,7 @@ def worker_exit(server, worker):
     """Stop the watcher, cancel drain timers and dispose every engine of this worker."""
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):
-        from commng.rotation import stop_background
+        from commng_rotation import stop_background
 
         stop_background(app)
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = ["Channel", "Message", "create_app", "db", "gevent_wait_callback"]
 
 # The key the rotation layer's gunicorn hooks look for (post_worker_init, worker_exit).
-_HOOKS_EXTENSION = "commng.rotation"
+_HOOKS_EXTENSION = "commng_rotation"
 log = logging.getLogger("bench.baseline")
 
 

@@ -43,7 +43,7 @@ def _drop_hooks(flask_app: Flask, *functions: Any) -> None:
 
 def _each_engine(flask_app: Flask, change: Any) -> None:
     """Apply ``change`` to every engine of the app, now and after any rotation."""
-    from commng.rotation import get_runtime
+    from commng_rotation import get_runtime
 
     for rotator in get_runtime(flask_app).rotators.values():
         rotator.factory.build_listeners.append(change)
@@ -71,7 +71,7 @@ def without(flask_app: Flask, features: set[str]) -> None:
 
         _drop_hooks(flask_app, request_context._bind, request_context._echo, request_context._unbind)
     if "preping" in features:
-        from commng.rotation import engines
+        from commng_rotation import engines
 
         def no_ping(managed: Any) -> None:
             managed.engine.pool._pre_ping = False
@@ -106,7 +106,7 @@ def without(flask_app: Flask, features: set[str]) -> None:
     if "pinned" in features:
         from flask_sqlalchemy.session import Session
 
-        from commng.rotation.session import PinnedSession
+        from commng_rotation.session import PinnedSession
 
         def plain_init(self: Any, db: Any, **kwargs: Any) -> None:
             Session.__init__(self, db, **kwargs)

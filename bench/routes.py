@@ -2,7 +2,7 @@
 
 ``GET /bench/sleep`` holds one pooled connection for 50 ms inside PostgreSQL. With one
 gevent worker and a pool of 20, the ceiling is 20 / 0.05 s = 400 requests per second,
-reachable only if the cooperative wait callback (commng.rotation.bounds) lets the worker
+reachable only if the cooperative wait callback (commng_rotation.bounds) lets the worker
 wait on many connections at once.
 """
 

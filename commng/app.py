@@ -8,11 +8,12 @@ from typing import Any
 from flask import Flask
 from flask_migrate import Migrate
 
-from commng import admin, api, cli, errors, health, observability, rotation
+import commng_rotation as rotation
+from commng import admin, api, cli, errors, health, observability
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
-from commng.rotation import RotationSettings
+from commng_rotation import RotationSettings
 from config import Settings, load_settings
 
 __all__ = ["create_app", "rotation_settings"]

@@ -26,7 +26,7 @@ from flask.cli import AppGroup
 from sqlalchemy.exc import SQLAlchemyError
 
 from commng.db import db
-from commng.rotation import (
+from commng_rotation import (
     NoCredentials,
     RotationRecord,
     SecretsUnavailable,

@@ -37,8 +37,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
-from commng.rotation import PinnedSession, bounds, describe_error, get_runtime
-from commng.rotation.engines import ManagedEngine
+from commng_rotation import PinnedSession, bounds, describe_error, get_runtime
+from commng_rotation.engines import ManagedEngine
 
 __all__ = ["MAX_ATTEMPTS", "Base", "db", "init_app", "retry_on_disconnect"]
 

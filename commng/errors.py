@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from commng.rotation import NoCredentials, describe_error, error_code
+from commng_rotation import NoCredentials, describe_error, error_code
 
 __all__ = ["APIError", "init_app"]
 

@@ -8,7 +8,7 @@ from flask import Blueprint, Flask
 from sqlalchemy.exc import DBAPIError
 
 from commng.db import db
-from commng.rotation import NoCredentials, bounds, is_auth_failure, probe
+from commng_rotation import NoCredentials, bounds, is_auth_failure, probe
 
 __all__ = ["bp", "init_app"]
 

@@ -334,7 +334,7 @@ def rotate(pause_s: float = 5.0) -> int:
     import botocore.exceptions
     import psycopg2
 
-    from commng.rotation import describe_error
+    from commng_rotation import describe_error
 
     _, state = _require_running()
     client = secrets_client(state["endpoint"])

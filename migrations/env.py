@@ -7,7 +7,7 @@ ever rendered into a URL or into Alembic's config.
 from alembic import context
 from flask import current_app
 
-from commng.rotation import bounds, history
+from commng_rotation import bounds, history
 
 MIGRATION_DEADLINE_S = 3600
 

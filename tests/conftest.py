@@ -21,7 +21,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
 from commng.app import create_app
-from commng.rotation.runtime import get_runtime
+from commng_rotation.runtime import get_runtime
 from config import Settings
 from devstack import PostgresCluster, free_port, running_cluster
 from tests.helpers import Database, drop_database, make_template, new_database

@@ -127,7 +127,7 @@ class Database:
 def make_template(cluster: PostgresCluster) -> None:
     """The owner role and a database migrated to head, to clone test databases from."""
     from commng.app import create_app
-    from commng.rotation import get_runtime
+    from commng_rotation import get_runtime
 
     password = new_password()
     cluster.execute(

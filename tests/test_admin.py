@@ -15,8 +15,8 @@ import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from commng.rotation.events import RotationEvent
-from commng.rotation.runtime import get_runtime
+from commng_rotation.events import RotationEvent
+from commng_rotation.runtime import get_runtime
 from devstack import new_password
 from tests.helpers import Database, assert_no_secrets
 

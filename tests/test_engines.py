@@ -12,12 +12,14 @@ import sqlalchemy as sa
 from flask import Flask
 
 from commng.db import db
-from commng.rotation import compat, get_runtime
-from commng.rotation.compat import install_engine
-from commng.rotation.engines import EngineFactory
+from commng_rotation import compat, get_runtime
+from commng_rotation.compat import install_engine
+from commng_rotation.engines import EngineFactory
 from tests.helpers import Database
 
-PACKAGE = Path(__file__).resolve().parent.parent / "commng"
+ROOT = Path(__file__).resolve().parent.parent
+# The service and the rotation layer's source.
+PACKAGES = (ROOT / "commng", ROOT / "rotation" / "src" / "commng_rotation")
 # Private names of Flask-SQLAlchemy and Flask that code could be tempted to reach for.
 PRIVATE = re.compile(r"\._app_engines|\._teardown_session|before_request_funcs|\._db\b|\._get_current_object")
 
@@ -25,15 +27,16 @@ PRIVATE = re.compile(r"\._app_engines|\._teardown_session|before_request_funcs|\
 def test_flask_sqlalchemy_is_the_version_the_compat_module_was_checked_against() -> None:
     installed = version("flask-sqlalchemy")
     assert installed == compat.TESTED_VERSION, (
-        f"Flask-SQLAlchemy {installed} is installed; commng/rotation/compat.py was checked against "
-        f"{compat.TESTED_VERSION}: re-check db._app_engines, then update TESTED_VERSION"
+        f"Flask-SQLAlchemy {installed} is installed; commng_rotation/compat.py was checked "
+        f"against {compat.TESTED_VERSION}: re-check db._app_engines, then update TESTED_VERSION"
     )
 
 
 def test_only_the_compat_module_touches_framework_internals() -> None:
     offenders = [
-        f"{path.relative_to(PACKAGE.parent)}:{n}"
-        for path in PACKAGE.rglob("*.py")
+        f"{path.relative_to(ROOT)}:{n}"
+        for package in PACKAGES
+        for path in package.rglob("*.py")
         if path.name != "compat.py"
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if PRIVATE.search(line)

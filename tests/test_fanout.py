@@ -11,9 +11,9 @@ import pytest
 from flask import Flask
 from psycopg2 import sql
 
-from commng.rotation import Trigger
-from commng.rotation.fanout import FanOut
-from commng.rotation.runtime import Runtime, get_runtime
+from commng_rotation import Trigger
+from commng_rotation.fanout import FanOut
+from commng_rotation.runtime import Runtime, get_runtime
 from devstack import new_password, rotate_secret
 from tests.helpers import Database, assert_no_secrets, wait_for
 

@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from flask import Flask
 
 from commng.db import db
-from commng.rotation.events import worker_name
-from commng.rotation.fleet import FleetReporter, rotation_workers
-from commng.rotation.runtime import Runtime, get_runtime
+from commng_rotation.events import worker_name
+from commng_rotation.fleet import FleetReporter, rotation_workers
+from commng_rotation.runtime import Runtime, get_runtime
 from devstack import new_password, rotate_secret
 from tests.helpers import Database, assert_no_secrets, wait_for
 

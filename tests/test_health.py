@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg2 import sql
 
-from commng.rotation import get_runtime
+from commng_rotation import get_runtime
 from config import Settings
 from devstack import PostgresCluster, new_password, running_cluster
 from tests.helpers import Database, assert_no_secrets, wait_for

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from flask import Flask
 
 from commng.db import db
-from commng.rotation import history
-from commng.rotation.events import RotationEvent
-from commng.rotation.runtime import get_runtime
+from commng_rotation import history
+from commng_rotation.events import RotationEvent
+from commng_rotation.runtime import get_runtime
 from devstack import free_port, new_password, rotate_secret
 from devstack.processes import GunicornServer
 from tests.helpers import Database, assert_no_secrets, wait_for

@@ -29,14 +29,18 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
 def _image_venv() -> Path:
-    """A venv with exactly requirements.txt, cached under .local/ by the file's hash."""
-    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()[:16]
+    """A venv with exactly requirements.txt and the rotation layer, cached under .local/ by their hash."""
+    layer = [*sorted((ROOT / "rotation").rglob("*.py")), ROOT / "rotation" / "pyproject.toml"]
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in [ROOT / "requirements.txt", *layer])
+    ).hexdigest()[:16]
     venv = ROOT / ".local" / "venvs" / f"image-{digest}"
     if not (venv / ".complete").exists():
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
         subprocess.run([*pip, "--require-hashes", "-r", str(ROOT / "requirements.txt")], check=True)
+        subprocess.run([*pip, "--no-deps", str(ROOT / "rotation")], check=True)
         (venv / ".complete").touch()
     return venv
 
@@ -51,8 +55,8 @@ def _copy_like_the_dockerfile(app_dir: Path) -> None:
         sources = [p for p in parts[1:-1] if not p.startswith("--")]
         for source in sources:
             src = ROOT / source
-            if source == "requirements.txt":
-                continue
+            if source in {"requirements.txt", "rotation/"}:
+                continue  # the builder stage installs these into the venv (_image_venv)
             dst = app_dir / ("bin" if source.endswith(".sh") else "") / src.name
             if src.is_dir():
                 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))

@@ -26,7 +26,7 @@ from werkzeug.test import TestResponse
 from commng.admin import HSTS
 from commng.api import MAX_JSON_DEPTH
 from commng.app import create_app
-from commng.rotation.runtime import get_runtime
+from commng_rotation.runtime import get_runtime
 from config import Settings
 from tests.helpers import Database
 

@@ -120,7 +120,7 @@ def restore_logging() -> Iterator[None]:
 def test_libraries_that_log_secrets_at_debug_stay_at_warning(log_format: str) -> None:
     logs.configure("DEBUG", log_format)
     assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
-    assert logging.getLogger("commng.rotation").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("commng_rotation").isEnabledFor(logging.DEBUG)
     for name in [*QUIET, *CHILDREN]:
         assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
 

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from commng.db import db
 from commng.observability import metrics
-from commng.rotation.runtime import get_runtime
-from commng.rotation.watcher import DEGRADED_AFTER_FAILURES
+from commng_rotation.runtime import get_runtime
+from commng_rotation.watcher import DEGRADED_AFTER_FAILURES
 from config import load_settings
 from devstack import new_password
 from tests.helpers import Database, assert_no_secrets, wait_for

@@ -13,9 +13,9 @@ import boto3
 import pytest
 from flask import Flask
 
-from commng.rotation import Trigger
-from commng.rotation.push import PushConsumer, QueueUnavailable, SecretMatcher, classify
-from commng.rotation.runtime import get_runtime
+from commng_rotation import Trigger
+from commng_rotation.push import PushConsumer, QueueUnavailable, SecretMatcher, classify
+from commng_rotation.runtime import get_runtime
 from devstack import free_port, new_password, rotate_secret
 from devstack.events import cloudtrail_event, create_rotation_queue, label_updated_event, send_rotation_event
 from devstack.processes import GunicornServer

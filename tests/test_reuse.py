@@ -2,7 +2,7 @@
 
 The adopter below is defined here, with a model of its own. It survives a rotation made
 the way RDS makes one (AWSPENDING, ALTER ROLE, AWSCURRENT moves) against the real test
-PostgreSQL and moto, and building it loads no CommNG module outside ``commng.rotation``.
+PostgreSQL and moto, and building it loads no CommNG module outside ``commng_rotation``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,8 +20,8 @@ from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from commng import rotation
-from commng.rotation import PinnedSession, RotationSettings
+import commng_rotation as rotation
+from commng_rotation import PinnedSession, RotationSettings
 from devstack import new_password, rotate_secret
 from devstack.processes import ROOT
 from tests.helpers import Database, assert_no_secrets, wait_for
@@ -113,8 +115,8 @@ def test_an_adopter_app_survives_a_rotation(database: Database, secretsmanager: 
 
 ADOPTER_IMPORTS = """
 import json, os, sys
-import commng.rotation
-layer = sorted(name for name in sys.modules if name.split(".")[0] in {"commng", "config"})
+import commng_rotation
+layer = sorted(name for name in sys.modules if name.split(".")[0] in {"commng", "commng_rotation", "config"})
 from dataclasses import replace
 from tests.test_reuse import create_adopter_app, db, RotationSettings
 settings = RotationSettings(
@@ -125,8 +127,9 @@ app = create_adopter_app(settings)
 with app.app_context():
     db.create_all()
 assert app.test_client().post("/notes", json={"text": "x"}).status_code == 201
-commng.rotation.get_runtime(app).stop()
+commng_rotation.get_runtime(app).stop()
 print(json.dumps({"layer": layer, "all": sorted(name for name in sys.modules if name.startswith("commng"))}))
+print(json.dumps({"file": commng_rotation.__file__}))
 """
 
 
@@ -141,9 +144,14 @@ def test_the_adopter_loads_nothing_of_commng_outside_the_rotation_layer(database
         check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    *_, modules, where = run.stdout.strip().splitlines()
+    loaded = json.loads(modules)
     # The layer alone: no CommNG module outside it, and not CommNG's configuration either.
-    assert "commng.rotation" in loaded["layer"]
-    assert all(n == "commng" or n.startswith("commng.rotation") for n in loaded["layer"]), loaded["layer"]
+    assert "commng_rotation" in loaded["layer"]
+    assert all(n.startswith("commng_rotation") for n in loaded["layer"]), loaded["layer"]
     # The running adopter: still nothing of the API, the admin, the models or the app.
-    assert all(n == "commng" or n.startswith("commng.rotation") for n in loaded["all"]), loaded["all"]
+    assert all(n.startswith("commng_rotation") for n in loaded["all"]), loaded["all"]
+    # ...and it is the installed distribution, as an adopter gets it, not this checkout's source.
+    installed = Path(json.loads(where)["file"]).resolve()
+    assert "site-packages" in installed.parts, installed
+    assert version("commng-rotation") == rotation.__version__

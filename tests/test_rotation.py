@@ -13,8 +13,8 @@ from flask import Flask
 from moto.server import ThreadedMotoServer
 
 from commng.db import db
-from commng.rotation.credentials import SecretsManagerSource
-from commng.rotation.runtime import get_runtime
+from commng_rotation.credentials import SecretsManagerSource
+from commng_rotation.runtime import get_runtime
 from devstack import free_port, new_password, rotate_secret
 from tests.helpers import Database, assert_no_secrets, wait_for
 

@@ -9,8 +9,8 @@ import sqlalchemy as sa
 from flask import Flask
 from greenlet import GreenletExit
 
-from commng.rotation import Trigger, get_runtime, rotator
-from commng.rotation.credentials import AWSCURRENT, AWSPENDING
+from commng_rotation import Trigger, get_runtime, rotator
+from commng_rotation.credentials import AWSCURRENT, AWSPENDING
 from devstack import new_password
 from tests.helpers import Database, wait_for
 

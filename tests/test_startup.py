@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg2 import sql
 
-from commng.rotation import describe_error, error_code
+from commng_rotation import describe_error, error_code
 from devstack import PostgresCluster, free_port, new_password
 from tests.helpers import Database, assert_no_secrets
 

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from psycopg2 import sql
 
-from commng.rotation import RotationSettings, probe
-from commng.rotation.credentials import static_credentials
-from commng.rotation.engines import EngineFactory
+from commng_rotation import RotationSettings, probe
+from commng_rotation.credentials import static_credentials
+from commng_rotation.engines import EngineFactory
 from devstack import PostgresCluster, free_port, new_password
 from tests.helpers import assert_no_secrets
 

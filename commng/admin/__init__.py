@@ -1,7 +1,7 @@
 """The admin blueprint under /admin: rotation status, history and "check now".
 
 Closed by default (404 without ADMIN_TOKEN). See ``auth`` for who may enter and
-``views`` for the routes; the history itself lives in ``commng.rotation.history``.
+``views`` for the routes; the history itself lives in ``commng_rotation.history``.
 """
 
 from __future__ import annotations

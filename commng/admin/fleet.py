@@ -18,8 +18,8 @@ from typing import Any
 
 from flask import current_app
 
-from commng.rotation import Runtime, SecretsUnavailable, list_workers, recent_rotations
-from commng.rotation.fleet import STALE_INTERVALS
+from commng_rotation import Runtime, SecretsUnavailable, list_workers, recent_rotations
+from commng_rotation.fleet import STALE_INTERVALS
 
 __all__ = ["CURRENT_CACHE_S", "fleet_view", "layout"]
 

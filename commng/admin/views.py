@@ -18,8 +18,8 @@ from commng.admin import fleet
 from commng.admin.auth import api_auth, closed_unless_configured, page_auth, remote_addr
 from commng.db import db
 from commng.errors import APIError, error_response
-from commng.rotation import NoCredentials, Trigger, error_code, get_runtime, history
-from commng.rotation.events import worker_name
+from commng_rotation import NoCredentials, Trigger, error_code, get_runtime, history
+from commng_rotation.events import worker_name
 
 __all__ = ["CHECK_MIN_INTERVAL_S", "CheckLimiter", "bp"]
 

@@ -37,10 +37,10 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from commng.admin.auth import api_auth
 from commng.errors import error_response
-from commng.rotation.engines import ManagedEngine
-from commng.rotation.events import Outcome, RotationEvent
-from commng.rotation.runtime import Runtime, get_runtime
-from commng.rotation.watcher import CheckResult
+from commng_rotation.engines import ManagedEngine
+from commng_rotation.events import Outcome, RotationEvent
+from commng_rotation.runtime import Runtime, get_runtime
+from commng_rotation.watcher import CheckResult
 from config import Settings
 
 __all__ = ["bp", "init_app", "render", "track_engine"]

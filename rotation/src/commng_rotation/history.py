@@ -25,9 +25,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from commng.rotation import bounds
-from commng.rotation.engines import error_code
-from commng.rotation.events import RotationEvent
+from commng_rotation import bounds
+from commng_rotation.engines import error_code
+from commng_rotation.events import RotationEvent
 
 __all__ = [
     "HistoryWriter",
@@ -39,7 +39,7 @@ __all__ = [
     "rotation_events",
 ]
 
-log = structlog.get_logger("commng.rotation.history")
+log = structlog.get_logger("commng_rotation.history")
 # Events kept in memory per worker while the database cannot be written.
 BUFFER_MAX = 1000
 # Rows per INSERT; the queue is written in order, batch after batch.

@@ -17,7 +17,7 @@ import structlog
 
 __all__ = ["EventLog", "Outcome", "RotationEvent", "Trigger", "worker_name"]
 
-log = structlog.get_logger("commng.rotation.events")
+log = structlog.get_logger("commng_rotation.events")
 
 
 class Trigger(StrEnum):
@@ -27,9 +27,9 @@ class Trigger(StrEnum):
     POLL = "poll"
     AUTH_FAILURE = "auth_failure"
     MANUAL = "manual"
-    # A Secrets Manager event (EventBridge -> SQS) said AWSCURRENT moved (commng.rotation.push).
+    # A Secrets Manager event (EventBridge -> SQS) said AWSCURRENT moved (commng_rotation.push).
     PUSH = "push"
-    # Another worker announced a new version over LISTEN/NOTIFY (commng.rotation.fanout).
+    # Another worker announced a new version over LISTEN/NOTIFY (commng_rotation.fanout).
     NOTIFY = "notify"
 
 

@@ -24,11 +24,11 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from commng.rotation.engines import error_code
-from commng.rotation.events import Outcome, RotationEvent, worker_name
-from commng.rotation.history import metadata, rotation_events
-from commng.rotation.rotator import Rotator
-from commng.rotation.watcher import CheckResult, SecretWatcher
+from commng_rotation.engines import error_code
+from commng_rotation.events import Outcome, RotationEvent, worker_name
+from commng_rotation.history import metadata, rotation_events
+from commng_rotation.rotator import Rotator
+from commng_rotation.watcher import CheckResult, SecretWatcher
 
 __all__ = [
     "STALE_INTERVALS",
@@ -39,7 +39,7 @@ __all__ = [
     "rotation_workers",
 ]
 
-log = structlog.get_logger("commng.rotation.fleet")
+log = structlog.get_logger("commng_rotation.fleet")
 
 # A worker that has not written for this many refresh intervals is gone.
 STALE_INTERVALS = 3

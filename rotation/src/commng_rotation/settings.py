@@ -42,7 +42,7 @@ class RotationSettings:
     outage_wait_s: float = 10.0
     application_name: str = "flask-app"
     history_retention_days: int = 90
-    # Push and fan-out (commng.rotation.push, commng.rotation.fanout): the SQS queue that
+    # Push and fan-out (commng_rotation.push, commng_rotation.fanout): the SQS queue that
     # receives the secret's EventBridge events (None: no push), the LISTEN/NOTIFY channel
     # workers announce adopted versions on, and whether they do.
     queue_url: str | None = None

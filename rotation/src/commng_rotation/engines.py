@@ -24,9 +24,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 
-from commng.rotation import bounds
-from commng.rotation.credentials import Credentials, InvalidSecret
-from commng.rotation.settings import RotationSettings
+from commng_rotation import bounds
+from commng_rotation.credentials import Credentials, InvalidSecret
+from commng_rotation.settings import RotationSettings
 
 __all__ = [
     "EngineFactory",
@@ -41,7 +41,7 @@ __all__ = [
 
 AuthFailureHandler = Callable[[Credentials], "Credentials | None"]
 
-log = structlog.get_logger("commng.rotation.engines")
+log = structlog.get_logger("commng_rotation.engines")
 
 # How long sent data may stay unacknowledged before the kernel gives up on the peer.
 KEEPALIVE_USER_TIMEOUT_MS = 10_000
@@ -199,7 +199,7 @@ def describe_error(exc: BaseException) -> str:
     and libpq's message, never the message itself (it can name a host); else the class.
     InvalidSecret, NoCredentials and SecretsUnavailable messages never hold values.
     """
-    from commng.rotation.credentials import SecretsUnavailable
+    from commng_rotation.credentials import SecretsUnavailable
 
     if isinstance(exc, InvalidSecret | NoCredentials | SecretsUnavailable):
         return str(exc)

@@ -13,20 +13,22 @@ The host application wires it in three lines and two gunicorn hooks::
     #                   worker_exit      -> stop_background(worker.wsgi)
 
 Nothing here imports the host application: it is handed the app, the extension and
-the settings, and keeps its state in ``app.extensions["commng.rotation"]``.
+the settings, and keeps its state in ``app.extensions["commng_rotation"]``.
 """
 
-from commng.rotation import bounds
-from commng.rotation.credentials import Credentials, InvalidSecret, SecretsUnavailable
-from commng.rotation.engines import NoCredentials, describe_error, error_code, is_auth_failure, probe
-from commng.rotation.events import Outcome, RotationEvent, Trigger
-from commng.rotation.fanout import FanOut
-from commng.rotation.fleet import FleetReporter, WorkerState, list_workers, recent_rotations
-from commng.rotation.history import InvalidCursor, RotationRecord, count_by_trigger, list_events
-from commng.rotation.push import PushConsumer
-from commng.rotation.runtime import Runtime, get_runtime, init_app, start_background, stop_background
-from commng.rotation.session import PinnedSession
-from commng.rotation.settings import RotationSettings
+__version__ = "1.0.0"
+
+from commng_rotation import bounds
+from commng_rotation.credentials import Credentials, InvalidSecret, SecretsUnavailable
+from commng_rotation.engines import NoCredentials, describe_error, error_code, is_auth_failure, probe
+from commng_rotation.events import Outcome, RotationEvent, Trigger
+from commng_rotation.fanout import FanOut
+from commng_rotation.fleet import FleetReporter, WorkerState, list_workers, recent_rotations
+from commng_rotation.history import InvalidCursor, RotationRecord, count_by_trigger, list_events
+from commng_rotation.push import PushConsumer
+from commng_rotation.runtime import Runtime, get_runtime, init_app, start_background, stop_background
+from commng_rotation.session import PinnedSession
+from commng_rotation.settings import RotationSettings
 
 __all__ = [
     "Credentials",
@@ -45,6 +47,7 @@ __all__ = [
     "SecretsUnavailable",
     "Trigger",
     "WorkerState",
+    "__version__",
     "bounds",
     "count_by_trigger",
     "describe_error",

@@ -44,15 +44,15 @@ import psycopg2
 import structlog
 from psycopg2 import sql
 
-from commng.rotation import bounds
-from commng.rotation.engines import NoCredentials, error_code, is_auth_failure
-from commng.rotation.events import Outcome, RotationEvent, Trigger, worker_name
-from commng.rotation.rotator import Rotator
-from commng.rotation.watcher import SecretWatcher
+from commng_rotation import bounds
+from commng_rotation.engines import NoCredentials, error_code, is_auth_failure
+from commng_rotation.events import Outcome, RotationEvent, Trigger, worker_name
+from commng_rotation.rotator import Rotator
+from commng_rotation.watcher import SecretWatcher
 
 __all__ = ["FanOut"]
 
-log = structlog.get_logger("commng.rotation.fanout")
+log = structlog.get_logger("commng_rotation.fanout")
 
 SEND_TIMEOUT_S = 5.0
 # How long one wait for a notification lasts: the loop's stop latency.

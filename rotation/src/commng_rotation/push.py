@@ -14,7 +14,7 @@ EventBridge puts the secret's events on an SQS queue, the event JSON itself as t
 
 **One consumer per worker.** Every gunicorn worker long-polls the queue itself. An SQS
 message goes to one consumer, so one worker of the fleet learns of the rotation; it
-adopts the new version and announces it over LISTEN/NOTIFY (``commng.rotation.fanout``),
+adopts the new version and announces it over LISTEN/NOTIFY (``commng_rotation.fanout``),
 which reaches every other worker of every task within a round trip. A consumer per task
 would need one worker elected among forked siblings (or the master, which must never
 import boto3 before gevent patches the workers) and a hand-off to the others, i.e. the
@@ -44,13 +44,13 @@ from typing import Any, Literal
 
 import structlog
 
-from commng.rotation.events import Outcome, Trigger
-from commng.rotation.settings import RotationSettings
-from commng.rotation.watcher import SecretWatcher
+from commng_rotation.events import Outcome, Trigger
+from commng_rotation.settings import RotationSettings
+from commng_rotation.watcher import SecretWatcher
 
 __all__ = ["Handled", "PushConsumer", "QueueUnavailable", "SecretMatcher", "classify", "make_sqs_client"]
 
-log = structlog.get_logger("commng.rotation.push")
+log = structlog.get_logger("commng_rotation.push")
 
 LABEL_UPDATED = "Secret Label Updated"
 CLOUDTRAIL = "AWS Service Event via CloudTrail"

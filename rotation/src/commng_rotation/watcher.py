@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 import structlog
 
-from commng.rotation.credentials import SecretsUnavailable
-from commng.rotation.events import Outcome, Trigger
-from commng.rotation.rotator import Rotator
+from commng_rotation.credentials import SecretsUnavailable
+from commng_rotation.events import Outcome, Trigger
+from commng_rotation.rotator import Rotator
 
 __all__ = ["DEGRADED_AFTER_FAILURES", "CheckResult", "SecretWatcher"]
 
-log = structlog.get_logger("commng.rotation.watcher")
+log = structlog.get_logger("commng_rotation.watcher")
 
 FIRST_RETRY_S = 1.0
 # A watcher that has failed this many checks in a row shows as degraded in the status.

@@ -38,7 +38,7 @@ def check(db: Any, app: Flask) -> None:
         raise IncompatibleFlaskSQLAlchemy(
             f"Flask-SQLAlchemy {version('flask-sqlalchemy')} no longer keeps engines in "
             f"db._app_engines[app] (tested with {TESTED_VERSION}): the rotation layer cannot "
-            f"swap engines; pin flask-sqlalchemy=={TESTED_VERSION} or update commng.rotation.compat"
+            f"swap engines; pin flask-sqlalchemy=={TESTED_VERSION} or update commng_rotation.compat"
         )
 
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import structlog
 from sqlalchemy.engine import Engine
 
-from commng.rotation.credentials import (
+from commng_rotation.credentials import (
     AWSCURRENT,
     AWSPENDING,
     Credentials,
@@ -28,7 +28,7 @@ from commng.rotation.credentials import (
     SecretsUnavailable,
     SecretVersion,
 )
-from commng.rotation.engines import (
+from commng_rotation.engines import (
     EngineFactory,
     ManagedEngine,
     describe_error,
@@ -37,11 +37,11 @@ from commng.rotation.engines import (
     is_auth_failure,
     probe,
 )
-from commng.rotation.events import EventLog, Outcome, RotationEvent, Trigger
+from commng_rotation.events import EventLog, Outcome, RotationEvent, Trigger
 
 __all__ = ["Rotator"]
 
-log = structlog.get_logger("commng.rotation.rotator")
+log = structlog.get_logger("commng_rotation.rotator")
 
 # At most one Secrets Manager fetch per second per worker for auth-failure refreshes.
 REACTIVE_MIN_INTERVAL_S = 1.0

@@ -1,7 +1,7 @@
 """Wires a credential source, a rotator, the watcher and the history into one app.
 
-State lives in ``app.extensions["commng.rotation"]`` (the package's name, since
-``commng.rotation.init_app`` is what puts it there). gunicorn's hooks call
+State lives in ``app.extensions["commng_rotation"]`` (the package's name, since
+``commng_rotation.init_app`` is what puts it there). gunicorn's hooks call
 ``start_background`` and ``stop_background``; tests drive ``Runtime.watcher.check_once``.
 """
 
@@ -16,30 +16,30 @@ import structlog
 from flask import Flask, current_app
 from sqlalchemy.engine import Engine
 
-from commng.rotation import bounds, compat
-from commng.rotation.credentials import (
+from commng_rotation import bounds, compat
+from commng_rotation.credentials import (
     CredentialSource,
     SecretsManagerSource,
     StaticSource,
     make_secrets_client,
     static_credentials,
 )
-from commng.rotation.engines import EngineFactory, ManagedEngine
-from commng.rotation.events import EventLog, worker_name
-from commng.rotation.fanout import FanOut
-from commng.rotation.fleet import FleetReporter
-from commng.rotation.history import HistoryWriter
-from commng.rotation.push import PushConsumer, make_sqs_client
-from commng.rotation.rotator import Rotator
-from commng.rotation.settings import RotationSettings
-from commng.rotation.watcher import SecretWatcher
+from commng_rotation.engines import EngineFactory, ManagedEngine
+from commng_rotation.events import EventLog, worker_name
+from commng_rotation.fanout import FanOut
+from commng_rotation.fleet import FleetReporter
+from commng_rotation.history import HistoryWriter
+from commng_rotation.push import PushConsumer, make_sqs_client
+from commng_rotation.rotator import Rotator
+from commng_rotation.settings import RotationSettings
+from commng_rotation.watcher import SecretWatcher
 
 __all__ = ["EXTENSION", "Runtime", "get_runtime", "init_app", "start_background", "stop_background"]
 
-EXTENSION = "commng.rotation"
+EXTENSION = "commng_rotation"
 # A silent server is given this much beyond the statement timeout before a wait gives up.
 WAIT_MARGIN_S = 1.0
-log = structlog.get_logger("commng.rotation.runtime")
+log = structlog.get_logger("commng_rotation.runtime")
 
 
 @dataclass
@@ -152,7 +152,7 @@ def init_app(
     ``db`` is the app's Flask-SQLAlchemy extension, already initialised for ``app``.
     """
     if EXTENSION in app.extensions:
-        raise RuntimeError("commng.rotation.init_app was already called for this app")
+        raise RuntimeError("commng_rotation.init_app was already called for this app")
     compat.check(db, app)
     # Process-wide: every psycopg2 wait is bounded from now on (see bounds).
     bounds.install(default_wait_s=settings.statement_timeout_ms / 1000 + WAIT_MARGIN_S)

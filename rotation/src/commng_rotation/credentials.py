@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from commng.rotation.settings import RotationSettings
+from commng_rotation.settings import RotationSettings
 
 __all__ = [
     "CredentialSource",
