@@ -246,7 +246,7 @@ def _run_local_stack(port: int) -> int:
             f"  API      http://127.0.0.1:{port}/api/channels\n"
             f"  ready    http://127.0.0.1:{port}/readyz\n"
             f"  admin    http://127.0.0.1:{port}/admin/   (user admin, token {state['admin_token']})\n"
-            f"  metrics  http://127.0.0.1:{port}/metrics\n"
+            f"  metrics  http://127.0.0.1:{port}/metrics   (Authorization: Bearer <the admin token>)\n"
             "  rotate   make rotate   (in another terminal)\n"
             "  status   make status   (every worker's rotation state, from the history)\n"
             f'  CLI      eval "$({python} -m devstack env)"   then   flask --app wsgi rotation status\n',

@@ -237,5 +237,8 @@ def test_only_gunicorn_workers_write_into_the_metrics_directory(stack: RunningSt
     assert files
     assert {int(f.stem.rsplit("_", 1)[1]) for f in files} == workers  # no migration, no CLI
 
-    metrics = requests.get(f"{stack.url}/metrics", timeout=10).text
+    token = stack.state()["admin_token"]  # /metrics is private by default
+    metrics = requests.get(
+        f"{stack.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).text
     assert re.search(r'^commng_db_engines\{state="active"\} 2\.0$', metrics, re.MULTILINE), metrics

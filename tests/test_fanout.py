@@ -116,7 +116,10 @@ def test_a_listener_whose_backend_died_reconnects_and_adopts_the_next_rotation(
     two, _ = _rotate(database, secretsmanager, secret)
     first.watcher.check_once()  # type: ignore[union-attr]
     wait_for(lambda: _version(second) == two, timeout_s=10)
-    assert second.events.recent(1)[0].trigger == Trigger.NOTIFY
+    # Usually the NOTIFY; but a connection the second app opens inside the rotation window
+    # (its fleet row is written 2 s after the catch-up check) may learn it first, from 28P01.
+    assert second.events.recent(1)[0].trigger in {Trigger.NOTIFY, Trigger.AUTH_FAILURE}
+    assert listener.connected
 
 
 def test_a_listener_that_comes_back_after_a_rotation_logs_in_with_the_new_password(
