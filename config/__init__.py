@@ -65,6 +65,10 @@ class Settings:
     # Issue 13: the SQS queue of the secret's EventBridge events, and LISTEN/NOTIFY fan-out.
     db_rotation_queue_url: str | None = None
     db_rotation_fanout: bool = True
+    # `flask db bootstrap` only: the app secret whose login it creates, and the NOLOGIN
+    # role that owns every table (the migrations run as it).
+    db_app_secret_id: str | None = None
+    db_owner_role: str = "commng_owner"
     port: int = 8000
     web_concurrency: int | None = None
     log_level: str = "INFO"
@@ -169,6 +173,17 @@ def _bearer_token(name: str, raw: str) -> str:
     return raw
 
 
+# A role name bootstrap creates: plain lower-case identifiers only, at most 63 bytes.
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _role_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not _ROLE_NAME.fullmatch(value):
+        raise ConfigError(f"{name} must be a role name of a-z, 0-9 and _ (at most 63), got {raw!r}")
+    return value
+
+
 def _queue_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"https?://[^\s/]+/\S+", value):
@@ -210,6 +225,8 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
     ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
     ("DB_ROTATION_FANOUT", "db_rotation_fanout", _boolean),
+    ("DB_APP_SECRET_ID", "db_app_secret_id", _text),
+    ("DB_OWNER_ROLE", "db_owner_role", _role_name),
     ("PORT", "port", _port),
     ("WEB_CONCURRENCY", "web_concurrency", _int_at_least(1)),
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),
