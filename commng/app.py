@@ -80,6 +80,7 @@ def rotation_settings(settings: Settings) -> RotationSettings:
         max_overflow=settings.postgres_max_overflow,
         pool_timeout_s=settings.postgres_pool_timeout_s,
         connect_timeout_s=settings.postgres_connect_timeout_s,
+        rotation_period_s=settings.db_rotation_period_s,
         application_name="commng",
         history_retention_days=settings.rotation_history_retention_days,
         queue_url=settings.db_rotation_queue_url,

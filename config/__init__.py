@@ -65,6 +65,10 @@ class Settings:
     # Issue 13: the SQS queue of the secret's EventBridge events, and LISTEN/NOTIFY fan-out.
     db_rotation_queue_url: str | None = None
     db_rotation_fanout: bool = True
+    # How often Secrets Manager rotates the login (the rotation schedule). Pooled
+    # connections are recycled after this long, so none opened as one user of an
+    # alternating-users secret is still open when that user's password changes.
+    db_rotation_period_s: int = 7 * 24 * 3600
     # `flask db bootstrap` only: the app secret whose login it creates, and the NOLOGIN
     # role that owns every table (the migrations run as it).
     db_app_secret_id: str | None = None
@@ -225,6 +229,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
     ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
     ("DB_ROTATION_FANOUT", "db_rotation_fanout", _boolean),
+    ("DB_ROTATION_PERIOD_S", "db_rotation_period_s", _int_at_least(60, " number of seconds")),
     ("DB_APP_SECRET_ID", "db_app_secret_id", _text),
     ("DB_OWNER_ROLE", "db_owner_role", _role_name),
     ("PORT", "port", _port),

@@ -40,6 +40,11 @@ class RotationSettings:
     connect_timeout_s: int = 5
     statement_timeout_ms: int = 5000
     outage_wait_s: float = 10.0
+    # The rotation schedule. Engines recycle pooled connections after this long
+    # (``pool_recycle``): with a secret that alternates between two users, a connection
+    # opened as one user never outlives the next rotation, so none is still open when that
+    # user's password changes at the rotation after next.
+    rotation_period_s: float = 7 * 24 * 3600.0
     application_name: str = "flask-app"
     history_retention_days: int = 90
     # Push and fan-out (commng_rotation.push, commng_rotation.fanout): the SQS queue that
