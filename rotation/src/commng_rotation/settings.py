@@ -26,6 +26,9 @@ class RotationSettings:
     host: str = "localhost"
     port: int = 5432
     dbname: str = "postgres"
+    # True: ``host`` and ``port`` above win over the secret's keys (a read replica that
+    # logs in with the primary's secret, whose ``host`` names the primary).
+    pin_host: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     # libpq's sslmode for every connection, and the CA file verify-ca/verify-full trust.
