@@ -73,6 +73,14 @@ class Settings:
     # role that owns every table (the migrations run as it).
     db_app_secret_id: str | None = None
     db_owner_role: str = "commng_owner"
+    # Issue 12: a read replica (off unless POSTGRES_REPLICA_HOST or DB_REPLICA_SECRET_ID is
+    # set). Its login is DB_REPLICA_SECRET_ID's, else the primary's (DB_SECRET_ID or
+    # POSTGRES_USER); POSTGRES_REPLICA_HOST/PORT, when set, win over the secret's host.
+    db_replica_secret_id: str | None = None
+    postgres_replica_host: str | None = None
+    postgres_replica_port: int | None = None
+    # Reads go to the primary while the replica replays more than this far behind.
+    db_replica_max_lag_ms: int = 5000
     port: int = 8000
     web_concurrency: int | None = None
     log_level: str = "INFO"
@@ -85,6 +93,11 @@ class Settings:
     def sslmode(self) -> str:
         """libpq sslmode from POSTGRES_SSL."""
         return self.postgres_ssl
+
+    @property
+    def uses_replica(self) -> bool:
+        """True when read-only routes read from a replica."""
+        return bool(self.postgres_replica_host or self.db_replica_secret_id)
 
     @property
     def uses_secrets_manager(self) -> bool:
@@ -232,6 +245,10 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("DB_ROTATION_PERIOD_S", "db_rotation_period_s", _int_at_least(60, " number of seconds")),
     ("DB_APP_SECRET_ID", "db_app_secret_id", _text),
     ("DB_OWNER_ROLE", "db_owner_role", _role_name),
+    ("DB_REPLICA_SECRET_ID", "db_replica_secret_id", _text),
+    ("POSTGRES_REPLICA_HOST", "postgres_replica_host", _text),
+    ("POSTGRES_REPLICA_PORT", "postgres_replica_port", _port),
+    ("DB_REPLICA_MAX_LAG_MS", "db_replica_max_lag_ms", _int_at_least(0, " number of milliseconds")),
     ("PORT", "port", _port),
     ("WEB_CONCURRENCY", "web_concurrency", _int_at_least(1)),
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),
