@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, request
 from sqlalchemy.exc import IntegrityError
 from werkzeug.routing import IntegerConverter
 
-from commng.db import db, retry_on_disconnect
+from commng.db import db, from_replica, reading, retry_on_disconnect
 from commng.errors import APIError
 from commng.models import Channel, Message
 
@@ -152,8 +152,12 @@ class AsciiIntegerConverter(IntegerConverter):
     regex = r"[0-9]+"
 
 
-def _get_or_404(model: type[Channel] | type[Message], ident: int) -> Any:
-    found = db.session.get(model, ident) if 0 < ident <= MAX_ID else None
+def _get_or_404(model: type[Channel] | type[Message], ident: int, session: Any = None) -> Any:
+    """The row, or 404. Read from a replica, a row it does not have yet is asked of the primary."""
+    reader = db.session if session is None else session
+    found = reader.get(model, ident) if 0 < ident <= MAX_ID else None
+    if found is None and session is not None and from_replica(session):
+        found = db.session.get(model, ident)  # written a moment ago: not replayed yet
     if found is None:
         raise APIError(404, "not_found", f"{model.__tablename__[:-1]} {ident} does not exist")
     return found
@@ -177,9 +181,9 @@ def create_channel() -> Any:
     return channel.as_dict(), 201
 
 
-def _page(query: sa.Select[Any], limit: int) -> tuple[list[Any], Any]:
+def _page(session: Any, query: sa.Select[Any], limit: int) -> tuple[list[Any], Any]:
     """At most ``limit`` rows of ``query``, and the cursor of the next page (None: there is none)."""
-    rows = list(db.session.scalars(query.limit(limit + 1)).all())
+    rows = list(session.scalars(query.limit(limit + 1)).all())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, rows[-1].id if more else None
@@ -194,8 +198,9 @@ def list_channels() -> Any:
     query = sa.select(Channel)
     if after_id is not None:
         query = query.where(Channel.id > after_id)
-    channels, next_after_id = _page(query.order_by(Channel.id), limit)
-    return {"channels": [c.as_dict() for c in channels], "next_after_id": next_after_id}
+    with reading() as session:
+        channels, next_after_id = _page(session, query.order_by(Channel.id), limit)
+        return {"channels": [c.as_dict() for c in channels], "next_after_id": next_after_id}
 
 
 @bp.post("/channels/<int:channel_id>/messages")
@@ -220,19 +225,21 @@ def list_messages(channel_id: int) -> Any:
     """Messages of a channel, newest first, paged back by ``before_id`` (the last id of the previous page)."""
     limit = _limit()
     before_id = _int_param("before_id", 1, MAX_ID)
-    channel = _get_or_404(Channel, channel_id)
-    query = sa.select(Message).where(Message.channel_id == channel.id)
-    if before_id is not None:
-        query = query.where(Message.id < before_id)
-    messages, next_before_id = _page(query.order_by(Message.id.desc()), limit)
-    return {"messages": [m.as_dict() for m in messages], "next_before_id": next_before_id}
+    with reading() as session:
+        channel = _get_or_404(Channel, channel_id, session)
+        query = sa.select(Message).where(Message.channel_id == channel.id)
+        if before_id is not None:
+            query = query.where(Message.id < before_id)
+        messages, next_before_id = _page(session, query.order_by(Message.id.desc()), limit)
+        return {"messages": [m.as_dict() for m in messages], "next_before_id": next_before_id}
 
 
 @bp.get("/messages/<int:message_id>")
 @retry_on_disconnect
 def get_message(message_id: int) -> Any:
     """One message."""
-    return _get_or_404(Message, message_id).as_dict()
+    with reading() as session:
+        return _get_or_404(Message, message_id, session).as_dict()
 
 
 def init_app(app: Flask) -> None:

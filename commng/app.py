@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from commng.observability import logs
 from commng_rotation import RotationSettings
 from config import Settings, load_settings
 
-__all__ = ["create_app", "rotation_settings"]
+__all__ = ["create_app", "replica_rotation_settings", "rotation_settings"]
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -47,7 +48,12 @@ def create_app(
     db.init_app(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     rotation.init_app(
-        app, db, rotation_settings(settings), secrets_client=secrets_client, sqs_client=sqs_client
+        app,
+        db,
+        rotation_settings(settings),
+        secrets_client=secrets_client,
+        sqs_client=sqs_client,
+        replica=replica_rotation_settings(settings),
     )
     database.init_app(app)
     # Observability first among the request hooks: the request id binds before anything logs.
@@ -80,8 +86,30 @@ def rotation_settings(settings: Settings) -> RotationSettings:
         max_overflow=settings.postgres_max_overflow,
         pool_timeout_s=settings.postgres_pool_timeout_s,
         connect_timeout_s=settings.postgres_connect_timeout_s,
+        rotation_period_s=settings.db_rotation_period_s,
         application_name="commng",
         history_retention_days=settings.rotation_history_retention_days,
         queue_url=settings.db_rotation_queue_url,
         fanout=settings.db_rotation_fanout,
+    )
+
+
+def replica_rotation_settings(settings: Settings) -> RotationSettings | None:
+    """The read replica's rotation settings, or None when no replica is configured.
+
+    Same pools, bounds and TLS as the primary; its own secret when DB_REPLICA_SECRET_ID is
+    set, else the primary's login; POSTGRES_REPLICA_HOST/PORT pinned over the secret's.
+    """
+    if not settings.uses_replica:
+        return None
+    primary = rotation_settings(settings)
+    return replace(
+        primary,
+        secret_id=settings.db_replica_secret_id or settings.db_secret_id,
+        host=settings.postgres_replica_host or primary.host,
+        port=settings.postgres_replica_port or primary.port,
+        pin_host=settings.postgres_replica_host is not None,
+        application_name="commng-replica",
+        queue_url=None,
+        fanout=False,
     )

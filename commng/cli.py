@@ -23,8 +23,10 @@ import click
 import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
+from flask_migrate.cli import db as migrate_group
 from sqlalchemy.exc import SQLAlchemyError
 
+from commng.bootstrap import bootstrap_command
 from commng.db import db
 from commng_rotation import (
     NoCredentials,
@@ -335,5 +337,6 @@ def format_history(rows: list[RotationRecord]) -> str:
 
 
 def init_app(app: Flask) -> None:
-    """Register the rotation command group."""
+    """Register the rotation command group, and ``bootstrap`` on Flask-Migrate's ``db`` group."""
     app.cli.add_command(rotation)
+    migrate_group.add_command(bootstrap_command)

@@ -25,22 +25,37 @@ request survive a connection that died under it:
 from __future__ import annotations
 
 import functools
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import structlog
-from flask import Flask, g, has_app_context
+from flask import Flask, current_app, g, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 
-from commng_rotation import PinnedSession, bounds, describe_error, get_runtime
+from commng_rotation import NoCredentials, PinnedSession, bounds, describe_error, get_runtime
 from commng_rotation.engines import ManagedEngine
+from commng_rotation.runtime import REPLICA_BIND
 
-__all__ = ["MAX_ATTEMPTS", "Base", "db", "init_app", "retry_on_disconnect"]
+__all__ = [
+    "MAX_ATTEMPTS",
+    "Base",
+    "ReplicaState",
+    "db",
+    "init_app",
+    "read_listeners",
+    "reading",
+    "replica_state",
+    "retry_on_disconnect",
+]
 
 MAX_ATTEMPTS = 3
 # A terminated backend aborts its transaction as it exits: wait this long for the verdict.
@@ -59,7 +74,12 @@ db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession, "exp
 
 
 def init_app(app: Flask) -> None:
-    """Note COMMITs on every engine the rotation layer builds; make teardown survive a dead backend."""
+    """Note COMMITs on every engine the rotation layer builds; make teardown survive a dead backend.
+
+    With a replica bind, ``reading()`` serves read-only routes from it (``ReplicaState``).
+    """
+    if REPLICA_BIND in get_runtime(app).rotators:
+        app.extensions[REPLICA_EXTENSION] = ReplicaState(app.config["COMMNG_SETTINGS"].db_replica_max_lag_ms)
     for rotator in get_runtime(app).rotators.values():
         rotator.factory.build_listeners.append(_listen_for_commits)
         if rotator.active is not None:
@@ -145,3 +165,148 @@ def retry_on_disconnect(view: F) -> F:
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper  # type: ignore[return-value]
+
+
+# -- reads from the replica ----------------------------------------------------------------
+
+REPLICA_EXTENSION = "commng_replica"
+# A replica that failed is not asked again for this long: one request per interval pays
+# for finding out whether it is back, the others go straight to the primary.
+REPLICA_RETRY_S = 2.0
+# Its replay lag is measured at most this often (one query, by whichever read comes first).
+LAG_CHECK_INTERVAL_S = 1.0
+# A connection to the replica never waits longer than this: the primary is right there.
+REPLICA_CONNECT_S = 2.0
+# Milliseconds the replica's replay is behind: 0 when it has replayed all it received (an
+# idle primary sends nothing, and the last replayed transaction may be old), NULL when the
+# server is not a standby at all.
+LAG_SQL = (
+    "SELECT CASE WHEN NOT pg_is_in_recovery() THEN 0 "
+    "WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
+    "ELSE COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000, 0) END"
+)
+# Told the bind ("replica" or "primary") of every read reading() serves (metrics).
+read_listeners: list[Callable[[str], None]] = []
+
+
+@dataclass
+class ReplicaState:
+    """Whether this worker reads from its replica now, and why not when it does not."""
+
+    max_lag_ms: int
+    down_until: float = 0.0
+    reason: str | None = None
+    lag_ms: float | None = None
+    lag_checked_at: float = float("-inf")
+    reads: Counter[str] = field(default_factory=Counter)
+    _checking: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def lagging(self) -> bool:
+        return self.lag_ms is not None and self.lag_ms > self.max_lag_ms
+
+    def connect(self) -> Connection | None:
+        """A connection to the replica, or None when reads should go to the primary now."""
+        now = time.monotonic()
+        if now < self.down_until:
+            return None
+        due = now - self.lag_checked_at >= LAG_CHECK_INTERVAL_S
+        if self.lagging and not due:
+            return None
+        try:
+            # No outage wait: a replica that refuses connections is skipped, not waited for.
+            with bounds.outage_wait(0), bounds.deadline(REPLICA_CONNECT_S):
+                conn = db.engines[REPLICA_BIND].connect()
+        except (DBAPIError, NoCredentials) as exc:
+            self.mark_down(exc)
+            return None
+        if due and self._checking.acquire(blocking=False):
+            try:
+                with bounds.deadline(REPLICA_CONNECT_S):
+                    lag = conn.exec_driver_sql(LAG_SQL).scalar()
+                conn.rollback()
+            except DBAPIError as exc:
+                conn.close()
+                self.mark_down(exc)
+                return None
+            finally:
+                self._checking.release()
+            self._lag_measured(float(lag or 0))
+        if self.lagging:
+            conn.close()
+            return None
+        if self.reason is not None:
+            log.info("replica_reads_resumed", after=self.reason)
+            self.reason = None
+        return conn
+
+    def mark_down(self, exc: BaseException) -> None:
+        """Send reads to the primary for REPLICA_RETRY_S."""
+        reason = describe_error(exc)
+        if self.reason != reason:
+            log.warning("replica_unavailable", reason=reason, retry_in_s=REPLICA_RETRY_S)
+        self.reason = reason
+        self.down_until = time.monotonic() + REPLICA_RETRY_S
+
+    def _lag_measured(self, lag_ms: float) -> None:
+        was = self.lagging
+        self.lag_ms = lag_ms
+        self.lag_checked_at = time.monotonic()
+        if self.lagging and not was:
+            log.warning("replica_lagging", lag_ms=round(lag_ms), max_lag_ms=self.max_lag_ms)
+            self.reason = "replication lag"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "reading": time.monotonic() >= self.down_until and not self.lagging,
+            "reason": self.reason,
+            "lag_ms": None if self.lag_ms is None else round(self.lag_ms),
+            "max_lag_ms": self.max_lag_ms,
+            "reads": dict(self.reads),
+        }
+
+
+def replica_state(app: Flask | None = None) -> ReplicaState | None:
+    """This worker's replica state, or None when no replica is configured."""
+    target = app if app is not None else current_app
+    state: ReplicaState | None = target.extensions.get(REPLICA_EXTENSION)
+    return state
+
+
+def _served(state: ReplicaState | None, bind: str) -> None:
+    if state is not None:
+        state.reads[bind] += 1
+    for listener in read_listeners:
+        listener(bind)
+
+
+@contextmanager
+def reading() -> Iterator[Any]:
+    """A session for reads: the replica's when it is configured, reachable and caught up.
+
+    Otherwise the primary's ``db.session``. A replica connection that dies in the block is
+    invalidated and the replica skipped for REPLICA_RETRY_S; the error goes on to
+    ``retry_on_disconnect``, whose next attempt reads from the primary.
+    """
+    state = replica_state()
+    conn = state.connect() if state is not None else None
+    if conn is None:
+        _served(state, "primary")
+        yield db.session
+        return
+    _served(state, REPLICA_BIND)
+    session = Session(bind=conn)
+    try:
+        yield session
+    except DBAPIError as exc:
+        if exc.connection_invalidated and state is not None:
+            state.mark_down(exc)
+        raise
+    finally:
+        session.close()
+        conn.close()
+
+
+def from_replica(session: Any) -> bool:
+    """True when ``session`` came from ``reading()`` on the replica (not the primary's)."""
+    return session is not db.session

@@ -65,6 +65,22 @@ class Settings:
     # Issue 13: the SQS queue of the secret's EventBridge events, and LISTEN/NOTIFY fan-out.
     db_rotation_queue_url: str | None = None
     db_rotation_fanout: bool = True
+    # How often Secrets Manager rotates the login (the rotation schedule). Pooled
+    # connections are recycled after this long, so none opened as one user of an
+    # alternating-users secret is still open when that user's password changes.
+    db_rotation_period_s: int = 7 * 24 * 3600
+    # `flask db bootstrap` only: the app secret whose login it creates, and the NOLOGIN
+    # role that owns every table (the migrations run as it).
+    db_app_secret_id: str | None = None
+    db_owner_role: str = "commng_owner"
+    # Issue 12: a read replica (off unless POSTGRES_REPLICA_HOST or DB_REPLICA_SECRET_ID is
+    # set). Its login is DB_REPLICA_SECRET_ID's, else the primary's (DB_SECRET_ID or
+    # POSTGRES_USER); POSTGRES_REPLICA_HOST/PORT, when set, win over the secret's host.
+    db_replica_secret_id: str | None = None
+    postgres_replica_host: str | None = None
+    postgres_replica_port: int | None = None
+    # Reads go to the primary while the replica replays more than this far behind.
+    db_replica_max_lag_ms: int = 5000
     port: int = 8000
     web_concurrency: int | None = None
     log_level: str = "INFO"
@@ -77,6 +93,11 @@ class Settings:
     def sslmode(self) -> str:
         """libpq sslmode from POSTGRES_SSL."""
         return self.postgres_ssl
+
+    @property
+    def uses_replica(self) -> bool:
+        """True when read-only routes read from a replica."""
+        return bool(self.postgres_replica_host or self.db_replica_secret_id)
 
     @property
     def uses_secrets_manager(self) -> bool:
@@ -169,6 +190,17 @@ def _bearer_token(name: str, raw: str) -> str:
     return raw
 
 
+# A role name bootstrap creates: plain lower-case identifiers only, at most 63 bytes.
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _role_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not _ROLE_NAME.fullmatch(value):
+        raise ConfigError(f"{name} must be a role name of a-z, 0-9 and _ (at most 63), got {raw!r}")
+    return value
+
+
 def _queue_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"https?://[^\s/]+/\S+", value):
@@ -210,6 +242,13 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
     ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
     ("DB_ROTATION_FANOUT", "db_rotation_fanout", _boolean),
+    ("DB_ROTATION_PERIOD_S", "db_rotation_period_s", _int_at_least(60, " number of seconds")),
+    ("DB_APP_SECRET_ID", "db_app_secret_id", _text),
+    ("DB_OWNER_ROLE", "db_owner_role", _role_name),
+    ("DB_REPLICA_SECRET_ID", "db_replica_secret_id", _text),
+    ("POSTGRES_REPLICA_HOST", "postgres_replica_host", _text),
+    ("POSTGRES_REPLICA_PORT", "postgres_replica_port", _port),
+    ("DB_REPLICA_MAX_LAG_MS", "db_replica_max_lag_ms", _int_at_least(0, " number of milliseconds")),
     ("PORT", "port", _port),
     ("WEB_CONCURRENCY", "web_concurrency", _int_at_least(1)),
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),

@@ -4,12 +4,13 @@ Nothing in the request path imports this package.
 """
 
 from devstack.postgres import PostgresCluster, free_port, new_password, running_cluster
-from devstack.secrets import rotate_secret, secrets_client
+from devstack.secrets import rotate_alternating, rotate_secret, secrets_client
 
 __all__ = [
     "PostgresCluster",
     "free_port",
     "new_password",
+    "rotate_alternating",
     "rotate_secret",
     "running_cluster",
     "secrets_client",

@@ -191,6 +191,62 @@ class PostgresCluster:
         return int(rows[0][0])
 
 
+def make_standby(primary: PostgresCluster, base: Path) -> PostgresCluster:
+    """A hot standby of ``primary`` under ``base``, streaming from it; started, or RuntimeError.
+
+    ``pg_basebackup -R -X stream`` as the superuser over TCP (initdb's pg_hba.conf already
+    has the ``replication`` lines and PostgreSQL 10+ defaults to ``wal_level = replica``).
+    The password goes through a passfile (mode 0600) that ``-R`` names in the standby's
+    ``primary_conninfo``, never through an argument or the environment. As root, it runs as
+    the postgres user, like ``PostgresCluster._run``.
+    """
+    standby = PostgresCluster(base / "data", free_port(), primary.superuser_password)
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    primary._own(base)
+    standby.socket_dir.mkdir(exist_ok=True)
+    primary._own(standby.socket_dir)
+    passfile = base / "pgpass"
+    write_private_file(
+        passfile, f"127.0.0.1:{primary.port}:*:postgres:{_pgpass_escape(primary.superuser_password)}\n"
+    )
+    primary._own(passfile)
+    cmd = [
+        str(primary.bindir / "pg_basebackup"),
+        "-D",
+        str(standby.datadir),
+        "-R",
+        "-X",
+        "stream",
+        # An immediate checkpoint: the default spreads it, a minute or more on a busy cluster.
+        "--checkpoint=fast",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(primary.port),
+        "-U",
+        "postgres",
+        "-d",
+        f"passfile={passfile}",
+        "--no-password",
+    ]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_basebackup failed ({result.returncode}): {result.stderr[-2000:]}")
+    with open(standby.datadir / "postgresql.conf", "a") as conf:
+        conf.write(
+            f"\n# commng standby\nunix_socket_directories = '{standby.socket_dir}'\nhot_standby = on\n"
+        )
+    standby.start()
+    return standby
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
 @contextmanager
 def running_cluster(base: Path) -> Iterator[PostgresCluster]:
     """A new cluster under ``base`` for the duration of the block (tests, bench)."""

@@ -64,3 +64,42 @@ def rotate_secret(
     )
     say(f"4/4 AWSCURRENT moved to {token}")
     return token
+
+
+def rotate_alternating(
+    client: Any, secret_id: str, cluster: PostgresCluster, new_password: str, log: Any = None
+) -> tuple[str, str]:
+    """What Secrets Manager's alternating-users rotation does; returns (version id, user).
+
+    createSecret: AWSPENDING is AWSCURRENT's value with the *other* user (``<user>_clone``,
+    or ``<user>`` when AWSCURRENT holds the clone) and a new password. setSecret: ALTER
+    ROLE of that other user only; the user in AWSCURRENT keeps its password. finishSecret:
+    AWSCURRENT moves to the new version. The clone role must exist (AWS creates it, with
+    ``GRANT <user> TO <user>_clone``, when it is missing).
+    """
+    say = log or (lambda *_: None)
+    current = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
+    value = json.loads(current["SecretString"])
+    user = value["username"]
+    other = user.removesuffix("_clone") if user.endswith("_clone") else f"{user}_clone"
+    token = secrets.token_hex(16)
+    client.put_secret_value(
+        SecretId=secret_id,
+        ClientRequestToken=token,
+        SecretString=json.dumps({**value, "username": other, "password": new_password}),
+        VersionStages=["AWSPENDING"],
+    )
+    say(f"1/3 AWSPENDING written for {other} (version {token})")
+    cluster.set_password(other, new_password)
+    say(f"2/3 ALTER ROLE {other}; {user} keeps its password")
+    client.update_secret_version_stage(
+        SecretId=secret_id,
+        VersionStage="AWSCURRENT",
+        MoveToVersionId=token,
+        RemoveFromVersionId=current["VersionId"],
+    )
+    client.update_secret_version_stage(
+        SecretId=secret_id, VersionStage="AWSPENDING", RemoveFromVersionId=token
+    )
+    say(f"3/3 AWSCURRENT moved to {token} ({other})")
+    return token, other

@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from commng.admin import fleet
 from commng.admin.auth import api_auth, closed_unless_configured, page_auth, remote_addr
-from commng.db import db
+from commng.db import db, replica_state
 from commng.errors import APIError, error_response
 from commng_rotation import NoCredentials, Trigger, error_code, get_runtime, history
 from commng_rotation.events import worker_name
@@ -66,6 +66,9 @@ def _status() -> dict[str, Any]:
                 age = now - datetime.fromisoformat(engine["created_at"])
                 engine["age_s"] = round(age.total_seconds(), 1)
     status["history_writer"] = get_runtime().history.status()
+    replica = replica_state()
+    # Whether reads go to the replica now, why not, its measured lag, and reads per bind.
+    status["replica_reads"] = replica.status() if replica is not None else None
     return status
 
 

@@ -35,6 +35,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from commng import db as database
 from commng.admin.auth import api_auth
 from commng.errors import error_response
 from commng_rotation.engines import ManagedEngine
@@ -105,6 +106,11 @@ UPSTREAM_FAILURES = Counter(
     "commng_rotation_upstream_failures",
     "Rotations Secrets Manager reported as failed or abandoned (CloudTrail events via SQS).",
     ["event"],
+)
+DB_READS = Counter(
+    "commng_db_reads",
+    "Reads of the read-only routes, by the bind that served them (replica or primary).",
+    ["bind"],
 )
 HTTP_REQUESTS = Counter(
     "commng_http_requests",
@@ -336,7 +342,13 @@ def init_app(app: Flask) -> None:
         runtime.push.upstream_failure_listeners.append(_on_upstream_failure)
     count_engines()
     watcher_gauge()
+    if _on_read not in database.read_listeners:
+        database.read_listeners.append(_on_read)
     app.before_request(_start_timer)
     app.after_request(_observe_request)
     app.register_blueprint(bp)
     app.extensions[EXTENSION] = True
+
+
+def _on_read(bind: str) -> None:
+    DB_READS.labels(bind=bind).inc()

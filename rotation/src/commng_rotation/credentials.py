@@ -100,9 +100,9 @@ def parse_secret(text: str | None, defaults: RotationSettings) -> Credentials:
             raise InvalidSecret(f"secret is missing the key '{key}'")
         if not isinstance(data[key], str) or not data[key]:
             raise InvalidSecret(f"secret key '{key}' must be a non-empty string")
-    host = data.get("host", defaults.host)
+    host = defaults.host if defaults.pin_host else data.get("host", defaults.host)
     dbname = data.get("dbname", defaults.dbname)
-    port = data.get("port", defaults.port)
+    port = defaults.port if defaults.pin_host else data.get("port", defaults.port)
     if not isinstance(host, str) or not host:
         raise InvalidSecret("secret key 'host' must be a non-empty string")
     if not isinstance(dbname, str) or not dbname:

@@ -225,6 +225,11 @@ class EngineFactory:
             "pool_size": s.pool_size,
             "max_overflow": s.max_overflow,
             "pool_timeout": s.pool_timeout_s,
+            # A connection lives at most one rotation period: with alternating users
+            # (AWSCURRENT flips between <user> and <user>_clone, and each rotation changes
+            # the password of the user not in use), a connection opened as one user is
+            # closed before the rotation after next changes that user's password.
+            "pool_recycle": s.rotation_period_s,
             # A connection killed while idle is noticed before use, then replaced.
             "pool_pre_ping": True,
             # Bind parameters would otherwise appear in exception text and logs.

@@ -34,9 +34,19 @@ from commng_rotation.rotator import Rotator
 from commng_rotation.settings import RotationSettings
 from commng_rotation.watcher import SecretWatcher
 
-__all__ = ["EXTENSION", "Runtime", "get_runtime", "init_app", "start_background", "stop_background"]
+__all__ = [
+    "EXTENSION",
+    "REPLICA_BIND",
+    "Runtime",
+    "get_runtime",
+    "init_app",
+    "start_background",
+    "stop_background",
+]
 
 EXTENSION = "commng_rotation"
+# The bind key of the optional read replica (``init_app(..., replica=...)``).
+REPLICA_BIND = "replica"
 # A silent server is given this much beyond the statement timeout before a wait gives up.
 WAIT_MARGIN_S = 1.0
 log = structlog.get_logger("commng_rotation.runtime")
@@ -146,10 +156,15 @@ def init_app(
     settings: RotationSettings,
     secrets_client: Any | None = None,
     sqs_client: Any | None = None,
+    replica: RotationSettings | None = None,
 ) -> Runtime:
     """Choose the credential source, install the first engine, prepare watcher and history.
 
     ``db`` is the app's Flask-SQLAlchemy extension, already initialised for ``app``.
+    ``replica``: a read replica's settings; its engine is bind ``"replica"`` (its own
+    rotator, polled by the same watcher, recorded in the same history). Only ``settings``
+    decide the watcher's interval, push and fan-out: NOTIFY cannot run on a standby, so a
+    replica rotation reaches the other workers by their polls.
     """
     if EXTENSION in app.extensions:
         raise RuntimeError("commng_rotation.init_app was already called for this app")
@@ -157,37 +172,62 @@ def init_app(
     # Process-wide: every psycopg2 wait is bounded from now on (see bounds).
     bounds.install(default_wait_s=settings.statement_timeout_ms / 1000 + WAIT_MARGIN_S)
     events = EventLog()
-    source: CredentialSource
-    if settings.secret_id:
-        client = secrets_client if secrets_client is not None else make_secrets_client(settings)
-        source = SecretsManagerSource(client, settings.secret_id, settings)
-    else:
-        source = StaticSource(settings)
+    clients: dict[str, Any] = {}
+
+    def source_for(bind_settings: RotationSettings) -> CredentialSource:
+        if not bind_settings.secret_id:
+            return StaticSource(bind_settings)
+        if "client" not in clients:
+            made = secrets_client if secrets_client is not None else make_secrets_client(bind_settings)
+            clients["client"] = made
+        return SecretsManagerSource(clients["client"], bind_settings.secret_id, bind_settings)
+
+    source = source_for(settings)
+    if not source.watchable:
         log.info(
             "secret_watcher_disabled",
             message="No secret to watch: using the static username and password, no watcher",
         )
-    with app.app_context():
-        flask_sqlalchemy_default = db.engines.get(None)
-    rotator = Rotator(
-        source=source,
-        factory=EngineFactory(settings),
-        install=lambda engine: compat.install_engine(db, app, None, engine),
-        grace_s=settings.grace_period_s,
-        events=events,
-    )
+    rotator = _rotator(app, db, None, settings, source, events)
     history = HistoryWriter(_active_engine(rotator), timedelta(days=settings.history_retention_days))
     # Listen before the first refresh, so that the start-up attempt is persisted too.
     events.listeners.append(history.enqueue)
     events.update_listeners.append(history.enqueue)
-    rotator.bootstrap(fallback=static_credentials(settings))
-    if flask_sqlalchemy_default is not None:
-        flask_sqlalchemy_default.dispose()  # built by Flask-SQLAlchemy, never connected
-    watcher = SecretWatcher([rotator], settings.refresh_interval_s) if source.watchable else None
-    runtime = Runtime(settings, {None: rotator}, watcher, events, history)
+    rotators: dict[str | None, Rotator] = {None: rotator}
+    if replica is not None:
+        rotators[REPLICA_BIND] = _rotator(app, db, REPLICA_BIND, replica, source_for(replica), events)
+    for bind, each in rotators.items():
+        with app.app_context():
+            flask_sqlalchemy_engine = db.engines.get(bind)
+        each_settings = replica if bind == REPLICA_BIND and replica is not None else settings
+        each.bootstrap(fallback=static_credentials(each_settings))
+        if flask_sqlalchemy_engine is not None:
+            flask_sqlalchemy_engine.dispose()  # built by Flask-SQLAlchemy, never connected
+    watched = [r for r in rotators.values() if r.source.watchable]
+    watcher = SecretWatcher(watched, settings.refresh_interval_s) if watched else None
+    runtime = Runtime(settings, rotators, watcher, events, history)
     _attach_fleet(runtime, settings, sqs_client)
     app.extensions[EXTENSION] = runtime
     return runtime
+
+
+def _rotator(
+    app: Flask,
+    db: Any,
+    bind: str | None,
+    settings: RotationSettings,
+    source: CredentialSource,
+    events: EventLog,
+) -> Rotator:
+    """The rotator of ``bind``, installing its engines as Flask-SQLAlchemy's ``bind``."""
+    return Rotator(
+        source=source,
+        factory=EngineFactory(settings),
+        install=lambda engine: compat.install_engine(db, app, bind, engine),
+        grace_s=settings.grace_period_s,
+        events=events,
+        bind=bind,
+    )
 
 
 # -- issue 13: push (SQS), fan-out (LISTEN/NOTIFY), the fleet table ----------------------------
@@ -205,7 +245,8 @@ def _attach_fleet(runtime: Runtime, settings: RotationSettings, sqs_client: Any 
     runtime.stop_hooks.append(fleet.stop)
     runtime.fleet = fleet
     if settings.fanout:
-        fanout = FanOut(rotators, watcher, settings.notify_channel)
+        # The primary only: a standby refuses NOTIFY.
+        fanout = FanOut([runtime.rotators[None]], watcher, settings.notify_channel)
         runtime.events.listeners.append(fanout.on_event)
         runtime.fanout = fanout
     if settings.queue_url:

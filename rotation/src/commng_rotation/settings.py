@@ -26,6 +26,9 @@ class RotationSettings:
     host: str = "localhost"
     port: int = 5432
     dbname: str = "postgres"
+    # True: ``host`` and ``port`` above win over the secret's keys (a read replica that
+    # logs in with the primary's secret, whose ``host`` names the primary).
+    pin_host: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     # libpq's sslmode for every connection, and the CA file verify-ca/verify-full trust.
@@ -40,6 +43,11 @@ class RotationSettings:
     connect_timeout_s: int = 5
     statement_timeout_ms: int = 5000
     outage_wait_s: float = 10.0
+    # The rotation schedule. Engines recycle pooled connections after this long
+    # (``pool_recycle``): with a secret that alternates between two users, a connection
+    # opened as one user never outlives the next rotation, so none is still open when that
+    # user's password changes at the rotation after next.
+    rotation_period_s: float = 7 * 24 * 3600.0
     application_name: str = "flask-app"
     history_retention_days: int = 90
     # Push and fan-out (commng_rotation.push, commng_rotation.fanout): the SQS queue that

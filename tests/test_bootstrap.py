@@ -1,0 +1,260 @@
+"""`flask db bootstrap` against the real PostgreSQL: roles, ownership, grants, idempotence.
+
+Each test gets an empty database owned by a master login that is what RDS gives: not a
+superuser, CREATEROLE, owner of the database. The master and app secrets live in moto.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg2
+import psycopg2.errors
+import pytest
+from psycopg2 import sql
+
+from commng.bootstrap import bootstrap_command
+from config import Settings
+from devstack import PostgresCluster, new_password
+from tests.helpers import assert_no_secrets
+
+ROOT = Path(__file__).resolve().parent.parent
+FLASK = [str(Path(sys.executable).parent / "flask"), "--app", "wsgi", "db", "bootstrap"]
+_counter = itertools.count(1)
+
+
+@dataclass
+class Fresh:
+    """An empty database, its RDS-like master login, and the names bootstrap should create."""
+
+    cluster: PostgresCluster
+    name: str
+    master: str
+    master_password: str
+    owner: str
+    app_user: str
+    app_password: str
+
+    @property
+    def clone(self) -> str:
+        return f"{self.app_user}_clone"
+
+    def connect(self, user: str, password: str) -> Any:
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.cluster.port, dbname=self.name, user=user, password=password
+        )
+        conn.autocommit = True
+        return conn
+
+    def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self.cluster.execute(query, params, dbname=self.name)
+
+    def settings(self, master_arn: str, app_arn: str) -> Settings:
+        return Settings(
+            postgres_host="127.0.0.1",
+            postgres_port=self.cluster.port,
+            postgres_db=self.name,
+            postgres_ssl="disable",
+            db_secret_id=master_arn,
+            db_app_secret_id=app_arn,
+            db_owner_role=self.owner,
+            log_format="console",
+        )
+
+    def env(self, endpoint: str, master_arn: str, app_arn: str) -> dict[str, str]:
+        return {
+            "POSTGRES_HOST": "127.0.0.1",
+            "POSTGRES_PORT": str(self.cluster.port),
+            "POSTGRES_DB": self.name,
+            "POSTGRES_SSL": "false",
+            "LOG_FORMAT": "json",
+            "DB_SECRET_ID": master_arn,
+            "DB_APP_SECRET_ID": app_arn,
+            "DB_OWNER_ROLE": self.owner,
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER": endpoint,
+        }
+
+    def secrets(self, client: Any) -> tuple[str, str]:
+        """(master ARN, app ARN), created in ``client``'s Secrets Manager."""
+        master = client.create_secret(
+            Name=f"master/{self.name}",
+            SecretString=json.dumps({"username": self.master, "password": self.master_password}),
+        )["ARN"]
+        app = client.create_secret(
+            Name=f"app/{self.name}",
+            SecretString=json.dumps({"username": self.app_user, "password": self.app_password}),
+        )["ARN"]
+        return master, app
+
+
+@pytest.fixture
+def fresh(pg: PostgresCluster) -> Iterator[Fresh]:
+    n = next(_counter)
+    f = Fresh(pg, f"boot_{n}", f"master_{n}", new_password(), f"owner_{n}", f"bootapp_{n}", new_password())
+    master = sql.Identifier(f.master)
+    pg.execute(
+        sql.SQL("CREATE ROLE {} LOGIN CREATEROLE CREATEDB PASSWORD {}").format(
+            master, sql.Literal(f.master_password)
+        )
+    )
+    pg.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(f.name), master))
+    yield f
+    pg.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(f.name)))
+    for role in (f.clone, f.app_user, f.owner, f.master):
+        pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def _catalog(f: Fresh) -> list[Any]:
+    """Everything bootstrap may touch: roles (password verifiers too), memberships, ACLs, schema."""
+    roles = f.cluster.execute(
+        "SELECT rolname, rolcanlogin, rolpassword FROM pg_authid WHERE rolname = ANY(%s) ORDER BY 1",
+        ([f.master, f.owner, f.app_user, f.clone],),
+    )
+    members = f.cluster.execute(
+        "SELECT r.rolname, u.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
+        "JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = ANY(%s) ORDER BY 1, 2",
+        ([f.master, f.app_user, f.clone],),
+    )
+    acls = f.rows(
+        "SELECT c.relname, c.relowner::regrole::text, c.relacl::text FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' ORDER BY 1"
+    )
+    other = f.rows(
+        "SELECT (SELECT datacl::text FROM pg_database WHERE datname = current_database()), "
+        "(SELECT nspacl::text FROM pg_namespace WHERE nspname = 'public'), "
+        "(SELECT array_agg(defaclacl::text ORDER BY defaclobjtype) FROM pg_default_acl), "
+        "(SELECT version_num FROM alembic_version)"
+    )
+    return [roles, members, acls, other]
+
+
+def _cannot(conn: Any, statement: str) -> None:
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege), conn.cursor() as cur:
+        cur.execute(statement)
+
+
+def _can_use_rows(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO channels (name, created_at) VALUES ('boot', now()) RETURNING id")
+        (channel,) = cur.fetchone()
+        cur.execute(
+            "INSERT INTO messages (channel_id, body, created_at) VALUES (%s, 'hi', now()) RETURNING id",
+            (channel,),
+        )
+        cur.execute("UPDATE messages SET body = 'hello' WHERE channel_id = %s", (channel,))
+        cur.execute("SELECT count(*) FROM messages WHERE channel_id = %s", (channel,))
+        assert cur.fetchone() == (1,)
+        cur.execute("DELETE FROM messages WHERE channel_id = %s", (channel,))
+        cur.execute("DELETE FROM channels WHERE id = %s", (channel,))
+        cur.execute("SELECT count(*) FROM rotation_events")
+
+
+def test_bootstrap_creates_owner_app_and_clone_and_a_second_run_changes_nothing(
+    fresh: Fresh, secretsmanager: Any, make_app: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO)
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    settings = fresh.settings(master_arn, app_arn)
+    app = make_app(settings, secrets_client=secretsmanager)
+    runner = app.test_cli_runner()
+
+    first = runner.invoke(bootstrap_command)
+
+    assert first.exit_code == 0, first.output
+    assert f"created role {fresh.owner} (NOLOGIN)" in first.output
+    assert f"created role {fresh.app_user} (LOGIN" in first.output
+    assert f"created role {fresh.clone} (LOGIN, no password" in first.output
+    assert f"granted {fresh.owner} to {fresh.master}" in first.output
+    assert "migrated the schema from nothing to" in first.output
+    owners = {row[0] for row in fresh.rows("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'")}
+    assert owners == {fresh.owner}
+    assert fresh.cluster.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (fresh.owner,)) == [
+        (False,)
+    ]
+
+    app_conn = fresh.connect(fresh.app_user, fresh.app_password)
+    try:
+        _can_use_rows(app_conn)
+        _cannot(app_conn, "CREATE TABLE intruder (id int)")
+        _cannot(app_conn, "DROP TABLE messages")
+        _cannot(app_conn, "ALTER TABLE channels ADD COLUMN x int")
+    finally:
+        app_conn.close()
+
+    # The clone cannot log in until a rotation gives it a password; then it is the app role.
+    with pytest.raises(psycopg2.OperationalError):
+        fresh.connect(fresh.clone, "no password yet").close()
+    clone_password = new_password()
+    fresh.cluster.set_password(fresh.clone, clone_password)
+    clone_conn = fresh.connect(fresh.clone, clone_password)
+    try:
+        _can_use_rows(clone_conn)
+        _cannot(clone_conn, "CREATE TABLE intruder (id int)")
+        _cannot(clone_conn, "DROP TABLE channels")
+    finally:
+        clone_conn.close()
+
+    before = _catalog(fresh)
+    second = runner.invoke(bootstrap_command)
+    assert second.exit_code == 0, second.output
+    assert second.output.strip() == "nothing to change: roles, grants and schema are already in place"
+    assert _catalog(fresh) == before
+
+    passwords = [fresh.app_password, fresh.master_password, clone_password]
+    assert_no_secrets(first.output + second.output + caplog.text, passwords)
+    assert_no_secrets(fresh.cluster.logfile.read_text(), [fresh.app_password])
+
+
+def test_future_tables_of_the_owner_are_granted_by_default(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    settings = fresh.settings(master_arn, app_arn)
+    app = make_app(settings, secrets_client=secretsmanager)
+    assert app.test_cli_runner().invoke(bootstrap_command).exit_code == 0
+    # A later migration, as bootstrap runs it: the master under SET ROLE <owner>.
+    master = fresh.connect(fresh.master, fresh.master_password)
+    try:
+        with master.cursor() as cur:
+            cur.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(fresh.owner)))
+            cur.execute("CREATE TABLE later (id bigserial PRIMARY KEY, v text)")
+    finally:
+        master.close()
+    conn = fresh.connect(fresh.app_user, fresh.app_password)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO later (v) VALUES ('x') RETURNING id")
+            cur.execute("DELETE FROM later")
+        _cannot(conn, "DROP TABLE later")
+    finally:
+        conn.close()
+
+
+def test_the_flask_command_line_bootstraps_once_then_does_nothing(fresh: Fresh, moto_endpoint: str) -> None:
+    client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+    master_arn, app_arn = fresh.secrets(client)
+    env = {**os.environ, **fresh.env(moto_endpoint, master_arn, app_arn)}
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            FLASK, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False
+        )
+
+    first, second = run(), run()
+
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"created role {fresh.app_user}" in first.stdout
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "nothing to change" in second.stdout
+    everything = first.stdout + first.stderr + second.stdout + second.stderr
+    assert_no_secrets(everything, [fresh.app_password, fresh.master_password])
