@@ -348,6 +348,98 @@ variable "db_secret_rotation_window" {
   default     = "3h"
 }
 
+# --- Database credentials: who the service logs in as -------------------------------------
+
+variable "db_credentials_mode" {
+  description = <<-EOT
+    Which PostgreSQL login the service uses (docs/deployment-shapes.md).
+    "app_role" (default): a login role without DDL rights, commng_app, whose password is in a
+    secret of its own (db_app_secret_arn) rotated every 7 days by AWS's alternating-users
+    function (commng_app / commng_app_clone); the tables belong to the NOLOGIN role
+    commng_owner, and the migration task (commng-migrate) is the only thing that uses the
+    master secret. "master": the service logs in as the RDS master user (an rds_superuser)
+    with the master secret, the original design: simpler, but a leaked task credential is a
+    superuser of the whole instance. Less safe; kept for existing stacks and throw-away ones.
+  EOT
+  type        = string
+  default     = "app_role"
+
+  validation {
+    condition     = contains(["app_role", "master"], var.db_credentials_mode)
+    error_message = "db_credentials_mode must be \"app_role\" (least privilege, the default) or \"master\" (the service logs in as the RDS master user; less safe)."
+  }
+}
+
+variable "db_app_secret_version" {
+  description = "Version of the app secret's first password (app_role mode). Terraform writes a fresh random password (write-only, never in state) only when this changes; the rotation function rotates it from then on. Bump it only to re-seed a broken secret, and run the migration task right after: the bootstrap sets the role's password from the secret."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.db_app_secret_version >= 1 && floor(var.db_app_secret_version) == var.db_app_secret_version
+    error_message = "db_app_secret_version must be a whole number, 1 or more."
+  }
+}
+
+variable "db_app_secret_rotation_schedule" {
+  description = "Rotation schedule of the app secret (and the replica secret) by the alternating-users function, as a Secrets Manager schedule expression. Each login stays valid until the rotation after next, so two periods (14 days by default) separate a password's retirement from its creation."
+  type        = string
+  default     = "rate(7 days)"
+
+  validation {
+    condition     = can(regex("^(rate|cron)\\(.+\\)$", var.db_app_secret_rotation_schedule))
+    error_message = "db_app_secret_rotation_schedule must be a schedule expression such as rate(7 days) or cron(0 4 ? * SUN *)."
+  }
+}
+
+variable "rotation_function_semantic_version" {
+  description = "Version of AWS's rotation applications (Serverless Application Repository) to deploy; null (default) takes the latest at apply time. Pin it once deployed so a later apply does not upgrade the functions unannounced."
+  type        = string
+  default     = null
+}
+
+variable "db_master_password_managed_by_rds" {
+  description = <<-EOT
+    true (default): RDS generates, stores (secret "rds!db-...") and rotates the master
+    password (manage_master_user_password). false: Terraform writes a random master password
+    write-only (never in state) to the instance and to a secret of the stack's own, which
+    AWS's single-user rotation function rotates. Needed for a read replica: RDS for
+    PostgreSQL does not create a read replica of an instance whose master password RDS
+    manages (db_replica_enabled). Switching an existing instance is a ModifyDBInstance: the
+    RDS-managed secret is deleted and the service must be in app_role mode or restarted.
+  EOT
+  type        = bool
+  default     = true
+}
+
+variable "db_master_password_version" {
+  description = "With db_master_password_managed_by_rds = false: version of the master password Terraform writes. Terraform sets a new random password on the instance and in the master secret only when this changes (the single-user rotation function rotates it in between)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.db_master_password_version >= 1 && floor(var.db_master_password_version) == var.db_master_password_version
+    error_message = "db_master_password_version must be a whole number, 1 or more."
+  }
+}
+
+variable "db_replica_enabled" {
+  description = "Create a read replica (aws_db_instance.replica) and a secret for its SELECT-only login role commng_ro (DB_REPLICA_SECRET_ID). Requires db_credentials_mode = \"app_role\" and db_master_password_managed_by_rds = false: RDS for PostgreSQL cannot replicate an instance whose master password RDS manages. For Aurora's reader endpoint instead, see docs/deployment-shapes.md."
+  type        = bool
+  default     = false
+
+  validation {
+    condition     = !var.db_replica_enabled || (var.db_credentials_mode == "app_role" && !var.db_master_password_managed_by_rds)
+    error_message = "db_replica_enabled = true needs db_credentials_mode = \"app_role\" and db_master_password_managed_by_rds = false: RDS for PostgreSQL refuses to create a read replica of an instance whose master password RDS manages, and the replica is read through its own SELECT-only role (commng_ro), never as the master user."
+  }
+}
+
+variable "db_replica_instance_class" {
+  description = "Instance class of the read replica; null (default) uses db_instance_class."
+  type        = string
+  default     = null
+}
+
 # --- Application (ECS) ---------------------------------------------------------------------
 
 variable "container_image" {
