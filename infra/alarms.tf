@@ -1,5 +1,5 @@
 # Alarms, all notifying one SNS topic (created here unless var.alarm_sns_topic_arn names one):
-#   - a rotation of the DB master secret failed (EventBridge, CloudTrail RotationFailed);
+#   - a rotation of a DB secret failed (EventBridge, CloudTrail RotationFailed);
 #   - the app keeps failing to refresh its DB credentials (log metric on event=refresh_failed);
 #   - /readyz fails: the ALB sees unhealthy targets, or no healthy one.
 
@@ -129,13 +129,13 @@ resource "aws_sns_topic_policy" "alarms" {
   policy = data.aws_iam_policy_document.alarm_topic[0].json
 }
 
-# --- (a) Rotation of the DB master secret failed ------------------------------------------------
+# --- (a) Rotation of a DB secret failed (master, app, replica) ------------------------------------------------
 
 # The same CloudTrail-delivered event as the rotation-outcome rule in events.tf, only
 # RotationFailed, straight to the topic: a failed rotation needs an operator.
 resource "aws_cloudwatch_event_rule" "db_secret_rotation_failed" {
   name        = "${local.prefix}-db-secret-rotation-failed"
-  description = "Rotation of the ${local.prefix} DB master secret failed"
+  description = "Rotation of a ${local.prefix} DB secret (master, app or replica) failed"
 
   event_pattern = jsonencode({
     source        = ["aws.secretsmanager"]
@@ -144,7 +144,7 @@ resource "aws_cloudwatch_event_rule" "db_secret_rotation_failed" {
       eventSource = ["secretsmanager.amazonaws.com"]
       eventName   = ["RotationFailed"]
       additionalEventData = {
-        SecretId = [local.db_secret_arn]
+        SecretId = local.rotated_secret_arns
       }
     }
   })

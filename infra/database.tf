@@ -1,4 +1,5 @@
-# RDS PostgreSQL with an RDS-managed master password in Secrets Manager, SSL forced.
+# RDS PostgreSQL (master password managed by RDS, or written by Terraform), SSL forced, and an
+# optional read replica.
 
 resource "aws_db_subnet_group" "main" {
   name        = local.prefix
@@ -48,12 +49,17 @@ resource "aws_db_instance" "main" {
   db_name  = var.db_name
   username = var.db_username
 
-  # RDS generates the master password and keeps it in a Secrets Manager secret it owns
-  # ("rds!db-..."): JSON {"username": ..., "password": ...}. The password never appears in
-  # Terraform state. RDS rotates it (7 days by default; see aws_secretsmanager_secret_rotation
-  # below). The app reads this secret itself (DB_SECRET_ID) and swaps its pool on rotation.
-  manage_master_user_password   = true
-  master_user_secret_kms_key_id = var.master_user_secret_kms_key_id
+  # Default (db_master_password_managed_by_rds = true): RDS generates the master password
+  # and keeps it in a Secrets Manager secret it owns ("rds!db-..."): JSON {"username": ...,
+  # "password": ...}. RDS rotates it (7 days by default; see aws_secretsmanager_secret_rotation
+  # below). Otherwise (a read replica needs it: RDS for PostgreSQL does not replicate an
+  # instance whose master password RDS manages) Terraform writes a random password
+  # write-only, here and in aws_secretsmanager_secret.db_master (credentials.tf), and the
+  # single-user rotation function rotates it. Either way the password is never in state.
+  manage_master_user_password   = var.db_master_password_managed_by_rds ? true : null
+  master_user_secret_kms_key_id = var.db_master_password_managed_by_rds ? var.master_user_secret_kms_key_id : null
+  password_wo                   = one(ephemeral.aws_secretsmanager_random_password.db_master[*].random_password)
+  password_wo_version           = var.db_master_password_managed_by_rds ? null : var.db_master_password_version
 
   db_subnet_group_name   = aws_db_subnet_group.main.name
   vpc_security_group_ids = [aws_security_group.db.id]
@@ -90,13 +96,62 @@ resource "aws_db_instance" "main" {
 # why rotation_lambda_arn is omitted. rotate_immediately = false: creating or changing the
 # schedule does not itself rotate the password.
 resource "aws_secretsmanager_secret_rotation" "db_master" {
-  count = var.db_secret_rotation_schedule == null ? 0 : 1
+  count = var.db_master_password_managed_by_rds && var.db_secret_rotation_schedule != null ? 1 : 0
 
-  secret_id          = local.db_secret_arn
+  secret_id          = aws_db_instance.main.master_user_secret[0].secret_arn
   rotate_immediately = false
 
   rotation_rules {
     schedule_expression = var.db_secret_rotation_schedule
     duration            = var.db_secret_rotation_window
+  }
+}
+
+# --- Optional read replica (db_replica_enabled) -------------------------------------------------
+# Same subnets, security group, parameter group (SSL forced) and data key as the primary. The
+# application reads it through the SELECT-only role commng_ro (aws_secretsmanager_secret.db_replica,
+# DB_REPLICA_SECRET_ID); roles and passwords come from the primary by replication.
+resource "aws_db_instance" "replica" {
+  count = var.db_replica_enabled ? 1 : 0
+
+  identifier          = "${local.prefix}-replica"
+  replicate_source_db = aws_db_instance.main.identifier
+  instance_class      = coalesce(var.db_replica_instance_class, var.db_instance_class)
+
+  max_allocated_storage = var.db_max_allocated_storage
+  storage_type          = "gp3"
+  storage_encrypted     = true
+  kms_key_id            = aws_kms_key.data.arn
+
+  db_subnet_group_name   = aws_db_subnet_group.main.name
+  vpc_security_group_ids = [aws_security_group.db.id]
+  parameter_group_name   = aws_db_parameter_group.main.name
+  publicly_accessible    = false
+  multi_az               = var.db_multi_az
+  port                   = 5432
+
+  # A replica has no final snapshot of its own: the primary's backups cover the data.
+  deletion_protection   = var.db_deletion_protection
+  copy_tags_to_snapshot = true
+  skip_final_snapshot   = true
+
+  auto_minor_version_upgrade      = true
+  enabled_cloudwatch_logs_exports = ["postgresql", "upgrade"]
+
+  monitoring_interval = var.db_monitoring_interval
+  monitoring_role_arn = var.db_monitoring_interval > 0 ? aws_iam_role.rds_monitoring[0].arn : null
+
+  performance_insights_enabled          = var.db_performance_insights_enabled
+  performance_insights_kms_key_id       = var.db_performance_insights_enabled ? aws_kms_key.data.arn : null
+  performance_insights_retention_period = var.db_performance_insights_enabled ? 7 : null
+
+  apply_immediately = false
+
+  lifecycle {
+    # The same rule as var.db_replica_enabled's validation, where the replica is made.
+    precondition {
+      condition     = local.app_role && !var.db_master_password_managed_by_rds
+      error_message = "A read replica needs db_credentials_mode = \"app_role\" and db_master_password_managed_by_rds = false: RDS for PostgreSQL refuses to create a read replica of an instance whose master password RDS manages, and the replica is read through commng_ro, never as the master user."
+    }
   }
 }

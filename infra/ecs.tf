@@ -43,6 +43,41 @@ locals {
   # Exactly the secrets ECS injects at task start; the execution role may read only these.
   injected_secret_arns = [local.db_secret_arn, aws_secretsmanager_secret.admin_token.arn]
 
+  # The service's environment (app_container below).
+  app_environment = [
+    { name = "AWS_REGION", value = local.region },
+    # The app polls this secret itself (task role) and swaps its pool on rotation: the app
+    # secret (commng_app, alternating users) in app_role mode, the master secret in master mode.
+    { name = "DB_SECRET_ID", value = local.db_secret_arn },
+    { name = "DB_SECRET_REFRESH_INTERVAL_MS", value = tostring(var.db_secret_refresh_interval_ms) },
+    # Push: the worker that receives the rotation event checks at once, the others hear NOTIFY.
+    { name = "DB_ROTATION_QUEUE_URL", value = aws_sqs_queue.rotation_events.url },
+    { name = "DB_POOL_GRACE_PERIOD_MS", value = tostring(var.db_pool_grace_period_ms) },
+    { name = "POSTGRES_HOST", value = aws_db_instance.main.address },
+    { name = "POSTGRES_PORT", value = tostring(aws_db_instance.main.port) },
+    { name = "POSTGRES_DB", value = var.db_name },
+    # TLS with the server certificate checked against the RDS CA bundle the image ships,
+    # host name included (rds.force_ssl already rejects plain connections).
+    { name = "POSTGRES_SSL", value = "verify-full" },
+    { name = "POSTGRES_SSL_ROOT_CERT", value = "/opt/commng/certs/rds-global-bundle.pem" },
+    { name = "POSTGRES_POOL_SIZE", value = tostring(var.postgres_pool_size) },
+    { name = "PORT", value = tostring(local.container_port) },
+    { name = "WEB_CONCURRENCY", value = tostring(var.web_concurrency) },
+    { name = "LOG_LEVEL", value = var.log_level },
+    { name = "LOG_FORMAT", value = "json" },
+    # /metrics requires the admin Bearer token (the Prometheus scrape sends it).
+    { name = "METRICS_PUBLIC", value = "false" },
+    # Not read by the app. Bumping admin_token_version writes a new token and, through this
+    # value, a new task-definition revision, so the service replaces its tasks and they
+    # start with the new token (ECS injects secrets only at task start).
+    { name = "ADMIN_TOKEN_VERSION", value = tostring(aws_secretsmanager_secret_version.admin_token.secret_string_wo_version) },
+  ]
+
+  # The read replica's login (commng_ro), only when there is a replica.
+  app_replica_environment = [
+    for arn in aws_secretsmanager_secret.db_replica[*].arn : { name = "DB_REPLICA_SECRET_ID", value = arn }
+  ]
+
   app_container = {
     name      = "app"
     image     = var.container_image
@@ -50,38 +85,14 @@ locals {
 
     portMappings = [{ containerPort = local.container_port, protocol = "tcp" }]
 
-    environment = [
-      { name = "AWS_REGION", value = local.region },
-      # The app polls this secret itself (task role) and swaps its pool on rotation.
-      { name = "DB_SECRET_ID", value = aws_db_instance.main.master_user_secret[0].secret_arn },
-      { name = "DB_SECRET_REFRESH_INTERVAL_MS", value = tostring(var.db_secret_refresh_interval_ms) },
-      # Push: the worker that receives the rotation event checks at once, the others hear NOTIFY.
-      { name = "DB_ROTATION_QUEUE_URL", value = aws_sqs_queue.rotation_events.url },
-      { name = "DB_POOL_GRACE_PERIOD_MS", value = tostring(var.db_pool_grace_period_ms) },
-      { name = "POSTGRES_HOST", value = aws_db_instance.main.address },
-      { name = "POSTGRES_PORT", value = tostring(aws_db_instance.main.port) },
-      { name = "POSTGRES_DB", value = var.db_name },
-      # TLS with the server certificate checked against the RDS CA bundle the image ships,
-      # host name included (rds.force_ssl already rejects plain connections).
-      { name = "POSTGRES_SSL", value = "verify-full" },
-      { name = "POSTGRES_SSL_ROOT_CERT", value = "/opt/commng/certs/rds-global-bundle.pem" },
-      { name = "POSTGRES_POOL_SIZE", value = tostring(var.postgres_pool_size) },
-      { name = "PORT", value = tostring(local.container_port) },
-      { name = "WEB_CONCURRENCY", value = tostring(var.web_concurrency) },
-      { name = "LOG_LEVEL", value = var.log_level },
-      { name = "LOG_FORMAT", value = "json" },
-      # /metrics requires the admin Bearer token (the Prometheus scrape sends it).
-      { name = "METRICS_PUBLIC", value = "false" },
-      # Not read by the app. Bumping admin_token_version writes a new token and, through this
-      # value, a new task-definition revision, so the service replaces its tasks and they
-      # start with the new token (ECS injects secrets only at task start).
-      { name = "ADMIN_TOKEN_VERSION", value = tostring(aws_secretsmanager_secret_version.admin_token.secret_string_wo_version) },
-    ]
+    # Plus DB_REPLICA_SECRET_ID when there is a replica (local.app_replica_environment).
+    environment = concat(local.app_environment, local.app_replica_environment)
 
     # ECS resolves these ONCE, when the task starts. After a rotation the injected
     # POSTGRES_PASSWORD is stale for the rest of the task's life; that is why the app does
     # not rely on it but polls DB_SECRET_ID (and re-reads it when a login fails). They
-    # remain as the credentials of the very first connection and as a fallback.
+    # remain as the credentials of the very first connection and as a fallback. In app_role
+    # mode they come from the app secret (commng_app or its clone), never the master secret.
     secrets = [
       { name = "POSTGRES_USER", valueFrom = "${local.db_secret_arn}:username::" },
       { name = "POSTGRES_PASSWORD", valueFrom = "${local.db_secret_arn}:password::" },
@@ -182,4 +193,91 @@ resource "aws_ecs_service" "app" {
     aws_iam_role_policy.execution_secrets,
     aws_secretsmanager_secret_version.admin_token,
   ]
+}
+
+# --- Migration task (commng-migrate): the only task that logs in as the master user -------------
+# Run once per deploy that brings a migration, and once after the first apply (infra/README.md,
+# "Database roles"). Same image as the service, its own task role. In app_role mode it runs
+# `flask --app wsgi db bootstrap`: create (if missing) the NOLOGIN owner role commng_owner, the
+# login role commng_app with the app secret's password (and commng_ro with the replica
+# secret's), grant them DML (SELECT only for commng_ro) and default privileges from the owner,
+# then run the migrations as the owner (SET ROLE commng_owner). In master mode it runs
+# `flask --app wsgi db upgrade` as before.
+
+locals {
+  migration_command = local.app_role ? ["flask", "--app", "wsgi", "db", "bootstrap"] : ["flask", "--app", "wsgi", "db", "upgrade"]
+
+  # Secrets the migration task reads at runtime (task role "migrate"): the master secret, and
+  # in app_role mode the secrets whose roles it creates.
+  migration_secret_arns = distinct(concat(
+    [local.db_master_secret_arn],
+    aws_secretsmanager_secret.db_app[*].arn,
+    aws_secretsmanager_secret.db_replica[*].arn,
+  ))
+
+  migration_environment = concat(
+    [
+      { name = "AWS_REGION", value = local.region },
+      # The migrations log in as the master user, in both modes.
+      { name = "DB_SECRET_ID", value = local.db_master_secret_arn },
+      { name = "POSTGRES_HOST", value = aws_db_instance.main.address },
+      { name = "POSTGRES_PORT", value = tostring(aws_db_instance.main.port) },
+      { name = "POSTGRES_DB", value = var.db_name },
+      { name = "POSTGRES_SSL", value = "verify-full" },
+      { name = "POSTGRES_SSL_ROOT_CERT", value = "/opt/commng/certs/rds-global-bundle.pem" },
+      { name = "LOG_LEVEL", value = var.log_level },
+      { name = "LOG_FORMAT", value = "json" },
+    ],
+    # app_role: the bootstrap creates commng_app with this secret's password, and owns the
+    # schema through this role.
+    [for arn in aws_secretsmanager_secret.db_app[*].arn : { name = "DB_APP_SECRET_ID", value = arn }],
+    local.app_role ? [{ name = "DB_OWNER_ROLE", value = local.db_owner_role }] : [],
+    # With a replica: the bootstrap also creates commng_ro (SELECT only) with this password.
+    [for arn in aws_secretsmanager_secret.db_replica[*].arn : { name = "DB_REPLICA_SECRET_ID", value = arn }],
+  )
+
+  migrate_container = {
+    name      = "migrate"
+    image     = var.container_image
+    essential = true
+    command   = local.migration_command
+
+    environment = local.migration_environment
+
+    readonlyRootFilesystem = true
+    mountPoints            = [{ sourceVolume = "tmp", containerPath = "/tmp", readOnly = false }]
+
+    logConfiguration = {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.app.name
+        awslogs-region        = local.region
+        awslogs-stream-prefix = "migrate"
+      }
+    }
+  }
+}
+
+resource "aws_ecs_task_definition" "migrate" {
+  family                   = "${local.prefix}-migrate"
+  requires_compatibilities = ["FARGATE"]
+  network_mode             = "awsvpc"
+  cpu                      = var.task_cpu
+  memory                   = var.task_memory
+
+  # The service's execution role (it injects nothing here: the task reads its secrets itself)
+  # and a task role of its own, the only one that may read the master secret.
+  execution_role_arn = aws_iam_role.execution.arn
+  task_role_arn      = aws_iam_role.migrate.arn
+
+  runtime_platform {
+    operating_system_family = "LINUX"
+    cpu_architecture        = "X86_64"
+  }
+
+  volume {
+    name = "tmp"
+  }
+
+  container_definitions = jsonencode([local.migrate_container])
 }

@@ -1,4 +1,4 @@
-# Rotation of the DB master secret as events: EventBridge rules -> an SQS queue that the app
+# Rotation of the service's DB secrets (DB_SECRET_ID, and DB_REPLICA_SECRET_ID if any) as events: EventBridge rules -> an SQS queue that the app
 # consumes (DB_ROTATION_QUEUE_URL): the worker that receives an event checks the secret at
 # once and tells the other workers with NOTIFY. What no worker could handle lands in a
 # dead-letter queue.
@@ -8,12 +8,12 @@
 # now the current one"; `resources` carries the secret's ARN.
 resource "aws_cloudwatch_event_rule" "db_secret_current_updated" {
   name        = "${local.prefix}-db-secret-current-updated"
-  description = "AWSCURRENT of the ${local.prefix} DB master secret moved to a new version"
+  description = "AWSCURRENT of a ${local.prefix} DB secret the service reads moved to a new version"
 
   event_pattern = jsonencode({
     source        = ["aws.secretsmanager"]
     "detail-type" = ["Secret Label Updated"]
-    resources     = [local.db_secret_arn]
+    resources     = local.service_secret_arns
     detail = {
       labelUpdated = ["AWSCURRENT"]
     }
@@ -25,7 +25,7 @@ resource "aws_cloudwatch_event_rule" "db_secret_current_updated" {
 # RotationFailed/RotationAbandoned need an operator.
 resource "aws_cloudwatch_event_rule" "db_secret_rotation_outcome" {
   name        = "${local.prefix}-db-secret-rotation-outcome"
-  description = "Rotation of the ${local.prefix} DB master secret succeeded, failed or was abandoned"
+  description = "Rotation of a ${local.prefix} DB secret the service reads succeeded, failed or was abandoned"
 
   event_pattern = jsonencode({
     source        = ["aws.secretsmanager"]
@@ -34,7 +34,7 @@ resource "aws_cloudwatch_event_rule" "db_secret_rotation_outcome" {
       eventSource = ["secretsmanager.amazonaws.com"]
       eventName   = ["RotationSucceeded", "RotationFailed", "RotationAbandoned"]
       additionalEventData = {
-        SecretId = [local.db_secret_arn]
+        SecretId = local.service_secret_arns
       }
     }
   })

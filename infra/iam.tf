@@ -1,4 +1,6 @@
-# IAM roles (ECS execution, ECS task, VPC flow logs, RDS monitoring) and the stack's KMS keys.
+# IAM roles (ECS execution, ECS task, migration task, VPC flow logs, RDS monitoring) and the
+# stack's KMS keys. (The rotation functions' roles come from AWS's templates; their extra
+# grants are in credentials.tf.)
 #
 # Least privilege: no secretsmanager or kms action on a "*" resource in any IAM policy. (A KMS
 # *key policy* necessarily says Resource "*", which there means "this key".)
@@ -83,21 +85,23 @@ resource "aws_iam_role_policy" "execution_secrets" {
 
 resource "aws_iam_role" "task" {
   name               = "${local.prefix}-ecs-task"
-  description        = "CommNG application: read the DB master secret at runtime to follow rotations"
+  description        = "CommNG application: read its own DB login secret(s) at runtime to follow rotations"
   assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
 }
 
 data "aws_iam_policy_document" "task_db_secret" {
-  # The app polls the RDS-managed secret (DB_SECRET_ID) and, after a failed login, reads
-  # AWSCURRENT again and then AWSPENDING (GetSecretValue with VersionStage). DescribeSecret
-  # shows which version carries which label. Nothing else: no other secret, no write.
+  # The app polls its login secret (DB_SECRET_ID: the app secret in app_role mode, the master
+  # secret in master mode) and the replica's (DB_REPLICA_SECRET_ID) if any and, after a failed
+  # login, reads AWSCURRENT again and then AWSPENDING (GetSecretValue with VersionStage).
+  # DescribeSecret shows which version carries which label. Nothing else: in app_role mode not
+  # the master secret, and no write.
   statement {
-    sid = "ReadDbMasterSecret"
+    sid = "ReadOwnDbSecrets"
     actions = [
       "secretsmanager:GetSecretValue",
       "secretsmanager:DescribeSecret",
     ]
-    resources = [aws_db_instance.main.master_user_secret[0].secret_arn]
+    resources = local.service_secret_arns
   }
 
   dynamic "statement" {
@@ -136,6 +140,49 @@ resource "aws_iam_role_policy" "task_rotation_events" {
   name   = "consume-rotation-events"
   role   = aws_iam_role.task.id
   policy = data.aws_iam_policy_document.task_rotation_events.json
+}
+
+# --- Migration task role: the master secret and the secrets whose roles it creates ------------
+
+resource "aws_iam_role" "migrate" {
+  name               = "${local.prefix}-ecs-migrate"
+  description        = "CommNG migration task: log in as the master user, create the app roles with their secrets' passwords"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
+
+data "aws_iam_policy_document" "migrate_db_secrets" {
+  # Read only: the master secret (to log in) and, in app_role mode, the app and replica
+  # secrets (their first passwords become the roles' passwords). No write: the rotation
+  # functions own the values.
+  statement {
+    sid = "ReadMasterAndRoleSecrets"
+    actions = [
+      "secretsmanager:GetSecretValue",
+      "secretsmanager:DescribeSecret",
+    ]
+    resources = local.migration_secret_arns
+  }
+
+  dynamic "statement" {
+    for_each = local.secrets_kms_key_arns
+    content {
+      sid       = "DecryptSecretsKey"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "migrate_db_secrets" {
+  name   = "read-db-secrets"
+  role   = aws_iam_role.migrate.id
+  policy = data.aws_iam_policy_document.migrate_db_secrets.json
 }
 
 # --- VPC flow logs (only in the stack's own VPC) ------------------------------------------------

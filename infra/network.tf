@@ -181,8 +181,13 @@ locals {
   # Interface endpoints Fargate and the app need without a NAT:
   #   secretsmanager - ECS injects the secrets at start; the app polls the DB secret;
   #   sqs - the app long-polls the rotation-events queue;
-  #   ecr.api/ecr.dkr - image pull; logs - the awslogs driver.
-  interface_endpoints = toset(["secretsmanager", "sqs", "ecr.api", "ecr.dkr", "logs"])
+  #   ecr.api/ecr.dkr - image pull; logs - the awslogs driver;
+  #   rds (app_role mode) - the alternating-users rotation function describes the instances
+  #   (credentials.tf).
+  interface_endpoints = toset(concat(
+    ["secretsmanager", "sqs", "ecr.api", "ecr.dkr", "logs"],
+    local.app_role ? ["rds"] : [],
+  ))
 }
 
 resource "aws_vpc_endpoint" "interface" {
@@ -351,7 +356,7 @@ resource "aws_vpc_security_group_egress_rule" "tasks_https_anywhere" {
 
 resource "aws_security_group" "db" {
   name        = "${local.prefix}-db"
-  description = "PostgreSQL: the tasks in; nothing out"
+  description = "PostgreSQL: the tasks and the rotation functions in; nothing out"
   vpc_id      = local.vpc_id
 
   tags = { Name = "${local.prefix}-db" }
@@ -370,7 +375,7 @@ resource "aws_security_group" "endpoints" {
   count = var.create_vpc_endpoints ? 1 : 0
 
   name        = "${local.prefix}-endpoints"
-  description = "Interface VPC endpoints: HTTPS from the tasks"
+  description = "Interface VPC endpoints: HTTPS from the tasks and the rotation functions"
   vpc_id      = local.vpc_id
 
   tags = { Name = "${local.prefix}-endpoints" }

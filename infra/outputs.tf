@@ -35,14 +35,9 @@ output "migration_network_configuration" {
   value       = "awsvpcConfiguration={subnets=[${join(",", local.private_subnet_ids)}],securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=DISABLED}"
 }
 
-output "migration_overrides" {
-  description = "Ready-made --overrides for `aws ecs run-task`: the app container runs the database migrations (flask db upgrade) instead of gunicorn."
-  value = jsonencode({
-    containerOverrides = [{
-      name    = local.app_container.name
-      command = ["flask", "--app", "wsgi", "db", "upgrade"]
-    }]
-  })
+output "migration_task_definition_arn" {
+  description = "ARN of the migration task definition (family <prefix>-migrate) this apply deployed: in app_role mode `flask --app wsgi db bootstrap` (roles, grants, migrations as commng_owner), in master mode `flask --app wsgi db upgrade`. Run it with migration_network_configuration."
+  value       = aws_ecs_task_definition.migrate.arn
 }
 
 output "aws_region" {
@@ -56,8 +51,33 @@ output "db_endpoint" {
 }
 
 output "db_secret_arn" {
-  description = "ARN of the RDS-managed master secret (DB_SECRET_ID). Rotate now with: aws secretsmanager rotate-secret --secret-id <this>"
+  description = "ARN of the secret the service logs in with (DB_SECRET_ID): the app secret in app_role mode, the master secret in master mode. Rotate now with: aws secretsmanager rotate-secret --secret-id <this>"
   value       = local.db_secret_arn
+}
+
+output "db_master_secret_arn" {
+  description = "ARN of the master user's secret: RDS's own (rds!db-...) or, with db_master_password_managed_by_rds = false, the stack's. In app_role mode only the migration task and the rotation functions read it."
+  value       = local.db_master_secret_arn
+}
+
+output "db_app_secret_arn" {
+  description = "ARN of the app secret (login commng_app / commng_app_clone, alternating) in app_role mode; null in master mode."
+  value       = one(aws_secretsmanager_secret.db_app[*].arn)
+}
+
+output "db_replica_secret_arn" {
+  description = "ARN of the read replica's secret (login commng_ro, SELECT only; DB_REPLICA_SECRET_ID); null without a replica."
+  value       = one(aws_secretsmanager_secret.db_replica[*].arn)
+}
+
+output "db_replica_endpoint" {
+  description = "Hostname of the read replica; null without one."
+  value       = one(aws_db_instance.replica[*].address)
+}
+
+output "db_rotation_function_arns" {
+  description = "Rotation functions deployed from the Serverless Application Repository, by kind (multi_user: app and replica secrets; single_user: a master secret the stack writes)."
+  value       = local.rotation_lambda_arns
 }
 
 output "admin_token_secret_arn" {
@@ -81,8 +101,13 @@ output "log_group_name" {
 }
 
 output "task_role_arn" {
-  description = "IAM role the application runs as (reads the DB secret)."
+  description = "IAM role the application runs as (reads its own DB secret(s) only)."
   value       = aws_iam_role.task.arn
+}
+
+output "migrate_role_arn" {
+  description = "IAM role of the migration task (reads the master secret and the app/replica secrets)."
+  value       = aws_iam_role.migrate.arn
 }
 
 output "execution_role_arn" {
@@ -106,7 +131,7 @@ output "public_subnet_ids" {
 }
 
 output "tasks_security_group_id" {
-  description = "Security group of the ECS tasks (the service's, and the one a one-off task such as the migration must use)."
+  description = "Security group of the ECS tasks (the service's, and the one the migration task uses)."
   value       = aws_security_group.tasks.id
 }
 

@@ -54,9 +54,32 @@ locals {
   # when AWS adds a zone.
   azs = var.availability_zones
 
-  # The RDS-managed master secret ("rds!db-..."). Everything that reads the database
-  # credentials points at this one ARN.
-  db_secret_arn = aws_db_instance.main.master_user_secret[0].secret_arn
+  # --- Database credentials (docs/deployment-shapes.md) ---
+  # app_role (default): the service logs in as commng_app (or its clone) from a secret of its
+  # own; master: the service logs in as the RDS master user. See var.db_credentials_mode.
+  app_role = var.db_credentials_mode == "app_role"
+
+  # The master secret: RDS's own ("rds!db-...") by default, or the stack's secret when
+  # Terraform writes the master password (db_master_password_managed_by_rds = false, which a
+  # read replica needs). Only the migration task and the rotation functions read it in
+  # app_role mode.
+  db_master_secret_arn = var.db_master_password_managed_by_rds ? aws_db_instance.main.master_user_secret[0].secret_arn : aws_secretsmanager_secret.db_master[0].arn
+
+  # The secret the service logs in with (DB_SECRET_ID, POSTGRES_USER/POSTGRES_PASSWORD at
+  # start): the app secret in app_role mode, the master secret in master mode.
+  db_secret_arn = local.app_role ? aws_secretsmanager_secret.db_app[0].arn : local.db_master_secret_arn
+
+  # Every secret the service reads at runtime: its login, plus the replica's when there is one.
+  service_secret_arns = concat([local.db_secret_arn], aws_secretsmanager_secret.db_replica[*].arn)
+
+  # Every database secret something rotates; a failed rotation of any of them pages.
+  rotated_secret_arns = distinct(concat([local.db_master_secret_arn], local.service_secret_arns))
+
+  # PostgreSQL roles of app_role mode (created by the migration task's bootstrap; the
+  # rotation function creates "<user>_clone" itself when it does not exist yet).
+  db_owner_role       = "commng_owner"
+  db_app_username     = "commng_app"
+  db_replica_username = "commng_ro"
 
   # Port gunicorn listens on inside the container (gunicorn.conf.py reads $PORT).
   container_port = 8000

@@ -19,6 +19,9 @@ import pytest
 INFRA = Path(__file__).resolve().parents[1]
 DB = "aws_db_instance.main"
 DB_SECRET = f"{DB}.master_user_secret[0].secret_arn"
+MASTER_SECRET = "local.db_master_secret_arn"
+APP_SECRET = "aws_secretsmanager_secret.db_app[0].arn"
+REPLICA_SECRETS = "aws_secretsmanager_secret.db_replica[*].arn"
 META_KEYS = {"__is_block__", "__comments__", "__inline_comments__"}
 
 
@@ -85,6 +88,18 @@ def _resolve(tf: dict[str, Any], expr: Any) -> Any:
     )
 
 
+def _resolve_deep(tf: dict[str, Any], expr: Any, depth: int = 0) -> Any:
+    """Like _resolve, also for ``local.x`` anywhere inside an expression, to a fixed depth."""
+    if isinstance(expr, list):
+        return [_resolve_deep(tf, e, depth) for e in expr]
+    if not isinstance(expr, str) or depth > 5:
+        return expr
+    found = re.findall(r"\blocal\.(\w+)", expr)
+    if not found:
+        return expr
+    return [expr] + [_resolve_deep(tf, tf["locals"][n], depth + 1) for n in found if n in tf["locals"]]
+
+
 def _statements(document: dict[str, Any]) -> list[dict[str, Any]]:
     """All statements of an aws_iam_policy_document, dynamic ones included (with for_each)."""
     found = [dict(s, _dynamic=None) for s in document.get("statement", [])]
@@ -108,9 +123,13 @@ def _role_documents(tf: dict[str, Any], role: str) -> list[dict[str, Any]]:
 
 
 def _container(tf: dict[str, Any]) -> dict[str, Any]:
+    """The service's container, its environment the list of local.app_environment."""
     taskdef = tf["resource"][("aws_ecs_task_definition", "app")]
     assert taskdef["container_definitions"] == "jsonencode([local.app_container])"
-    return tf["locals"]["app_container"]
+    container = dict(tf["locals"]["app_container"])
+    assert container["environment"] == "concat(local.app_environment, local.app_replica_environment)"
+    container["environment"] = tf["locals"]["app_environment"]
+    return container
 
 
 # --- versions ---------------------------------------------------------------------------------
@@ -327,15 +346,17 @@ def test_outputs_cover_the_readme_commands(tf):
         "awsvpcConfiguration={subnets=[${join(\",\", local.private_subnet_ids)}],"
         "securityGroups=[${aws_security_group.tasks.id}],assignPublicIp=DISABLED}"
     )
-    overrides = out["migration_overrides"]
-    assert "local.app_container.name" in overrides
-    assert '["flask", "--app", "wsgi", "db", "upgrade"]' in overrides
+    assert out["migration_task_definition_arn"] == "aws_ecs_task_definition.migrate.arn"
+    assert out["db_app_secret_arn"] == "one(aws_secretsmanager_secret.db_app[*].arn)"
+    assert out["db_master_secret_arn"] == "local.db_master_secret_arn"
+    # The service's task definition no longer doubles as the migration (its role cannot DDL).
+    assert "migration_overrides" not in out
 
 
 def test_readme_commands_only_use_outputs_that_exist(tf):
     readme = (INFRA / "README.md").read_text()
     used = set(re.findall(r"terraform output (?:-raw |-json )?([a-z0-9_]+)", readme))
-    assert {"migration_network_configuration", "ecs_task_definition_arn", "admin_token_secret_arn"} <= used
+    assert {"migration_network_configuration", "migration_task_definition_arn", "admin_token_secret_arn"} <= used
     assert used <= set(tf["output"]), used - set(tf["output"])
     # No placeholder left for a value an output provides.
     assert not re.search(r"<(private-subnet-ids|tasks-sg-id|db_secret_arn|url)>", readme)
@@ -344,11 +365,19 @@ def test_readme_commands_only_use_outputs_that_exist(tf):
 # --- database ---------------------------------------------------------------------------------
 
 
-def test_db_uses_rds_managed_master_password(tf):
+def test_db_uses_rds_managed_master_password_unless_told_otherwise(tf):
     db = tf["resource"][("aws_db_instance", "main")]
-    assert db["manage_master_user_password"] is True
+    assert db["manage_master_user_password"] == "var.db_master_password_managed_by_rds ? true : null"
+    assert tf["variable"]["db_master_password_managed_by_rds"]["default"] is True
+    # Never a password in state: only the write-only argument, from the ephemeral password.
     assert "password" not in db
-    assert db["master_user_secret_kms_key_id"] == "var.master_user_secret_kms_key_id"
+    assert db["password_wo"] == "one(ephemeral.aws_secretsmanager_random_password.db_master[*].random_password)"
+    assert db["password_wo_version"] == (
+        "var.db_master_password_managed_by_rds ? null : var.db_master_password_version"
+    )
+    assert db["master_user_secret_kms_key_id"] == (
+        "var.db_master_password_managed_by_rds ? var.master_user_secret_kms_key_id : null"
+    )
     assert tf["variable"]["master_user_secret_kms_key_id"]["default"] is None
 
 
@@ -366,12 +395,22 @@ def test_parameter_group_forces_ssl(tf):
     assert {"name": "rds.force_ssl", "value": "1"} in params
 
 
-def test_db_secret_local_is_the_master_user_secret(tf):
-    assert tf["locals"]["db_secret_arn"] == DB_SECRET
+def test_db_secret_locals_switch_on_the_credentials_mode(tf):
+    locals_ = tf["locals"]
+    assert locals_["app_role"] == 'var.db_credentials_mode == "app_role"'
+    assert locals_["db_master_secret_arn"] == (
+        f"var.db_master_password_managed_by_rds ? {DB_SECRET} : aws_secretsmanager_secret.db_master[0].arn"
+    )
+    # The service's login: the app secret in app_role mode, the master secret in master mode.
+    assert locals_["db_secret_arn"] == f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}"
+    assert locals_["service_secret_arns"] == f"concat([local.db_secret_arn], {REPLICA_SECRETS})"
 
 
 def test_rotation_schedule_targets_the_master_secret_without_lambda(tf):
     rotation = tf["resource"][("aws_secretsmanager_secret_rotation", "db_master")]
+    assert rotation["count"] == (
+        "var.db_master_password_managed_by_rds && var.db_secret_rotation_schedule != null ? 1 : 0"
+    )
     assert _resolve(tf, rotation["secret_id"]) == DB_SECRET
     assert "rotation_lambda_arn" not in rotation
     assert rotation["rotate_immediately"] is False
@@ -393,7 +432,9 @@ def test_task_role_reads_exactly_the_db_secret(tf):
         "secretsmanager:DescribeSecret",
         "secretsmanager:GetSecretValue",
     ]
-    assert statement["resources"] == [DB_SECRET]
+    # Its own login secret and the replica's, never the master secret by name.
+    assert statement["resources"] == "local.service_secret_arns"
+    assert MASTER_SECRET not in str(statement)
     assert statement.get("effect", "Allow") == "Allow"
 
 
@@ -424,7 +465,10 @@ def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
     assert len(statements) == 1
     assert statements[0]["actions"] == ["secretsmanager:GetSecretValue"]
     injected = _resolve(tf, statements[0]["resources"])
-    assert injected == [DB_SECRET, "aws_secretsmanager_secret.admin_token.arn"]
+    assert injected == [
+        f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}",
+        "aws_secretsmanager_secret.admin_token.arn",
+    ]
 
 
 def test_task_role_has_no_managed_policies(tf):
@@ -471,9 +515,12 @@ def test_no_wildcard_resource_for_secretsmanager_or_kms(tf):
             assert "*" not in "".join(actions), (name, actions)
             resources = statement.get("resources", [])
             assert resources, name
-            assert not any("*" in r for r in resources), (name, resources)
+            # A local (local.service_secret_arns, ...) is resolved to its definition; a splat
+            # ([*]) there selects the stack's own resources and is not a wildcard ARN.
+            resolved = _resolve_deep(tf, resources)
+            assert not any("*" in r.replace("[*]", "") for r in _strings(resolved)), (name, resolved)
             assert "not_resources" not in statement
-    assert checked >= 4
+    assert checked >= 8
     # And no policy is written around aws_iam_policy_document as raw JSON.
     for (rtype, name), body in tf["resource"].items():
         if rtype in {"aws_iam_role_policy", "aws_iam_policy"}:
@@ -485,7 +532,7 @@ def test_no_wildcard_resource_for_secretsmanager_or_kms(tf):
 
 def test_db_secret_id_references_the_master_user_secret(tf):
     env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
-    assert env["DB_SECRET_ID"] == DB_SECRET
+    assert env["DB_SECRET_ID"] == "local.db_secret_arn"
     for name in (
         "AWS_REGION",
         "DB_SECRET_REFRESH_INTERVAL_MS",
@@ -512,18 +559,16 @@ def test_metrics_are_not_public(tf):
 
 def test_initial_credentials_come_from_the_secret_json_keys(tf):
     secrets = {s["name"]: _resolve(tf, s["valueFrom"]) for s in _container(tf)["secrets"]}
-    assert secrets["POSTGRES_USER"] == "${" + DB_SECRET + "}:username::"
-    assert secrets["POSTGRES_PASSWORD"] == "${" + DB_SECRET + "}:password::"
+    login = f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}"
+    assert secrets["POSTGRES_USER"] == "${" + login + "}:username::"
+    assert secrets["POSTGRES_PASSWORD"] == "${" + login + "}:password::"
     assert secrets["ADMIN_TOKEN"] == "aws_secretsmanager_secret.admin_token.arn"
     env = {e["name"] for e in _container(tf)["environment"]}
     assert not env & {"POSTGRES_PASSWORD", "ADMIN_TOKEN"}
 
 
 def test_admin_token_is_generated_write_only_and_never_in_state(tf):
-    (password,) = [
-        body for (rtype, _), body in tf["ephemeral"].items() if rtype == "aws_secretsmanager_random_password"
-    ]
-    assert password is tf["ephemeral"][("aws_secretsmanager_random_password", "admin_token")]
+    password = tf["ephemeral"][("aws_secretsmanager_random_password", "admin_token")]
     # Bearer-safe: letters and digits, well over the app's 16-character minimum.
     assert password["exclude_punctuation"] is True
     assert password["include_space"] is False
@@ -643,7 +688,7 @@ def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
     label = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_current_updated")]
     assert '"Secret Label Updated"' in label["event_pattern"]
     assert '["AWSCURRENT"]' in label["event_pattern"]
-    assert "local.db_secret_arn" in label["event_pattern"]
+    assert "resources = local.service_secret_arns" in label["event_pattern"]
     outcome = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_rotation_outcome")]
     assert '"RotationSucceeded"' in outcome["event_pattern"]
 
@@ -725,7 +770,11 @@ def test_rotation_failed_event_goes_to_the_alarm_topic(tf):
     assert '"AWS Service Event via CloudTrail"' in pattern
     assert 'eventName = ["RotationFailed"]' in pattern
     assert "RotationSucceeded" not in pattern
-    assert "SecretId = [local.db_secret_arn]" in pattern
+    # Every rotated DB secret: master, app, replica.
+    assert "SecretId = local.rotated_secret_arns" in pattern
+    assert tf["locals"]["rotated_secret_arns"] == (
+        "distinct(concat([local.db_master_secret_arn], local.service_secret_arns))"
+    )
     target = tf["resource"][("aws_cloudwatch_event_target", "db_secret_rotation_failed")]
     assert target["rule"] == "aws_cloudwatch_event_rule.db_secret_rotation_failed.name"
     assert target["arn"] == TOPIC
@@ -795,3 +844,225 @@ def test_readyz_failures_behind_the_alb_raise_alarms(tf):
     # The target group these watch is the one health-checking /readyz.
     (health_check,) = tf["resource"][("aws_lb_target_group", "app")]["health_check"]
     assert health_check["path"] == "/readyz"
+
+
+# --- least privilege: app role, rotation functions, migration task, replica (issue 12) ---------
+
+SAR_MULTI = "arn:aws:serverlessrepo:us-east-1:297356227824:applications/SecretsManagerRDSPostgreSQLRotationMultiUser"
+
+
+def test_credentials_mode_defaults_to_app_role_and_is_validated(tf):
+    variable = tf["variable"]["db_credentials_mode"]
+    assert variable["default"] == "app_role"
+    (validation,) = variable["validation"]
+    assert validation["condition"] == 'contains(["app_role", "master"], var.db_credentials_mode)'
+    assert "less safe" in variable["description"].lower()
+    # Everything app_role-only hangs on the switch.
+    r = tf["resource"]
+    for address in (
+        ("aws_secretsmanager_secret", "db_app"),
+        ("aws_secretsmanager_secret_version", "db_app"),
+        ("aws_secretsmanager_secret_rotation", "db_app"),
+    ):
+        assert r[address]["count"] == "local.app_role ? 1 : 0", address
+    assert tf["ephemeral"][("aws_secretsmanager_random_password", "db_app")]["count"] == "local.app_role ? 1 : 0"
+
+
+def test_app_secret_json_has_the_rotation_functions_keys_and_a_write_only_password(tf):
+    version = tf["resource"][("aws_secretsmanager_secret_version", "db_app")]
+    assert version["secret_id"] == "aws_secretsmanager_secret.db_app[0].id"
+    assert "secret_string" not in version
+    assert version["secret_string_wo_version"] == "var.db_app_secret_version"
+    body = version["secret_string_wo"]
+    assert body.startswith("jsonencode(")
+    keys = re.findall(r"(\w+)\s*=", body)
+    assert keys == ["engine", "host", "port", "dbname", "username", "password", "masterarn"]
+    assert 'engine = "postgres"' in body
+    assert "host = aws_db_instance.main.address" in body
+    assert "username = local.db_app_username" in body
+    assert tf["locals"]["db_app_username"] == "commng_app"
+    assert "password = ephemeral.aws_secretsmanager_random_password.db_app[0].random_password" in body
+    assert "masterarn = local.db_master_secret_arn" in body
+
+
+def test_db_passwords_are_libpq_and_url_safe(tf):
+    exclude = tf["locals"]["db_password_exclude_characters"]
+    for char in ("/", "@", '\\"', "'", " ", "\\\\"):
+        assert char in exclude, char
+    for name in ("db_app", "db_replica", "db_master"):
+        password = tf["ephemeral"][("aws_secretsmanager_random_password", name)]
+        assert password["exclude_characters"] == "local.db_password_exclude_characters", name
+        assert password["include_space"] is False, name
+        assert password["password_length"] >= 32, name
+
+
+def test_rotation_functions_come_from_the_serverless_application_repository(tf):
+    apps = tf["locals"]["rotation_applications"]
+    assert apps["multi_user"] == SAR_MULTI
+    assert apps["single_user"].endswith(":applications/SecretsManagerRDSPostgreSQLRotationSingleUser")
+    functions = tf["locals"]["rotation_functions"]
+    compact = re.sub(r"\s+", "", functions)
+    assert 'local.app_role?{multi_user="${local.prefix}-db-rotation-multi-user"}:{}' in compact
+    assert "var.db_master_password_managed_by_rds?{}:{single_user=" in compact
+    stack = tf["resource"][("aws_serverlessapplicationrepository_cloudformation_stack", "rotation")]
+    assert stack["for_each"] == "local.rotation_functions"
+    assert stack["application_id"] == "local.rotation_applications[each.key]"
+    params = stack["parameters"]
+    assert set(params) == {"functionName", "endpoint", "vpcSubnetIds", "vpcSecurityGroupIds"}
+    assert params["endpoint"] == "local.secretsmanager_endpoint"
+    assert tf["locals"]["secretsmanager_endpoint"].startswith("https://secretsmanager.${local.region}.")
+    assert params["vpcSubnetIds"] == 'join(",", local.private_subnet_ids)'
+    assert params["vpcSecurityGroupIds"] == "aws_security_group.rotation[0].id"
+
+
+def test_rotation_functions_reach_the_db_and_the_endpoints_only(tf):
+    r = tf["resource"]
+    egress = {
+        name: body
+        for (rtype, name), body in r.items()
+        if rtype == "aws_vpc_security_group_egress_rule" and body["security_group_id"] == "aws_security_group.rotation[0].id"
+    }
+    assert set(egress) == {"rotation_to_db", "rotation_to_endpoints", "rotation_https_anywhere"}
+    assert egress["rotation_to_db"]["referenced_security_group_id"] == "aws_security_group.db.id"
+    assert egress["rotation_to_db"]["from_port"] == egress["rotation_to_db"]["to_port"] == 5432
+    assert egress["rotation_to_endpoints"]["referenced_security_group_id"] == "aws_security_group.endpoints[0].id"
+    assert not [
+        body for (rtype, _), body in r.items()
+        if rtype == "aws_vpc_security_group_ingress_rule" and body["security_group_id"] == "aws_security_group.rotation[0].id"
+    ]
+    assert r[("aws_vpc_security_group_ingress_rule", "db_from_rotation")]["referenced_security_group_id"] == (
+        "aws_security_group.rotation[0].id"
+    )
+    assert r[("aws_vpc_security_group_ingress_rule", "endpoints_from_rotation")]["security_group_id"] == (
+        "aws_security_group.endpoints[0].id"
+    )
+    assert 'local.app_role ? ["rds"] : []' in tf["locals"]["interface_endpoints"]
+
+
+def test_app_secret_rotates_every_7_days_with_the_multi_user_function(tf):
+    rotation = tf["resource"][("aws_secretsmanager_secret_rotation", "db_app")]
+    assert rotation["secret_id"] == "aws_secretsmanager_secret.db_app[0].id"
+    assert rotation["rotation_lambda_arn"] == 'local.rotation_lambda_arns["multi_user"]'
+    assert 'stack.outputs["RotationLambdaARN"]' in tf["locals"]["rotation_lambda_arns"]
+    # Not at creation: the roles exist only after the migration task's bootstrap.
+    assert rotation["rotate_immediately"] is False
+    (rules,) = rotation["rotation_rules"]
+    assert rules["schedule_expression"] == "var.db_app_secret_rotation_schedule"
+    assert tf["variable"]["db_app_secret_rotation_schedule"]["default"] == "rate(7 days)"
+    assert "aws_iam_role_policy.rotation_multi_user" in rotation["depends_on"]
+
+
+def test_multi_user_function_reads_only_the_master_secret_besides_its_own(tf):
+    policy = tf["resource"][("aws_iam_role_policy", "rotation_multi_user")]
+    assert policy["role"] == 'local.rotation_role_names["multi_user"]'
+    statements = _statements(tf["data"][("aws_iam_policy_document", "rotation_multi_user")])
+    secrets = [s for s in statements if any(a.startswith("secretsmanager:") for a in s["actions"])]
+    (read,) = secrets
+    assert sorted(read["actions"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
+    assert read["resources"] == [MASTER_SECRET]
+    (rds,) = [s for s in statements if any(a.startswith("rds:") for a in s["actions"])]
+    assert rds["actions"] == ["rds:DescribeDBInstances"]
+    assert rds["resources"] == "local.rotation_db_instance_arns"
+    (kms,) = [s for s in statements if any(a.startswith("kms:") for a in s["actions"])]
+    assert kms["_dynamic"] == "local.secrets_kms_key_arns"
+    assert kms["condition"][0]["variable"] == "kms:ViaService"
+
+
+def test_migration_task_definition_runs_the_bootstrap_with_its_own_role(tf):
+    taskdef = tf["resource"][("aws_ecs_task_definition", "migrate")]
+    assert taskdef["family"] == "${local.prefix}-migrate"
+    assert taskdef["container_definitions"] == "jsonencode([local.migrate_container])"
+    assert taskdef["task_role_arn"] == "aws_iam_role.migrate.arn"
+    assert taskdef["execution_role_arn"] == "aws_iam_role.execution.arn"
+    container = tf["locals"]["migrate_container"]
+    assert container["image"] == "var.container_image"
+    assert container["command"] == "local.migration_command"
+    assert tf["locals"]["migration_command"] == (
+        'local.app_role ? ["flask", "--app", "wsgi", "db", "bootstrap"] : ["flask", "--app", "wsgi", "db", "upgrade"]'
+    )
+    assert container["readonlyRootFilesystem"] is True
+    assert "secrets" not in container  # it reads its secrets itself, with its task role
+    env = tf["locals"]["migration_environment"]
+    fixed = {e["name"]: e["value"] for e in _migration_fixed_env(tf)}
+    assert fixed["DB_SECRET_ID"] == MASTER_SECRET
+    assert fixed["POSTGRES_SSL"] == "verify-full"
+    assert '{name = "DB_APP_SECRET_ID", value = arn}' in env
+    assert "for arn in aws_secretsmanager_secret.db_app[*].arn" in env
+    assert 'local.app_role ? [{name = "DB_OWNER_ROLE", value = local.db_owner_role}] : []' in env
+    assert tf["locals"]["db_owner_role"] == "commng_owner"
+
+
+def _migration_fixed_env(tf: dict[str, Any]) -> list[dict[str, str]]:
+    """The literal list that opens local.migration_environment, parsed from ecs.tf's text."""
+    text = (INFRA / "ecs.tf").read_text()
+    block = text[text.index("migration_environment = concat("):text.index("migrate_container = {")]
+    return [
+        {"name": m.group(1), "value": m.group(2).strip().strip('"')}
+        for m in re.finditer(r'\{ name = "(\w+)", value = ([^}]+) \}', block)
+    ]
+
+
+def test_migration_role_reads_master_and_role_secrets_and_nothing_else(tf):
+    assert re.sub(r"\s+", "", tf["locals"]["migration_secret_arns"]) == (
+        "distinct(concat([local.db_master_secret_arn],aws_secretsmanager_secret.db_app[*].arn,"
+        "aws_secretsmanager_secret.db_replica[*].arn))"
+    )
+    statements = [
+        s for doc in _role_documents(tf, "migrate") for s in _statements(doc)
+        if any(a.startswith("secretsmanager:") for a in s["actions"])
+    ]
+    (statement,) = statements
+    assert sorted(statement["actions"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
+    assert statement["resources"] == "local.migration_secret_arns"
+    # The service's task role is not the migration's.
+    assert tf["resource"][("aws_ecs_task_definition", "app")]["task_role_arn"] == "aws_iam_role.task.arn"
+
+
+def test_replica_needs_app_role_and_a_terraform_managed_master_password(tf):
+    variable = tf["variable"]["db_replica_enabled"]
+    assert variable["default"] is False
+    (validation,) = variable["validation"]
+    assert validation["condition"] == (
+        '!var.db_replica_enabled || (var.db_credentials_mode == "app_role" && !var.db_master_password_managed_by_rds)'
+    )
+    replica = tf["resource"][("aws_db_instance", "replica")]
+    assert replica["count"] == "var.db_replica_enabled ? 1 : 0"
+    assert replica["replicate_source_db"] == "aws_db_instance.main.identifier"
+    assert replica["storage_encrypted"] is True
+    assert replica["publicly_accessible"] is False
+    assert replica["parameter_group_name"] == "aws_db_parameter_group.main.name"
+    (pre,) = replica["lifecycle"][0]["precondition"]
+    assert pre["condition"] == "local.app_role && !var.db_master_password_managed_by_rds"
+    assert "managed" in pre["error_message"]
+
+
+def test_terraform_managed_master_secret_is_write_only_and_rotated_single_user(tf):
+    version = tf["resource"][("aws_secretsmanager_secret_version", "db_master")]
+    assert version["count"] == "var.db_master_password_managed_by_rds ? 0 : 1"
+    assert "secret_string" not in version
+    body = version["secret_string_wo"]
+    assert "password = ephemeral.aws_secretsmanager_random_password.db_master[0].random_password" in body
+    assert "host = aws_db_instance.main.address" in body
+    assert version["secret_string_wo_version"] == "var.db_master_password_version"
+    rotation = tf["resource"][("aws_secretsmanager_secret_rotation", "db_master_single_user")]
+    assert rotation["count"] == "var.db_master_password_managed_by_rds ? 0 : 1"
+    assert rotation["rotation_lambda_arn"] == 'local.rotation_lambda_arns["single_user"]'
+    assert rotation["rotate_immediately"] is False
+
+
+def test_replica_secret_is_commng_ro_on_the_replica_host_rotated_multi_user(tf):
+    assert tf["locals"]["db_replica_username"] == "commng_ro"
+    secret = tf["resource"][("aws_secretsmanager_secret", "db_replica")]
+    assert secret["count"] == "var.db_replica_enabled ? 1 : 0"
+    body = tf["resource"][("aws_secretsmanager_secret_version", "db_replica")]["secret_string_wo"]
+    assert "host = aws_db_instance.replica[0].address" in body
+    assert "username = local.db_replica_username" in body
+    assert "masterarn = local.db_master_secret_arn" in body
+    rotation = tf["resource"][("aws_secretsmanager_secret_rotation", "db_replica")]
+    assert rotation["rotation_lambda_arn"] == 'local.rotation_lambda_arns["multi_user"]'
+    (rules,) = rotation["rotation_rules"]
+    assert rules["schedule_expression"] == "var.db_app_secret_rotation_schedule"
+    # The service gets DB_REPLICA_SECRET_ID only when the secret exists.
+    replica_env = tf["locals"]["app_replica_environment"]
+    assert "aws_secretsmanager_secret.db_replica[*].arn" in replica_env
+    assert "DB_REPLICA_SECRET_ID" in replica_env
