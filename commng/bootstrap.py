@@ -100,8 +100,12 @@ class _Step:
         return str(found[0][0]) if found else None
 
 
-def bootstrap(app_login: Credentials, owner: str) -> list[str]:
-    """Create what is missing for ``app_login`` and ``owner``; return what changed (empty: nothing)."""
+def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = None) -> list[str]:
+    """Create what is missing for ``app_login``, ``owner`` and ``reader``; return what changed.
+
+    ``reader`` is the replica's login (``DB_REPLICA_SECRET_ID``): a LOGIN role that may only
+    SELECT. It is created on the primary; physical replication carries it to the replica.
+    """
     base, clone = login_pair(app_login.username)
     raw = db.engine.raw_connection()
     try:
@@ -119,6 +123,8 @@ def bootstrap(app_login: Credentials, owner: str) -> list[str]:
             step.where = "granting table privileges"
             acl = step.privileges()
             _table_grants(step, base, owner)
+            if reader is not None:
+                _reader(step, reader, owner)
             if step.privileges() != acl:
                 step.changes.append(f"granted {base} read and write on {owner}'s tables and sequences")
             step.conn.commit()
@@ -185,18 +191,49 @@ def _table_grants(step: _Step, base: str, owner: str) -> None:
         )
 
 
+def _reader(step: _Step, login: Credentials, owner: str) -> None:
+    """The replica's login: created with its secret's password, SELECT on the owner's tables only."""
+    step.where = "creating the read-only role"
+    role, schema, own = sql.Identifier(login.username), sql.Identifier(SCHEMA), sql.Identifier(owner)
+    step.run(sql.SQL("RESET ROLE"))  # back to the master: the owner may not create roles
+    if not step.role_exists(login.username):
+        verifier = encrypt_password(login.password, login.username, step.conn, "scram-sha-256")
+        step.run(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(verifier)))
+        step.changes.append(
+            f"created role {login.username} (LOGIN, SELECT only, the replica secret's password)"
+        )
+    database = step.rows("SELECT current_database()")[0][0]
+    step.run(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), role))
+    step.run(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, role))
+    step.run(sql.SQL("SET LOCAL ROLE {}").format(own))
+    step.run(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(schema, role))
+    step.run(
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
+            own, schema, role
+        )
+    )
+
+
 def _app_login(settings: Settings) -> Credentials:
     if not settings.db_app_secret_id:
         raise click.ClickException("DB_APP_SECRET_ID must name the app secret whose login bootstrap creates")
+    return _secret_login(settings.db_app_secret_id, "app")
+
+
+def _reader_login(settings: Settings) -> Credentials | None:
+    return _secret_login(settings.db_replica_secret_id, "replica") if settings.db_replica_secret_id else None
+
+
+def _secret_login(secret_id: str, what: str) -> Credentials:
     runtime = get_runtime()
     source = runtime.rotator().source
     client = (
         source.client if isinstance(source, SecretsManagerSource) else make_secrets_client(runtime.settings)
     )
     try:
-        return SecretsManagerSource(client, settings.db_app_secret_id, runtime.settings).fetch().credentials
+        return SecretsManagerSource(client, secret_id, runtime.settings).fetch().credentials
     except (SecretsUnavailable, InvalidSecret) as exc:
-        raise click.ClickException(f"cannot read the app secret: {exc}") from None
+        raise click.ClickException(f"cannot read the {what} secret: {exc}") from None
 
 
 @click.command("bootstrap")
@@ -204,8 +241,7 @@ def _app_login(settings: Settings) -> Credentials:
 def bootstrap_command() -> None:
     """Create the owner and app roles, migrate as the owner, grant the app role its rows. Idempotent."""
     settings: Settings = current_app.config["COMMNG_SETTINGS"]
-    app_login = _app_login(settings)
-    changes = bootstrap(app_login, settings.db_owner_role)
+    changes = bootstrap(_app_login(settings), settings.db_owner_role, _reader_login(settings))
     for change in changes:
         click.echo(change)
     if not changes:

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def fresh(pg: PostgresCluster) -> Iterator[Fresh]:
     pg.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(f.name), master))
     yield f
     pg.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(f.name)))
-    for role in (f.clone, f.app_user, f.owner, f.master):
+    for role in (f.clone, f.app_user, f"{f.app_user}_ro", f.owner, f.master):
         pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
@@ -258,3 +258,37 @@ def test_the_flask_command_line_bootstraps_once_then_does_nothing(fresh: Fresh, 
     assert "nothing to change" in second.stdout
     everything = first.stdout + first.stderr + second.stdout + second.stderr
     assert_no_secrets(everything, [fresh.app_password, fresh.master_password])
+
+
+def test_with_a_replica_secret_bootstrap_creates_its_select_only_login(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    reader, reader_password = f"{fresh.app_user}_ro", new_password()
+    reader_arn = secretsmanager.create_secret(
+        Name=f"replica/{fresh.name}",
+        SecretString=json.dumps({"username": reader, "password": reader_password}),
+    )["ARN"]
+    settings = replace(fresh.settings(master_arn, app_arn), db_replica_secret_id=reader_arn)
+    runner = make_app(settings, secrets_client=secretsmanager).test_cli_runner()
+
+    first = runner.invoke(bootstrap_command)
+
+    assert first.exit_code == 0, first.output
+    assert f"created role {reader} (LOGIN, SELECT only" in first.output
+    conn = fresh.connect(reader, reader_password)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM channels")
+            assert cur.fetchone() == (0,)
+        _cannot(conn, "INSERT INTO channels (name, created_at) VALUES ('no', now())")
+        _cannot(conn, "DELETE FROM messages")
+        _cannot(conn, "CREATE TABLE intruder (id int)")
+    finally:
+        conn.close()
+    second = runner.invoke(bootstrap_command)
+    assert second.exit_code == 0, second.output
+    assert "nothing to change" in second.output
+    assert_no_secrets(
+        first.output + second.output, [reader_password, fresh.app_password, fresh.master_password]
+    )
