@@ -23,8 +23,8 @@ from moto.server import ThreadedMotoServer
 from commng.app import create_app
 from commng_rotation.runtime import get_runtime
 from config import Settings
-from devstack import PostgresCluster, free_port, running_cluster
-from tests.helpers import Database, drop_database, make_template, new_database
+from devstack import PostgresCluster, free_port
+from tests.helpers import Database, drop_database, migrated_cluster, new_database
 
 # Never reach a real AWS account, whatever the environment holds.
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER"):
@@ -40,13 +40,8 @@ os.environ.update(
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PostgresCluster]:
     """One PostgreSQL server for the session, with a migrated template database."""
-    base = Path(tempfile.mkdtemp(prefix="commng-pg-"))
-    try:
-        with running_cluster(base) as cluster:
-            make_template(cluster)
-            yield cluster
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with migrated_cluster("commng-pg-") as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +22,7 @@ import flask_migrate
 from psycopg2 import sql
 
 from config import Settings
-from devstack import PostgresCluster, new_password
+from devstack import PostgresCluster, new_password, running_cluster
 
 # The role that owns the migrated template database; each test's role is granted it.
 OWNER_ROLE = "commng_owner"
@@ -217,3 +219,26 @@ def frozen(pids: list[int]) -> Iterator[None]:
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+def adopted(output: str, version: str) -> set[int]:
+    """pids of the workers whose JSON log ``output`` has a successful refresh to ``version``."""
+    pids = set()
+    for line in output.splitlines():
+        if '"refresh_succeeded"' in line:
+            record = json.loads(line)
+            if record.get("new_version") == version:
+                pids.add(record["pid"])
+    return pids
+
+
+@contextmanager
+def migrated_cluster(prefix: str) -> Iterator[PostgresCluster]:
+    """A new PostgreSQL cluster in a temporary directory, with the migrated template; all removed after."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with running_cluster(base) as cluster:
+            make_template(cluster)
+            yield cluster
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -7,7 +7,6 @@ passwords used appears anywhere in gunicorn's output.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,12 @@ import requests
 
 from devstack import free_port, new_password, rotate_secret
 from devstack.processes import GunicornServer, LoadGenerator
-from tests.helpers import Database, assert_no_secrets, wait_for
+from tests.helpers import Database, adopted, assert_no_secrets, wait_for
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 2
 POOL_SIZE = 4
-
-
-def _adopted(server: GunicornServer, version: str) -> set[int]:
-    """pids of the workers that logged a successful refresh to ``version``."""
-    pids = set()
-    for line in server.output().splitlines():
-        if '"refresh_succeeded"' in line:
-            record = json.loads(line)
-            if record.get("new_version") == version:
-                pids.add(record["pid"])
-    return pids
 
 
 def test_three_rotations_under_load_fail_no_request(
@@ -58,7 +46,7 @@ def test_three_rotations_under_load_fail_no_request(
                 version = rotate_secret(
                     client, arn, database.cluster, database.role, new, 1.5, before_current=kill
                 )
-                wait_for(lambda v=version: len(_adopted(server, v)) == WORKERS, timeout_s=20)
+                wait_for(lambda v=version: len(adopted(server.output(), v)) == WORKERS, timeout_s=20)
         finally:
             result = load.stop()
 

@@ -7,7 +7,6 @@ message reads back, and no password appears in gunicorn's output.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,11 @@ from psycopg2 import sql
 
 from devstack import free_port, new_password, rotate_alternating
 from devstack.processes import GunicornServer, LoadGenerator
-from tests.helpers import Database, assert_no_secrets, wait_for
+from tests.helpers import Database, adopted, assert_no_secrets, wait_for
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 2
-
-
-def _adopted(server: GunicornServer, version: str) -> set[int]:
-    """pids of the workers that logged a successful refresh to ``version``."""
-    pids = set()
-    for line in server.output().splitlines():
-        if '"refresh_succeeded"' in line:
-            record = json.loads(line)
-            if record.get("new_version") == version:
-                pids.add(record["pid"])
-    return pids
 
 
 def test_three_alternating_rotations_under_load_fail_no_request(
@@ -63,7 +51,7 @@ def test_three_alternating_rotations_under_load_fail_no_request(
                 passwords.append(password)
                 version, user = rotate_alternating(client, arn, database.cluster, password)
                 users.append(user)
-                wait_for(lambda v=version: len(_adopted(server, v)) == WORKERS, timeout_s=20)
+                wait_for(lambda v=version: len(adopted(server.output(), v)) == WORKERS, timeout_s=20)
         finally:
             result = load.stop()
 

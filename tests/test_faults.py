@@ -10,11 +10,8 @@ POSTGRES_CONNECT_TIMEOUT_S=1, POSTGRES_STATEMENT_TIMEOUT_MS=1000, DB_OUTAGE_WAIT
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,15 +21,16 @@ from typing import Any
 import pytest
 import requests
 
-from devstack import PostgresCluster, free_port, new_password, rotate_secret, running_cluster
+from devstack import PostgresCluster, free_port, new_password, rotate_secret
 from devstack.processes import GunicornServer, http_status
 from tests.helpers import (
     Database,
+    adopted,
     assert_no_secrets,
     cluster_pids,
     drop_database,
     frozen,
-    make_template,
+    migrated_cluster,
     new_database,
     postmaster_pid,
     silent_server,
@@ -56,13 +54,8 @@ SLACK_S = 1.5
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[PostgresCluster]:
     """A migrated cluster of this module's own, which its tests freeze and restart."""
-    base = Path(tempfile.mkdtemp(prefix="commng-pg-faults-"))
-    try:
-        with running_cluster(base) as cluster:
-            make_template(cluster)
-            yield cluster
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with migrated_cluster("commng-pg-faults-") as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -176,20 +169,12 @@ def test_a_frozen_postmaster_during_a_rotation_bounds_every_answer_then_adopts(
             assert read_s <= REQUEST_BOUND_S + SLACK_S
         finally:
             os.kill(postmaster, signal.SIGCONT)
-        wait_for(lambda: version in _adopted_versions(server), timeout_s=20)
+        wait_for(lambda: bool(adopted(server.output(), version)), timeout_s=20)
         assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
         assert _worker_boots(server) == boots
     finally:
         server.stop()
     assert_no_secrets(server.output(), [own_database.password, new])
-
-
-def _adopted_versions(server: GunicornServer) -> set[str]:
-    versions = set()
-    for line in server.output().splitlines():
-        if '"refresh_succeeded"' in line:
-            versions.add(json.loads(line).get("new_version"))
-    return versions
 
 
 def test_a_restart_is_waited_out_without_a_failed_request(own_database: Database, workdir: Path) -> None:

@@ -114,7 +114,8 @@ def parse_secret(text: str | None, defaults: RotationSettings) -> Credentials:
     return Credentials(data["username"], data["password"], host, port, dbname)
 
 
-def _error_code(exc: Exception) -> str:
+def aws_error_code(exc: Exception) -> str:
+    """The AWS error code of a botocore failure, or the client's error class."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
@@ -141,7 +142,7 @@ class SecretsManagerSource:
         try:
             described = self.client.describe_secret(SecretId=self.secret_id)
         except Exception as exc:  # botocore raises many unrelated classes
-            raise SecretsUnavailable(_error_code(exc)) from None
+            raise SecretsUnavailable(aws_error_code(exc)) from None
         for version_id, stages in (described.get("VersionIdsToStages") or {}).items():
             if AWSCURRENT in stages:
                 return str(version_id)
@@ -157,7 +158,7 @@ class SecretsManagerSource:
         try:
             got = self.client.get_secret_value(SecretId=self.secret_id, VersionStage=stage)
         except Exception as exc:
-            raise SecretsUnavailable(_error_code(exc)) from None
+            raise SecretsUnavailable(aws_error_code(exc)) from None
         credentials = parse_secret(got.get("SecretString"), self.defaults)
         return SecretVersion(credentials, got.get("VersionId"), got.get("CreatedDate"), stage)
 

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import structlog
 
+from commng_rotation.credentials import aws_error_code
 from commng_rotation.events import Outcome, Trigger
 from commng_rotation.settings import RotationSettings
 from commng_rotation.watcher import SecretWatcher
@@ -161,15 +162,6 @@ def classify(body: str, secret: SecretMatcher) -> tuple[Kind, str | None, str | 
     return "ignored", name, "other_event", None
 
 
-def _aws_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code:
-            return str(code)
-    return type(exc).__name__
-
-
 class PushConsumer:
     """Long-polls the rotation-events queue; ``poll_once()`` is the single step tests call."""
 
@@ -210,7 +202,7 @@ class PushConsumer:
                 VisibilityTimeout=self.visibility_s,
             )
         except Exception as exc:  # botocore raises many unrelated classes
-            raise QueueUnavailable(_aws_code(exc)) from None
+            raise QueueUnavailable(aws_error_code(exc)) from None
         handled = []
         for message in answer.get("Messages") or []:
             if self._stop.is_set():
@@ -269,7 +261,7 @@ class PushConsumer:
         try:
             self.client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=handle)
         except Exception as exc:  # redelivered after the visibility timeout: one more check
-            log.warning("rotation_queue_delete_failed", error=_aws_code(exc), message_id=message_id)
+            log.warning("rotation_queue_delete_failed", error=aws_error_code(exc), message_id=message_id)
             return False
         return True
 
