@@ -9,11 +9,17 @@ request survive a connection that died under it:
   sent, nothing the request did is durable, so running the view again on a fresh
   connection is exactly equivalent (an INSERT flushed inside ``session.commit()`` still
   counts as not committed). When the connection dies after COMMIT was sent, the outcome
-  is in doubt. Just before sending it we note the transaction's id
-  (``pg_current_xact_id_if_assigned()``), and after the failure we ask PostgreSQL on a
-  fresh connection (``pg_xact_status``): ``aborted`` (the backend was gone before it
-  read the COMMIT) or no id at all (nothing was written) means the view runs again;
-  ``committed``, or no clear answer, returns the error as it is. Attempts are bounded.
+  is in doubt. Before sending it we note the transaction's id, and after the failure we
+  ask PostgreSQL on a fresh connection (``pg_xact_status``): ``aborted`` (the backend
+  was gone before it read the COMMIT) or no id at all (nothing was written) means the
+  view runs again; ``committed``, or no clear answer, returns the error as it is.
+  Attempts are bounded. The id costs no round trip of its own: the transaction's first
+  INSERT, UPDATE or DELETE goes out behind a ``DO`` block that raises a NOTICE with
+  ``pg_current_xact_id()``, in the same message; the id is read from the connection's
+  notices when COMMIT is about to go. A transaction that wrote some other way (or whose
+  notice did not arrive) asks ``pg_current_xact_id_if_assigned()`` just before COMMIT.
+  Since the view runs again anyway after a disconnect, its connections are checked out
+  without the pool's ping (``caller_retries``): one round trip fewer per request.
 - **The teardown.** A read leaves its transaction open until teardown, where closing the
   session sends ROLLBACK. If the backend went away after the view returned, that
   ROLLBACK raises, and an exception out of teardown becomes a 500 for a request whose
@@ -42,7 +48,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session
 
 from commng_rotation import NoCredentials, PinnedSession, bounds, describe_error, get_runtime
-from commng_rotation.engines import ManagedEngine
+from commng_rotation.engines import ManagedEngine, caller_retries
 from commng_rotation.runtime import REPLICA_BIND
 
 __all__ = [
@@ -97,17 +103,68 @@ def _remove_session(_: BaseException | None) -> None:
         db.session.registry.clear()
 
 
+# Sent in front of a transaction's first write, in the same message: the id in a NOTICE.
+# No '%' in it: psycopg2 interpolates parameters into the statement text.
+_XID_NOTICE = "commng_xid="
+_XID_PREFIX = (
+    f"DO $commng$BEGIN RAISE NOTICE USING MESSAGE = '{_XID_NOTICE}' || pg_current_xact_id(); END$commng$; "
+)
+_WRITES = ("insert", "update", "delete")
+# Connection info keys: the DO went out with a write and its NOTICE is due; the id it gave.
+_XID_DUE = "commng_xid_due"
+_XID = "commng_xid"
+
+
 def _listen_for_commits(managed: ManagedEngine) -> None:
+    sa.event.listen(managed.engine, "begin", _transaction_began)
+    sa.event.listen(managed.engine, "before_cursor_execute", _note_xid_with_first_write, retval=True)
+    sa.event.listen(managed.engine, "after_cursor_execute", _take_xid_notice)
     # The Core event fires when COMMIT is about to go to the server, after the ORM's flush.
     sa.event.listen(managed.engine, "commit", _commit_about_to_be_sent)
 
 
+def _retried() -> bool:
+    return has_app_context() and "commng_commit_xids" in g
+
+
+def _transaction_began(conn: Connection) -> None:
+    """Core ``begin``: forget the previous transaction's id (one that never committed)."""
+    conn.info.pop(_XID, None)
+    conn.info.pop(_XID_DUE, None)
+
+
+def _note_xid_with_first_write(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    """Put the id request in front of the transaction's first INSERT, UPDATE or DELETE."""
+    info = conn.info
+    if statement[:6].lower() in _WRITES and _XID not in info and not info.get(_XID_DUE) and _retried():
+        info[_XID_DUE] = True
+        return _XID_PREFIX + statement, parameters
+    return statement, parameters
+
+
+def _take_xid_notice(conn: Connection, cursor: Any, *_: Any) -> None:
+    """After that write: keep the id, and remove its NOTICE before SQLAlchemy logs the notices."""
+    if not conn.info.pop(_XID_DUE, False):
+        return
+    notices: list[str] = cursor.connection.notices
+    for i in range(len(notices) - 1, -1, -1):
+        _, found, xid = notices[i].partition(_XID_NOTICE)
+        if found:
+            del notices[i]
+            conn.info[_XID] = xid.strip()
+            return
+
+
 def _commit_about_to_be_sent(conn: Connection) -> None:
     """Core ``commit`` event: remember which transaction the COMMIT is for."""
-    if not has_app_context() or "commng_commit_xids" not in g:
+    xid = conn.info.pop(_XID, None)
+    if not _retried():
         return
     # Runs before COMMIT goes out; if this fails, the COMMIT was never sent.
-    xid = conn.exec_driver_sql("SELECT pg_current_xact_id_if_assigned()::text").scalar()
+    if xid is None:
+        xid = conn.exec_driver_sql("SELECT pg_current_xact_id_if_assigned()::text").scalar()
     g.commng_commit_xids.append(xid)
 
 
@@ -116,8 +173,9 @@ def _xact_status(xid: str) -> str | None:
     deadline = time.monotonic() + XACT_STATUS_WAIT_S
     while True:
         try:
-            # Every wait of the lookup, its connect included, ends within the verdict's wait.
-            with bounds.deadline(XACT_STATUS_WAIT_S), db.engine.connect() as conn:
+            # Every wait of the lookup, its connect included, ends within the verdict's wait;
+            # no retry around it: the pooled connection is pinged before use.
+            with bounds.deadline(XACT_STATUS_WAIT_S), caller_retries(False), db.engine.connect() as conn:
                 status = conn.exec_driver_sql("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid}).scalar()
         except DBAPIError:
             return None
@@ -150,7 +208,11 @@ def retry_on_disconnect(view: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         settings = get_runtime().settings
         budget_s = settings.outage_wait_s
-        with bounds.outage_wait(budget_s), bounds.deadline(budget_s + settings.statement_timeout_ms / 1000):
+        with (
+            bounds.outage_wait(budget_s),
+            bounds.deadline(budget_s + settings.statement_timeout_ms / 1000),
+            caller_retries(),
+        ):
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 g.commng_commit_xids = []
                 try:

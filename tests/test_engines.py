@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from commng.db import db
-from commng_rotation import compat, get_runtime
+from commng_rotation import compat, engines, get_runtime
 from commng_rotation.compat import install_engine
 from commng_rotation.engines import EngineFactory
 from tests.helpers import Database
@@ -73,7 +73,9 @@ def test_every_engine_gets_the_same_options(app: Flask) -> None:
     for engine in (first, second):
         pool: Any = engine.pool
         assert pool.size() == factory.settings.pool_size
-        assert pool._pre_ping is True
+        # The ping is the checkout listener's (skipped where the caller retries), not the pool's.
+        assert pool._pre_ping is False
+        assert sa.event.contains(engine, "checkout", engines._ping_on_checkout)
         assert engine.hide_parameters is True
     assert factory.options() == factory.options()
     assert factory.options() is not factory.options()
@@ -100,3 +102,31 @@ def test_bind_parameters_are_hidden_by_sqlalchemy(client: Any, app: Flask) -> No
         assert "[SQL parameters hidden due to hide_parameters=True]" in str(raised.value)
         assert "'v': 'secret-value-123'" not in str(raised.value)
         db.session.rollback()
+
+
+def test_a_dead_idle_connection_is_replaced_on_checkout_where_nothing_retries(
+    app: Flask, database: Database
+) -> None:
+    """Readiness, admin, history and the CLI do not retry: their checkout still pings."""
+    with app.app_context():
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        db.session.remove()  # back to the pool, idle
+        database.cluster.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert db.session.execute(sa.text("SELECT 1")).scalar() == 1  # pinged, replaced
+        assert db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
+        db.session.remove()
+
+
+def test_no_ping_where_the_caller_retries(app: Flask, database: Database) -> None:
+    """Inside ``caller_retries`` a dead idle connection is handed out as it is: the caller's
+    first statement fails as a disconnect (and ``retry_on_disconnect`` runs the view again)."""
+    with app.app_context():
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        db.session.remove()
+        database.cluster.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with engines.caller_retries(), pytest.raises(sa.exc.DBAPIError) as raised:
+            db.session.execute(sa.text("SELECT 1"))
+        assert raised.value.connection_invalidated
+        db.session.remove()
+        assert db.session.execute(sa.text("SELECT 1")).scalar() == 1
+        db.session.remove()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, g
 from sqlalchemy.engine import Connection
 
 from commng.db import db, retry_on_disconnect
@@ -131,3 +131,38 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
     assert len(calls) == 2
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
+
+
+def test_the_commit_xid_comes_with_the_first_write_at_no_extra_round_trip(
+    app: Flask, database: Database, client: Any
+) -> None:
+    """The id noted before COMMIT is the one that wrote the row, and no statement asked for it."""
+    channel = client.post("/api/channels", json={"name": "xid"}).json["id"]
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    @retry_on_disconnect
+    def view() -> tuple[int, list[str | None]]:
+        message = Message(channel_id=channel, body="which transaction?")
+        db.session.add(message)
+        db.session.commit()
+        return message.id, list(g.commng_commit_xids)
+
+    with app.test_request_context():
+        sa.event.listen(db.engine, "before_cursor_execute", record)
+        try:
+            message_id, xids = view()
+        finally:
+            sa.event.remove(db.engine, "before_cursor_execute", record)
+    assert not [s for s in sent if "xact_id_if_assigned" in s], sent
+    assert len([s for s in sent if s.startswith("DO ")]) == 1, sent
+    assert len(xids) == 1
+    assert xids[0] is not None
+    rows = database.cluster.execute(
+        "SELECT xmin::text, pg_xact_status(%s::xid8) FROM messages WHERE id = %s",
+        (xids[0], message_id),
+        dbname=database.name,
+    )
+    assert rows == [(str(int(xids[0]) % 2**32), "committed")]

@@ -15,11 +15,14 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg2
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
@@ -32,6 +35,7 @@ __all__ = [
     "EngineFactory",
     "ManagedEngine",
     "NoCredentials",
+    "caller_retries",
     "describe_error",
     "drain",
     "error_code",
@@ -48,6 +52,24 @@ KEEPALIVE_USER_TIMEOUT_MS = 10_000
 # Backoff between connection attempts while a request waits out an outage.
 OUTAGE_FIRST_RETRY_S = 0.05
 OUTAGE_MAX_RETRY_S = 1.0
+
+
+# True while the code that checks a connection out re-runs its work after a disconnect
+# (``commng.db.retry_on_disconnect``): the ping before checkout is then a round trip
+# that buys nothing, since a dead connection fails the first statement and the work
+# runs again on a fresh one. Everywhere else (readiness, admin, history, CLI) pings.
+_caller_retries: ContextVar[bool] = ContextVar("commng_caller_retries", default=False)
+_FRESH = "commng_fresh"
+
+
+@contextmanager
+def caller_retries(retries: bool = True) -> Iterator[None]:
+    """Inside the block, connections are checked out without the ping (``retries=False``: with it)."""
+    token = _caller_retries.set(retries)
+    try:
+        yield
+    finally:
+        _caller_retries.reset(token)
 
 
 class NoCredentials(RuntimeError):
@@ -230,8 +252,9 @@ class EngineFactory:
             # the password of the user not in use), a connection opened as one user is
             # closed before the rotation after next changes that user's password.
             "pool_recycle": s.rotation_period_s,
-            # A connection killed while idle is noticed before use, then replaced.
-            "pool_pre_ping": True,
+            # A connection killed while idle is noticed before use, then replaced: by the
+            # checkout listener's ping (see _listen), or, where the caller retries, by the retry.
+            "pool_pre_ping": False,
             # Bind parameters would otherwise appear in exception text and logs.
             "hide_parameters": True,
             "connect_args": {
@@ -314,6 +337,32 @@ class EngineFactory:
 
         sa.event.listen(managed.engine, "do_connect", connect)
         sa.event.listen(managed.engine, "checkin", checkin)
+        sa.event.listen(managed.engine, "connect", _mark_fresh)
+        sa.event.listen(managed.engine, "checkout", _ping_on_checkout)
+
+
+def _mark_fresh(dbapi_connection: Any, record: Any) -> None:
+    record.info[_FRESH] = True  # just opened: nothing to ping
+
+
+def _ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """SQLAlchemy's pre-ping, skipped where the caller retries and on a fresh connection.
+
+    A failed ping raises DisconnectionError: the pool then invalidates every connection
+    older than now and hands out a new one, exactly as ``pool_pre_ping`` does.
+    """
+    if record.info.pop(_FRESH, False) or _caller_retries.get():
+        return
+    autocommit = dbapi_connection.autocommit
+    try:
+        dbapi_connection.autocommit = True  # no BEGIN for the ping (what SQLAlchemy's does)
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except psycopg2.Error as exc:
+        raise sa.exc.InvalidatePoolError(f"ping failed: {describe_error(exc)}") from exc
+    finally:
+        if not dbapi_connection.closed:
+            dbapi_connection.autocommit = autocommit
 
 
 def probe(engine: Engine, timeout_s: float) -> None:
