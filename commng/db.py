@@ -150,10 +150,10 @@ def _take_xid_notice(conn: Connection, cursor: Any, *_: Any) -> None:
         return
     notices: list[str] = cursor.connection.notices
     for i in range(len(notices) - 1, -1, -1):
-        _, found, xid = notices[i].partition(_XID_NOTICE)
+        _, found, reported = notices[i].partition(_XID_NOTICE)
         if found:
             del notices[i]
-            conn.info[_XID] = xid.strip()
+            conn.info[_XID] = reported.strip()
             return
 
 
