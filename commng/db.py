@@ -144,7 +144,7 @@ def _note_xid_with_first_write(
     return statement, parameters
 
 
-def _take_xid_notice(conn: Connection, cursor: Any, *_: Any) -> None:
+def _take_xid_notice(conn: Connection, cursor: Any, *rest: Any) -> None:
     """After that write: keep the id, and remove its NOTICE before SQLAlchemy logs the notices."""
     if not conn.info.pop(_XID_DUE, False):
         return
