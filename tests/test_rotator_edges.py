@@ -102,3 +102,48 @@ def test_rotations_faster_than_the_grace_period_keep_at_most_the_cap_draining(
         conn.close()
     # A connection returned to a pool closed early is closed, not kept.
     wait_for(lambda: database.backends() <= 1 + rotator.MAX_DRAINING)
+
+
+def test_a_rotation_that_finishes_between_the_two_reads_is_adopted_from_awscurrent(
+    secret_app: Flask, database: Database, secretsmanager: Any, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused login; AWSCURRENT still old when read; then AWSCURRENT moves and AWSPENDING goes.
+
+    The refresh used to read AWSPENDING next, find it gone, fail, and answer 503.
+    """
+    runtime = get_runtime(secret_app)
+    r = runtime.rotator()
+    new = new_password()
+    old_version = _versions(secretsmanager, secret)[AWSCURRENT][0]
+    pending = secretsmanager.put_secret_value(
+        SecretId=secret, SecretString=database.secret_string(new), VersionStages=[AWSPENDING]
+    )["VersionId"]
+    database.cluster.set_password(database.role, new)
+    fetch = r.source.fetch
+    stages: list[str] = []
+
+    def fetch_then_finish(stage: str = AWSCURRENT) -> Any:
+        stages.append(stage)
+        got = fetch(stage)
+        if stages == [AWSCURRENT]:  # Secrets Manager's finishSecret lands right after our read
+            secretsmanager.update_secret_version_stage(
+                SecretId=secret,
+                VersionStage=AWSCURRENT,
+                MoveToVersionId=pending,
+                RemoveFromVersionId=old_version,
+            )
+            secretsmanager.update_secret_version_stage(
+                SecretId=secret, VersionStage=AWSPENDING, RemoveFromVersionId=pending
+            )
+        return got
+
+    monkeypatch.setattr(r.source, "fetch", fetch_then_finish)
+    r.active.engine.dispose()  # type: ignore[union-attr]  # the next login is a new one
+
+    with secret_app.app_context():
+        assert secret_app.test_client().get("/api/channels").status_code == 200
+    assert stages == [AWSCURRENT, AWSPENDING, AWSCURRENT]
+    event = runtime.events.recent(1)[0]
+    assert (event.trigger, event.outcome, event.new_version) == ("auth_failure", "rotated", pending)
+    assert r.current is not None
+    assert (r.current.stage, r.current.version_id) == (AWSCURRENT, pending)

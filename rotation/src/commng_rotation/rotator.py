@@ -203,8 +203,7 @@ class Rotator:
         if attempt.failed is not None and latest.credentials == attempt.failed:
             # The rotation window: the database already has the new password but
             # AWSCURRENT still holds the old one. AWSPENDING holds the new one.
-            attempt.stage = AWSPENDING
-            return self.source.fetch(AWSPENDING)
+            return self._fetch_pending(attempt)
         if latest.credentials == self.credentials:
             self.current = latest  # a new version id with the same login: nothing to swap
             log.info(
@@ -214,6 +213,28 @@ class Rotator:
                 new_version=latest.version_id,
             )
             return None
+        return latest
+
+    def _fetch_pending(self, attempt: _Attempt) -> SecretVersion:
+        """AWSPENDING; or AWSCURRENT again when the rotation finished since we read it.
+
+        Secrets Manager's last step moves AWSCURRENT to the new version, then takes
+        AWSPENDING off it: between our two reads both can have happened, and AWSPENDING
+        is gone (ResourceNotFoundException) while AWSCURRENT now holds the new login.
+        """
+        attempt.stage = AWSPENDING
+        try:
+            return self.source.fetch(AWSPENDING)
+        except SecretsUnavailable as exc:
+            if exc.code != "ResourceNotFoundException":
+                raise
+            missing = exc
+        attempt.stage = AWSCURRENT
+        latest = self.source.fetch(AWSCURRENT)
+        if latest.credentials == attempt.failed:
+            raise missing  # no rotation under way after all: the refused login is all there is
+        attempt.current_version = latest.version_id
+        log.info("rotation_finished_while_reading", bind=self.bind, new_version=latest.version_id)
         return latest
 
     def _adopt_latest(
