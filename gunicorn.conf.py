@@ -88,6 +88,9 @@ logconfig_dict = {
         **{name: {"level": level} for name, level in _logs.QUIET_LOGGERS.items()},
     },
 }
+# The access record gets only the atoms the JSON line keeps (logs.access_logger_class
+# says why): gunicorn's stock access() builds every header and environ atom per request.
+logger_class = _logs.access_logger_class()
 # The control socket (gunicorn 27) is not used; several gunicorns on one host would share it.
 control_socket_disable = True
 

@@ -27,7 +27,7 @@ monkey.patch_all()
 import sqlalchemy as sa  # noqa: E402
 from flask import Flask  # noqa: E402
 
-from bench.features import FEATURES  # noqa: E402
+from bench.features import FEATURES, no_access_log  # noqa: E402
 from wsgi import app  # noqa: E402  (the product's app, built by create_app)
 
 
@@ -57,9 +57,7 @@ def without(flask_app: Flask, features: set[str]) -> None:
     if unknown:
         raise SystemExit(f"BENCH_WITHOUT: unknown feature(s) {sorted(unknown)}; known: {FEATURES}")
     if "access_log" in features:
-        from gunicorn.glogging import Logger
-
-        Logger.access = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        no_access_log()
     if "metrics" in features:
         from commng.observability import metrics
 

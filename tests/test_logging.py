@@ -139,11 +139,14 @@ def test_stable_events_carry_their_sentences(
 
 
 def _access_record(
-    headers: list[tuple[str, str]], response_headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]],
+    response_headers: list[tuple[str, str]],
+    logger_class: type = glogging.Logger,
 ) -> logging.LogRecord:
-    """The record gunicorn's Logger.access() hands to the gunicorn.access logger."""
-    gunicorn_log = glogging.Logger.__new__(glogging.Logger)
-    gunicorn_log.cfg = Config()
+    """The record ``logger_class.access()`` hands to the gunicorn.access logger."""
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    gunicorn_log = logger_class(cfg)
     environ = {
         "REQUEST_METHOD": "POST",
         "RAW_URI": "/api/channels/7/messages?token=" + SECRET,
@@ -155,12 +158,17 @@ def _access_record(
     }
     response = SimpleNamespace(status="201 CREATED", headers=response_headers, sent=42)
     request = SimpleNamespace(headers=headers)
-    atoms = glogging.SafeAtoms(
-        gunicorn_log.atoms(response, request, environ, timedelta(milliseconds=12, microseconds=345))
-    )
-    return logging.LogRecord(
-        "gunicorn.access", logging.INFO, __file__, 1, gunicorn_log.cfg.access_log_format, (atoms,), None
-    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    access_log = logging.getLogger("gunicorn.access")
+    access_log.addHandler(handler)
+    try:
+        gunicorn_log.access(response, request, environ, timedelta(milliseconds=12, microseconds=345))
+    finally:
+        access_log.removeHandler(handler)
+    (record,) = records
+    return record
 
 
 def test_gunicorn_access_record_becomes_a_structured_event() -> None:
@@ -181,6 +189,22 @@ def test_gunicorn_access_record_becomes_a_structured_event() -> None:
     assert {"level", "timestamp", "logger"} <= set(event)
     assert "positional_args" not in event
     assert_no_secrets(line, [SECRET])
+
+
+def test_the_slim_access_logger_writes_the_same_line_as_gunicorns() -> None:
+    """gunicorn.conf.py's logger_class builds only the atoms the line keeps: same line, less work."""
+    headers = [("Authorization", f"Bearer {SECRET}"), ("X-Request-ID", "from-client")]
+    response_headers = [("Content-Type", "application/json"), ("x-request-id", "from-client")]
+    stock = json.loads(logs.formatter("json").format(_access_record(headers, response_headers)))
+    slim_record = _access_record(headers, response_headers, logs.access_logger_class())
+    slim_line = logs.formatter("json").format(slim_record)
+    slim = json.loads(slim_line)
+    del stock["timestamp"], slim["timestamp"]
+    assert slim == stock
+    assert slim["request_id"] == "from-client"
+    assert_no_secrets(slim_line + repr(slim_record.args), [SECRET])
+    no_id = json.loads(logs.formatter("json").format(_access_record(headers, [], logs.access_logger_class())))
+    assert no_id["request_id"] is None
 
 
 def test_other_records_keep_their_message_and_drop_their_arguments() -> None:

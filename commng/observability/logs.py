@@ -14,13 +14,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import click
 import structlog
 
-__all__ = ["ACCESS_EVENT", "EVENT_MESSAGES", "QUIET_LOGGERS", "configure", "formatter", "route_to_stdlib"]
+__all__ = [
+    "ACCESS_EVENT",
+    "EVENT_MESSAGES",
+    "QUIET_LOGGERS",
+    "access_logger_class",
+    "configure",
+    "formatter",
+    "route_to_stdlib",
+]
 
 # The operator-facing sentence of each stable event (the wording runbooks and log
 # searches already use), kept word for word as its message.
@@ -91,6 +100,44 @@ def _access_fields(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     event_dict["request_id"] = atoms.get("{x-request-id}o")
     event_dict["remote_addr"] = atoms.get("h")
     return event_dict
+
+
+def _response_header(headers: Any, name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
+def access_logger_class() -> type:
+    """gunicorn's Logger, handing the access record only the atoms ``_access_fields`` keeps.
+
+    gunicorn's own ``access()`` builds every atom first (each request and response
+    header, the whole environ, a strftime timestamp) and wraps them in a case-folding
+    mapping: most of the line's cost, for fields the line then drops. The record, its
+    level and its logger are the same, so the line is too (tests/test_logging.py).
+    """
+    from gunicorn import glogging
+
+    class AccessLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn is untyped: Any
+        def access(self, resp: Any, req: Any, environ: Mapping[str, Any], request_time: Any) -> None:
+            if not self.access_log_enabled:
+                return
+            status = resp.status
+            atoms = {
+                "m": environ.get("REQUEST_METHOD"),
+                "U": environ.get("PATH_INFO"),
+                "s": status.split(None, 1)[0] if isinstance(status, str) else status,
+                "D": request_time.seconds * 1_000_000 + request_time.microseconds,
+                "{x-request-id}o": _response_header(resp.headers, "x-request-id"),
+                "h": environ.get("REMOTE_ADDR", "-"),
+            }
+            try:
+                self.access_log.info(ACCESS_EVENT, atoms)
+            except Exception:
+                self.error(traceback.format_exc())
+
+    return AccessLogger
 
 
 def _shared_processors() -> list[Any]:
