@@ -27,7 +27,6 @@ class PinnedSession(Session):
         # Flask-SQLAlchemy hands its extension to the session class: keep our own reference.
         self._extension = db
         self._pinned: dict[str | None, Engine] | None = None
-        sa.event.listen(self, "after_transaction_end", _unpin)
 
     def get_bind(
         self,
@@ -49,6 +48,12 @@ class PinnedSession(Session):
         return chosen
 
 
-def _unpin(session: PinnedSession, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
+def _unpin(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None and isinstance(session, PinnedSession):
         session._pinned = None
+
+
+# Once, for the class: a listener added per instance costs SQLAlchemy a listener
+# collection for every session, i.e. every request. Sessions of other classes are
+# not PinnedSessions and pass through _unpin untouched.
+sa.event.listen(PinnedSession, "after_transaction_end", _unpin)
