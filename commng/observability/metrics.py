@@ -260,6 +260,10 @@ class _PoolTracker:
         # by a finalizer running in this very thread.
         self._lock = threading.RLock()
         self._tallies: weakref.WeakSet[_PoolTally] = weakref.WeakSet()
+        # What the gauge shows, by state, and its labelled children: a checkout or checkin
+        # moves one connection between two states, so it writes those two values only.
+        self._shown: dict[str, int] = {}
+        self._children: dict[str, Any] = {}
 
     def track(self, engine: sa.Engine) -> None:
         pool: Any = engine.pool
@@ -300,7 +304,13 @@ class _PoolTracker:
 
     def _publish(self) -> None:
         for state, value in self._figures().items():
-            POOL_CONNECTIONS.labels(state).set(value)
+            if self._shown.get(state) == value:
+                continue
+            child = self._children.get(state)
+            if child is None:
+                child = self._children[state] = POOL_CONNECTIONS.labels(state)
+            child.set(value)
+            self._shown[state] = value
 
 
 _POOLS = _PoolTracker()
