@@ -4,9 +4,10 @@ psycopg2 hands every wait (connect, send, receive) to a process-wide callback on
 is installed, and a gevent worker needs one: a blocking libpq call would stall every
 greenlet of the worker. psycogreen's callback waits with no timeout, and libpq does not
 enforce ``connect_timeout`` on that path: against a host that accepts and never answers,
-a worker waited forever. This module's callback waits with ``select.select`` (cooperative
-once gevent has patched ``select``, blocking in a plain thread) and never past the current
-deadline:
+a worker waited forever. This module's callback waits on the socket (with gevent's own
+``wait_read``/``wait_write`` once gevent has patched ``select``: one watcher per wait,
+where the patched ``select.select`` builds several; with ``select.select`` in a plain
+thread) and never past the current deadline:
 
 - ``deadline(seconds)`` sets one around a piece of work (a connect, a probe, a request);
   nested deadlines only ever shorten it;
@@ -28,8 +29,9 @@ so the retry cannot duplicate a write.
 from __future__ import annotations
 
 import select
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -44,10 +46,44 @@ _outage_until: ContextVar[float | None] = ContextVar("commng_db_outage_until", d
 _default_wait_s = 30.0
 
 
+def _timed_out() -> psycopg2.OperationalError:
+    return psycopg2.OperationalError("timeout expired")
+
+
+def _select_wait(fd: int, write: bool, timeout_s: float) -> None:
+    """Wait until ``fd`` is ready, or raise the timeout (a plain thread, or a patched select)."""
+    readable, writable, _ = select.select([] if write else [fd], [fd] if write else [], [], timeout_s)
+    if not (readable or writable):
+        raise _timed_out()
+
+
+def _gevent_waiter() -> Callable[[int, bool, float], None]:
+    """The same wait as one gevent io watcher (what psycogreen's callback does, bounded)."""
+    from gevent.socket import wait_read, wait_write
+
+    def gevent_wait(fd: int, write: bool, timeout_s: float) -> None:
+        (wait_write if write else wait_read)(fd, timeout=timeout_s, timeout_exc=_timed_out())
+
+    return gevent_wait
+
+
+_wait_for_fd: Callable[[int, bool, float], None] = _select_wait
+
+
+def _gevent_patched_select() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("select"))
+
+
 def install(default_wait_s: float) -> None:
-    """Use the bounded wait for every psycopg2 connection of this process (idempotent)."""
-    global _default_wait_s
+    """Use the bounded wait for every psycopg2 connection of this process (idempotent).
+
+    Call it after gevent's ``patch_all`` when there is one (the service's wsgi.py does):
+    the wait is then gevent's own.
+    """
+    global _default_wait_s, _wait_for_fd
     _default_wait_s = default_wait_s
+    _wait_for_fd = _gevent_waiter() if _gevent_patched_select() else _select_wait
     psycopg2.extensions.set_wait_callback(_wait)
 
 
@@ -94,13 +130,10 @@ def _wait(conn: Any) -> None:
         if left is None:
             left = _default_wait_s
         if left <= 0:
-            raise psycopg2.OperationalError("timeout expired")
-        fd = conn.fileno()
+            raise _timed_out()
         if state == psycopg2.extensions.POLL_READ:
-            ready, _, _ = select.select([fd], [], [], left)
+            _wait_for_fd(conn.fileno(), False, left)
         elif state == psycopg2.extensions.POLL_WRITE:
-            _, ready, _ = select.select([], [fd], [], left)
+            _wait_for_fd(conn.fileno(), True, left)
         else:  # pragma: no cover - psycopg2 documents only the three states
             raise psycopg2.OperationalError(f"unexpected poll state {state}")
-        if not ready:
-            raise psycopg2.OperationalError("timeout expired")
