@@ -94,7 +94,7 @@ class Launched:
         self.ctx.t0 = t0
         self.cpu_before = measure.process_cpu_s(self.pids)
         self.statements_before = self.ctx.stack.statements(self.ctx.db)
-        self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.role, t0)
+        self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.roles, t0)
         self.sampler.start()
 
     def load(self, max_s: float) -> LoadGenerator:
