@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["ReadsSampler", "read_counts", "summarize_reads"]
+__all__ = ["ReadsSampler", "read_counts", "replica_per_second", "summarize_reads"]
 
 METRIC = "commng_db_reads"
 BINDS = ("replica", "primary")
@@ -83,6 +83,12 @@ def _at(series: list[tuple[float, int, int]], t: float) -> tuple[float, int, int
             break
         found = sample
     return found
+
+
+def replica_per_second(series: list[tuple[float, int, int]]) -> list[int]:
+    """Reads served by the replica in each whole second of the run: [0, 1), [1, 2) ..."""
+    end = int(series[-1][0]) if series else 0
+    return [_at(series, k)[1] - _at(series, k - 1)[1] for k in range(1, end + 1)]
 
 
 def _share(series: list[tuple[float, int, int]], spans: list[tuple[float, float]]) -> dict[str, Any]:

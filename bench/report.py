@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.replica import replica_per_second
 from bench.scenarios import Context, Scenario
 from devstack.processes import LoadResult
 
@@ -391,6 +392,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         failed = Counter(int(t) for t in tl["failures_t"])
         ok_rps = [n - failed.get(t, 0) for t, n in zip(tl["t"], tl["rps"], strict=True)]
         ax.plot(tl["t"], ok_rps, color="tab:blue", lw=1.2, label="successful requests/s")
+        if r.get("replica_reads"):
+            per_s = replica_per_second(r["replica_reads"]["series"])
+            # Second k is [k, k + 1), as for the requests (binned by when they ended).
+            ax.plot(range(len(per_s)), per_s, color="tab:cyan", lw=1, label="replica reads/s")
         ax.set_ylabel("ok req/s", color="tab:blue")
         ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
@@ -425,7 +430,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         )
         ax.set_xlim(0, max(tl["t"], default=1) + 1)
     axes[-1, 0].set_xlabel(
-        "seconds since the load started (green: rotation steps, purple: other events, red x: failed requests)"
+        "seconds since the load started (green: rotation steps, purple: other events, red x: failed "
+        "requests; cyan: reads/s served by the replica)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bench import measure, routes
-from bench.replica import summarize_reads
+from bench.replica import replica_per_second, summarize_reads
 from devstack.processes import ROOT
 from tests.helpers import Database
 
@@ -85,6 +85,7 @@ def test_replica_shares_are_taken_per_phase_from_the_read_counters() -> None:
     assert phases["after"] == {"replica": 149, "primary": 10, "share": 0.937}
     assert reads["back_on_replica_s"] == 1.0
     assert reads["workers_back_s"] == [0.9, 1.1]
+    assert replica_per_second(series) == [100, 1, 0, 49, 100]  # the plot's line
 
     rotations = [{"start": 1.0, "alter": 1.1, "end": 1.5}]
     around = summarize_reads(series, rotations, {}, [])["phases"]["around_rotations"]
