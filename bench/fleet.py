@@ -202,7 +202,7 @@ def run_mode(stack: BenchStack, mode: Mode) -> dict[str, Any]:
         time.sleep(WARMUP_S)  # first connections of every pool: not the steady state
         stack.moto.take_calls()
         t0 = time.monotonic()
-        sampler = BackendSampler(stack.cluster, db.role, t0, period_s=0.25)
+        sampler = BackendSampler(stack.cluster, (db.role,), t0, period_s=0.25)
         sampler.start()
         time.sleep(STEADY_S)
         kill = (lambda: stack.cluster.terminate_backends(db.role)) if mode.terminate_idle else None

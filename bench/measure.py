@@ -7,11 +7,22 @@ import os
 import platform
 import re
 import resource
+import urllib.parse
 from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["app_log_events", "machine", "process_cpu_s", "self_cpu_s", "worker_pids"]
+__all__ = [
+    "app_log_events",
+    "event_times",
+    "machine",
+    "passwords_in",
+    "process_cpu_s",
+    "self_cpu_s",
+    "worker_pids",
+]
 
 # Error lines worth showing as they are (the expected 503s and refresh failures are counted).
 _COUNTED_ERRORS = {"database_unavailable", "refresh_failed"}
@@ -35,7 +46,8 @@ def app_log_events(output: str) -> dict[str, Any]:
         if record.get("level") in {"error", "critical"} and event not in _COUNTED_ERRORS and len(errors) < 5:
             errors.append(line[:1500])
         if event == "refresh_succeeded":
-            counts[f"refresh_succeeded ({record.get('trigger')})"] += 1
+            bind = f", {record['bind']}" if record.get("bind") else ""  # the primary's bind is None
+            counts[f"refresh_succeeded ({record.get('trigger')}{bind})"] += 1
             if record.get("detection_latency_ms") is not None:
                 detection.setdefault(str(record.get("trigger")), []).append(
                     float(record["detection_latency_ms"])
@@ -46,12 +58,17 @@ def app_log_events(output: str) -> dict[str, Any]:
             drains.append(float(record["drained_ms"]))
         elif event in {"refresh_failed", "secret_check_failed"}:
             counts[f"{event} ({record.get('error')})"] += 1
+        elif event == "replica_unavailable":
+            counts[f"replica_unavailable ({record.get('reason')})"] += 1
         elif event in {
             "database_unavailable",
             "request_retried_after_disconnect",
             "unhandled_exception",
             "startup_credentials_unavailable",
             "secret_version_unchanged_login",
+            "replica_reads_resumed",
+            "replica_lagging",
+            "session_close_failed",
         }:
             counts[event] += 1
     return {
@@ -61,6 +78,34 @@ def app_log_events(output: str) -> dict[str, Any]:
         "counts": dict(counts),
         "errors": errors,
     }
+
+
+def event_times(output: str, event: str, wall_t0: float) -> list[tuple[float, int]]:
+    """(seconds from ``wall_t0``, worker pid) of every ``event`` line in the JSON log."""
+    found: list[tuple[float, int]] = []
+    for line in output.splitlines():
+        if not line.startswith("{") or f'"{event}"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+            at = datetime.fromisoformat(record["timestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if record.get("event") == event:
+            found.append((round(at - wall_t0, 3), int(record.get("pid") or 0)))
+    return found
+
+
+def passwords_in(output: str, passwords: Iterable[str]) -> int:
+    """How many of ``passwords`` appear in ``output``, as they are or URL-encoded."""
+    return sum(
+        1
+        for password in set(passwords)
+        if any(
+            form in output
+            for form in {password, urllib.parse.quote(password), urllib.parse.quote_plus(password)}
+        )
+    )
 
 
 def machine() -> dict[str, Any]:

@@ -9,7 +9,11 @@ Definitions (also in the README's Performance section):
   per worker-hour at the 5-minute default = measured DescribeSecret per worker-hour x
   (refresh interval / 300 s) (polls scale with the interval), plus GetSecretValue per
   worker per rotation x 1/168 (RDS rotates every 7 days);
-- writes lost = 201-acknowledged message ids without a row, read back with SQL.
+- writes lost = 201-acknowledged message ids without a row, read back with SQL;
+- passwords in the log = how many of the passwords the app was given (and the stack's
+  own) appear in gunicorn's captured output, as they are or URL-encoded;
+- replica share = reads served by the replica bind / all reads of the read-only routes,
+  from the workers' ``commng_db_reads_total{bind}`` counters (bench/replica.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.replica import replica_per_second
 from bench.scenarios import Context, Scenario
 from devstack.processes import LoadResult
 
@@ -66,6 +71,8 @@ def summarize(
     final_backends: int | None,
     lost_writes: int,
     app_events: dict[str, Any],
+    replica_reads: dict[str, Any] | None = None,
+    passwords_in_log: int = 0,
 ) -> dict[str, Any]:
     """Everything reported for one scenario, JSON-ready."""
     t0 = ctx.t0
@@ -116,6 +123,8 @@ def summarize(
             "series": backends,
         },
         "writes": {"created": len(result.created_ids), "lost": lost_writes},
+        "passwords_in_log": passwords_in_log,
+        "replica_reads": replica_reads,
         "timeline": _timeline(result, t0, elapsed_s),
         "extra": dict(ctx.extra),
     }
@@ -173,11 +182,32 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def add(target: str, measured: Any, ok: bool | None, note: str = "") -> None:
         rows.append({"target": target, "measured": measured, "ok": ok, "note": note})
 
-    for name in ("rotate", "window-reconnect", "secrets-outage", "bad-secret", "db-restart"):
+    for name in (
+        "rotate",
+        "window-reconnect",
+        "secrets-outage",
+        "bad-secret",
+        "db-restart",
+        "alternating",
+        "alternating-kill",
+        "replica-rotate",
+        "replica-down",
+    ):
         if name in by:
             add(f"{name}: failed requests = 0", by[name]["failures"], by[name]["failures"] == 0)
     lost = {r["name"]: r["writes"]["lost"] for r in results}
     add("lost writes = 0 (every scenario)", sum(lost.values()), not any(lost.values()))
+    leaked = sum(r.get("passwords_in_log", 0) for r in results)
+    add("passwords in the app log = 0 (every scenario)", leaked, leaked == 0)
+    for r in results:
+        reads = r.get("replica_reads")
+        if reads:
+            share = reads["phases"]["run"]["share"]
+            # No target for the share: > 0 only shows that the replica bind served at all.
+            add(f"{r['name']}: share of reads served by the replica", _pct(share), bool(share))
+    if "replica-down" in by and by["replica-down"]["replica_reads"]:
+        back = by["replica-down"]["replica_reads"].get("back_on_replica_s")
+        add("replica-down: reads back on the replica, s after the standby accepts", back, None, "no target")
     if "steady" in by and "static" in by and by["static"]["throughput_rps"]:
         ratio = by["steady"]["throughput_rps"] / by["static"]["throughput_rps"]
         add("steady / static throughput >= 0.97", round(ratio, 3), ratio >= 0.97)
@@ -211,6 +241,10 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             recovery is not None and recovery <= 5,
         )
     return rows
+
+
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{share:.0%}"
 
 
 def build(meta: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,13 +299,14 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(b['max'])} / {_fmt(b['final'])} ({b['limit']}) | "
             f"{r['writes']['lost']} of {r['writes']['created']} |"
         )
+    lines += _replica_table(doc["scenarios"])
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in doc["targets"]:
-        verdict = "yes" if t["ok"] else "**NO**"
+        verdict = "–" if t["ok"] is None else "yes" if t["ok"] else "**NO**"
         lines.append(f"| {t['target']} | {t['measured']} | {verdict} |")
     notes = []
     for r in doc["scenarios"]:
-        extra = {k: v for k, v in r["extra"].items() if k not in {"down_at_s", "up_at_s", "statements"}}
+        extra = {k: v for k, v in r["extra"].items() if k not in _NOT_NOTED}
         if extra:
             notes.append(f"- {r['name']}: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
         if r["failure_reasons"]:
@@ -287,6 +322,51 @@ def markdown(doc: dict[str, Any]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+# Extra values that only feed other figures (times of events, the statements' texts).
+_NOT_NOTED = {
+    "down_at_s",
+    "up_at_s",
+    "statements",
+    "replica_down_at_s",
+    "replica_stopped_at_s",
+    "replica_up_at_s",
+}
+
+
+def _replica_table(results: list[dict[str, Any]]) -> list[str]:
+    """Reads by bind for the scenarios with a replica bind (nothing when none ran)."""
+    rows = [r for r in results if r.get("replica_reads")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| scenario | reads replica / primary | replica share: run | around rotations | "
+        "before / during / after standby down | back on replica s (counters; each worker) | "
+        "standby backends max |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
+    for r in rows:
+        reads = r["replica_reads"]
+        phases = reads["phases"]
+        run = phases["run"]
+        around = phases.get("around_rotations")
+        outage = (
+            " / ".join(_pct(phases[k]["share"]) for k in ("before", "during", "after"))
+            if "during" in phases
+            else "–"
+        )
+        back = "–"
+        if "back_on_replica_s" in reads:
+            workers = ", ".join(_fmt(t) for t in reads["workers_back_s"])
+            back = f"{_fmt(reads['back_on_replica_s'])} ({workers or 'none logged'})"
+        lines.append(
+            f"| {r['name']} | {run['replica']} / {run['primary']} | {_pct(run['share'])} | "
+            f"{_pct(around['share']) if around else '–'} | {outage} | {back} | "
+            f"{_fmt(reads['standby_backends']['max'])} |"
+        )
+    return lines
 
 
 def write(doc: dict[str, Any], out: Path, plot_path: Path) -> None:
@@ -312,6 +392,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         failed = Counter(int(t) for t in tl["failures_t"])
         ok_rps = [n - failed.get(t, 0) for t, n in zip(tl["t"], tl["rps"], strict=True)]
         ax.plot(tl["t"], ok_rps, color="tab:blue", lw=1.2, label="successful requests/s")
+        if r.get("replica_reads"):
+            per_s = replica_per_second(r["replica_reads"]["series"])
+            # Second k is [k, k + 1), as for the requests (binned by when they ended).
+            ax.plot(range(len(per_s)), per_s, color="tab:cyan", lw=1, label="replica reads/s")
         ax.set_ylabel("ok req/s", color="tab:blue")
         ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
@@ -346,7 +430,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         )
         ax.set_xlim(0, max(tl["t"], default=1) + 1)
     axes[-1, 0].set_xlabel(
-        "seconds since the load started (green: rotation steps, purple: other events, red x: failed requests)"
+        "seconds since the load started (green: rotation steps, purple: other events, red x: failed "
+        "requests; cyan: reads/s served by the replica)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)

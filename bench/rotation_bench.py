@@ -21,6 +21,8 @@ from typing import Any
 import requests
 
 from bench import fleet, measure, report
+from bench.load import make_load
+from bench.replica import ReadsSampler, summarize_reads
 from bench.scenarios import SCENARIOS, SMOKE, Context, Scenario
 from bench.stack import BackendSampler, BenchStack
 from devstack import free_port
@@ -69,6 +71,8 @@ def gunicorn_env(
         env["DB_SECRET_ID"] = ctx.secret_arn
     else:
         env.update(POSTGRES_USER=ctx.db.role, POSTGRES_PASSWORD=ctx.db.password)
+    if ctx.replica is not None:
+        env["DB_REPLICA_SECRET_ID"] = ctx.replica.arn  # the standby's host and port are in it
     return env
 
 
@@ -83,8 +87,13 @@ class Launched:
     channels: list[int]
     warmup_ids: list[int]
     pids: list[int]
+    prometheus_dir: Path
     cpu_before: float = 0.0
     sampler: BackendSampler | None = None
+    # Replica scenarios: reads by bind over time, and the replica login's backends on the standby.
+    reads: ReadsSampler | None = None
+    standby_sampler: BackendSampler | None = None
+    wall_t0: float = 0.0
     # Interleaved runs add up the workers' CPU over their own slices only (idle time excluded).
     slice_cpu_s: float | None = None
     statements_before: dict[str, int] = field(default_factory=dict)
@@ -92,21 +101,32 @@ class Launched:
     def begin(self, t0: float) -> None:
         """The measurement starts now: CPU baseline, backend sampling."""
         self.ctx.t0 = t0
+        self.wall_t0 = time.time() - (time.monotonic() - t0)
         self.cpu_before = measure.process_cpu_s(self.pids)
         self.statements_before = self.ctx.stack.statements(self.ctx.db)
-        self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.role, t0)
+        self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.roles, t0)
         self.sampler.start()
+        replica = self.ctx.replica
+        if replica is not None:
+            self.reads = ReadsSampler(self.prometheus_dir, t0)
+            self.reads.start()
+            self.standby_sampler = BackendSampler(replica.standby, (replica.role,), t0)
+            self.standby_sampler.start()
 
     def load(self, max_s: float) -> LoadGenerator:
         s = self.scenario
-        return LoadGenerator(self.server.url, self.channels, s.clients, max_s=max_s, path=s.path)
+        return make_load(self.server.url, self.channels, s.clients, max_s, s.path, s.reads_per_write)
 
 
 def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool) -> Launched:
     """A fresh database, role, secret and gunicorn; the caller stops the server."""
     db = stack.new_database(scenario.name)
     arn = stack.create_secret(scenario.name, db) if scenario.secrets_manager else None
-    ctx = Context(stack, db, arn, t0=0.0, smoke=smoke)
+    if scenario.clone:
+        stack.add_clone(db)
+    replica = stack.add_replica_login(db) if scenario.replica else None
+    ctx = Context(stack, db, arn, t0=0.0, smoke=smoke, replica=replica)
+    ctx.passwords += stack.passwords()
     workdir = stack.workdir_for(scenario.name)
     env = {**gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir), **dict(scenario.env)}
     # Scenarios that load a bench-only route run the bench's entry point; the others the product's.
@@ -117,7 +137,8 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
     _wait_for_workers(server, workers, scenario.secrets_manager)
     channels = [] if scenario.path else _create_channels(server.url)
     warmup = _warm_up(server.url, channels, scenario, 0.5 if smoke else 3.0)
-    return Launched(scenario, workers, ctx, server, channels, warmup, measure.worker_pids(server.output()))
+    pids = measure.worker_pids(server.output())
+    return Launched(scenario, workers, ctx, server, channels, warmup, pids, workdir / "prometheus")
 
 
 def finish(
@@ -137,6 +158,14 @@ def finish(
     statements = _delta(run.ctx.stack.statements(run.ctx.db), run.statements_before)
     final_backends = run.sampler.count_now()
     run.sampler.stop()
+    reads = None
+    if run.reads is not None and run.standby_sampler is not None:
+        run.reads.stop()
+        run.standby_sampler.stop()
+        resumed = measure.event_times(run.server.output(), "replica_reads_resumed", run.wall_t0)
+        reads = summarize_reads(run.reads.series, run.ctx.rotations, run.ctx.extra, resumed)
+        standby = [n for _, n in run.standby_sampler.series]
+        reads["standby_backends"] = {"max": max(standby, default=None), "series": run.standby_sampler.series}
     lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
     run.server.stop()
     made = max(1, len(result.samples))
@@ -159,6 +188,8 @@ def finish(
         final_backends=final_backends,
         lost_writes=lost,
         app_events=measure.app_log_events(run.server.output()),
+        replica_reads=reads,
+        passwords_in_log=measure.passwords_in(run.server.output(), run.ctx.passwords),
     )
 
 
@@ -287,7 +318,7 @@ def _wait_for_workers(server: GunicornServer, workers: int, watched: bool, timeo
 
 def _warm_up(url: str, channels: list[int], scenario: Scenario, seconds: float) -> list[int]:
     """Load not measured (first connections, first imports); returns the ids it created."""
-    load = LoadGenerator(url, channels, scenario.clients, max_s=seconds, path=scenario.path)
+    load = make_load(url, channels, scenario.clients, seconds, scenario.path, scenario.reads_per_write)
     load.start()
     time.sleep(seconds)
     return load.stop().created_ids

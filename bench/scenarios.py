@@ -9,13 +9,14 @@ start of the load, so every scenario is bounded in time. Offsets scale down in
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.stack import AppDatabase, BenchStack
-from devstack import new_password, rotate_secret
+from bench.stack import AppDatabase, BenchStack, ReplicaLogin
+from devstack import new_password, rotate_alternating, rotate_secret
 
 __all__ = ["SCENARIOS", "SMOKE", "Context", "Scenario"]
 
@@ -32,6 +33,15 @@ class Context:
     marks: list[dict[str, Any]] = field(default_factory=list)
     rotations: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The replica bind's standby, login and secret (replica scenarios only).
+    replica: ReplicaLogin | None = None
+    # Every password the app was given: none may appear in its log.
+    passwords: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.passwords.append(self.db.password)
+        if self.replica is not None:
+            self.passwords.append(self.replica.password)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -76,7 +86,84 @@ class Context:
             before_current=terminate if terminate_idle else None,
         )
         self.db.password = new
+        self.passwords.append(new)
         self.rotations.append({"start": steps["pending"], "alter": steps["alter"], "end": steps["current"]})
+
+    def rotate_alternating(self, terminate_idle: bool = False, window_s: float = 1.0) -> None:
+        """Secrets Manager's alternating-users rotation (``devstack.rotate_alternating``).
+
+        AWSPENDING names the other user with a new password, ALTER ROLE of that user, then
+        ``window_s`` (AWS's testSecret step) before AWSCURRENT moves. ``terminate_idle``:
+        right after ALTER ROLE, the idle backends of the user the app logs in as now are
+        terminated, so each worker logs in again inside the rotation.
+        """
+        assert self.secret_arn is not None
+        n = len(self.rotations) + 1
+        steps: dict[str, float] = {}
+        current = json.loads(
+            self.stack.client.get_secret_value(SecretId=self.secret_arn, VersionStage="AWSCURRENT")[
+                "SecretString"
+            ]
+        )["username"]
+        other = next(role for role in self.db.roles if role != current)
+
+        def log(message: str) -> None:
+            if message.startswith("1/3"):
+                steps["pending"] = self.mark(f"R{n} pending", "rotation")
+            elif message.startswith("2/3"):
+                steps["alter"] = self.mark(f"R{n} alter", "rotation")
+                # Its pool drained after the previous rotation: what is still open as it?
+                self.extra.setdefault("altered_user_backends", []).append(self._backends_of(other))
+                if terminate_idle:
+                    killed = self.stack.cluster.terminate_backends(current)
+                    self.mark(f"R{n} killed {killed} idle", "event")
+                time.sleep(window_s)
+            elif message.startswith("3/3"):
+                steps["current"] = self.mark(f"R{n} current", "rotation")
+
+        new = new_password()
+        self.passwords.append(new)
+        rotate_alternating(self.stack.client, self.secret_arn, self.stack.cluster, new, log=log)
+        self.rotations.append({"start": steps["pending"], "alter": steps["alter"], "end": steps["current"]})
+
+    def _backends_of(self, role: str) -> str:
+        """``role``'s backends as "application_name state xN", e.g. "commng-listener idle x2"."""
+        rows = self.stack.cluster.execute(
+            "SELECT application_name, state, count(*) FROM pg_stat_activity WHERE usename = %s "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            (role,),
+        )
+        return ", ".join(f"{name} {state} x{n}" for name, state, n in rows) or "none"
+
+    def rotate_replica(self, window_s: float = 1.0) -> None:
+        """A single-user rotation of the replica's secret; the primary's is left alone.
+
+        The steps of ``rotate`` (AWSPENDING, ALTER ROLE, ``window_s``, AWSCURRENT moves), but
+        AWSPENDING is AWSCURRENT's value with a new password, as AWS's rotation function
+        writes it: the secret keeps its host and port. ALTER ROLE runs on the primary; the
+        standby replays it.
+        """
+        assert self.replica is not None
+        client, arn, n = self.stack.client, self.replica.arn, len(self.rotations) + 1
+        current = client.get_secret_value(SecretId=arn, VersionStage="AWSCURRENT")
+        new = new_password()
+        self.passwords.append(new)
+        token = secrets.token_hex(16)
+        value = {**json.loads(current["SecretString"]), "password": new}
+        pending = {"ClientRequestToken": token, "SecretString": json.dumps(value)}
+        client.put_secret_value(SecretId=arn, VersionStages=["AWSPENDING"], **pending)
+        start = self.mark(f"R{n} pending", "rotation")
+        self.stack.cluster.set_password(self.replica.role, new)
+        alter = self.mark(f"R{n} alter", "rotation")
+        time.sleep(window_s)
+        old = current["VersionId"]
+        client.update_secret_version_stage(
+            SecretId=arn, VersionStage="AWSCURRENT", MoveToVersionId=token, RemoveFromVersionId=old
+        )
+        client.update_secret_version_stage(SecretId=arn, VersionStage="AWSPENDING", RemoveFromVersionId=token)
+        end = self.mark(f"R{n} current", "rotation")
+        self.replica.password = new
+        self.rotations.append({"start": start, "alter": alter, "end": end})
 
     def put_current(self, value: str) -> None:
         """Write a new secret version straight to AWSCURRENT (a manual edit of the secret)."""
@@ -102,6 +189,12 @@ class Scenario:
     entry: str | None = None
     # Extra environment of the app (e.g. BENCH_WITHOUT for bench/feature_wsgi.py).
     env: tuple[tuple[str, str], ...] = ()
+    # ``<role>_clone`` exists (alternating-users rotation).
+    clone: bool = False
+    # A replica bind on the bench's hot standby, with its own SELECT-only login and secret.
+    replica: bool = False
+    # Reads per message posted (bench/load.py); 1 is devstack's post-then-read load.
+    reads_per_write: int = 1
 
 
 def _rotate_three(terminate_idle: bool) -> Callable[[Context], None]:
@@ -112,6 +205,35 @@ def _rotate_three(terminate_idle: bool) -> Callable[[Context], None]:
             ctx.rotate(terminate_idle=terminate_idle)
 
     return action
+
+
+def _alternate_three(terminate_idle: bool) -> Callable[[Context], None]:
+    def action(ctx: Context) -> None:
+        starts = [2.0] if ctx.smoke else [5.0, 15.0, 25.0]
+        for start in starts:
+            ctx.sleep_until(start)
+            ctx.rotate_alternating(terminate_idle=terminate_idle)
+
+    return action
+
+
+def _rotate_replica_three(ctx: Context) -> None:
+    for start in [2.0] if ctx.smoke else [5.0, 15.0, 25.0]:
+        ctx.sleep_until(start)
+        ctx.rotate_replica()
+
+
+def _replica_down(ctx: Context) -> None:
+    assert ctx.replica is not None
+    standby = ctx.replica.standby
+    ctx.sleep_until(2.0 if ctx.smoke else 8.0)
+    ctx.extra["replica_down_at_s"] = ctx.mark("standby stopping")
+    standby.stop("fast")  # pg_ctl stop -m fast -w: returns once it is down
+    down = ctx.extra["replica_stopped_at_s"] = ctx.mark("standby down")
+    ctx.sleep_until(down + (2.0 if ctx.smoke else 5.0))
+    standby.start()  # pg_ctl start -w: returns once it accepts connections
+    ctx.extra["replica_up_at_s"] = ctx.mark("standby accepts connections")
+    ctx.extra["replica_stopped_s"] = round(ctx.extra["replica_up_at_s"] - down, 2)
 
 
 def _secrets_outage(ctx: Context) -> None:
@@ -176,6 +298,41 @@ SCENARIOS: dict[str, Scenario] = {
             "bad-secret", "AWSCURRENT without password 3 s, not JSON 3 s, then fixed", 20, 6, _bad_secret
         ),
         Scenario("db-restart", "PostgreSQL stopped (fast) for 3 s, then started", 22, 7, _db_restart),
+        # Issue 12: several secrets and binds.
+        Scenario(
+            "alternating",
+            "3 alternating-users rotations: AWSPENDING (other user), ALTER ROLE, 1 s, AWSCURRENT",
+            35,
+            7,
+            _alternate_three(False),
+            clone=True,
+        ),
+        Scenario(
+            "alternating-kill",
+            "like alternating, idle backends of the current user terminated right after ALTER ROLE",
+            35,
+            7,
+            _alternate_three(True),
+            clone=True,
+        ),
+        Scenario(
+            "replica-rotate",
+            "replica bind on a hot standby, 7 reads per write; 3 single-user rotations of its secret",
+            35,
+            7,
+            _rotate_replica_three,
+            replica=True,
+            reads_per_write=7,
+        ),
+        Scenario(
+            "replica-down",
+            "replica bind on a hot standby, 7 reads per write; standby stopped (fast) for 5 s",
+            25,
+            7,
+            _replica_down,
+            replica=True,
+            reads_per_write=7,
+        ),
         # The yardstick pair (issue 14): interleaved like steady/static, post-then-read load.
         Scenario(
             "service",

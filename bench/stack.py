@@ -1,7 +1,9 @@
 """The bench's local stack: one PostgreSQL, one moto, and a database and role per scenario.
 
-Everything listens on 127.0.0.1 only and lives under one temporary directory that
-``BenchStack.close()`` removes (``--keep`` keeps it, with the gunicorn logs).
+The replica scenarios add a hot standby of that PostgreSQL (``pg_basebackup -R``, made
+once, on first use) and a SELECT-only login per scenario for it. Everything listens on
+127.0.0.1 only and lives under one temporary directory that ``BenchStack.close()``
+removes (``--keep`` keeps it, with the gunicorn logs).
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 
 from bench.moto import CountingMotoServer, bench_client
 from devstack import PostgresCluster, free_port, new_password
+from devstack.postgres import make_standby
 from devstack.processes import ROOT
 
-__all__ = ["AppDatabase", "BackendSampler", "BenchStack"]
+__all__ = ["AppDatabase", "BackendSampler", "BenchStack", "ReplicaLogin"]
 
 OWNER_ROLE = "bench_owner"
 TEMPLATE_DB = "bench_template"
+# How long a role or database made on the primary may take to show on the standby.
+REPLAY_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -37,6 +43,23 @@ class AppDatabase:
     name: str
     role: str
     password: str
+    # ``<role>_clone`` once ``add_clone`` made it (alternating-users rotation).
+    clone: str | None = None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every role the app may log in as in this scenario."""
+        return (self.role,) if self.clone is None else (self.role, self.clone)
+
+
+@dataclass
+class ReplicaLogin:
+    """The standby, and the replica bind's own login (SELECT only) and secret."""
+
+    standby: PostgresCluster
+    role: str
+    password: str
+    arn: str
 
 
 class BenchStack:
@@ -51,6 +74,7 @@ class BenchStack:
         self.client: Any = None
         self._owner_password = new_password()
         self._databases = 0
+        self._standby: PostgresCluster | None = None
 
     def open(self) -> BenchStack:
         """initdb, start both servers, and migrate a template database once."""
@@ -58,6 +82,9 @@ class BenchStack:
         with open(self.cluster.datadir / "postgresql.conf", "a") as conf:
             # The bench's cluster only: statements per request are counted at the server.
             conf.write("shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.max = 1000\n")
+            # replica-down stops the standby under write load: keep the WAL it will ask for
+            # when it comes back (no replication slot: nothing is kept past the run).
+            conf.write("wal_keep_size = '256MB'\n")
         self.cluster.start()
         self.cluster.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         self.moto.start()
@@ -87,9 +114,11 @@ class BenchStack:
         return self
 
     def close(self) -> None:
-        """Stop moto and PostgreSQL; remove the work directory unless asked to keep it."""
+        """Stop moto, the standby and PostgreSQL; remove the work directory unless asked to keep it."""
         self.moto.stop()
         try:
+            if self._standby is not None:
+                self._standby.stop("immediate")
             self.cluster.stop("immediate")
         finally:
             if self.keep:
@@ -132,6 +161,60 @@ class BenchStack:
         arn: str = self.client.create_secret(Name=f"bench/{db.name}", SecretString=value)["ARN"]
         return arn
 
+    def add_clone(self, db: AppDatabase) -> str:
+        """``<role>_clone``, as AWS's alternating-users rotation creates it: LOGIN, granted the role.
+
+        No password yet: the first rotation gives it one before the secret names it.
+        """
+        clone = f"{db.role}_clone"
+        self.cluster.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(sql.Identifier(clone), sql.Identifier(db.role))
+        )
+        db.clone = clone
+        return clone
+
+    def standby(self) -> PostgresCluster:
+        """The hot standby of the bench's PostgreSQL, made and started on first use."""
+        if self._standby is None:
+            self._standby = make_standby(self.cluster, self.workdir / "standby")
+        return self._standby
+
+    def add_replica_login(self, db: AppDatabase) -> ReplicaLogin:
+        """A SELECT-only login for ``db`` and its secret (the standby's host and port inside).
+
+        Made on the primary; returns once the standby has replayed the grants, so that the
+        app's replica bind works from its first connection.
+        """
+        standby = self.standby()
+        role, password = f"{db.role}_reader", new_password()
+        self.cluster.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
+        )
+        for grant in (
+            "GRANT CONNECT ON DATABASE {db} TO {role}",
+            "GRANT USAGE ON SCHEMA public TO {role}",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+        ):
+            statement = sql.SQL(grant).format(db=sql.Identifier(db.name), role=sql.Identifier(role))
+            self.cluster.execute(statement, dbname=db.name)
+        value = {"username": role, "password": password, "host": "127.0.0.1", "port": standby.port}
+        arn: str = self.client.create_secret(Name=f"bench/{db.name}/replica", SecretString=json.dumps(value))[
+            "ARN"
+        ]
+        self._wait_for_replay(standby, db.name, role)
+        return ReplicaLogin(standby, role, password, arn)
+
+    def _wait_for_replay(self, standby: PostgresCluster, dbname: str, role: str) -> None:
+        deadline = time.monotonic() + REPLAY_TIMEOUT_S
+        while not _replayed(standby, dbname, role):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby did not replay {dbname} within {REPLAY_TIMEOUT_S:.0f} s")
+            time.sleep(0.1)
+
+    def passwords(self) -> list[str]:
+        """The stack's own passwords (superuser, owner): they must not reach any app log either."""
+        return [self.cluster.superuser_password, self._owner_password]
+
     def missing_ids(self, db: AppDatabase, ids: list[int]) -> int:
         """How many of ``ids`` have no row in ``messages`` (writes lost)."""
         wanted = sorted(set(ids))
@@ -152,12 +235,15 @@ class BenchStack:
             rows = self.cluster.execute(
                 "SELECT s.query, s.calls FROM pg_stat_statements s "
                 "JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.userid "
-                "WHERE d.datname = %s AND r.rolname = %s",
-                (db.name, db.role),
+                "WHERE d.datname = %s AND r.rolname = ANY(%s)",
+                (db.name, list(db.roles)),
             )
         except Exception:  # the db-restart scenario stops the server under us
             return {}
-        return {str(query): int(calls) for query, calls in rows}
+        calls: dict[str, int] = {}
+        for query, count in rows:  # one row per role: alternating users run the same statements
+            calls[str(query)] = calls.get(str(query), 0) + int(count)
+        return calls
 
     def workdir_for(self, scenario: str) -> Path:
         path = self.workdir / scenario
@@ -165,12 +251,21 @@ class BenchStack:
         return path
 
 
+def _replayed(standby: PostgresCluster, dbname: str, role: str) -> bool:
+    """True once ``standby`` has ``dbname`` and ``role`` may read its messages."""
+    try:
+        rows = standby.execute("SELECT has_table_privilege(%s, 'messages', 'SELECT')", (role,), dbname=dbname)
+    except psycopg2.Error:  # the database or the role is not replayed yet
+        return False
+    return bool(rows and rows[0][0])
+
+
 @dataclass
 class BackendSampler:
-    """Counts the app role's backends in pg_stat_activity every ``period_s`` (a thread)."""
+    """Counts the backends of ``roles`` in pg_stat_activity every ``period_s`` (a thread)."""
 
     cluster: PostgresCluster
-    role: str
+    roles: tuple[str, ...]
     t0: float
     period_s: float = 0.5
     series: list[tuple[float, int]] = field(default_factory=list)
@@ -189,8 +284,8 @@ class BackendSampler:
     def count_now(self) -> int | None:
         """One count now, or None while PostgreSQL does not answer."""
         try:
-            return self.cluster.backend_count(self.role)
-        except Exception:  # the db-restart scenario stops the server under us
+            return sum(self.cluster.backend_count(role) for role in self.roles)
+        except Exception:  # the db-restart and replica-down scenarios stop a server under us
             return None
 
     def _run(self) -> None:
