@@ -13,6 +13,14 @@ the master secret) and leaves three kinds of role behind:
   is missing. Both may read and write rows of every table, now and in future tables
   (``ALTER DEFAULT PRIVILEGES FOR ROLE <owner>``), and may not create or drop anything.
 
+A database the service used to log in to as the master (the design document's shape), or
+as a former app login, already holds tables owned by that login. Bootstrap gives every
+table, view and sequence of the schema to the owner, so that the next migration (run as
+the owner) can alter them and the owner's grants apply; and a database owned by one of
+the app's logins goes to the master, since its owner owns the schema and may create
+tables in it. ``ALTER ... OWNER`` needs the master to act as the current owner: when it
+cannot yet, it is made a member of that role for the transaction only.
+
 Every step first looks whether it is needed, so a second run changes nothing and says so.
 A password is never put in a log line or an error: the role's password goes to the
 server as a SCRAM verifier computed here (``psycopg2.extensions.encrypt_password``), in a
@@ -26,6 +34,7 @@ from typing import Any
 import click
 import flask_migrate
 import psycopg2
+import psycopg2.errors
 import sqlalchemy as sa
 from flask import current_app
 from flask.cli import with_appcontext
@@ -43,6 +52,16 @@ CLONE_SUFFIX = "_clone"
 SCHEMA = "public"
 TABLE_PRIVILEGES = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
 SEQUENCE_PRIVILEGES = sql.SQL("USAGE, SELECT")
+# The relations of the schema the owner must own (pg_class.relkind), and the ALTER for each.
+# Indexes follow their table; a serial or identity sequence follows its table too.
+OWNED_KINDS = {
+    "r": "TABLE",
+    "p": "TABLE",
+    "f": "FOREIGN TABLE",
+    "v": "VIEW",
+    "m": "MATERIALIZED VIEW",
+    "S": "SEQUENCE",
+}
 
 
 def login_pair(username: str) -> tuple[str, str]:
@@ -80,6 +99,23 @@ class _Step:
             )
         )
 
+    def acts_as(self, role: str) -> bool:
+        """Whether the login has ``role``'s privileges (is it, inherits it, or is a superuser)."""
+        return bool(self.rows("SELECT pg_has_role(session_user, %s, 'USAGE')", (role,))[0][0])
+
+    def not_owned_by(self, owner: str, kinds: str) -> list[tuple[str, str, str]]:
+        """(name, relkind, owner) of the schema's relations of ``kinds`` that ``owner`` does not own."""
+        return [
+            (str(name), str(kind), str(current))
+            for name, kind, current in self.rows(
+                "SELECT c.relname, c.relkind::text, pg_get_userbyid(c.relowner) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relkind::text = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s "
+                "ORDER BY c.relname",
+                (SCHEMA, list(kinds), owner),
+            )
+        ]
+
     def privileges(self) -> list[Any]:
         """Every ACL bootstrap grants into: compared before and after to say whether it changed."""
         return self.rows(
@@ -111,7 +147,8 @@ def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = N
     try:
         step = _Step(raw.driver_connection)
         try:
-            _roles_and_grants(step, app_login, base, clone, owner)
+            _roles_and_grants(step, app_login, base, clone, owner, reader)
+            _take_over_relations(step, owner)
             step.conn.commit()
             step.where = "running the migrations"
             before = step.revision()
@@ -128,6 +165,9 @@ def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = N
             if step.privileges() != acl:
                 step.changes.append(f"granted {base} read and write on {owner}'s tables and sequences")
             step.conn.commit()
+        except click.ClickException:
+            step.conn.rollback()
+            raise
         except (psycopg2.Error, sa.exc.DBAPIError) as exc:
             step.conn.rollback()
             raise click.ClickException(
@@ -138,10 +178,11 @@ def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = N
     return step.changes
 
 
-def _roles_and_grants(step: _Step, app_login: Credentials, base: str, clone: str, owner: str) -> None:
+def _roles_and_grants(
+    step: _Step, app_login: Credentials, base: str, clone: str, owner: str, reader: Credentials | None
+) -> None:
     step.where = "reading the database"
     master, database = step.rows("SELECT session_user, current_database()")[0]
-    acl = step.privileges()
     step.where = "creating roles"
     if not step.role_exists(owner):
         step.run(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
@@ -166,6 +207,9 @@ def _roles_and_grants(step: _Step, app_login: Credentials, base: str, clone: str
         if not step.is_member(member, role):
             step.run(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member)))
             step.changes.append(f"granted {role} to {member}")
+    # Before the grants: only the database's owner may grant on it and on its schema.
+    _take_over_database(step, master, database, {base, clone, *([reader.username] if reader else [])})
+    acl = step.privileges()
     step.where = "granting database and schema privileges"
     schema = sql.Identifier(SCHEMA)
     step.run(
@@ -175,6 +219,87 @@ def _roles_and_grants(step: _Step, app_login: Credentials, base: str, clone: str
     step.run(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(schema, sql.Identifier(owner)))
     if step.privileges() != acl:
         step.changes.append(f"granted {base} CONNECT and USAGE, {owner} CREATE on schema {SCHEMA}")
+
+
+def _borrow(step: _Step, role: str, what: str, new_owner: str) -> bool:
+    """Let the login act as ``role``, the owner of ``what``; True when that took a GRANT to undo.
+
+    ALTER ... OWNER is allowed to a login that has the current owner's privileges. An RDS
+    master is not a superuser: for a role it is not yet a member of (a former app login),
+    it grants itself the membership, which CREATEROLE allows for any non-superuser role.
+    """
+    if step.acts_as(role):
+        return False
+    master = step.rows("SELECT session_user")[0][0]
+    try:
+        step.run(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(master)))
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise click.ClickException(
+            f"cannot take over {what} from {role}: {master} is not a member of {role} and cannot become "
+            f"one ({exc.diag.message_primary}); as {role}, ALTER it OWNER TO {new_owner}, then run "
+            "bootstrap again"
+        ) from None
+    return True
+
+
+def _give_back(step: _Step, borrowed: list[str]) -> None:
+    master = step.rows("SELECT session_user")[0][0]
+    for role in borrowed:
+        step.run(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(role), sql.Identifier(master)))
+
+
+def _alter_owner(step: _Step, kind: str, name: str, current: str, new_owner: str) -> None:
+    """``ALTER <kind> <name> OWNER TO <new_owner>``; a refusal is a one-line error naming both."""
+    try:
+        step.run(
+            sql.SQL("ALTER {} {} OWNER TO {}").format(
+                sql.SQL(kind), sql.Identifier(name), sql.Identifier(new_owner)
+            )
+        )
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        reason = exc.diag.message_primary
+        raise click.ClickException(
+            f"cannot give {kind.lower()} {name} (owned by {current}) to {new_owner}: {reason}"
+        ) from None
+
+
+def _take_over_database(step: _Step, master: str, database: str, logins: set[str]) -> None:
+    """A database owned by one of the app's logins goes to the master.
+
+    Its owner owns the ``public`` schema too (PostgreSQL 15's ``pg_database_owner``), so
+    it could create and drop tables whatever the grants say. The local stack of old
+    created ``comm_ng`` owned by ``commng_app``.
+    """
+    step.where = "taking over the database"
+    current = step.rows("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
+    former = str(current[0][0])
+    if former not in logins:
+        return
+    borrowed = _borrow(step, former, f"database {database}", master)
+    _alter_owner(step, "DATABASE", database, former, master)
+    _give_back(step, [former] if borrowed else [])
+    step.changes.append(f"gave database {database} to {master}: its owner {former} is a login of the app")
+
+
+def _take_over_relations(step: _Step, owner: str) -> None:
+    """Every table, view and sequence of the schema owned by another role goes to ``owner``."""
+    step.where = "giving the schema's tables to the owner"
+    found = step.not_owned_by(owner, "".join(OWNED_KINDS))
+    if not found:
+        return
+    owned: dict[str, list[str]] = {}
+    for name, kind, current in found:
+        owned.setdefault(current, []).append(f"{OWNED_KINDS[kind].lower()} {name}")
+    borrowed = [former for former, labels in owned.items() if _borrow(step, former, labels[0], owner)]
+    # Tables (and views) first: ALTER TABLE carries the table's own sequences with it, and
+    # ALTER SEQUENCE on such a sequence is refused. The standalone ones come after.
+    for name, kind, current in step.not_owned_by(owner, "".join(k for k in OWNED_KINDS if k != "S")):
+        _alter_owner(step, OWNED_KINDS[kind], name, current, owner)
+    for name, kind, current in step.not_owned_by(owner, "S"):
+        _alter_owner(step, OWNED_KINDS[kind], name, current, owner)
+    _give_back(step, borrowed)
+    for former, labels in owned.items():
+        step.changes.append(f"gave {owner} what {former} owned: {', '.join(labels)}")
 
 
 def _table_grants(step: _Step, base: str, owner: str) -> None:

@@ -297,7 +297,8 @@ class ReplicaState:
         if self.lagging:
             conn.close()
             return None
-        if self.reason is not None:
+        # A failure another read reported while this one connected stands until it expires.
+        if self.reason is not None and time.monotonic() >= self.down_until:
             log.info("replica_reads_resumed", after=self.reason)
             self.reason = None
         return conn

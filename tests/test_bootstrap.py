@@ -2,6 +2,9 @@
 
 Each test gets an empty database owned by a master login that is what RDS gives: not a
 superuser, CREATEROLE, owner of the database. The master and app secrets live in moto.
+Some tests first migrate it the old way, as one login that then owns every table (the
+design document's master, or the local stack's former ``commng_app``), as a deployment
+that moves to the least-privilege shape finds it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import flask_migrate
 import psycopg2
 import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
+from commng.app import create_app
 from commng.bootstrap import bootstrap_command
+from commng_rotation import get_runtime
 from config import Settings
 from devstack import PostgresCluster, new_password
 from tests.helpers import assert_no_secrets
@@ -133,6 +139,7 @@ def _catalog(f: Fresh) -> list[Any]:
         "SELECT (SELECT datacl::text FROM pg_database WHERE datname = current_database()), "
         "(SELECT nspacl::text FROM pg_namespace WHERE nspname = 'public'), "
         "(SELECT array_agg(defaclacl::text ORDER BY defaclobjtype) FROM pg_default_acl), "
+        "(SELECT datdba::regrole::text FROM pg_database WHERE datname = current_database()), "
         "(SELECT version_num FROM alembic_version)"
     )
     return [roles, members, acls, other]
@@ -292,3 +299,152 @@ def test_with_a_replica_secret_bootstrap_creates_its_select_only_login(
     assert_no_secrets(
         first.output + second.output, [reader_password, fresh.app_password, fresh.master_password]
     )
+
+
+# -- a database migrated the old way: one login owns every table ----------------------------
+
+
+def _migrate_as(f: Fresh, user: str, password: str) -> None:
+    """`flask db upgrade` as ``user`` (no owner role): ``user`` owns what the migrations create."""
+    settings = replace(
+        f.settings("", ""),
+        db_secret_id=None,
+        db_app_secret_id=None,
+        postgres_user=user,
+        postgres_password=password,
+    )
+    app = create_app(settings, configure_logging=False)
+    try:
+        with app.app_context():
+            flask_migrate.upgrade()
+    finally:
+        get_runtime(app).stop()
+
+
+def _owners(f: Fresh) -> set[str]:
+    """The owners of every relation of the schema: tables, indexes, sequences, views."""
+    rows = f.rows(
+        "SELECT DISTINCT c.relowner::regrole::text FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+    )
+    return {row[0] for row in rows}
+
+
+def _next_migration_as_owner(f: Fresh) -> None:
+    """What the next migration does, as bootstrap runs it: ALTER a table, move alembic_version."""
+    master = f.connect(f.master, f.master_password)
+    master.autocommit = False
+    try:
+        with master.cursor() as cur:
+            cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(f.owner)))
+            cur.execute("ALTER TABLE channels ADD COLUMN later int")
+            cur.execute("CREATE INDEX ix_later ON channels (later)")
+            cur.execute("UPDATE alembic_version SET version_num = 'later'")
+        master.rollback()
+    finally:
+        master.close()
+
+
+def test_a_database_the_master_migrated_is_given_to_the_owner(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    _migrate_as(fresh, fresh.master, fresh.master_password)
+    assert _owners(fresh) == {fresh.master}
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    runner = make_app(fresh.settings(master_arn, app_arn), secrets_client=secretsmanager).test_cli_runner()
+
+    first = runner.invoke(bootstrap_command)
+
+    assert first.exit_code == 0, first.output
+    took = f"gave {fresh.owner} what {fresh.master} owned: "
+    assert took in first.output
+    taken = first.output.split(took, 1)[1].splitlines()[0]
+    for relation in ("table alembic_version", "table channels", "table messages", "sequence channels_id_seq"):
+        assert relation in taken
+    assert "migrated the schema" not in first.output  # it was at head already
+    assert _owners(fresh) == {fresh.owner}
+    app_conn = fresh.connect(fresh.app_user, fresh.app_password)
+    try:
+        _can_use_rows(app_conn)
+        _cannot(app_conn, "CREATE TABLE intruder (id int)")
+        _cannot(app_conn, "DROP TABLE messages")
+        _cannot(app_conn, "ALTER TABLE channels ADD COLUMN x int")
+    finally:
+        app_conn.close()
+
+    before = _catalog(fresh)
+    second = runner.invoke(bootstrap_command)
+    assert second.exit_code == 0, second.output
+    assert second.output.strip() == "nothing to change: roles, grants and schema are already in place"
+    assert _catalog(fresh) == before
+    _next_migration_as_owner(fresh)
+    assert_no_secrets(first.output + second.output, [fresh.app_password, fresh.master_password])
+
+
+def test_the_old_app_login_that_owned_database_and_tables_becomes_the_app_role(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    # The local stack's former layout: the app login created by the superuser, owner of
+    # the database, and the migrations run as it.
+    app_user = sql.Identifier(fresh.app_user)
+    fresh.cluster.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(app_user, sql.Literal(fresh.app_password))
+    )
+    fresh.cluster.execute(
+        sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(fresh.name), app_user)
+    )
+    _migrate_as(fresh, fresh.app_user, fresh.app_password)
+    assert _owners(fresh) == {fresh.app_user}
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    runner = make_app(fresh.settings(master_arn, app_arn), secrets_client=secretsmanager).test_cli_runner()
+
+    first = runner.invoke(bootstrap_command)
+
+    assert first.exit_code == 0, first.output
+    assert f"gave database {fresh.name} to {fresh.master}: its owner {fresh.app_user}" in first.output
+    assert f"gave {fresh.owner} what {fresh.app_user} owned: " in first.output
+    assert f"created role {fresh.app_user} (" not in first.output
+    assert f"created role {fresh.clone} (LOGIN, no password" in first.output
+    assert _owners(fresh) == {fresh.owner}
+    assert fresh.rows("SELECT datdba::regrole::text FROM pg_database WHERE datname = current_database()") == [
+        (fresh.master,)
+    ]
+    # The membership the master took to act as the old owner is gone again.
+    assert fresh.rows("SELECT pg_has_role(%s, %s, 'MEMBER')", (fresh.master, fresh.app_user)) == [(False,)]
+    app_conn = fresh.connect(fresh.app_user, fresh.app_password)
+    try:
+        _can_use_rows(app_conn)
+        _cannot(app_conn, "CREATE TABLE intruder (id int)")
+        _cannot(app_conn, "DROP TABLE messages")
+        _cannot(app_conn, "ALTER TABLE channels ADD COLUMN x int")
+        _cannot(app_conn, "CREATE SCHEMA intruder")
+    finally:
+        app_conn.close()
+
+    before = _catalog(fresh)
+    second = runner.invoke(bootstrap_command)
+    assert second.exit_code == 0, second.output
+    assert second.output.strip() == "nothing to change: roles, grants and schema are already in place"
+    assert _catalog(fresh) == before
+    _next_migration_as_owner(fresh)
+    assert_no_secrets(first.output + second.output, [fresh.app_password, fresh.master_password])
+
+
+def test_a_table_the_master_cannot_take_over_stops_bootstrap_in_one_line(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    fresh.rows("CREATE TABLE stray (id int)")  # as the superuser, whom an RDS master can never become
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    runner = make_app(fresh.settings(master_arn, app_arn), secrets_client=secretsmanager).test_cli_runner()
+
+    result = runner.invoke(bootstrap_command)
+
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith(
+        f"Error: cannot take over table stray from postgres: {fresh.master} is not a member of postgres"
+    ), result.output
+    assert f"ALTER it OWNER TO {fresh.owner}" in result.output
+    # One transaction: the roles it had created are rolled back with it.
+    assert fresh.cluster.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (fresh.owner,)) == []
+    assert_no_secrets(result.output, [fresh.app_password, fresh.master_password])

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from psycopg2 import sql
 
-from commng.db import ReplicaState, replica_state
+from commng.db import ReplicaState, db, replica_state
 from commng_rotation.runtime import get_runtime
 from config import Settings
 from devstack import PostgresCluster, new_password, rotate_secret
@@ -246,3 +247,25 @@ def test_a_stopped_replica_sends_reads_to_the_primary_and_none_fails(
 
     wait_for(back, timeout_s=20)
     assert state.reason is None
+
+
+def test_a_read_that_began_before_the_replica_failed_does_not_announce_it_back(
+    database: Database, standby: PostgresCluster, secretsmanager: Any, secret: str, make_app: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = make_app(_settings(database, standby, secret), secrets_client=secretsmanager)
+    state = _state(app)
+    with app.app_context():
+        # Another greenlet's replica read fails while this one is checking out its connection
+        # (seen under gunicorn: the standby stopping, or its sessions ended by a rotation).
+        def failed_meanwhile(*_: Any) -> None:
+            state.mark_down(ConnectionRefusedError())
+
+        sa.event.listen(db.engines["replica"], "checkout", failed_meanwhile, once=True)
+        conn = state.connect()
+    assert conn is not None  # its own connection works: it may serve this read
+    conn.close()
+    # ... but the failure reported meanwhile stands: reads go to the primary until it expires.
+    assert state.reason == "connection refused"
+    assert state.status()["reading"] is False
+    assert "replica_reads_resumed" not in caplog.text
