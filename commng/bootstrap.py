@@ -91,13 +91,13 @@ class _Step:
         return bool(self.rows("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)))
 
     def is_member(self, member: str, role: str) -> bool:
-        return bool(
-            self.rows(
-                "SELECT 1 FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
-                "JOIN pg_roles u ON u.oid = m.member WHERE r.rolname = %s AND u.rolname = %s",
-                (role, member),
-            )
-        )
+        """Whether ``member`` has ``role``'s privileges (inherits them), not only a catalog row.
+
+        From PostgreSQL 16 a CREATEROLE login that creates a role is granted it with
+        ADMIN only (no INHERIT, no SET): a row in pg_auth_members that gives neither
+        ``SET ROLE`` nor the privileges, which ``pg_has_role(..., 'USAGE')`` does not count.
+        """
+        return bool(self.rows("SELECT pg_has_role(%s, %s, 'USAGE')", (member, role))[0][0])
 
     def acts_as(self, role: str) -> bool:
         """Whether the login has ``role``'s privileges (is it, inherits it, or is a superuser)."""
