@@ -109,6 +109,7 @@ def replica_rotation_settings(settings: Settings) -> RotationSettings | None:
         host=settings.postgres_replica_host or primary.host,
         port=settings.postgres_replica_port or primary.port,
         pin_host=settings.postgres_replica_host is not None,
+        require_host=settings.db_replica_secret_id is not None,
         application_name="commng-replica",
         queue_url=None,
         fanout=False,

@@ -277,7 +277,11 @@ class ReplicaState:
             return None
         try:
             # No outage wait: a replica that refuses connections is skipped, not waited for.
-            with bounds.outage_wait(0), bounds.deadline(REPLICA_CONNECT_S):
+            # Pinged at checkout even inside a retried view: a pooled replica connection
+            # that died (a restart, sessions ended after a rotation) is replaced here,
+            # instead of failing its first read and sending reads to the primary for
+            # REPLICA_RETRY_S while the replica is fine.
+            with bounds.outage_wait(0), bounds.deadline(REPLICA_CONNECT_S), caller_retries(False):
                 conn = db.engines[REPLICA_BIND].connect()
         except (DBAPIError, NoCredentials) as exc:
             self.mark_down(exc)
@@ -354,13 +358,13 @@ def reading() -> Iterator[Any]:
     state = replica_state()
     conn = state.connect() if state is not None else None
     if conn is None:
-        _served(state, "primary")
-        yield db.session
+        with _counted(state, "primary"):
+            yield db.session
         return
-    _served(state, REPLICA_BIND)
     session = Session(bind=conn)
     try:
-        yield session
+        with _counted(state, REPLICA_BIND):
+            yield session
     except DBAPIError as exc:
         if exc.connection_invalidated and state is not None:
             state.mark_down(exc)
@@ -368,6 +372,24 @@ def reading() -> Iterator[Any]:
     finally:
         session.close()
         conn.close()
+
+
+@contextmanager
+def _counted(state: ReplicaState | None, bind: str) -> Iterator[None]:
+    """Count a read by ``bind`` once the block is done, unless the database failed it.
+
+    A read that fails on a replica connection found dead at its first statement (pooled
+    connections are not pinged on the retried path) runs again on the primary: that
+    one, not the failed attempt, served it. A 404 or 400 raised inside still counts.
+    """
+    try:
+        yield
+    except DBAPIError:
+        raise
+    except BaseException:
+        _served(state, bind)
+        raise
+    _served(state, bind)
 
 
 def from_replica(session: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,9 +13,11 @@ import sqlalchemy as sa
 from flask import Flask
 from moto.server import ThreadedMotoServer
 
+from commng.app import replica_rotation_settings
 from commng.db import db
-from commng_rotation.credentials import SecretsManagerSource
+from commng_rotation.credentials import InvalidSecret, SecretsManagerSource, parse_secret
 from commng_rotation.runtime import get_runtime
+from config import Settings
 from devstack import free_port, new_password, rotate_secret
 from tests.helpers import Database, assert_no_secrets, wait_for
 
@@ -306,3 +309,22 @@ def test_env_credentials_mean_no_watcher(app: Flask, caplog: Any) -> None:
     runtime = get_runtime(app)
     assert runtime.watcher is None
     assert runtime.rotator().source.name == "static"
+
+
+def test_a_replica_secret_must_name_its_host_unless_the_host_is_pinned() -> None:
+    """Without 'host', a replica's own secret would send "replica" reads to the primary's host."""
+    base = Settings(postgres_host="primary.internal", db_secret_id="primary", db_replica_secret_id="replica")
+    own = replica_rotation_settings(base)
+    assert own is not None
+    without_host = json.dumps({"username": "commng_ro", "password": "pw-not-logged"})
+    with pytest.raises(InvalidSecret, match="'host'") as raised:
+        parse_secret(without_host, own)
+    assert "pw-not-logged" not in str(raised.value)
+    with_host = json.dumps({"username": "commng_ro", "password": "x", "host": "replica.internal"})
+    assert parse_secret(with_host, own).host == "replica.internal"
+    pinned = replica_rotation_settings(replace(base, postgres_replica_host="reader.internal"))
+    assert pinned is not None
+    assert parse_secret(without_host, pinned).host == "reader.internal"
+    shared = replica_rotation_settings(replace(base, db_replica_secret_id=None, postgres_replica_host="r"))
+    assert shared is not None
+    assert parse_secret(json.dumps({"username": "u", "password": "p", "host": "primary"}), shared).host == "r"

@@ -100,6 +100,8 @@ def parse_secret(text: str | None, defaults: RotationSettings) -> Credentials:
             raise InvalidSecret(f"secret is missing the key '{key}'")
         if not isinstance(data[key], str) or not data[key]:
             raise InvalidSecret(f"secret key '{key}' must be a non-empty string")
+    if defaults.require_host and not defaults.pin_host and "host" not in data:
+        raise InvalidSecret("secret is missing the key 'host' (a replica's secret must name the replica)")
     host = defaults.host if defaults.pin_host else data.get("host", defaults.host)
     dbname = data.get("dbname", defaults.dbname)
     port = defaults.port if defaults.pin_host else data.get("port", defaults.port)

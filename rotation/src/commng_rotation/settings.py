@@ -29,6 +29,9 @@ class RotationSettings:
     # True: ``host`` and ``port`` above win over the secret's keys (a read replica that
     # logs in with the primary's secret, whose ``host`` names the primary).
     pin_host: bool = False
+    # True: the secret must name its host (a replica's own secret: without ``host``, the
+    # default would be the primary's, and "replica" reads would quietly hit the primary).
+    require_host: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     # libpq's sslmode for every connection, and the CA file verify-ca/verify-full trust.
