@@ -10,8 +10,9 @@ LOCAL_STAMP := $(VENV)/.installed-local
 .PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost clean
 
 help:
-	@echo "make run      start PostgreSQL, a local Secrets Manager and gunicorn (Ctrl-C stops all)"
-	@echo "make rotate   rotate the running local stack's database password"
+	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
+	@echo "             SHAPE=master: the service logs in as the master; REPLICA=0: no standby"
+	@echo "make rotate   rotate the secret the service logs in with (SECRET=master|replica: another)"
 	@echo "make status   every worker's rotation state (flask --app wsgi rotation status on the local stack)"
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
@@ -80,11 +81,13 @@ postgres:
 test-packages:
 	@bash scripts/system-packages.sh postgresql chromium
 
+# SHAPE=app|master and REPLICA=1|0 choose the local stack's shape, SECRET=app|master|replica
+# the secret `make rotate` rotates; unset, python -m devstack decides (README.md).
 run: $(LAYER_STAMP) postgres
-	$(BIN)/python -m devstack run
+	$(BIN)/python -m devstack run $(if $(SHAPE),--shape $(SHAPE)) $(if $(REPLICA),--replica $(REPLICA))
 
 rotate: $(LAYER_STAMP)
-	$(BIN)/python -m devstack rotate
+	$(BIN)/python -m devstack rotate $(if $(SECRET),--secret $(SECRET))
 
 # `flask --app wsgi rotation status` in the running local stack's environment, which
 # `$(BIN)/python -m devstack env` prints (eval it to run any `rotation` command by hand).

@@ -1,12 +1,16 @@
 """`python -m devstack run|rotate|env`: the local stack behind `make run`, `make rotate`, `make status`.
 
-- ``run`` keeps a cluster under ``.local/``, starts a moto server holding the app role's
-  secret, migrates, and runs gunicorn in the foreground. Ctrl-C stops everything. It
-  holds ``.local/run.lock`` (an flock, with its pid and port inside) for its whole life:
-  a second ``run`` is refused instead of stopping the first one's PostgreSQL. The kernel
-  drops the lock when the process ends, so a file left by a crash is never in the way.
-- ``rotate`` performs a realistic single-user rotation against that stack: AWSPENDING,
-  ALTER ROLE, a pause (the window), then AWSCURRENT moves.
+- ``run [--shape app|master] [--replica [0|1]]`` keeps a cluster under ``.local/``, starts
+  a moto server (Secrets Manager and SQS) holding this run's secrets, migrates, and runs
+  gunicorn in the foreground. Ctrl-C stops everything. It holds ``.local/run.lock`` (an
+  flock, with its pid and port inside) for its whole life: a second ``run`` is refused
+  instead of stopping the first one's PostgreSQL. The kernel drops the lock when the
+  process ends, so a file left by a crash is never in the way.
+
+  ``--shape`` and ``--replica`` choose what the stack is made of (devstack/shapes.py):
+  the app role with alternating users plus a hot standby by default, as the Terraform
+  deploys by default.
+- ``rotate`` rotates one secret as AWS does for it (devstack/rotate.py).
 - ``env`` prints the ``export`` lines that point ``flask --app wsgi rotation ...`` at the
   running stack: ``eval "$(.venv/bin/python -m devstack env)"``.
 
@@ -16,9 +20,6 @@ Every failure an operator can meet here ends in one line, not a traceback.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
-import json
 import os
 import secrets
 import shlex
@@ -27,28 +28,31 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from psycopg2 import sql
+from typing import Any, NoReturn
 
 from config import check_or_exit
-from devstack import events
-from devstack.postgres import PostgresCluster, free_port, new_password, write_private_file
-from devstack.secrets import rotate_secret, secrets_client
-
-ROOT = Path(__file__).resolve().parent.parent
-LOCAL = Path(os.environ.get("COMMNG_LOCAL_DIR", str(ROOT / ".local")))
-STATE_FILE = LOCAL / "stack.json"
-LOCK_FILE = LOCAL / "run.lock"
-METRICS_DIR = LOCAL / "prometheus"
-APP_ROLE = "commng_app"
-SECRET_NAME = "commng/local/db"
-# The local moto server accepts any credentials; these are not secrets.
-DUMMY_AWS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
+from devstack import events, shapes
+from devstack.postgres import PostgresCluster, free_port, new_password
+from devstack.rotate import rotate
+from devstack.secrets import secrets_client
+from devstack.stack import (
+    LOCAL,
+    METRICS_DIR,
+    ROOT,
+    SECRET_NAMES,
+    SHAPES,
+    aws_env,
+    hold_run_lock,
+    load_state,
+    pg_datadir,
+    require_running,
+    save_state,
+    service_env,
+    service_secret,
+)
 
 
 def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
@@ -61,163 +65,56 @@ def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
-def _pg_datadir() -> Path:
-    """.local/pg/data, or a /tmp folder when the postgres user cannot reach .local.
-
-    As root, the server runs as ``postgres``; a checkout under /root (mode 0700) is out
-    of its reach, and changing the modes of a user's home is not ours to do.
-    """
-    preferred = LOCAL / "pg" / "data"
-    if os.geteuid() != 0 or _reachable_by_postgres(LOCAL):
-        return preferred
-    digest = hashlib.sha1(str(LOCAL).encode(), usedforsecurity=False).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"commng-pg-{digest}" / "data"
-
-
-def _reachable_by_postgres(path: Path) -> bool:
-    probe = ["runuser", "-u", "postgres", "--", "test", "-x", str(path)]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
-
-
-def _load_state() -> dict[str, Any]:
-    if not STATE_FILE.exists():
-        return {}
-    data: dict[str, Any] = json.loads(STATE_FILE.read_text())
-    return data
-
-
-def _save_state(state: dict[str, Any]) -> None:
-    """stack.json holds passwords and the admin token: mode 0600 from its creation."""
-    write_private_file(STATE_FILE, json.dumps(state, indent=2))
-
-
-# -- the run lock ---------------------------------------------------------------------
-
-
-def _hold_run_lock(port: int) -> int:
-    """Take .local/run.lock for the life of this process, or exit naming the holder."""
-    LOCAL.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SystemExit(_already_running(_lock_owner())) from None
-    # Whatever a crashed run left in the file is replaced; the lock itself died with it.
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "port": port}).encode())
-    return fd  # never inherited by children (O_CLOEXEC); closed when this process ends
-
-
-def _lock_owner() -> dict[str, Any]:
-    """The pid and port the running stack wrote into run.lock ({} if not written yet)."""
-    try:
-        owner = json.loads(LOCK_FILE.read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
-    return owner if isinstance(owner, dict) else {}
-
-
-def running_stack() -> dict[str, Any] | None:
-    """{pid, port} of the ``run`` that holds .local/run.lock, or None when none does."""
-    try:
-        fd = os.open(LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _lock_owner()
-    finally:
-        os.close(fd)  # also releases the shared lock, when we got it
-    return None
-
-
-def _already_running(owner: dict[str, Any]) -> str:
-    pid = owner.get("pid", "?")
-    port = owner.get("port", "?")
-    return (
-        f"a local stack is already running (pid {pid}, http://127.0.0.1:{port}, state in {LOCAL}): "
-        f"stop it with Ctrl-C in its terminal or `kill {pid}`"
-    )
-
-
-def _require_running() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(lock owner, state) of the running stack, or SystemExit with one line."""
-    owner = running_stack()
-    if owner is None:
-        raise SystemExit(f"no local stack is running (state in {LOCAL}): start it with `make run` first")
-    state = _load_state()
-    if not state.get("secret_arn"):
-        raise SystemExit("the local stack is still starting: try again in a few seconds")
-    return owner, state
-
-
 # -- run ------------------------------------------------------------------------------
 
 
-def _stack_env(state: Mapping[str, Any], port: int) -> dict[str, str]:
-    """gunicorn's environment on the local stack (the caller's settings pass through)."""
-    return {
-        **os.environ,
-        **DUMMY_AWS,
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["endpoint"],
-        "AWS_ENDPOINT_URL_SQS": state["endpoint"],
-        **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
-        "DB_SECRET_ID": state["secret_arn"],
-        "DB_SECRET_REFRESH_INTERVAL_MS": os.environ.get("DB_SECRET_REFRESH_INTERVAL_MS", "5000"),
-        "DB_POOL_GRACE_PERIOD_MS": os.environ.get("DB_POOL_GRACE_PERIOD_MS", "10000"),
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(state["pg_port"]),
-        "POSTGRES_DB": "comm_ng",
-        "POSTGRES_SSL": "false",
-        "POSTGRES_POOL_SIZE": os.environ.get("POSTGRES_POOL_SIZE", "5"),
-        "ADMIN_TOKEN": state["admin_token"],
-        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
-        "PROMETHEUS_MULTIPROC_DIR": str(METRICS_DIR),
-        "PORT": str(port),
-    }
-
-
-def run(port: int) -> int:
+def run(port: int, shape: str | None = None, replica: bool | None = None) -> int:
     """Start PostgreSQL, moto and gunicorn in the foreground; Ctrl-C stops them all."""
-    lock = _hold_run_lock(port)
+    against_environment = bool(os.environ.get("DB_SECRET_ID") or os.environ.get("POSTGRES_USER"))
+    if against_environment and (shape is not None or replica is not None):
+        raise SystemExit(
+            "DB_SECRET_ID or POSTGRES_USER is set, so make run uses that database: SHAPE and REPLICA "
+            "(--shape, --replica) choose the local stack's shape and do not apply"
+        )
+    shape = shape or "app"
+    replica = shape == "app" if replica is None else replica
+    if replica and shape == "master":
+        raise SystemExit(
+            "SHAPE=master runs without a replica (the Terraform refuses db_replica_enabled in master "
+            "mode too): drop REPLICA=1, or use the app shape"
+        )
+    lock = hold_run_lock(port)
     try:
-        if os.environ.get("DB_SECRET_ID") or os.environ.get("POSTGRES_USER"):
+        if against_environment:
             return _run_against_environment(port)
-        return _run_local_stack(port)
+        return _run_local_stack(port, shape, replica)
     finally:
         os.close(lock)
 
 
-def _run_local_stack(port: int) -> int:
-    state = _load_state()
-    if not state.get("superuser_password"):
-        state = {
-            "superuser_password": new_password(),
-            "app_password": new_password(),
-            "admin_token": secrets.token_urlsafe(24),
-        }
-    state.pop("secret_arn", None)  # a previous run's: `env` and `rotate` wait for this run's
-    state.pop("endpoint", None)
+def _run_local_stack(port: int, shape: str, replica: bool) -> int:
+    # Only the cluster's superuser password, the admin token and the port outlive a run; the
+    # secrets (and their logins' passwords) are new each time, in a new moto server.
+    kept = {k: v for k, v in load_state().items() if k in ("superuser_password", "admin_token", "pg_port")}
+    if not kept.get("superuser_password"):
+        kept = {"superuser_password": new_password(), "admin_token": secrets.token_urlsafe(24)}
+    state: dict[str, Any] = {**kept, "shape": shape, "moto_port": free_port()}
     state["pg_port"] = int(state.get("pg_port") or 0) or free_port()
-    state["moto_port"] = free_port()
     # The caller's variables (WEB_CONCURRENCY, LOG_LEVEL, ...) are checked before anything starts.
-    placeholders = {"endpoint": "http://127.0.0.1:1", "secret_arn": SECRET_NAME}
-    check_or_exit(env=_stack_env({**state, **placeholders}, port))
-    cluster = PostgresCluster(_pg_datadir(), state["pg_port"], state["superuser_password"])
+    placeholders = {"endpoint": "http://127.0.0.1:1", "secrets": dict(SECRET_NAMES)}
+    check_or_exit(env=service_env({**state, **placeholders}, port))
+    cluster = PostgresCluster(pg_datadir(), state["pg_port"], state["superuser_password"])
     if not cluster.initialized:
         print(f"initdb: new PostgreSQL cluster in {cluster.datadir}", flush=True)
         cluster.init()
-    cluster.stop("immediate")  # a cluster left running by a killed make run (the lock is ours)
-    _save_state(state)
+    # A cluster and a standby left running by a killed make run (the lock is ours now).
+    cluster.stop("immediate")
+    shapes.discard_standby(cluster)
+    save_state(state)
     processes: list[subprocess.Popen[bytes]] = []
+    standby: PostgresCluster | None = None
     try:
-        cluster.start()
-        if not cluster.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_ROLE,)):
-            cluster.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(APP_ROLE)))
-            cluster.execute(sql.SQL("CREATE DATABASE comm_ng OWNER {}").format(sql.Identifier(APP_ROLE)))
-        cluster.set_password(APP_ROLE, state["app_password"])
+        # moto takes a second or two to import: it starts while PostgreSQL does its part.
         moto_bin = str(Path(sys.executable).parent / "moto_server")
         processes.append(
             subprocess.Popen(
@@ -226,32 +123,23 @@ def _run_local_stack(port: int) -> int:
                 stderr=subprocess.DEVNULL,
             )
         )
+        cluster.start()
+        passwords = {name: new_password() for name in SECRET_NAMES}
+        shapes.prepare_database(cluster, shape, passwords)
+        if replica:
+            standby = shapes.start_standby(cluster)
+            state["standby_port"] = standby.port
         _wait_for_port(state["moto_port"])
         endpoint = f"http://127.0.0.1:{state['moto_port']}"
-        client = secrets_client(endpoint)
-        secret = client.create_secret(
-            Name=SECRET_NAME,
-            SecretString=json.dumps({"username": APP_ROLE, "password": state["app_password"]}),
-        )
+        arns = shapes.create_secrets(secrets_client(endpoint), shape, passwords, state["pg_port"], standby)
         queue_url = events.create_rotation_queue(events.sqs_client(endpoint))  # the push path
-        state.update(secret_arn=secret["ARN"], endpoint=endpoint, queue_url=queue_url)
-        env = _stack_env(state, port)
-        migrated = _migrate(env)
+        state.update(secrets=arns, endpoint=endpoint, queue_url=queue_url)
+        env = service_env(state, port)
+        migrated = _migrate(*shapes.migration(shape, env, arns))
         if migrated:
             return migrated
-        _save_state(state)
-        python = _shown_path(Path(sys.executable))
-        print(
-            "\nCommNG is starting (Ctrl-C stops everything):\n"
-            f"  API      http://127.0.0.1:{port}/api/channels\n"
-            f"  ready    http://127.0.0.1:{port}/readyz\n"
-            f"  admin    http://127.0.0.1:{port}/admin/   (user admin, token {state['admin_token']})\n"
-            f"  metrics  http://127.0.0.1:{port}/metrics   (Authorization: Bearer <the admin token>)\n"
-            "  rotate   make rotate   (in another terminal)\n"
-            "  status   make status   (every worker's rotation state, from the history)\n"
-            f'  CLI      eval "$({python} -m devstack env)"   then   flask --app wsgi rotation status\n',
-            flush=True,
-        )
+        save_state(state)
+        _banner(state, port, standby)
         return _serve(["--bind", f"127.0.0.1:{port}"], env, processes)
     finally:
         for proc in reversed(processes):
@@ -261,8 +149,30 @@ def _run_local_stack(port: int) -> int:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if standby is not None:
+            standby.stop("fast")
         cluster.stop("fast")
         print("local stack stopped", flush=True)
+
+
+def _banner(state: Mapping[str, Any], port: int, standby: PostgresCluster | None) -> None:
+    python = _shown_path(Path(sys.executable))
+    shape, replica = shapes.describe(state["shape"], standby)
+    others = "master|replica" if standby is not None else "master"
+    print(
+        "\nCommNG is starting (Ctrl-C stops everything):\n"
+        f"  shape    {shape}\n"
+        f"  replica  {replica}\n"
+        f"  API      http://127.0.0.1:{port}/api/channels\n"
+        f"  ready    http://127.0.0.1:{port}/readyz\n"
+        f"  admin    http://127.0.0.1:{port}/admin/   (user admin, token {state['admin_token']})\n"
+        f"  metrics  http://127.0.0.1:{port}/metrics   (Authorization: Bearer <the admin token>)\n"
+        f"  rotate   make rotate   (the {service_secret(state)} secret; SECRET={others} for the others;"
+        " in another terminal)\n"
+        "  status   make status   (every worker's rotation state, from the history)\n"
+        f'  CLI      eval "$({python} -m devstack env)"   then   flask --app wsgi rotation status\n',
+        flush=True,
+    )
 
 
 def _run_against_environment(port: int) -> int:
@@ -271,11 +181,11 @@ def _run_against_environment(port: int) -> int:
     env = {"PORT": str(port), "LOG_FORMAT": "console", **os.environ}
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(METRICS_DIR))
     check_or_exit(env=env)
-    return _migrate(env) or _serve([], env, [])
+    return _migrate("upgrade", env) or _serve([], env, [])
 
 
-def _migrate(env: Mapping[str, str]) -> int:
-    """`flask db upgrade`; 0, or its exit code after one line saying so.
+def _migrate(command: str, env: Mapping[str, str]) -> int:
+    """`flask db <command>`; 0, or its exit code after one line saying so.
 
     Without PROMETHEUS_MULTIPROC_DIR: a process that is not a gunicorn worker must not
     leave a file there (its gauges would count as a live worker's forever).
@@ -283,10 +193,10 @@ def _migrate(env: Mapping[str, str]) -> int:
     bindir = Path(sys.executable).parent
     migration_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     code = subprocess.run(
-        [str(bindir / "flask"), "--app", "wsgi", "db", "upgrade"], env=migration_env, cwd=ROOT, check=False
+        [str(bindir / "flask"), "--app", "wsgi", "db", command], env=migration_env, cwd=ROOT, check=False
     ).returncode
     if code:
-        print(f"the migration (flask --app wsgi db upgrade) failed with exit code {code}", file=sys.stderr)
+        print(f"the migration (flask --app wsgi db {command}) failed with exit code {code}", file=sys.stderr)
     return code
 
 
@@ -326,80 +236,68 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-# -- rotate ---------------------------------------------------------------------------
-
-
-def rotate(pause_s: float = 5.0) -> int:
-    """A realistic rotation of the running local stack (see the module docstring)."""
-    import botocore.exceptions
-    import psycopg2
-
-    from commng_rotation import describe_error
-
-    _, state = _require_running()
-    client = secrets_client(state["endpoint"])
-    cluster = PostgresCluster(_pg_datadir(), state["pg_port"], state["superuser_password"])
-    new = new_password()
-    try:
-        version = rotate_secret(client, state["secret_arn"], cluster, APP_ROLE, new, pause_s, log=print)
-        if state.get("queue_url"):  # what EventBridge delivers once AWSCURRENT moved
-            sqs = events.sqs_client(state["endpoint"])
-            events.send_rotation_event(sqs, state["queue_url"], state["secret_arn"], version)
-            print("event: Secret Label Updated (AWSCURRENT) sent to the rotation-events queue")
-    except botocore.exceptions.EndpointConnectionError:
-        raise SystemExit(
-            f"the local Secrets Manager at {state['endpoint']} does not answer: restart the stack"
-        ) from None
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code") or type(exc).__name__
-        raise SystemExit(f"the rotation stopped: Secrets Manager call failed ({code})") from None
-    except psycopg2.Error as exc:
-        raise SystemExit(f"the rotation stopped: PostgreSQL: {describe_error(exc)}") from None
-    _save_state({**state, "app_password": new})
-    return 0
-
-
 # -- env ------------------------------------------------------------------------------
 
 
 def env_lines() -> list[str]:
     """The shell lines that point `flask --app wsgi rotation ...` at the running stack."""
-    owner, state = _require_running()
+    owner, state = require_running()
+    secret = SECRET_NAMES[service_secret(state)]
     variables = {
-        **DUMMY_AWS,
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["endpoint"],
-        "AWS_ENDPOINT_URL_SQS": state["endpoint"],
-        **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
-        "DB_SECRET_ID": state["secret_arn"],
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(state["pg_port"]),
-        "POSTGRES_DB": "comm_ng",
-        "POSTGRES_SSL": "false",
+        **aws_env(state),
         "PORT": str(owner.get("port", 8000)),
         # The CLI's own start-up lines (credentials found, fetched) are not the service's.
         "LOG_LEVEL": "WARNING",
         "LOG_FORMAT": "console",
     }
-    lines = [
+    return [
         f"# the local stack running as pid {owner.get('pid', '?')} (state in {LOCAL}), for "
         "`flask --app wsgi rotation status|check|history`",
-        "# the database login is read from the local Secrets Manager, as the service does",
+        f"# the database login is read from the local Secrets Manager ({secret}), as the service does",
         *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
         # The CLI is not a gunicorn worker: it must not write the service's metrics files.
         "unset PROMETHEUS_MULTIPROC_DIR",
         "# ADMIN_TOKEN: the admin API's token, needed by `rotation check` only",
         f"export ADMIN_TOKEN={shlex.quote(state['admin_token'])}",
     ]
-    return lines
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong argument ends in one line like every other operator mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devstack")
+    parser = _Parser(prog="python -m devstack")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start the local stack in the foreground")
     run_parser.add_argument("--port", type=int, default=None, help="gunicorn's port (default: $PORT or 8000)")
-    rotate_parser = sub.add_parser("rotate", help="rotate the local stack's database password")
-    rotate_parser.add_argument("--pause", type=float, default=5.0, help="seconds inside the window")
+    run_parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default=None,
+        help="the service's login: the app role (default) or the master",
+    )
+    run_parser.add_argument(
+        "--replica",
+        nargs="?",
+        const="1",
+        choices=("0", "1"),
+        default=None,
+        help="1 (or the bare flag): a hot standby with its own secret; 0: none (default: 1 in the app shape)",
+    )
+    rotate_parser = sub.add_parser("rotate", help="rotate one secret of the local stack as AWS does")
+    rotate_parser.add_argument(
+        "--secret",
+        choices=("app", "master", "replica"),
+        default=None,
+        help="which secret (default: the one the service logs in with)",
+    )
+    rotate_parser.add_argument(
+        "--pause", type=float, default=5.0, help="seconds inside a single-user rotation's window"
+    )
     sub.add_parser(
         "env",
         help="print `export` lines for the flask CLI against the running stack; "
@@ -420,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         if args.port is None:
             check_or_exit(["PORT"])
-        return run(args.port or int(os.environ.get("PORT") or 8000))
-    return rotate(args.pause)
+        replica = None if args.replica is None else args.replica == "1"
+        return run(args.port or int(os.environ.get("PORT") or 8000), args.shape, replica)
+    return rotate(args.secret, args.pause)
 
 
 if __name__ == "__main__":

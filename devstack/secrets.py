@@ -37,15 +37,21 @@ def rotate_secret(
     log: Any = None,
     before_current: Any = None,
 ) -> str:
-    """What RDS does: AWSPENDING, ALTER ROLE, (window), AWSCURRENT moves. Returns the version id."""
+    """What RDS does: AWSPENDING, ALTER ROLE, (window), AWSCURRENT moves. Returns the version id.
+
+    The new version is AWSCURRENT's value with the new password, as AWS's single-user
+    function writes it: a ``host``/``port`` in the secret (a replica's) stays.
+    """
     say = log or (lambda *_: None)
-    current = client.describe_secret(SecretId=secret_id)["VersionIdsToStages"]
-    old_version = next(v for v, stages in current.items() if "AWSCURRENT" in stages)
+    current = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
+    old_version = current["VersionId"]
     token = secrets.token_hex(16)
     client.put_secret_value(
         SecretId=secret_id,
         ClientRequestToken=token,
-        SecretString=json.dumps({"username": role, "password": new_password}),
+        SecretString=json.dumps(
+            {**_json_object(current.get("SecretString")), "username": role, "password": new_password}
+        ),
         VersionStages=["AWSPENDING"],
     )
     say(f"1/4 AWSPENDING written (version {token})")
@@ -103,3 +109,12 @@ def rotate_alternating(
     )
     say(f"3/3 AWSCURRENT moved to {token} ({other})")
     return token, other
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """The secret's JSON object, or {} when it is not one (a test may have stored anything)."""
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

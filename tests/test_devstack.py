@@ -1,7 +1,9 @@
 """`make run`, `make rotate` and `make status` as a new user runs them (the same code, a private .local).
 
-One stack serves every test that needs a running one (module-scoped); Ctrl-C stops it at
-the end and the teardown checks that nothing is left. SIGTERM gets a stack of its own.
+One stack in the default shape (the app role, alternating users, a hot standby) serves
+every test that needs a running one (module-scoped); Ctrl-C stops it at the end and the
+teardown checks that nothing is left. One more stack, in the master shape and started on a
+.local of the old one-role layout, is stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 import requests
 
-from devstack import free_port
-from devstack.processes import http_status
-from tests.helpers import assert_no_secrets, wait_for
+from devstack import PostgresCluster, free_port, new_password, secrets_client
+from devstack.processes import LoadGenerator, http_status
+from tests.helpers import adopted, assert_no_secrets, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,24 +69,59 @@ def _devstack(local_dir: Path, *args: str, timeout: float = 90) -> subprocess.Co
     )
 
 
-def _start_stack(local_dir: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+def _start_stack(
+    local_dir: Path, port: int, log: IO[bytes], *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     stack = subprocess.Popen(
-        [sys.executable, "-m", "devstack", "run", "--port", str(port)],
+        [sys.executable, "-m", "devstack", "run", "--port", str(port), *args],
         cwd=ROOT,
-        env=_stack_env(local_dir),
+        env={**_stack_env(local_dir), **(env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, like a terminal's foreground job
     )
     ready = f"http://127.0.0.1:{port}/readyz"
-    wait_for(lambda: stack.poll() is not None or http_status(ready) == 200, timeout_s=90)
+    output = local_dir / "run.log"
+
+    # Both workers: the first answers /readyz while the other may still boot, and a worker
+    # that boots after a rotation never logs adopting it.
+    def up() -> bool:
+        return output.read_text(errors="replace").count("worker_ready") >= 2 and http_status(ready) == 200
+
+    wait_for(lambda: stack.poll() is not None or up(), timeout_s=90)
     return stack
 
 
 def _assert_stopped(local_dir: Path, port: int) -> None:
     assert "local stack stopped" in (local_dir / "run.log").read_text()
     assert not (local_dir / "pg" / "data" / "postmaster.pid").exists()
+    assert not (local_dir / "pg" / "standby" / "data" / "postmaster.pid").exists()
     assert http_status(f"http://127.0.0.1:{port}/healthz", timeout_s=1) is None
+
+
+def _secret_values(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every version of every secret of the stack, AWSPREVIOUS and older too."""
+    client = secrets_client(state["endpoint"])
+    values = []
+    for arn in state["secrets"].values():
+        versions = client.list_secret_version_ids(SecretId=arn, IncludeDeprecated=True)["Versions"]
+        for version in versions:
+            got = client.get_secret_value(SecretId=arn, VersionId=version["VersionId"])
+            values.append(json.loads(got["SecretString"]))
+    return values
+
+
+def _passwords(state: dict[str, Any]) -> list[str]:
+    """Every password a secret of the stack ever held, and the superuser's."""
+    return [state["superuser_password"], *(value["password"] for value in _secret_values(state))]
+
+
+def _current(state: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:
+    """(AWSCURRENT version id, value) of the stack's secret ``name``."""
+    got = secrets_client(state["endpoint"]).get_secret_value(
+        SecretId=state["secrets"][name], VersionStage="AWSCURRENT"
+    )
+    return got["VersionId"], json.loads(got["SecretString"])
 
 
 @dataclass
@@ -92,6 +129,7 @@ class RunningStack:
     process: subprocess.Popen[bytes]
     local_dir: Path
     port: int
+    outputs: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -100,9 +138,29 @@ class RunningStack:
     def log(self) -> str:
         return (self.local_dir / "run.log").read_text(errors="replace")
 
-    def state(self) -> dict[str, str]:
-        state: dict[str, str] = json.loads((self.local_dir / "stack.json").read_text())
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads((self.local_dir / "stack.json").read_text())
         return state
+
+    def rotate(self, *args: str) -> str:
+        """`make rotate` with ``args``; its output, which must hold no password."""
+        result = _devstack(self.local_dir, "rotate", *args, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        self.outputs.append(result.stdout + result.stderr)
+        return result.stdout
+
+    def wait_for(self, predicate: Callable[[], object], timeout_s: float) -> None:
+        """tests.helpers.wait_for, failing with the stack's last log lines (but the access log)."""
+        try:
+            wait_for(predicate, timeout_s=timeout_s)
+        except AssertionError as exc:
+            lines = [line for line in self.log().splitlines() if '"http_request"' not in line]
+            raise AssertionError("\n".join([str(exc), *lines[-40:]])) from None
+
+    def metrics(self) -> str:
+        token = self.state()["admin_token"]  # /metrics is private by default
+        headers = {"Authorization": f"Bearer {token}"}
+        return requests.get(f"{self.url}/metrics", headers=headers, timeout=10).text
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +171,9 @@ def stack() -> Iterator[RunningStack]:
     (local_dir / "run.lock").write_text(json.dumps({"pid": 999999, "port": 1}))
     port = free_port()
     log = (local_dir / "run.log").open("wb")
-    process = _start_stack(local_dir, port, log)
+    # JSON lines for adopted(); a 1 s poll, so that the replica's rotation (no push) is seen soon.
+    env = {"LOG_FORMAT": "json", "DB_SECRET_REFRESH_INTERVAL_MS": "1000"}
+    process = _start_stack(local_dir, port, log, env=env)
     running = RunningStack(process, local_dir, port)
     try:
         assert process.poll() is None, running.log()[-3000:]
@@ -130,13 +190,59 @@ def stack() -> Iterator[RunningStack]:
             shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def test_make_run_stops_everything_on_sigterm_to_itself_alone(local_dir: Path) -> None:
-    """`kill <pid>` or a closed terminal: gunicorn and PostgreSQL must not be left behind."""
+def _one_role_layout(local_dir: Path) -> None:
+    """What `make run` left in .local before the shapes: commng_app owns comm_ng and its tables."""
+    superuser = new_password()
+    cluster = PostgresCluster(local_dir / "pg" / "data", free_port(), superuser)
+    cluster.init()
+    cluster.start()
+    try:
+        cluster.execute("CREATE ROLE commng_app LOGIN")
+        cluster.execute("CREATE DATABASE comm_ng OWNER commng_app")
+        cluster.execute("CREATE TABLE channels (id int)", dbname="comm_ng")
+        cluster.execute("ALTER TABLE channels OWNER TO commng_app", dbname="comm_ng")
+    finally:
+        cluster.stop("fast")
+    state = {"superuser_password": superuser, "app_password": new_password(), "pg_port": cluster.port}
+    (local_dir / "stack.json").write_text(
+        json.dumps({**state, "admin_token": "old-admin-token-0123456789abcdef"})
+    )
+
+
+def test_the_master_shape_on_an_old_local_dir_rotates_and_stops_on_sigterm(local_dir: Path) -> None:
+    """`make run SHAPE=master` on an old .local, `make rotate` RDS-style, then `kill <pid>`."""
+    _one_role_layout(local_dir)
     port = free_port()
     with (local_dir / "run.log").open("wb") as log:
-        stack = _start_stack(local_dir, port, log)
+        stack = _start_stack(local_dir, port, log, "--shape", "master", env={"LOG_FORMAT": "json"})
+        running = RunningStack(stack, local_dir, port)
         try:
-            assert stack.poll() is None, (local_dir / "run.log").read_text()[-3000:]
+            assert stack.poll() is None, running.log()[-3000:]
+            assert (
+                "database comm_ng belongs to commng_app (the one-role layout of an earlier make run): "
+                "recreating it empty for SHAPE=master"
+            ) in running.log()
+            assert "shape    master: the service logs in as commng_master" in running.log()
+            assert "replica  none" in running.log()
+            # Connection: close, or the kept-alive socket holds its worker's graceful exit for 25 s.
+            headers = {"Connection": "close"}
+            created = requests.post(
+                f"{running.url}/api/channels", json={"name": "m"}, headers=headers, timeout=10
+            )
+            assert created.status_code == 201
+
+            for secret in ("app", "replica"):  # this shape has neither
+                refused = _devstack(local_dir, "rotate", "--secret", secret)
+                assert refused.returncode == 1
+                assert len(refused.stderr.splitlines()) == 1, refused.stderr
+                assert f"has no {secret} secret" in refused.stderr
+            out = running.rotate("--pause", "0.5")  # the service's: the master secret, single user
+            assert "4/4 AWSCURRENT moved" in out
+            assert "Secret Label Updated (AWSCURRENT) sent" in out
+            version, value = _current(running.state(), "master")
+            assert value["username"] == "commng_master"
+            running.wait_for(lambda: len(adopted(running.log(), version)) == 2, timeout_s=30)
+            passwords = _passwords(running.state())
             stack.send_signal(signal.SIGTERM)  # to the Python process only, not its group
             stack.wait(90)
         finally:
@@ -144,6 +250,7 @@ def test_make_run_stops_everything_on_sigterm_to_itself_alone(local_dir: Path) -
                 os.killpg(stack.pid, signal.SIGKILL)
                 stack.wait(10)
     _assert_stopped(local_dir, port)
+    assert_no_secrets(running.log() + "".join(running.outputs), passwords)
 
 
 def test_without_a_stack_rotate_and_env_say_so_in_one_line(local_dir: Path) -> None:
@@ -156,22 +263,85 @@ def test_without_a_stack_rotate_and_env_say_so_in_one_line(local_dir: Path) -> N
         assert result.stdout == ""
 
 
-def test_make_run_serves_and_rotates(stack: RunningStack) -> None:
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--shape", "master", "--replica", "1"],
+            "SHAPE=master runs without a replica (the Terraform refuses db_replica_enabled in master "
+            "mode too): drop REPLICA=1, or use the app shape",
+        ),
+        (
+            ["--shape", "superuser"],
+            "python -m devstack run: argument --shape: invalid choice: 'superuser' "
+            "(choose from 'app', 'master')",
+        ),
+    ],
+)
+def test_a_shape_that_cannot_run_is_refused_in_one_line(local_dir: Path, args: list[str], line: str) -> None:
+    result = _devstack(local_dir, "run", *args)
+    assert result.returncode in (1, 2)
+    assert result.stderr.splitlines() == [line]
+    assert not (local_dir / "stack.json").exists()
+
+
+def test_each_secret_rotates_as_aws_does_and_no_request_fails(stack: RunningStack) -> None:
     output = stack.log()
     assert f"http://127.0.0.1:{stack.port}/readyz" in output
+    assert "shape    app: the service logs in as commng_app" in output
+    assert "replica  hot standby 127.0.0.1:" in output
     assert "make rotate" in output
     assert "make status" in output
+    state = stack.state()
+    assert set(state["secrets"]) == {"master", "app", "replica"}
+    primary = PostgresCluster(stack.local_dir / "pg" / "data", state["pg_port"], state["superuser_password"])
 
     channel = requests.post(f"{stack.url}/api/channels", json={"name": "local"}, timeout=10).json()["id"]
-    rotate = _devstack(stack.local_dir, "rotate", "--pause", "1", timeout=60)
-    assert rotate.returncode == 0, rotate.stderr[-2000:]
-    assert "4/4 AWSCURRENT moved" in rotate.stdout
-    assert "Secret Label Updated (AWSCURRENT) sent" in rotate.stdout
-    wait_for(lambda: stack.log().count("refresh_succeeded") >= 2, timeout_s=30)
-    # One worker receives the queue's event (push), the other hears it over NOTIFY.
-    wait_for(lambda: "rotation_event_received" in stack.log(), timeout_s=30)
-    posted = requests.post(f"{stack.url}/api/channels/{channel}/messages", json={"body": "after"}, timeout=10)
-    assert posted.status_code == 201
+    load = LoadGenerator(stack.url, [channel], clients=2, max_s=120)
+    load.start()
+    try:
+        # The app secret: alternating users, the username flips to the clone; both workers adopt it.
+        out = stack.rotate()
+        assert "3/3 AWSCURRENT moved" in out
+        assert "Secret Label Updated (AWSCURRENT) sent" in out
+        app_version, app_value = _current(state, "app")
+        assert app_value["username"] == "commng_app_clone"
+        stack.wait_for(lambda: len(adopted(stack.log(), app_version)) == 2, timeout_s=30)
+        stack.wait_for(lambda: primary.backend_count("commng_app_clone") > 0, timeout_s=10)
+        stack.wait_for(lambda: "rotation_event_received" in stack.log(), timeout_s=10)  # push, then NOTIFY
+        app_swaps = _refreshes(stack.log(), bind=None)
+
+        # The master secret, single user: the service does not read it, so hears nothing.
+        out = stack.rotate("--secret", "master", "--pause", "0.5")
+        assert "4/4 AWSCURRENT moved" in out
+        assert "no event: the service does not read the master secret" in out
+
+        # The replica's secret, single user through the primary; the standby replays the ALTER ROLE.
+        out = stack.rotate("--secret", "replica", "--pause", "0.5")
+        assert "4/4 AWSCURRENT moved" in out
+        assert "Secret Label Updated (AWSCURRENT) sent" in out
+        replica_version, replica_value = _current(state, "replica")
+        assert replica_value["port"] == state["standby_port"]  # the rotation kept the standby's host
+        stack.wait_for(lambda: len(adopted(stack.log(), replica_version)) == 2, timeout_s=30)
+        assert _refreshes(stack.log(), bind=None) == app_swaps  # no swap of the app's engine since
+    finally:
+        result = load.stop()
+
+    assert len(result.samples) > 20, "the load generator did not run"
+    assert result.failures == [], [*map(repr, result.failures[:5])]
+    reads = re.search(r'^commng_db_reads_total\{bind="replica"\} (\S+)$', stack.metrics(), re.MULTILINE)
+    assert reads is not None
+    assert float(reads.group(1)) > 0
+    assert_no_secrets(stack.log() + "".join(stack.outputs), _passwords(state))
+
+
+def _refreshes(output: str, bind: str | None) -> int:
+    """How many refresh_succeeded lines of ``bind`` the JSON log ``output`` holds."""
+    return sum(
+        1
+        for line in output.splitlines()
+        if '"refresh_succeeded"' in line and json.loads(line).get("bind") == bind
+    )
 
 
 def test_a_second_run_is_refused_in_one_line_and_the_first_keeps_serving(stack: RunningStack) -> None:
@@ -187,11 +357,15 @@ def test_a_second_run_is_refused_in_one_line_and_the_first_keeps_serving(stack: 
     assert requests.get(f"{stack.url}/api/channels", timeout=10).status_code == 200
 
 
-def test_the_state_file_is_private_from_its_creation(stack: RunningStack) -> None:
+def test_the_state_file_is_private_and_holds_no_login_password(stack: RunningStack) -> None:
     state_file = stack.local_dir / "stack.json"
     assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
-    assert {"superuser_password", "app_password", "admin_token"} <= set(stack.state())
-    # initdb's password file is gone, and no temporary file was left next to either.
+    state = stack.state()
+    assert {"superuser_password", "admin_token", "secrets"} <= set(state)
+    # The logins' passwords live in the local Secrets Manager only.
+    logins = [value["password"] for value in _secret_values(state)]
+    assert_no_secrets(state_file.read_text(), logins)
+    # initdb's password file and the standby's passfile are gone, and no temporary file was left.
     assert not list(stack.local_dir.rglob("*pwfile*"))
     assert not list(stack.local_dir.glob(".*.tmp"))
 
@@ -201,10 +375,11 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
     assert env.returncode == 0, env.stderr
     exports = dict(re.findall(r"^export (\w+)=(.*)$", env.stdout, re.MULTILINE))
     assert exports["PORT"] == str(stack.port)
-    assert {"DB_SECRET_ID", "AWS_ENDPOINT_URL_SECRETS_MANAGER", "ADMIN_TOKEN"} <= set(exports)
-    assert "POSTGRES_PASSWORD" not in exports
     state = stack.state()
-    assert_no_secrets(env.stdout, [state["app_password"], state["superuser_password"]])
+    assert exports["DB_SECRET_ID"] == state["secrets"]["app"]  # the service's secret, not the master's
+    assert {"AWS_ENDPOINT_URL_SECRETS_MANAGER", "ADMIN_TOKEN"} <= set(exports)
+    assert "POSTGRES_PASSWORD" not in exports
+    assert_no_secrets(env.stdout, _passwords(state))
 
     # The Makefile's recipe with this interpreter's bin/ (and no reinstall of the venv).
     status = subprocess.run(
@@ -222,12 +397,10 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
         f"# state of the running service, from the rotation history in 127.0.0.1:{state['pg_port']}/comm_ng "
         "(not this process)"
     )
-    assert lines[1] == f"secret      {state['secret_arn']}"
+    assert lines[1] == f"secret      {state['secrets']['app']}"
     assert lines[2].startswith("AWSCURRENT  ")
     assert status.stderr == ""
-    assert_no_secrets(
-        status.stdout, [state["app_password"], state["superuser_password"], state["admin_token"]]
-    )
+    assert_no_secrets(status.stdout, [*_passwords(state), state["admin_token"]])
 
 
 def test_only_gunicorn_workers_write_into_the_metrics_directory(stack: RunningStack) -> None:
@@ -235,10 +408,8 @@ def test_only_gunicorn_workers_write_into_the_metrics_directory(stack: RunningSt
     assert len(workers) == 2  # gunicorn.conf.py's default; no worker was restarted
     files = list((stack.local_dir / "prometheus").iterdir())
     assert files
-    assert {int(f.stem.rsplit("_", 1)[1]) for f in files} == workers  # no migration, no CLI
+    assert {int(f.stem.rsplit("_", 1)[1]) for f in files} == workers  # no bootstrap, no CLI
 
-    token = stack.state()["admin_token"]  # /metrics is private by default
-    metrics = requests.get(
-        f"{stack.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    ).text
-    assert re.search(r'^commng_db_engines\{state="active"\} 2\.0$', metrics, re.MULTILINE), metrics
+    metrics = stack.metrics()
+    # Each worker's primary and replica engines.
+    assert re.search(r'^commng_db_engines\{state="active"\} 4\.0$', metrics, re.MULTILINE), metrics
