@@ -12,6 +12,10 @@ the master secret) and leaves three kinds of role behind:
   until the first rotation gives it one); AWS's rotation function creates it too when it
   is missing. Both may read and write rows of every table, now and in future tables
   (``ALTER DEFAULT PRIVILEGES FOR ROLE <owner>``), and may not create or drop anything.
+- with a replica, the **read-only role** (the ``username`` of ``DB_REPLICA_SECRET_ID``) and
+  its ``<user>_clone``, made the same way: the replica secret alternates between them too
+  (AWS's single-user function cannot rotate it: it sets the password as the user itself at
+  the secret's host, the replica, which refuses ``ALTER ROLE``). Both may only SELECT.
 
 A database the service used to log in to as the master (the design document's shape), or
 as a former app login, already holds tables owned by that login. Bootstrap gives every
@@ -140,7 +144,8 @@ def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = N
     """Create what is missing for ``app_login``, ``owner`` and ``reader``; return what changed.
 
     ``reader`` is the replica's login (``DB_REPLICA_SECRET_ID``): a LOGIN role that may only
-    SELECT. It is created on the primary; physical replication carries it to the replica.
+    SELECT, and its clone. They are created on the primary; physical replication carries
+    them to the replica.
     """
     base, clone = login_pair(app_login.username)
     raw = db.engine.raw_connection()
@@ -187,28 +192,13 @@ def _roles_and_grants(
     if not step.role_exists(owner):
         step.run(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
         step.changes.append(f"created role {owner} (NOLOGIN)")
-    for role in (base, clone):
-        if step.role_exists(role):
-            continue
-        if role == app_login.username:
-            # The verifier, not the password, is what the server stores and all it ever sees.
-            verifier = encrypt_password(app_login.password, role, step.conn, "scram-sha-256")
-            step.run(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(role), sql.Literal(verifier)
-                )
-            )
-            step.changes.append(f"created role {role} (LOGIN, the app secret's password)")
-        else:
-            step.run(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-            step.changes.append(f"created role {role} (LOGIN, no password until a rotation sets one)")
+    _login_pair(step, app_login, base, clone, "the app secret's password")
     step.where = "granting role memberships"
     for member, role in ((clone, base), (master, owner)):
-        if not step.is_member(member, role):
-            step.run(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member)))
-            step.changes.append(f"granted {role} to {member}")
+        _grant_membership(step, role, member)
     # Before the grants: only the database's owner may grant on it and on its schema.
-    _take_over_database(step, master, database, {base, clone, *([reader.username] if reader else [])})
+    readers = login_pair(reader.username) if reader else ()
+    _take_over_database(step, master, database, {base, clone, *readers})
     acl = step.privileges()
     step.where = "granting database and schema privileges"
     schema = sql.Identifier(SCHEMA)
@@ -219,6 +209,31 @@ def _roles_and_grants(
     step.run(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(schema, sql.Identifier(owner)))
     if step.privileges() != acl:
         step.changes.append(f"granted {base} CONNECT and USAGE, {owner} CREATE on schema {SCHEMA}")
+
+
+def _login_pair(step: _Step, login: Credentials, base: str, clone: str, password_from: str) -> None:
+    """Create what is missing of ``base`` and ``clone``: the one ``login`` names with its password."""
+    for role in (base, clone):
+        if step.role_exists(role):
+            continue
+        if role == login.username:
+            # The verifier, not the password, is what the server stores and all it ever sees.
+            verifier = encrypt_password(login.password, role, step.conn, "scram-sha-256")
+            step.run(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(verifier)
+                )
+            )
+            step.changes.append(f"created role {role} (LOGIN, {password_from})")
+        else:
+            step.run(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+            step.changes.append(f"created role {role} (LOGIN, no password until a rotation sets one)")
+
+
+def _grant_membership(step: _Step, role: str, member: str) -> None:
+    if not step.is_member(member, role):
+        step.run(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member)))
+        step.changes.append(f"granted {role} to {member}")
 
 
 def _borrow(step: _Step, role: str, what: str, new_owner: str) -> bool:
@@ -317,16 +332,13 @@ def _table_grants(step: _Step, base: str, owner: str) -> None:
 
 
 def _reader(step: _Step, login: Credentials, owner: str) -> None:
-    """The replica's login: created with its secret's password, SELECT on the owner's tables only."""
-    step.where = "creating the read-only role"
-    role, schema, own = sql.Identifier(login.username), sql.Identifier(SCHEMA), sql.Identifier(owner)
+    """The replica's logins and its clone, SELECT on the owner's tables only (granted to the base)."""
+    step.where = "creating the read-only roles"
+    base, clone = login_pair(login.username)
+    role, schema, own = sql.Identifier(base), sql.Identifier(SCHEMA), sql.Identifier(owner)
     step.run(sql.SQL("RESET ROLE"))  # back to the master: the owner may not create roles
-    if not step.role_exists(login.username):
-        verifier = encrypt_password(login.password, login.username, step.conn, "scram-sha-256")
-        step.run(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(verifier)))
-        step.changes.append(
-            f"created role {login.username} (LOGIN, SELECT only, the replica secret's password)"
-        )
+    _login_pair(step, login, base, clone, "SELECT only, the replica secret's password")
+    _grant_membership(step, base, clone)
     database = step.rows("SELECT current_database()")[0][0]
     step.run(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), role))
     step.run(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, role))

@@ -2,9 +2,10 @@
 
 The CLI is a short-lived process of its own: its own engine, no watcher, no workers.
 So nothing here reports that process's runtime state. ``status`` and ``history`` read
-what the service's workers persisted (``rotation_events``) and ask Secrets Manager for
-the secret's AWSCURRENT version; ``check`` asks the running service, through its admin
-API, to check the secret (the server records that check in the history).
+what the service's workers persisted (``rotation_events``); ``status`` also asks Secrets
+Manager for each bind's AWSCURRENT version (``commng.status``); ``check`` asks the
+running service, through its admin API, to check the secret (the server records that
+check in the history).
 
 Every failure ends in one line (``click.ClickException``): a configuration error, a
 database or Secrets Manager that cannot be reached, an admin API that is down or
@@ -20,7 +21,6 @@ import urllib.request
 from typing import Any
 
 import click
-import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from flask_migrate.cli import db as migrate_group
@@ -28,18 +28,17 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from commng.bootstrap import bootstrap_command
 from commng.db import db
+from commng.status import format_status, latest_by_worker_and_bind, status_document
 from commng_rotation import (
     NoCredentials,
     RotationRecord,
-    SecretsUnavailable,
     describe_error,
     get_runtime,
-    history,
     list_events,
 )
 from config import Settings
 
-__all__ = ["init_app", "latest_by_worker"]
+__all__ = ["init_app"]
 
 rotation = AppGroup(
     "rotation", help="Inspect and trigger database credential rotation of the running service."
@@ -56,22 +55,9 @@ def _database() -> str:
     return f"{url.host}:{url.port}/{url.database}"
 
 
-def latest_by_worker(session: Any) -> list[RotationRecord]:
-    """The latest persisted event of every worker, newest first."""
-    t = history.rotation_events
-    query = sa.select(t).distinct(t.c.worker).order_by(t.c.worker, t.c.occurred_at.desc(), t.c.id.desc())
-    rows = [RotationRecord(**row._mapping) for row in session.execute(query)]
-    return sorted(rows, key=lambda r: (r.occurred_at, r.id), reverse=True)
-
-
-def _held_version(row: RotationRecord) -> str | None:
-    """The version a worker used after its latest attempt (a failed one keeps the old)."""
-    return row.old_version if row.outcome == "failed" else row.new_version
-
-
 def _read_history() -> list[RotationRecord]:
     try:
-        return latest_by_worker(db.session)
+        return latest_by_worker_and_bind(db.session)
     except _READ_ERRORS as exc:
         db.session.rollback()
         raise click.ClickException(
@@ -82,97 +68,22 @@ def _read_history() -> list[RotationRecord]:
 @rotation.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def status_command(as_json: bool) -> None:
-    """The running service's state: each worker's latest refresh attempt and the secret's AWSCURRENT.
+    """The running service's state: each worker's latest refresh attempt per bind, and AWSCURRENT.
 
     Read from the rotation history every worker writes (a worker appears once it has
     recorded an attempt: a rotation, a failure, a manual check) and from Secrets
-    Manager; not from this process, which is only the CLI.
+    Manager; not from this process, which is only the CLI. Each bind (the primary, the
+    replica) is compared with its own secret's AWSCURRENT.
     """
-    workers = _read_history()
-    runtime = get_runtime()
-    source = runtime.rotator().source
-    secret_id = runtime.settings.secret_id
-    awscurrent: str | None = None
-    secret_error: str | None = None
-    if source.watchable:
-        try:
-            awscurrent = source.current_version_id()
-        except SecretsUnavailable as exc:
-            secret_error = exc.code
-    rows = []
-    for row in workers:
-        version = _held_version(row)
-        matches = None if awscurrent is None or version is None else version == awscurrent
-        rows.append({**row.as_dict(), "version": version, "matches_awscurrent": matches})
-    differs = [r["worker"] for r in rows if r["matches_awscurrent"] is False]
-    document = {
-        "source": "rotation_history",
-        "database": _database(),
-        "secret_id": secret_id,
-        "awscurrent_version": awscurrent,
-        "secret_error": secret_error,
-        "workers": rows,
-        "differs_from_awscurrent": differs,
-    }
+    settings: Settings = current_app.config["COMMNG_SETTINGS"]
+    document = status_document(_read_history(), get_runtime(), settings, _database())
     click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
-    if secret_error is not None:
-        raise click.ClickException(f"AWSCURRENT could not be read from Secrets Manager ({secret_error})")
-
-
-STATUS_COLUMNS = ("worker", "last_event_at", "trigger", "outcome", "version", "awscurrent", "error")
-
-
-def format_status(document: dict[str, Any]) -> str:
-    """The status document as text: a header naming its source, a table, a summary."""
-    lines = [
-        "# state of the running service, from the rotation history in "
-        f"{document['database']} (not this process)"
-    ]
-    if document["secret_id"] is None:
-        lines.append("secret      none: DB_SECRET_ID is not set (credentials from the environment)")
-    else:
-        lines.append(f"secret      {document['secret_id']}")
-        shown = document["awscurrent_version"] or f"unknown ({document['secret_error']})"
-        lines.append(f"AWSCURRENT  {shown}")
-    workers = document["workers"]
-    if not workers:
-        lines.append(
-            "no worker has recorded a refresh attempt yet (workers record rotations, failures and "
-            "manual checks: `flask --app wsgi rotation check` makes one)"
+    failed = [b for b in document["binds"] if b["secret_error"] is not None]
+    if failed:
+        codes = ", ".join(
+            b["secret_error"] if b["bind"] is None else f"{b['bind']}: {b['secret_error']}" for b in failed
         )
-        return "\n".join(lines)
-
-    def match(value: bool | None) -> str:
-        return "?" if value is None else ("yes" if value else "DIFFERS")
-
-    table = [STATUS_COLUMNS]
-    for w in workers:
-        table.append(
-            (
-                w["worker"],
-                w["occurred_at"][:19].replace("T", " "),
-                w["trigger"],
-                w["outcome"].upper() if w["outcome"] == "failed" else w["outcome"],
-                w["version"] or "-",
-                match(w["matches_awscurrent"]),
-                w["error"] or "",
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
-    lines += ["  ".join(c.ljust(n) for c, n in zip(row, widths, strict=True)).rstrip() for row in table]
-    differs = document["differs_from_awscurrent"]
-    if document["awscurrent_version"] is not None and differs:
-        lines.append(
-            f"# {len(differs)} of {len(workers)} workers' latest adopted version differs from "
-            f"AWSCURRENT: {', '.join(differs)}"
-        )
-    elif document["awscurrent_version"] is not None:
-        lines.append("# no worker's latest adopted version differs from AWSCURRENT")
-    lines.append(
-        "# times are UTC; a worker that stopped stays listed until its rows are pruned "
-        "(ROTATION_HISTORY_RETENTION_DAYS)"
-    )
-    return "\n".join(lines)
+        raise click.ClickException(f"AWSCURRENT could not be read from Secrets Manager ({codes})")
 
 
 def _without_userinfo(url: str) -> str:

@@ -5,7 +5,9 @@
 #     rotated by AWS's SecretsManagerRDSPostgreSQLRotationMultiUser function with the master
 #     secret (masterarn);
 #   - replica secret (db_replica_enabled): login role commng_ro (SELECT only) on the replica,
-#     rotated by the same function;
+#     alternating with commng_ro_clone, rotated by the same function. Not by the single-user
+#     function: it sets the new password logged in as the user at the secret's host, and the
+#     replica refuses ALTER ROLE (read-only); the multi-user function sets it on the primary;
 #   - master secret of the stack's own (db_master_password_managed_by_rds = false): the
 #     master password Terraform writes, rotated by SecretsManagerRDSPostgreSQLRotationSingleUser.
 #
@@ -135,9 +137,11 @@ resource "aws_secretsmanager_secret" "db_replica" {
   recovery_window_in_days = 7
 }
 
-# host is the replica; the role itself is created on the primary by the bootstrap (a replica
-# is read-only) and reaches the replica by replication. The multi-user function sees that the
-# host is a replica of masterarn's instance and changes passwords on the primary.
+# host is the replica; the roles commng_ro and commng_ro_clone (GRANT commng_ro TO
+# commng_ro_clone, so the clone has exactly its SELECT rights) are created on the primary by
+# the bootstrap (a replica is read-only) and reach the replica by replication. The multi-user
+# function sees that the host is a replica of masterarn's instance and changes passwords on
+# the primary.
 resource "aws_secretsmanager_secret_version" "db_replica" {
   count = var.db_replica_enabled ? 1 : 0
 

@@ -199,10 +199,10 @@ resource "aws_ecs_service" "app" {
 # Run once per deploy that brings a migration, and once after the first apply (infra/README.md,
 # "Database roles"). Same image as the service, its own task role. In app_role mode it runs
 # `flask --app wsgi db bootstrap`: create (if missing) the NOLOGIN owner role commng_owner, the
-# login role commng_app with the app secret's password (and commng_ro with the replica
-# secret's), grant them DML (SELECT only for commng_ro) and default privileges from the owner,
-# then run the migrations as the owner (SET ROLE commng_owner). In master mode it runs
-# `flask --app wsgi db upgrade` as before.
+# login role commng_app with the app secret's password and its clone commng_app_clone (and
+# commng_ro and commng_ro_clone from the replica secret), grant them DML (SELECT only for
+# commng_ro) and default privileges from the owner, then run the migrations as the owner
+# (SET ROLE commng_owner). In master mode it runs `flask --app wsgi db upgrade` as before.
 
 locals {
   migration_command = local.app_role ? ["flask", "--app", "wsgi", "db", "bootstrap"] : ["flask", "--app", "wsgi", "db", "upgrade"]
@@ -232,7 +232,8 @@ locals {
     # schema through this role.
     [for arn in aws_secretsmanager_secret.db_app[*].arn : { name = "DB_APP_SECRET_ID", value = arn }],
     local.app_role ? [{ name = "DB_OWNER_ROLE", value = local.db_owner_role }] : [],
-    # With a replica: the bootstrap also creates commng_ro (SELECT only) with this password.
+    # With a replica: the bootstrap also creates commng_ro (SELECT only) with this password,
+    # and its clone commng_ro_clone.
     [for arn in aws_secretsmanager_secret.db_replica[*].arn : { name = "DB_REPLICA_SECRET_ID", value = arn }],
   )
 

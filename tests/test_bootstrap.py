@@ -116,7 +116,7 @@ def fresh(pg: PostgresCluster) -> Iterator[Fresh]:
     pg.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(f.name), master))
     yield f
     pg.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(f.name)))
-    for role in (f.clone, f.app_user, f"{f.app_user}_ro", f.owner, f.master):
+    for role in (f.clone, f.app_user, f"{f.app_user}_ro_clone", f"{f.app_user}_ro", f.owner, f.master):
         pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
@@ -448,3 +448,81 @@ def test_a_table_the_master_cannot_take_over_stops_bootstrap_in_one_line(
     # One transaction: the roles it had created are rolled back with it.
     assert fresh.cluster.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (fresh.owner,)) == []
     assert_no_secrets(result.output, [fresh.app_password, fresh.master_password])
+
+
+# -- the replica's login alternates too: its clone is created with it ---------------------------
+
+
+def _reads_only(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM channels")
+    _cannot(conn, "INSERT INTO channels (name, created_at) VALUES ('no', now())")
+    _cannot(conn, "DELETE FROM messages")
+    _cannot(conn, "CREATE TABLE intruder (id int)")
+
+
+def _replica_secret(fresh: Fresh, secretsmanager: Any, username: str, password: str) -> str:
+    arn: str = secretsmanager.create_secret(
+        Name=f"replica/{fresh.name}", SecretString=json.dumps({"username": username, "password": password})
+    )["ARN"]
+    return arn
+
+
+def test_bootstrap_creates_the_replica_logins_clone_which_reads_once_a_rotation_sets_its_password(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    """What AWS's alternating-users function expects of the replica secret's login, as of the app's."""
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    reader, reader_password = f"{fresh.app_user}_ro", new_password()
+    reader_arn = _replica_secret(fresh, secretsmanager, reader, reader_password)
+    settings = replace(fresh.settings(master_arn, app_arn), db_replica_secret_id=reader_arn)
+    runner = make_app(settings, secrets_client=secretsmanager).test_cli_runner()
+
+    first = runner.invoke(bootstrap_command)
+
+    assert first.exit_code == 0, first.output
+    assert f"created role {reader}_clone (LOGIN, no password until a rotation sets one)" in first.output
+    assert f"granted {reader} to {reader}_clone" in first.output
+    # The function's rotation: a new password for the clone, and the secret names it.
+    clone_password = new_password()
+    fresh.cluster.set_password(f"{reader}_clone", clone_password)
+    conn = fresh.connect(f"{reader}_clone", clone_password)
+    try:
+        _reads_only(conn)
+    finally:
+        conn.close()
+    secretsmanager.put_secret_value(
+        SecretId=reader_arn,
+        SecretString=json.dumps({"username": f"{reader}_clone", "password": clone_password}),
+    )
+    second = runner.invoke(bootstrap_command)
+    assert second.exit_code == 0, second.output
+    assert second.output.strip() == "nothing to change: roles, grants and schema are already in place"
+    assert_no_secrets(first.output + second.output, [reader_password, clone_password, fresh.app_password])
+
+
+def test_a_replica_secret_that_names_the_clone_gets_both_logins_and_grants_on_the_base(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    """A new database under a secret that rotated before: the clone logs in, the base holds the grants."""
+    master_arn, app_arn = fresh.secrets(secretsmanager)
+    reader, clone_password = f"{fresh.app_user}_ro", new_password()
+    reader_arn = _replica_secret(fresh, secretsmanager, f"{reader}_clone", clone_password)
+    settings = replace(fresh.settings(master_arn, app_arn), db_replica_secret_id=reader_arn)
+
+    result = make_app(settings, secrets_client=secretsmanager).test_cli_runner().invoke(bootstrap_command)
+
+    assert result.exit_code == 0, result.output
+    assert f"created role {reader} (LOGIN, no password until a rotation sets one)" in result.output
+    assert f"created role {reader}_clone (LOGIN, SELECT only, the replica secret's password)" in result.output
+    conn = fresh.connect(f"{reader}_clone", clone_password)
+    try:
+        _reads_only(conn)
+    finally:
+        conn.close()
+    granted = fresh.rows(
+        "SELECT r.rolname FROM pg_class c, aclexplode(c.relacl) a JOIN pg_roles r ON r.oid = a.grantee "
+        "WHERE c.relname = 'channels' AND a.privilege_type = 'SELECT' AND r.rolname IN (%s, %s)",
+        (reader, f"{reader}_clone"),
+    )
+    assert granted == [(reader,)]

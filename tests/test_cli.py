@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 from psycopg2 import sql
@@ -205,3 +206,108 @@ def test_check_with_a_token_the_service_does_not_know_is_one_line(stack: Stack) 
         "it is not the running service's token"
     ]
     assert_no_secrets(result.stdout + result.stderr, [*stack.passwords, wrong])
+
+
+# -- binds: the primary and the replica, each compared with its own secret's AWSCURRENT ----------
+
+
+def _section(stdout: str, bind: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The ``# bind <bind>`` section of the status: its header lines and its rows by worker."""
+    lines = stdout.splitlines()
+    start = lines.index(f"# bind {bind}") + 1
+    header = next(i for i in range(start, len(lines)) if lines[i].startswith("worker "))
+    rows = {}
+    for line in lines[header + 1 :]:
+        if line.startswith("#"):
+            break
+        rows[line.split()[0]] = line.split()
+    return lines[start:header], rows
+
+
+def _replica_rows(stack: Stack, versions: dict[str, str]) -> None:
+    """Each worker's replica adoption, newer than its primary one (as a replica rotation leaves it)."""
+    for n, (worker, version) in enumerate(sorted(versions.items())):
+        stack.rows(
+            "INSERT INTO rotation_events (id, occurred_at, worker, bind, trigger, outcome, old_version, "
+            "new_version) VALUES (%s, now(), %s, 'replica', 'poll', 'rotated', 'v-replica-0', %s)",
+            f"{n:032x}",
+            worker,
+            version,
+        )
+
+
+def test_status_compares_the_replica_bind_with_the_replica_secret(stack: Stack) -> None:
+    """After a replica rotation: the primary rows still match, the replica rows match their own secret."""
+    db = stack.database
+    client = boto3.client(
+        "secretsmanager",
+        region_name="us-east-1",
+        endpoint_url=stack.cli_env["AWS_ENDPOINT_URL_SECRETS_MANAGER"],
+    )
+    login = {
+        "username": db.role,
+        "password": stack.passwords[1],
+        "host": "127.0.0.1",
+        "port": db.cluster.port,
+    }
+    arn = client.create_secret(Name=f"replica/{db.name}", SecretString=json.dumps(login))["ARN"]
+    replica_version = client.put_secret_value(SecretId=arn, SecretString=json.dumps(login))["VersionId"]
+    behind, current = sorted(stack.workers)
+    _replica_rows(stack, {behind: "v-replica-old", current: replica_version})
+    try:
+        result = stack.cli("status", DB_REPLICA_SECRET_ID=arn)
+        document = json.loads(stack.cli("status", "--json", DB_REPLICA_SECRET_ID=arn).stdout)
+    finally:
+        stack.rows("DELETE FROM rotation_events WHERE bind = 'replica'")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    primary = _table(result.stdout)
+    assert set(primary) == stack.workers
+    assert all(cells[5:7] == [stack.version, "yes"] for cells in primary.values())
+    assert "# no worker's latest adopted version differs from AWSCURRENT" in result.stdout
+    header, replica = _section(result.stdout, "replica")
+    assert header == [f"secret      {arn}", f"AWSCURRENT  {replica_version}"]
+    assert replica[current][5:7] == [replica_version, "yes"]
+    assert replica[behind][5:7] == ["v-replica-old", "DIFFERS"]
+    assert (
+        f"# 1 of 2 workers' latest adopted replica version differs from AWSCURRENT: {behind}" in result.stdout
+    )
+    assert_no_secrets(result.stdout, stack.passwords)
+
+    assert document["awscurrent_version"] == stack.version  # the primary's, as before
+    assert [(b["bind"], b["secret_id"], b["awscurrent_version"]) for b in document["binds"]] == [
+        (None, document["secret_id"], stack.version),
+        ("replica", arn, replica_version),
+    ]
+    assert {(w["worker"], w["bind"], w["matches_awscurrent"]) for w in document["workers"]} == {
+        *((worker, None, True) for worker in stack.workers),
+        (current, "replica", True),
+        (behind, "replica", False),
+    }
+    assert document["differs_from_awscurrent"] == [behind]
+
+
+def test_status_compares_a_replica_on_the_primary_secret_with_that_secret(stack: Stack) -> None:
+    """POSTGRES_REPLICA_HOST without DB_REPLICA_SECRET_ID: one secret, one AWSCURRENT for both binds."""
+    _replica_rows(stack, dict.fromkeys(stack.workers, stack.version))
+    replica_at = {
+        "POSTGRES_REPLICA_HOST": "127.0.0.1",
+        "POSTGRES_REPLICA_PORT": str(stack.database.cluster.port),
+    }
+    try:
+        result = stack.cli("status", **replica_at)
+        document = json.loads(stack.cli("status", "--json", **replica_at).stdout)
+    finally:
+        stack.rows("DELETE FROM rotation_events WHERE bind = 'replica'")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(cells[5:7] == [stack.version, "yes"] for cells in _table(result.stdout).values())
+    header, replica = _section(result.stdout, "replica")
+    assert header == [
+        f"secret      {document['secret_id']} (the primary's, at POSTGRES_REPLICA_HOST)",
+        f"AWSCURRENT  {stack.version}",
+    ]
+    assert set(replica) == stack.workers
+    assert all(cells[5:7] == [stack.version, "yes"] for cells in replica.values())
+    assert document["binds"][1]["shared_with_primary"] is True
+    assert document["differs_from_awscurrent"] == []

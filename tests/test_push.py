@@ -12,6 +12,7 @@ from typing import Any
 import boto3
 import pytest
 from flask import Flask
+from psycopg2 import sql
 
 from commng_rotation import Trigger
 from commng_rotation.push import PushConsumer, QueueUnavailable, SecretMatcher, classify
@@ -237,3 +238,128 @@ def test_gunicorn_push_reaches_one_worker_and_fan_out_the_other_within_2_s(
     assert code == 0
     assert elapsed < 2.0
     assert_no_secrets(server.output(), [database.password, new])
+
+
+# -- a replica with its own secret (the primary stands in for the standby: the routing is tested) --
+
+
+@pytest.fixture
+def reader(database: Database) -> Iterator[tuple[str, str]]:
+    """A login of its own for the replica bind, granted the app role; (name, password)."""
+    name, password = f"{database.role}_reader", new_password()
+    database.cluster.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+            sql.Identifier(name), sql.Literal(password), sql.Identifier(database.role)
+        )
+    )
+    yield name, password
+    database.cluster.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def _replica_settings(database: Database, secret: str, url: str, replica_secret: str | None = None) -> Any:
+    """The primary on ``secret``, a replica bind at the same server on ``replica_secret`` (or ``secret``)."""
+    return database.settings(
+        db_secret_id=secret,
+        postgres_user=None,
+        postgres_password=None,
+        db_rotation_queue_url=url,
+        postgres_replica_host="127.0.0.1",
+        postgres_replica_port=database.cluster.port,
+        db_replica_secret_id=replica_secret,
+    )
+
+
+def _replica_secret(secretsmanager: Any, database: Database, reader: tuple[str, str]) -> str:
+    name, password = reader
+    login = json.dumps({"username": name, "password": password})
+    arn: str = secretsmanager.create_secret(Name=f"replica/{database.name}", SecretString=login)["ARN"]
+    return arn
+
+
+def test_an_event_for_the_replica_secret_checks_the_replica_bind_only(
+    database: Database,
+    secretsmanager: Any,
+    secret: str,
+    queue: tuple[Any, str],
+    make_app: Any,
+    reader: tuple[str, str],
+) -> None:
+    sqs, url = queue
+    replica_arn = _replica_secret(secretsmanager, database, reader)
+    app = make_app(_replica_settings(database, secret, url, replica_arn), secrets_client=secretsmanager)
+    runtime = get_runtime(app)
+    primary_version = runtime.rotator().current.version_id  # type: ignore[union-attr]
+    primary_calls = dict(runtime.rotator().source.calls)  # type: ignore[attr-defined]
+    version = rotate_secret(secretsmanager, replica_arn, database.cluster, reader[0], new_password())
+    send_rotation_event(sqs, url, replica_arn, version)
+
+    (handled,) = _push(app).poll_once(wait_s=1)
+
+    assert (handled.kind, handled.reason, handled.checked, handled.deleted) == (
+        "label_updated",
+        None,
+        True,
+        True,
+    )
+    assert handled.binds == ("replica",)
+    assert runtime.rotator("replica").current.version_id == version  # type: ignore[union-attr]
+    event = runtime.events.recent(1)[0]
+    assert (event.bind, event.trigger, event.outcome, event.new_version) == (
+        "replica",
+        Trigger.PUSH,
+        "rotated",
+        version,
+    )
+    # Routed: the primary's secret was not asked, its engine not touched.
+    assert runtime.rotator().source.calls == primary_calls  # type: ignore[attr-defined]
+    assert runtime.rotator().current.version_id == primary_version  # type: ignore[union-attr]
+    assert _left(sqs, url) == 0
+
+
+def test_an_event_for_a_secret_the_primary_and_replica_share_checks_both(
+    database: Database, secretsmanager: Any, secret: str, queue: tuple[Any, str], make_app: Any
+) -> None:
+    sqs, url = queue
+    app = make_app(_replica_settings(database, secret, url), secrets_client=secretsmanager)
+    runtime = get_runtime(app)
+    version = rotate_secret(secretsmanager, secret, database.cluster, database.role, new_password())
+    send_rotation_event(sqs, url, secret, version)
+
+    (handled,) = _push(app).poll_once(wait_s=1)
+
+    assert (handled.kind, handled.checked) == ("label_updated", True)
+    assert handled.binds == (None, "replica")
+    assert runtime.rotator().current.version_id == version  # type: ignore[union-attr]
+    assert runtime.rotator("replica").current.version_id == version  # type: ignore[union-attr]
+    adopted = {(e.bind, e.trigger) for e in runtime.events.recent(2)}
+    assert adopted == {(None, Trigger.PUSH), ("replica", Trigger.PUSH)}
+
+
+def test_a_replica_adoption_by_push_reaches_the_other_workers_by_notify_over_the_primary(
+    database: Database,
+    secretsmanager: Any,
+    secret: str,
+    queue: tuple[Any, str],
+    make_app: Any,
+    reader: tuple[str, str],
+) -> None:
+    sqs, url = queue
+    replica_arn = _replica_secret(secretsmanager, database, reader)
+    settings = _replica_settings(database, secret, url, replica_arn)
+    first = get_runtime(make_app(settings, secrets_client=secretsmanager))
+    second = get_runtime(make_app(settings, secrets_client=secretsmanager))
+    listener = second.fanout
+    assert listener is not None
+    listener.start()
+    wait_for(lambda: listener.connected, timeout_s=10)
+    version = rotate_secret(secretsmanager, replica_arn, database.cluster, reader[0], new_password())
+    send_rotation_event(sqs, url, replica_arn, version)
+
+    (handled,) = first.push.poll_once(wait_s=1)  # type: ignore[union-attr]  # one worker gets the message
+
+    assert (handled.checked, handled.binds) == (True, ("replica",))
+    wait_for(lambda: second.rotator("replica").current.version_id == version, timeout_s=10)  # type: ignore[union-attr]
+    event = next(e for e in second.events.recent(5) if e.bind == "replica" and e.outcome == "rotated")
+    assert (event.trigger, event.new_version) == (Trigger.NOTIFY, version)
+    assert first.fanout is not None
+    wait_for(lambda: first.fanout.sent == 1, timeout_s=5)  # type: ignore[union-attr]

@@ -1066,3 +1066,32 @@ def test_replica_secret_is_commng_ro_on_the_replica_host_rotated_multi_user(tf):
     replica_env = tf["locals"]["app_replica_environment"]
     assert "aws_secretsmanager_secret.db_replica[*].arn" in replica_env
     assert "DB_REPLICA_SECRET_ID" in replica_env
+
+
+def test_a_secret_on_the_replica_alternates_users_through_the_primary_never_single_user(tf):
+    """AWS's single-user function sets the new password logged in as the user at the secret's
+    host, and a read replica refuses ALTER ROLE (read-only transaction, SQLSTATE 25006). So a
+    secret whose host is the replica is rotated by the multi-user function, which sets it on
+    masterarn's instance, the primary; `flask db bootstrap` creates its clone."""
+    r = tf["resource"]
+    rotated = {}
+    for (rtype, _), rotation in r.items():
+        if rtype != "aws_secretsmanager_secret_rotation" or "rotation_lambda_arn" not in rotation:
+            continue  # RDS's managed rotation of its own master secret
+        secret = re.fullmatch(r"aws_secretsmanager_secret\.(\w+)\[0\]\.id", rotation["secret_id"]).group(1)
+        body = r[("aws_secretsmanager_secret_version", secret)]["secret_string_wo"]
+        rotated[secret] = (rotation["rotation_lambda_arn"], body)
+    assert set(rotated) == {"db_app", "db_replica", "db_master"}
+    for secret, (function, body) in rotated.items():
+        on_replica = "aws_db_instance.replica" in body
+        if function == 'local.rotation_lambda_arns["single_user"]':
+            assert not on_replica, secret
+            assert "host = aws_db_instance.main.address" in body, secret
+        if on_replica:
+            assert function == 'local.rotation_lambda_arns["multi_user"]', secret
+            assert "masterarn = local.db_master_secret_arn" in body, secret
+    assert "aws_db_instance.replica" in rotated["db_replica"][1]
+    # The function checks that the secret's host replicates masterarn's instance.
+    assert tf["locals"]["rotation_db_instance_arns"] == (
+        "concat([aws_db_instance.main.arn], aws_db_instance.replica[*].arn)"
+    )

@@ -8,7 +8,9 @@ one of the pool, which would keep it afterwards: the pool's size is the requests
 a thread of its own (a greenlet under gevent) so the refresh never waits for it, bounded
 by ``SEND_TIMEOUT_S``. The
 payload is JSON ``{"bind", "version", "worker"}``: a version id and a host:pid, never a
-credential, far below PostgreSQL's 8000-byte limit.
+credential, far below PostgreSQL's 8000-byte limit. Every bind's adoption is announced
+(the read replica's too), always over the primary (the default bind, or else the first
+rotator given): a hot standby refuses NOTIFY and LISTEN.
 
 **Listening.** One dedicated psycopg2 connection per worker, in autocommit, runs
 ``LISTEN <channel>`` and waits with ``select`` (gevent's, once gevent patched the
@@ -16,8 +18,9 @@ worker) with a timeout, so it is stoppable and pings the backend now and then. I
 built with the rotation layer's current login plus the engine factory's connect
 arguments (sslmode, connect_timeout; application_name gets ``-listener``), and TCP
 keepalives so a vanished host is noticed. A notification for a watched bind, naming a
-version the worker does not use, runs a check with the trigger ``notify``: the check
-asks Secrets Manager, so a notification is only a hint and can never hand over a login.
+version the worker does not use, runs a check of that bind with the trigger ``notify``:
+the check asks Secrets Manager, so a notification is only a hint and can never hand over
+a login.
 
 **Surviving rotation.** A session outlives ``ALTER ROLE ... PASSWORD``, so the listener
 keeps listening across rotations until its backend dies (restart, failover,
@@ -101,10 +104,13 @@ class FanOut:
         thread.start()
 
     def send(self, bind: str | None, version: str) -> bool:
-        """pg_notify with ``bind``'s current login (a short autocommit connection); True when sent."""
-        rotator = self.rotators.get(bind)
-        credentials = rotator.credentials if rotator is not None else None
-        if rotator is None or credentials is None:
+        """pg_notify that ``bind`` adopted ``version``, over the primary with its current login
+        (a short autocommit connection); True when sent."""
+        if bind not in self.rotators:
+            return False
+        rotator = self._primary()
+        credentials = rotator.credentials
+        if credentials is None:
             return False
         payload = json.dumps({"bind": bind, "version": version, "worker": worker_name()})
         if len(payload.encode()) > MAX_PAYLOAD_BYTES:
@@ -211,7 +217,7 @@ class FanOut:
             return "already_checked"
         self.received += 1
         log.info("rotation_notify_received", bind=bind, version=version, from_worker=sender)
-        results = self.watcher.check_once(Trigger.NOTIFY)
+        results = self.watcher.check_once(Trigger.NOTIFY, binds=[bind])
         if all(r.change == "unchanged" for r in results):
             self._unchanged.append((bind, version))
         return "checked"

@@ -4,13 +4,18 @@ EventBridge puts the secret's events on an SQS queue, the event JSON itself as t
 
 - ``Secret Label Updated`` (native, no CloudTrail needed): ``resources`` holds the secret's
   ARN, ``detail`` holds ``name``, ``labelUpdated`` and ``versionId``; it is sent for every
-  staging label except AWSPENDING and AWSPREVIOUS. ``labelUpdated == "AWSCURRENT"`` for the
+  staging label except AWSPENDING and AWSPREVIOUS. ``labelUpdated == "AWSCURRENT"`` for a
   watched secret starts an immediate check with the trigger ``push``.
 - ``AWS Service Event via CloudTrail`` with ``detail.eventName`` ``RotationSucceeded``
   (a check too), ``RotationFailed`` or ``RotationAbandoned`` (logged as
   ``rotation_failed_upstream`` at ERROR and told to ``upstream_failure_listeners``: the
   rotation needs an operator). The secret id is ``detail.additionalEventData.SecretId``,
   or ``detail.serviceEventDetails.SecretId`` in some sources; either is matched.
+
+**Several secrets.** Each bind reads its own secret (a read replica may have its own), and
+one queue carries the events of all of them. An event is routed to the binds whose secret
+it names: the check it starts covers those binds only (the primary's, the replica's, or
+both when they share one secret), and an event naming none of them is ``other_secret``.
 
 **One consumer per worker.** Every gunicorn worker long-polls the queue itself. An SQS
 message goes to one consumer, so one worker of the fleet learns of the rotation; it
@@ -38,7 +43,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -91,6 +96,8 @@ class Handled:
     version: str | None = None
     checked: bool = False
     deleted: bool = False
+    # The binds whose secret the event names (the binds a check covered).
+    binds: tuple[str | None, ...] = ()
 
 
 class SecretMatcher:
@@ -122,61 +129,72 @@ def _short(value: object) -> str | None:
 
 def classify(body: str, secret: SecretMatcher) -> tuple[Kind, str | None, str | None, str | None]:
     """(kind, event name, reason when ignored, version id) of one message body."""
+    kind, name, reason, version, named = _parse(body)
+    if named is not None and not any(secret.matches(n) for n in named):
+        return "ignored", name, "other_secret", None
+    return kind, name, reason, version
+
+
+def _parse(body: str) -> tuple[Kind, str | None, str | None, str | None, list[object] | None]:
+    """``classify`` before the secret is matched, plus the secret ids and names the event holds.
+
+    The last item is None when the event is ignored whatever secret it names (malformed,
+    another event); otherwise the kind is what it is for a watched secret.
+    """
     try:
         event = json.loads(body)
     except ValueError:
-        return "ignored", None, "malformed", None
+        return "ignored", None, "malformed", None, None
     if not isinstance(event, dict):
-        return "ignored", None, "malformed", None
+        return "ignored", None, "malformed", None, None
     detail_type, detail = event.get("detail-type"), event.get("detail")
     name = _short(detail_type)
     if not isinstance(detail_type, str) or not isinstance(detail, dict):
-        return "ignored", name, "malformed", None
+        return "ignored", name, "malformed", None, None
     if detail_type == LABEL_UPDATED:
         resources = event.get("resources")
-        arns = resources if isinstance(resources, list) else []
-        if not (any(secret.matches(a) for a in arns) or secret.matches(detail.get("name"))):
-            return "ignored", name, "other_secret", None
+        named = [*(resources if isinstance(resources, list) else []), detail.get("name")]
         if detail.get("labelUpdated") != AWSCURRENT:
-            return "ignored", name, "other_label", None
+            return "ignored", name, "other_label", None, named
         version = detail.get("versionId")
-        return "label_updated", name, None, version if isinstance(version, str) else None
+        return "label_updated", name, None, version if isinstance(version, str) else None, named
     if detail_type == CLOUDTRAIL:
         event_name = detail.get("eventName")
         name = _short(event_name) or name
         if event_name != "RotationSucceeded" and event_name not in FAILED_UPSTREAM:
-            return "ignored", name, "other_event", None
-        ids = [
+            return "ignored", name, "other_event", None, None
+        named = [
             extra.get("SecretId") or extra.get("secretId")
             for extra in (detail.get("additionalEventData"), detail.get("serviceEventDetails"))
             if isinstance(extra, dict)
         ]
-        if not any(secret.matches(i) for i in ids):
-            return "ignored", name, "other_secret", None
-        return (
-            ("rotation_succeeded" if event_name == "RotationSucceeded" else "rotation_failed"),
-            name,
-            None,
-            None,
-        )
-    return "ignored", name, "other_event", None
+        kind: Kind = "rotation_succeeded" if event_name == "RotationSucceeded" else "rotation_failed"
+        return kind, name, None, None, named
+    return "ignored", name, "other_event", None, None
 
 
 class PushConsumer:
-    """Long-polls the rotation-events queue; ``poll_once()`` is the single step tests call."""
+    """Long-polls the rotation-events queue; ``poll_once()`` is the single step tests call.
+
+    ``secret_id``: the secret each bind reads, by bind (binds may share one); a single
+    secret id is the default bind's (None).
+    """
 
     def __init__(
         self,
         client: Any,
         queue_url: str,
-        secret_id: str,
+        secret_id: str | Mapping[str | None, str],
         watcher: SecretWatcher,
         wait_s: int = WAIT_S,
         visibility_s: int = VISIBILITY_S,
     ) -> None:
         self.client = client
         self.queue_url = queue_url
-        self.secret = SecretMatcher(secret_id)
+        by_bind = {None: secret_id} if isinstance(secret_id, str) else dict(secret_id)
+        if not by_bind:
+            raise ValueError("PushConsumer needs the secret of at least one bind")
+        self.secrets = {bind: SecretMatcher(each) for bind, each in by_bind.items()}
         self.watcher = watcher
         self.wait_s = wait_s
         self.visibility_s = visibility_s
@@ -215,25 +233,43 @@ class PushConsumer:
         """Classify one message, act on it, delete it; never raises."""
         message_id = str(message.get("MessageId", ""))
         body = message.get("Body")
-        kind, name, reason, version = classify(body if isinstance(body, str) else "", self.secret)
+        kind, name, reason, version, binds = self.route(body if isinstance(body, str) else "")
         checked = False
         if kind == "ignored":
             level = log.warning if reason == "malformed" else log.info
             level("rotation_event_ignored", event_name=name, reason=reason, message_id=message_id)
         elif kind == "rotation_failed":
-            self._failed_upstream(name or "?")
+            self._failed_upstream(name or "?", binds)
         else:
-            log.info("rotation_event_received", event_name=name, version=version, message_id=message_id)
-            self._check(version)
+            log.info(
+                "rotation_event_received",
+                event_name=name,
+                version=version,
+                binds=binds,
+                message_id=message_id,
+            )
+            self._check(version, binds)
             checked = True
         deleted = self._delete(message, message_id)
-        return Handled(message_id, kind, name, reason, version, checked, deleted)
+        return Handled(message_id, kind, name, reason, version, checked, deleted, binds)
 
-    def _check(self, version: str | None) -> None:
-        results = self.watcher.check_once(Trigger.PUSH)
+    def route(self, body: str) -> tuple[Kind, str | None, str | None, str | None, tuple[str | None, ...]]:
+        """``classify`` for every watched secret at once, plus the binds whose secret the event names."""
+        kind, name, reason, version, named = _parse(body)
+        if named is None:
+            return kind, name, reason, version, ()
+        binds = tuple(b for b, secret in self.secrets.items() if any(secret.matches(n) for n in named))
+        if not binds:
+            return "ignored", name, "other_secret", None, ()
+        return kind, name, reason, version, binds
+
+    def _check(self, version: str | None, binds: tuple[str | None, ...]) -> None:
+        results = self.watcher.check_once(Trigger.PUSH, binds=binds)
         if version is None:
             return
-        for rotator, result in zip(self.watcher.rotators, results, strict=False):
+        rotators = {r.bind: r for r in self.watcher.rotators}
+        for result in results:
+            rotator = rotators[result.bind]
             current = rotator.current.version_id if rotator.current else None
             if result.outcome != Outcome.ROTATED and current == version:
                 for listener in list(self.relay_listeners):
@@ -242,11 +278,12 @@ class PushConsumer:
                     except Exception:
                         log.exception("push_listener_failed", listener=getattr(listener, "__name__", "?"))
 
-    def _failed_upstream(self, event_name: str) -> None:
+    def _failed_upstream(self, event_name: str, binds: tuple[str | None, ...]) -> None:
         log.error(
             "rotation_failed_upstream",
-            message="Secrets Manager reports that the rotation of the watched secret did not complete",
+            message="Secrets Manager reports that the rotation of a watched secret did not complete",
             event_name=event_name,
+            binds=binds,
         )
         for listener in list(self.upstream_failure_listeners):
             try:

@@ -163,8 +163,9 @@ def init_app(
     ``db`` is the app's Flask-SQLAlchemy extension, already initialised for ``app``.
     ``replica``: a read replica's settings; its engine is bind ``"replica"`` (its own
     rotator, polled by the same watcher, recorded in the same history). Only ``settings``
-    decide the watcher's interval, push and fan-out: NOTIFY cannot run on a standby, so a
-    replica rotation reaches the other workers by their polls.
+    decide the watcher's interval, the queue and fan-out; the queue's events for the
+    replica's secret start a check of the replica, and fan-out announces its adoptions
+    over the primary (a standby refuses NOTIFY).
     """
     if EXTENSION in app.extensions:
         raise RuntimeError("commng_rotation.init_app was already called for this app")
@@ -206,7 +207,10 @@ def init_app(
     watched = [r for r in rotators.values() if r.source.watchable]
     watcher = SecretWatcher(watched, settings.refresh_interval_s) if watched else None
     runtime = Runtime(settings, rotators, watcher, events, history)
-    _attach_fleet(runtime, settings, sqs_client)
+    # Each watched bind's secret (the replica may share the primary's), to route queue events.
+    by_bind = {None: settings, REPLICA_BIND: replica}
+    secrets = {r.bind: s.secret_id for r in watched if (s := by_bind[r.bind]) and s.secret_id}
+    _attach_fleet(runtime, settings, sqs_client, secrets)
     app.extensions[EXTENSION] = runtime
     return runtime
 
@@ -233,8 +237,13 @@ def _rotator(
 # -- issue 13: push (SQS), fan-out (LISTEN/NOTIFY), the fleet table ----------------------------
 
 
-def _attach_fleet(runtime: Runtime, settings: RotationSettings, sqs_client: Any | None) -> None:
-    """Wire push, fan-out and the fleet reporter; each only where a secret is watched."""
+def _attach_fleet(
+    runtime: Runtime, settings: RotationSettings, sqs_client: Any | None, secrets: dict[str | None, str]
+) -> None:
+    """Wire push, fan-out and the fleet reporter; each only where a secret is watched.
+
+    ``secrets``: each watched bind's secret id, for routing the queue's events.
+    """
     watcher = runtime.watcher
     if watcher is None or not settings.secret_id:
         return
@@ -245,13 +254,13 @@ def _attach_fleet(runtime: Runtime, settings: RotationSettings, sqs_client: Any 
     runtime.stop_hooks.append(fleet.stop)
     runtime.fleet = fleet
     if settings.fanout:
-        # The primary only: a standby refuses NOTIFY.
-        fanout = FanOut([runtime.rotators[None]], watcher, settings.notify_channel)
+        # Every watched bind's adoptions, sent and heard over the primary (a standby refuses NOTIFY).
+        fanout = FanOut([runtime.rotators[None], *watcher.rotators], watcher, settings.notify_channel)
         runtime.events.listeners.append(fanout.on_event)
         runtime.fanout = fanout
     if settings.queue_url:
         client = sqs_client if sqs_client is not None else make_sqs_client(settings)
-        push = PushConsumer(client, settings.queue_url, settings.secret_id, watcher)
+        push = PushConsumer(client, settings.queue_url, secrets, watcher)
         if runtime.fanout is not None:
             push.relay_listeners.append(runtime.fanout.announce)
         runtime.push = push

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -74,10 +74,14 @@ class SecretWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def check_once(self, trigger: Trigger = Trigger.POLL) -> list[CheckResult]:
-        """Check every bind once; the single step the loop repeats and tests call."""
+    def check_once(
+        self, trigger: Trigger = Trigger.POLL, binds: Collection[str | None] | None = None
+    ) -> list[CheckResult]:
+        """Check every bind once (or only ``binds``); the single step the loop repeats and tests call."""
         results = []
         for rotator in self.rotators:
+            if binds is not None and rotator.bind not in binds:
+                continue
             try:
                 event = rotator.check(trigger)
             except SecretsUnavailable as exc:
@@ -95,7 +99,10 @@ class SecretWatcher:
             else:
                 results.append(CheckResult(rotator.bind, "changed", event.outcome, event.error))
         failed = any(r.change == "error" or r.outcome == Outcome.FAILED for r in results)
-        self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
+        if failed:
+            self.consecutive_failures += 1
+        elif binds is None:  # a check of some binds says nothing of the others
+            self.consecutive_failures = 0
         self.last_check_at = datetime.now(UTC)
         self.last_results = results
         for listener in list(self.listeners):
