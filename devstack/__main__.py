@@ -245,6 +245,8 @@ def env_lines() -> list[str]:
     secret = SECRET_NAMES[service_secret(state)]
     variables = {
         **aws_env(state),
+        # `rotation status` compares the replica's workers with the replica's own secret.
+        **({"DB_REPLICA_SECRET_ID": state["secrets"]["replica"]} if "replica" in state["secrets"] else {}),
         "PORT": str(owner.get("port", 8000)),
         # The CLI's own start-up lines (credentials found, fetched) are not the service's.
         "LOG_LEVEL": "WARNING",

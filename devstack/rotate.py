@@ -7,8 +7,10 @@ Each secret is rotated the way AWS rotates it in that shape (docs/deployment-sha
   changes, so there is no window.
 - ``master``: single user, as RDS rotates its managed master secret: AWSPENDING, ALTER
   ROLE, a window (``--pause``) in which AWSCURRENT is already refused, AWSCURRENT moves.
-- ``replica``: single user too, ALTER ROLE ``commng_ro`` on the primary; physical
-  replication carries it to the standby, whose host the secret keeps.
+- ``replica``: alternating users too, between ``commng_ro`` and ``commng_ro_clone``
+  (AWS's single-user function would log in at the secret's host, the standby, which
+  refuses ALTER ROLE); the password changes on the primary, physical replication
+  carries it to the standby, and the secret keeps the standby's host.
 
 Without ``--secret``, the one the service logs in with. Once AWSCURRENT moved, the event
 Secrets Manager emits goes to the rotation-events queue, for the secrets the service reads
@@ -26,7 +28,6 @@ from devstack.secrets import rotate_alternating, rotate_secret, secrets_client
 from devstack.stack import (
     LOCAL,
     MASTER_ROLE,
-    READER_ROLE,
     primary,
     require_running,
     service_secret,
@@ -51,11 +52,10 @@ def rotate(which: str | None = None, pause_s: float = 5.0) -> int:
     client = secrets_client(state["endpoint"])
     cluster = primary(state)
     try:
-        if which == "app":
+        if which in ("app", "replica"):
             version, _ = rotate_alternating(client, arn, cluster, new_password(), log=print)
         else:
-            role = MASTER_ROLE if which == "master" else READER_ROLE
-            version = rotate_secret(client, arn, cluster, role, new_password(), pause_s, log=print)
+            version = rotate_secret(client, arn, cluster, MASTER_ROLE, new_password(), pause_s, log=print)
         _announce(state, which, arn, version)
     except botocore.exceptions.EndpointConnectionError:
         raise SystemExit(

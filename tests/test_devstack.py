@@ -316,11 +316,13 @@ def test_each_secret_rotates_as_aws_does_and_no_request_fails(stack: RunningStac
         assert "4/4 AWSCURRENT moved" in out
         assert "no event: the service does not read the master secret" in out
 
-        # The replica's secret, single user through the primary; the standby replays the ALTER ROLE.
-        out = stack.rotate("--secret", "replica", "--pause", "0.5")
-        assert "4/4 AWSCURRENT moved" in out
+        # The replica's secret, alternating users: the clone's password is set on the primary
+        # and the standby replays it; the secret keeps the standby's host.
+        out = stack.rotate("--secret", "replica")
+        assert "3/3 AWSCURRENT moved" in out
         assert "Secret Label Updated (AWSCURRENT) sent" in out
         replica_version, replica_value = _current(state, "replica")
+        assert replica_value["username"] == "commng_ro_clone"
         assert replica_value["port"] == state["standby_port"]  # the rotation kept the standby's host
         stack.wait_for(lambda: len(adopted(stack.log(), replica_version)) == 2, timeout_s=30)
         assert _refreshes(stack.log(), bind=None) == app_swaps  # no swap of the app's engine since
