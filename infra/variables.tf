@@ -374,7 +374,7 @@ variable "db_credentials_mode" {
 }
 
 variable "db_app_secret_version" {
-  description = "Version of the app secret's first password (app_role mode). Terraform writes a fresh random password (write-only, never in state) only when this changes; the rotation function rotates it from then on. Bump it only to re-seed a broken secret, and run the migration task right after: the bootstrap sets the role's password from the secret."
+  description = "Version of the app secret's first password (app_role mode). Terraform writes a fresh random password (write-only, never in state) only when this changes; the rotation function rotates it from then on. Bump it only to re-seed a broken secret, and rotate the secret right after (aws secretsmanager rotate-secret): the bootstrap does not change an existing role's password, the alternating-users function does."
   type        = number
   default     = 1
 
