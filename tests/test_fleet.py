@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -134,3 +135,38 @@ def test_the_admin_fleet_api_and_page_show_who_is_behind(
     assert "<script" not in html
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]
     assert_no_secrets(html + response.get_data(as_text=True), [database.password, password])
+
+
+def test_each_binds_rows_are_compared_with_that_binds_own_secret(
+    fleet_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica row on its own secret's AWSCURRENT is on the current version, not behind."""
+    runtime = get_runtime(fleet_app)
+    primary_version = runtime.rotator().source.current_version_id()
+    replica_source = SimpleNamespace(watchable=True, current_version_id=lambda: "v-replica-current")
+    monkeypatch.setitem(
+        runtime.rotators,
+        "replica",
+        SimpleNamespace(current=None, source=replica_source),  # type: ignore[arg-type]
+    )
+    with fleet_app.app_context(), db.engine.begin() as conn:
+        for worker, bind, version in (
+            ("task-a:1", "", primary_version),
+            ("task-a:1", "replica", "v-replica-current"),
+            ("task-b:2", "replica", "v-replica-old"),
+        ):
+            conn.execute(
+                sa.insert(rotation_workers).values(
+                    worker=worker,
+                    bind=bind,
+                    current_version=version,
+                    last_check_at=datetime.now(UTC),
+                    updated_at=sa.func.now(),
+                )
+            )
+    response = fleet_app.test_client().get("/admin/api/fleet", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    view = response.get_json()
+    assert view["bind_current_versions"] == {"replica": "v-replica-current"}
+    on = {(w["worker"], w["bind"]): w["on_current"] for w in view["workers"] if w["worker"] != worker_name()}
+    assert on == {("task-a:1", None): True, ("task-a:1", "replica"): True, ("task-b:2", "replica"): False}

@@ -41,31 +41,32 @@ class _CurrentVersion:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._value: str | None = None
-        self._at = float("-inf")
+        # Per bind (None: the primary): (version, when it was read).
+        self._values: dict[str | None, tuple[str | None, float]] = {}
 
-    def get(self, runtime: Runtime) -> tuple[str | None, str]:
-        rotator = runtime.rotator()
+    def get(self, runtime: Runtime, bind: str | None = None) -> tuple[str | None, str]:
+        rotator = runtime.rotator(bind)
         own = rotator.current.version_id if rotator.current else None
         if not rotator.source.watchable:
             return own, "this worker"
         with self._lock:
-            if time.monotonic() - self._at < CURRENT_CACHE_S:
-                return self._value, "secretsmanager"
+            value, at = self._values.get(bind, (None, float("-inf")))
+            if time.monotonic() - at < CURRENT_CACHE_S:
+                return value, "secretsmanager"
         try:
             value = rotator.source.current_version_id()
         except SecretsUnavailable:
             return own, "this worker"
         with self._lock:
-            self._value, self._at = value, time.monotonic()
+            self._values[bind] = (value, time.monotonic())
         return value, "secretsmanager"
 
 
-def _secret_current(runtime: Runtime) -> tuple[str | None, str]:
+def _secret_current(runtime: Runtime, bind: str | None = None) -> tuple[str | None, str]:
     cache = current_app.extensions.get(_CACHE)
     if cache is None:
         cache = current_app.extensions.setdefault(_CACHE, _CurrentVersion())
-    result: tuple[str | None, str] = cache.get(runtime)
+    result: tuple[str | None, str] = cache.get(runtime, bind)
     return result
 
 
@@ -75,13 +76,17 @@ def fleet_view(session: Any, runtime: Runtime) -> dict[str, Any]:
     seen_within = timedelta(seconds=interval_s * STALE_INTERVALS)
     workers = list_workers(session, seen_within)
     current, source = _secret_current(runtime)
+    # Each bind's rows against its own secret's AWSCURRENT (the replica's secret may be another).
+    by_bind = {bind: _secret_current(runtime, bind)[0] for bind in runtime.rotators if bind is not None}
     rows = []
     for state in workers:
         row = state.as_dict()
-        row["on_current"] = current is not None and state.current_version == current
+        wanted = current if state.bind is None else by_bind.get(state.bind)
+        row["on_current"] = wanted is not None and state.current_version == wanted
         rows.append(row)
     return {
         "secret_current_version": current,
+        "bind_current_versions": by_bind,
         "current_version_source": source,
         "interval_s": interval_s,
         "seen_within_s": seen_within.total_seconds(),
