@@ -108,7 +108,13 @@ def test_the_image_command_serves_from_requirements_txt_alone(database: Database
         wait_for(lambda: proc.poll() is not None or http_status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
         assert proc.poll() is None, (app_dir / "out.log").read_text()[-3000:]
         assert not (metrics_dir / "stale.db").exists()  # the entrypoint wiped the directory
-        created = requests.post(f"http://127.0.0.1:{port}/api/channels", json={"name": "image"}, timeout=10)
+        # Connection: close: a kept-alive connection would hold the graceful stop for 25 s.
+        created = requests.post(
+            f"http://127.0.0.1:{port}/api/channels",
+            json={"name": "image"},
+            headers={"Connection": "close"},
+            timeout=10,
+        )
         assert created.status_code == 201
         healthcheck = re.search(r'CMD \["python", "-c", "(.*)"\]\s*$', DOCKERFILE, re.MULTILINE)
         assert healthcheck
