@@ -106,7 +106,10 @@ lint-infra:
 pytest: venv test-packages
 	$(BIN)/python -m pytest
 
-test: lint typecheck lint-infra pytest
+# lint, typecheck and pytest one after the other, lint-infra beside them (it shares nothing
+# with them and spends most of its time installing its own tools): scripts/test.sh.
+test:
+	@MAKE="$(MAKE)" bash scripts/test.sh
 
 # The edit loop: everything but the end-to-end tests (marked e2e), which start gunicorn.
 test-fast: venv postgres
