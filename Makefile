@@ -100,8 +100,9 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-lint-infra:
-	bash scripts/lint-infra.sh
+# The linters' venvs are built with uv (the pin above): see scripts/lint-infra.sh.
+lint-infra: $(UV)
+	UV=$(UV) bash scripts/lint-infra.sh
 
 pytest: venv test-packages
 	$(BIN)/python -m pytest
