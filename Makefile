@@ -107,8 +107,8 @@ lint-infra: $(UV)
 pytest: venv test-packages
 	$(BIN)/python -m pytest
 
-# lint, typecheck and pytest one after the other, lint-infra beside them (it shares nothing
-# with them and spends most of its time installing its own tools): scripts/test.sh.
+# lint, then pytest; lint-infra and typecheck run beside them and report after pytest
+# (scripts/test.sh says why).
 test:
 	@MAKE="$(MAKE)" bash scripts/test.sh
 
