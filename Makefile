@@ -103,13 +103,17 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-lint-infra:
-	bash scripts/lint-infra.sh
+# The linters' venvs are built with uv (the pin above): see scripts/lint-infra.sh.
+lint-infra: $(UV)
+	UV=$(UV) bash scripts/lint-infra.sh
 
 pytest: venv test-packages
 	$(BIN)/python -m pytest
 
-test: lint typecheck lint-infra pytest
+# lint, then pytest; lint-infra and typecheck run beside them and report after pytest
+# (scripts/test.sh says why).
+test:
+	@MAKE="$(MAKE)" bash scripts/test.sh
 
 # The edit loop: everything but the end-to-end tests (marked e2e), which start gunicorn.
 test-fast: venv postgres

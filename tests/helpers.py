@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -242,3 +246,82 @@ def migrated_cluster(prefix: str) -> Iterator[PostgresCluster]:
             yield cluster
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the image's venv (tests/test_image.py) ----------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_venv_dir() -> Path:
+    """Where the venv of requirements.txt and the rotation layer lives, keyed by their hash."""
+    layer = [*sorted((REPO / "rotation").rglob("*.py")), REPO / "rotation" / "pyproject.toml"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [REPO / "requirements.txt", *layer])).hexdigest()
+    return REPO / ".local" / "venvs" / f"image-{digest[:16]}"
+
+
+def build_image_venv() -> Path:
+    """A venv with exactly requirements.txt and the rotation layer, as the image's builder stage makes it.
+
+    Built once per hash under .local/ (a venv without its ``.complete`` mark is rebuilt).
+    """
+    venv = image_venv_dir()
+    if (venv / ".complete").exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    for command in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [*pip, "--require-hashes", "-r", str(REPO / "requirements.txt")],
+        [*pip, "--no-deps", str(REPO / "rotation")],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    (venv / ".complete").touch()
+    return venv
+
+
+class _Build:
+    """``build_image_venv`` in a daemon thread; ``result()`` waits for it and raises what it raised."""
+
+    def __init__(self) -> None:
+        self._venv: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="image-venv", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._venv = build_image_venv()
+        except BaseException as exc:  # handed to the test that waits in result()
+            self._error = exc
+
+    def result(self, timeout_s: float) -> Path:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise AssertionError(f"the image's venv was not built within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        assert self._venv is not None
+        return self._venv
+
+
+_image_build: _Build | None = None
+
+
+def start_image_venv() -> None:
+    """Start building the image's venv now, so that the tests before test_image.py run meanwhile.
+
+    Installing requirements.txt takes 25-40 s here, mostly waiting on downloads and disk.
+    """
+    global _image_build
+    if _image_build is None and not (image_venv_dir() / ".complete").exists():
+        _image_build = _Build()
+
+
+def image_venv(timeout_s: float = 240.0) -> Path:
+    """The image's venv: the build ``start_image_venv`` started, or a build now."""
+    if _image_build is not None:
+        return _image_build.result(timeout_s)
+    return build_image_venv()

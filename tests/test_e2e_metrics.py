@@ -136,9 +136,10 @@ def test_metrics_and_logs_across_workers_through_a_rotation_and_a_restart(
 
         def request_in_the_window() -> None:
             database.cluster.terminate_backends(database.role)
-            answers.append(
-                requests.get(f"{server.url}/api/channels", headers={"X-Request-ID": REQUEST_ID}, timeout=20)
-            )
+            # Connection: close: kept alive, the answer held below would hold its worker's
+            # graceful stop for graceful_timeout (25 s).
+            headers = {"X-Request-ID": REQUEST_ID, "Connection": "close"}
+            answers.append(requests.get(f"{server.url}/api/channels", headers=headers, timeout=20))
 
         rotate_secret(
             client, arn, database.cluster, database.role, newer, before_current=request_in_the_window

@@ -1,12 +1,15 @@
-"""The persisted rotation history: real PostgreSQL, moto, and gunicorn end to end."""
+"""The persisted rotation history: real PostgreSQL, moto, and gunicorn end to end (its admin
+API, the admin page, and that page in a real browser)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,14 +19,15 @@ import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
+from moto.server import ThreadedMotoServer
 
 from commng.db import db
 from commng_rotation import history
 from commng_rotation.events import RotationEvent
 from commng_rotation.runtime import get_runtime
-from devstack import free_port, new_password, rotate_secret
+from devstack import PostgresCluster, free_port, new_password, rotate_secret
 from devstack.processes import GunicornServer
-from tests.helpers import Database, assert_no_secrets, wait_for
+from tests.helpers import Database, assert_no_secrets, drop_database, new_database, wait_for
 
 TOKEN = "history-admin-token-0123456789"
 # gunicorn's gevent worker waits out graceful_timeout for a kept-alive connection, even
@@ -224,51 +228,121 @@ class RotatedStack:
     passwords: list[str]
 
 
-@contextmanager
-def rotated_stack(database: Database, moto_endpoint: str, workdir: Path) -> Iterator[RotatedStack]:
-    """Start the stack, rotate once, wait until both rotated rows hold drained_ms; stop after."""
-    client, arn, env = database.watched_env(
-        moto_endpoint,
-        workdir,
-        POSTGRES_POOL_SIZE="3",
-        DB_POOL_GRACE_PERIOD_MS="1000",
-        ADMIN_TOKEN=TOKEN,
-    )
-    server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
-    new = new_password()
-    server.start()
+@pytest.fixture(scope="module")
+def rotated_stack(pg: PostgresCluster) -> Iterator[RotatedStack]:
+    """Start the stack, rotate once, wait until both rotated rows hold drained_ms; stop after.
+
+    One stack for the module's end-to-end tests, which only read it (the admin API, the page,
+    the page in a browser): each starting its own cost a gunicorn start, a rotation and a stop.
+    """
+    database = new_database(pg)
+    workdir = Path(tempfile.mkdtemp(prefix="commng-history-"))
+    moto_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    moto.start()
     try:
-        version = rotate_secret(client, arn, database.cluster, database.role, new)
-        wait_for(lambda: len(_refreshed_workers(server, version)) == 2, timeout_s=20)
+        client, arn, env = database.watched_env(
+            f"http://127.0.0.1:{moto_port}",
+            workdir,
+            POSTGRES_POOL_SIZE="3",
+            DB_POOL_GRACE_PERIOD_MS="1000",
+            ADMIN_TOKEN=TOKEN,
+        )
+        server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
+        new = new_password()
+        server.start()
+        try:
+            version = rotate_secret(client, arn, database.cluster, database.role, new)
+            wait_for(lambda: len(_refreshed_workers(server, version)) == 2, timeout_s=20)
 
-        def settled() -> bool:
-            rotated = [e for e in _rotations(server) if e["outcome"] == "rotated"]
-            return len(rotated) == 2 and all(e["drained_ms"] is not None for e in rotated)
+            def settled() -> bool:
+                rotated = [e for e in _rotations(server) if e["outcome"] == "rotated"]
+                return len(rotated) == 2 and all(e["drained_ms"] is not None for e in rotated)
 
-        wait_for(settled, timeout_s=20)
-        yield RotatedStack(server, version, [database.password, new])
+            wait_for(settled, timeout_s=20)
+            # The stack's own admin calls carry the right token (the tests check theirs).
+            assert '"admin_auth_failed"' not in server.output()
+            stack = RotatedStack(server, version, [database.password, new])
+            yield stack
+        finally:
+            code = server.stop()
+        assert code == 0
+        assert_no_secrets(server.output(), [*stack.passwords, TOKEN])
     finally:
-        assert server.stop() == 0
+        moto.stop()
+        drop_database(database)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.e2e
-def test_gunicorn_workers_each_write_their_rotation(
-    database: Database, moto_endpoint: str, workdir: Path
-) -> None:
-    with rotated_stack(database, moto_endpoint, workdir) as stack:
-        server, version = stack.server, stack.version
-        events = _rotations(server)
-        rotated = [e for e in events if e["outcome"] == "rotated"]
-        assert {e["new_version"] for e in rotated} == {version}
-        pids = {int(e["worker"].rsplit(":", 1)[1]) for e in rotated}
-        assert pids == _refreshed_workers(server, version)
-        assert Counter(e["worker"] for e in rotated).most_common(1)[0][1] == 1
-        assert [e for e in events if e["outcome"] == "failed"] == []
+def test_gunicorn_workers_each_write_their_rotation(rotated_stack: RotatedStack) -> None:
+    server, version = rotated_stack.server, rotated_stack.version
+    before = len(server.output())
+    events = _rotations(server)
+    rotated = [e for e in events if e["outcome"] == "rotated"]
+    assert {e["new_version"] for e in rotated} == {version}
+    pids = {int(e["worker"].rsplit(":", 1)[1]) for e in rotated}
+    assert pids == _refreshed_workers(server, version)
+    assert Counter(e["worker"] for e in rotated).most_common(1)[0][1] == 1
+    assert [e for e in events if e["outcome"] == "failed"] == []
 
-        page = requests.get(f"{server.url}/admin/", auth=("admin", TOKEN), headers=CLOSE, timeout=10)
-        assert page.status_code == 200
-        assert version in page.text
-        bodies = [json.dumps(events), page.text]
+    page = requests.get(f"{server.url}/admin/", auth=("admin", TOKEN), headers=CLOSE, timeout=10)
+    assert page.status_code == 200
+    assert version in page.text
     output = server.output()
-    assert '"admin_auth_failed"' not in output
-    assert_no_secrets("\n".join([*bodies, output]), [*stack.passwords, TOKEN])
+    assert '"admin_auth_failed"' not in output[before:]
+    assert_no_secrets("\n".join([json.dumps(events), page.text, output]), [*rotated_stack.passwords, TOKEN])
+
+
+# What the machine's closed network needs: no background fetches, no first-run work.
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _chromium() -> str:
+    """Debian's chromium (`make test-packages` installs it as root). Missing: skip, but fail in CI."""
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        message = (
+            "chromium is not installed: sudo apt-get install -y chromium (or `make test-packages` as root)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.mark.e2e
+def test_the_page_in_a_real_browser_shows_the_rotation(rotated_stack: RotatedStack, tmp_path: Path) -> None:
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    stack = rotated_stack
+    with sync_playwright() as pw:
+        args = [*CHROMIUM_ARGS, *(["--no-sandbox"] if os.geteuid() == 0 else [])]
+        browser = pw.chromium.launch(executable_path=executable, headless=True, args=args)
+        try:
+            context = browser.new_context(
+                http_credentials={"username": "admin", "password": TOKEN},
+                viewport={"width": 1400, "height": 1000},
+                extra_http_headers={"Connection": "close"},
+            )
+            page = context.new_page()
+            response = page.goto(f"{stack.server.url}/admin/")
+            assert response is not None
+            assert response.status == 200
+            rows = page.locator("#history tr.rotated", has_text=stack.version)
+            assert rows.count() == 2  # one per worker
+            assert page.locator("#status").inner_text().count(stack.version) >= 1
+            page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+            html = page.content()
+            context.close()
+        finally:
+            browser.close()
+    assert (tmp_path / "admin.png").stat().st_size > 10_000
+    assert_no_secrets(html, [*stack.passwords, TOKEN])

@@ -3,14 +3,12 @@ builder stage makes it), the files the Dockerfile COPYs, its ENTRYPOINT and CMD.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,29 +18,12 @@ import requests
 
 from devstack import free_port
 from devstack.processes import http_status
-from tests.helpers import Database, assert_no_secrets, wait_for
+from tests.helpers import Database, assert_no_secrets, image_venv, wait_for
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-
-
-def _image_venv() -> Path:
-    """A venv with exactly requirements.txt and the rotation layer, cached under .local/ by their hash."""
-    layer = [*sorted((ROOT / "rotation").rglob("*.py")), ROOT / "rotation" / "pyproject.toml"]
-    digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in [ROOT / "requirements.txt", *layer])
-    ).hexdigest()[:16]
-    venv = ROOT / ".local" / "venvs" / f"image-{digest}"
-    if not (venv / ".complete").exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, "--require-hashes", "-r", str(ROOT / "requirements.txt")], check=True)
-        subprocess.run([*pip, "--no-deps", str(ROOT / "rotation")], check=True)
-        (venv / ".complete").touch()
-    return venv
 
 
 def _copy_like_the_dockerfile(app_dir: Path) -> None:
@@ -56,7 +37,7 @@ def _copy_like_the_dockerfile(app_dir: Path) -> None:
         for source in sources:
             src = ROOT / source
             if source in {"requirements.txt", "rotation/"}:
-                continue  # the builder stage installs these into the venv (_image_venv)
+                continue  # the builder stage installs these into the venv (image_venv)
             dst = app_dir / ("bin" if source.endswith(".sh") else "") / src.name
             if src.is_dir():
                 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
@@ -81,7 +62,7 @@ def app_dir() -> Iterator[Path]:
 
 
 def test_the_image_command_serves_from_requirements_txt_alone(database: Database, app_dir: Path) -> None:
-    venv = _image_venv()
+    venv = image_venv()  # conftest started the build when the session began
     _copy_like_the_dockerfile(app_dir)
     assert {"wsgi.py", "gunicorn.conf.py", "commng", "config", "migrations"} <= {
         p.name for p in app_dir.iterdir()
@@ -108,7 +89,13 @@ def test_the_image_command_serves_from_requirements_txt_alone(database: Database
         wait_for(lambda: proc.poll() is not None or http_status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
         assert proc.poll() is None, (app_dir / "out.log").read_text()[-3000:]
         assert not (metrics_dir / "stale.db").exists()  # the entrypoint wiped the directory
-        created = requests.post(f"http://127.0.0.1:{port}/api/channels", json={"name": "image"}, timeout=10)
+        # Connection: close: a kept-alive connection would hold the graceful stop for 25 s.
+        created = requests.post(
+            f"http://127.0.0.1:{port}/api/channels",
+            json={"name": "image"},
+            headers={"Connection": "close"},
+            timeout=10,
+        )
         assert created.status_code == 201
         healthcheck = re.search(r'CMD \["python", "-c", "(.*)"\]\s*$', DOCKERFILE, re.MULTILINE)
         assert healthcheck

@@ -235,7 +235,14 @@ def test_request_id_comes_from_the_header_then_the_alb_then_is_generated() -> No
 
 
 def test_request_id_is_echoed_and_bound_to_the_requests_log_lines(make_app: Any, caplog: Any) -> None:
-    settings = Settings(postgres_host="127.0.0.1", postgres_port=1, postgres_user="x", postgres_password="y")
+    # Nothing listens on port 1. No outage wait: the 503 comes at once, not after 10 s of retries.
+    settings = Settings(
+        postgres_host="127.0.0.1",
+        postgres_port=1,
+        postgres_user="x",
+        postgres_password="y",
+        db_outage_wait_ms=0,
+    )
     client = make_app(settings).test_client()
     caplog.set_level(logging.INFO)
 

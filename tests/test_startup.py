@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 import sqlalchemy as sa
 from psycopg2 import sql
@@ -191,10 +192,21 @@ def test_db_upgrade_creates_the_schema_on_an_empty_database(database: Database) 
 
 
 def _connect_error(**params: object) -> psycopg2.OperationalError:
-    """The error of a plain psycopg2 connect (no gevent, no pool)."""
+    """The error of a plain psycopg2 connect (no gevent, no pool, no wait callback).
+
+    An app built earlier in this process (the session's template database makes one) installed
+    commng_rotation.bounds' wait callback for every psycopg2 connection. It is set aside here,
+    so that what is classified is libpq's own error, and a silent listener is bounded by
+    connect_timeout (2 s), not by that callback's default wait (6 s) as before.
+    """
     settings = {"dbname": "comm_ng", "user": "commng", "password": "x#?%&=+", "connect_timeout": 2, **params}
-    with pytest.raises(psycopg2.OperationalError) as caught:
-        psycopg2.connect(**settings)
+    callback = psycopg2.extensions.get_wait_callback()
+    psycopg2.extensions.set_wait_callback(None)
+    try:
+        with pytest.raises(psycopg2.OperationalError) as caught:
+            psycopg2.connect(**settings)
+    finally:
+        psycopg2.extensions.set_wait_callback(callback)
     return caught.value
 
 
