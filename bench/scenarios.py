@@ -197,22 +197,17 @@ class Scenario:
     reads_per_write: int = 1
 
 
-def _rotate_three(terminate_idle: bool) -> Callable[[Context], None]:
+def _three_rotations(terminate_idle: bool, alternating: bool = False) -> Callable[[Context], None]:
+    """Three rotations of the app secret (single user, or alternating users), 10 s apart."""
+
     def action(ctx: Context) -> None:
         starts = [2.0] if ctx.smoke else [5.0, 15.0, 25.0]
         for start in starts:
             ctx.sleep_until(start)
-            ctx.rotate(terminate_idle=terminate_idle)
-
-    return action
-
-
-def _alternate_three(terminate_idle: bool) -> Callable[[Context], None]:
-    def action(ctx: Context) -> None:
-        starts = [2.0] if ctx.smoke else [5.0, 15.0, 25.0]
-        for start in starts:
-            ctx.sleep_until(start)
-            ctx.rotate_alternating(terminate_idle=terminate_idle)
+            if alternating:
+                ctx.rotate_alternating(terminate_idle=terminate_idle)
+            else:
+                ctx.rotate(terminate_idle=terminate_idle)
 
     return action
 
@@ -278,14 +273,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("steady", "no rotation: the baseline", 20, 4),
         Scenario("static", "DB_SECRET_ID unset: env credentials, no watcher", 20, 4, secrets_manager=False),
         Scenario(
-            "rotate", "3 rotations: AWSPENDING, ALTER ROLE, 1 s, AWSCURRENT", 35, 7, _rotate_three(False)
+            "rotate", "3 rotations: AWSPENDING, ALTER ROLE, 1 s, AWSCURRENT", 35, 7, _three_rotations(False)
         ),
         Scenario(
             "window-reconnect",
             "like rotate, idle app backends terminated right after ALTER ROLE",
             35,
             7,
-            _rotate_three(True),
+            _three_rotations(True),
         ),
         Scenario(
             "secrets-outage",
@@ -304,7 +299,7 @@ SCENARIOS: dict[str, Scenario] = {
             "3 alternating-users rotations: AWSPENDING (other user), ALTER ROLE, 1 s, AWSCURRENT",
             35,
             7,
-            _alternate_three(False),
+            _three_rotations(False, alternating=True),
             clone=True,
         ),
         Scenario(
@@ -312,7 +307,7 @@ SCENARIOS: dict[str, Scenario] = {
             "like alternating, idle backends of the current user terminated right after ALTER ROLE",
             35,
             7,
-            _alternate_three(True),
+            _three_rotations(True, alternating=True),
             clone=True,
         ),
         Scenario(
