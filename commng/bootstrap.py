@@ -17,7 +17,7 @@ the master secret) and leaves three kinds of role behind:
   (AWS's single-user function cannot rotate it: it sets the password as the user itself at
   the secret's host, the replica, which refuses ``ALTER ROLE``). Both may only SELECT.
 
-A database the service used to log in to as the master (the design document's shape), or
+A database the service used to log in to as the master (shape 1 of docs/deployment-shapes.md), or
 as a former app login, already holds tables owned by that login. Bootstrap gives every
 table, view and sequence of the schema to the owner, so that the next migration (run as
 the owner) can alter them and the owner's grants apply; and a database owned by one of

@@ -8,7 +8,7 @@ Terraform and RDS do:
   runs with the master secret and creates ``commng_owner`` (NOLOGIN, owns the tables),
   ``commng_app``/``commng_app_clone`` from the app secret and, with a replica,
   ``commng_ro`` from the replica secret. The service logs in with the app secret.
-- ``master``: the design document's shape. The service logs in with the master secret and
+- ``master``: shape 1 of docs/deployment-shapes.md. The service logs in with the master secret and
   migrates with ``flask db upgrade``.
 - the replica (app shape only, as in infra/): a hot standby made by ``pg_basebackup -R``,
   read as ``commng_ro`` through a secret whose ``host``/``port`` are the standby's.

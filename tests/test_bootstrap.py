@@ -3,7 +3,7 @@
 Each test gets an empty database owned by a master login that is what RDS gives: not a
 superuser, CREATEROLE, owner of the database. The master and app secrets live in moto.
 Some tests first migrate it the old way, as one login that then owns every table (the
-design document's master, or the local stack's former ``commng_app``), as a deployment
+master of shape 1 in docs/deployment-shapes.md, or the local stack's former ``commng_app``), as a deployment
 that moves to the least-privilege shape finds it.
 """
 
