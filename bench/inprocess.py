@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=200, help="post+read pairs per block")
     args = parser.parse_args(argv)
     stack = BenchStack()
+    metrics_dir = tempfile.TemporaryDirectory(prefix="commng-inprocess-")
     try:
         stack.open()
         db = stack.new_database("inprocess")
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             POSTGRES_USER=db.role,
             POSTGRES_PASSWORD=db.password,
             LOG_LEVEL="WARNING",
-            PROMETHEUS_MULTIPROC_DIR=tempfile.mkdtemp(prefix="commng-inprocess-"),
+            PROMETHEUS_MULTIPROC_DIR=metrics_dir.name,
             POSTGRES_POOL_SIZE="5",
             POSTGRES_MAX_OVERFLOW="0",
         )
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service - baseline: {per_request['service'] - per_request['baseline']:.0f} us per request")
     finally:
         stack.close()
+        metrics_dir.cleanup()
     return 0
 
 
