@@ -208,6 +208,7 @@ def history_command(limit: int) -> None:
 HISTORY_COLUMNS = (
     "occurred_at",
     "worker",
+    "bind",
     "trigger",
     "outcome",
     "old_version",
@@ -226,6 +227,7 @@ def _cells(row: RotationRecord) -> tuple[str, ...]:
     return (
         row.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
         row.worker,
+        row.bind or "primary",
         row.trigger,
         row.outcome.upper() if row.outcome == "failed" else row.outcome,
         row.old_version or "-",

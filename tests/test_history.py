@@ -172,18 +172,21 @@ def test_cli_prints_the_history_as_a_table(app: Flask, database: Database) -> No
     runtime.events.record(
         RotationEvent("poll", "rotated", old_version="v-old", new_version="v-new", swap_ms=12.3)
     )
+    runtime.events.record(RotationEvent("push", "rotated", bind="replica", new_version="v-replica"))
     _flushed(app)
 
     result = app.test_cli_runner().invoke(args=["rotation", "history", "--limit", "5"])
 
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split()[:4] == ["occurred_at", "worker", "trigger", "outcome"]
-    assert "rotated" in lines[1]
-    assert "v-new" in lines[1]
-    assert "12.3" in lines[1]
-    assert "FAILED" in lines[2]
-    assert "OperationalError:28P01" in lines[2]
+    assert lines[0].split()[:5] == ["occurred_at", "worker", "bind", "trigger", "outcome"]
+    assert lines[1].split()[3:6] == ["replica", "push", "rotated"]  # date and time are two words
+    assert "v-replica" in lines[1]
+    assert lines[2].split()[3:6] == ["primary", "poll", "rotated"]
+    assert "v-new" in lines[2]
+    assert "12.3" in lines[2]
+    assert "FAILED" in lines[3]
+    assert "OperationalError:28P01" in lines[3]
     assert_no_secrets(result.output, [database.password])
     bad = app.test_cli_runner().invoke(args=["rotation", "history", "--limit", "0"])
     assert bad.exit_code != 0
