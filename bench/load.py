@@ -14,10 +14,9 @@ Every read is one of the routes served by the replica bind when the app has one.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from devstack.processes import LoadGenerator
+from devstack.processes import LoadGenerator, Sample
 
 __all__ = ["ReadHeavyLoad", "make_load"]
 
@@ -32,36 +31,22 @@ class ReadHeavyLoad(LoadGenerator):
             raise ValueError("ReadHeavyLoad needs channels and at least 2 reads per write")
         super().__init__(base_url, channel_ids, clients, max_s=max_s)
         self.reads_per_write = reads_per_write
+        # Each client's last posted id (each client thread touches only its own key).
+        self._last_id: dict[int, int | None] = {}
 
-    def _client(self, n: int) -> None:
-        import requests
-
-        session = requests.Session()
-        deadline = time.monotonic() + self.max_s
+    def _next_request(self, session: Any, n: int, i: int) -> Sample:
         cycle = self.reads_per_write + 1
-        i = 0
-        last_id: int | None = None
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            channel = self.channel_ids[(n + i // cycle) % len(self.channel_ids)]
-            step = i % cycle
-            body: Any = None
-            if step == 0:
-                path = f"/api/channels/{channel}/messages"
-                sample, body = self._call(session.post, path, json={"body": f"c{n} m{i}"})
-                last_id = int(body["id"]) if sample.status == 201 and body else None
-                if last_id is not None:
-                    with self._lock:
-                        self.result.created_ids.append(last_id)
-            elif step == 1 and last_id is not None:
-                sample, _ = self._call(session.get, f"/api/messages/{last_id}")
-            elif step == 2:
-                sample, _ = self._call(session.get, "/api/channels")
-            else:
-                sample, _ = self._call(session.get, f"/api/channels/{channel}/messages?limit=20")
-            with self._lock:
-                self.result.samples.append(sample)
-            i += 1
-        session.close()
+        channel = self.channel_ids[(n + i // cycle) % len(self.channel_ids)]
+        step = i % cycle
+        if step == 0:
+            sample, self._last_id[n] = self._post(session, channel, f"c{n} m{i}")
+            return sample
+        last_id = self._last_id.get(n)
+        if step == 1 and last_id is not None:
+            return self._call(session.get, f"/api/messages/{last_id}")[0]
+        if step == 2:
+            return self._call(session.get, "/api/channels")[0]
+        return self._call(session.get, f"/api/channels/{channel}/messages?limit=20")[0]
 
 
 def make_load(

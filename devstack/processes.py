@@ -169,22 +169,29 @@ class LoadGenerator:
         deadline = time.monotonic() + self.max_s
         i = 0
         while not self._stop.is_set() and time.monotonic() < deadline:
-            channel = self.channel_ids[(n + i) % len(self.channel_ids)] if self.channel_ids else 0
-            if self.path is not None:
-                sample, _ = self._call(session.get, self.path)
-            elif i % 2 == 0:
-                sample, body = self._call(
-                    session.post, f"/api/channels/{channel}/messages", json={"body": f"c{n} m{i}"}
-                )
-                if sample.status == 201 and body:
-                    with self._lock:
-                        self.result.created_ids.append(int(body["id"]))
-            else:
-                sample, _ = self._call(session.get, f"/api/channels/{channel}/messages?limit=20")
+            sample = self._next_request(session, n, i)
             with self._lock:
                 self.result.samples.append(sample)
             i += 1
         session.close()
+
+    def _next_request(self, session: Any, n: int, i: int) -> Sample:
+        """Client ``n``'s request number ``i``: post, then read the channel's 20 newest."""
+        channel = self.channel_ids[(n + i) % len(self.channel_ids)] if self.channel_ids else 0
+        if self.path is not None:
+            return self._call(session.get, self.path)[0]
+        if i % 2 == 0:
+            return self._post(session, channel, f"c{n} m{i}")[0]
+        return self._call(session.get, f"/api/channels/{channel}/messages?limit=20")[0]
+
+    def _post(self, session: Any, channel: int, text: str) -> tuple[Sample, int | None]:
+        """Post a message; a 201's id is recorded as a write to read back. Returns (sample, id)."""
+        sample, body = self._call(session.post, f"/api/channels/{channel}/messages", json={"body": text})
+        created = int(body["id"]) if sample.status == 201 and body else None
+        if created is not None:
+            with self._lock:
+                self.result.created_ids.append(created)
+        return sample, created
 
     def _call(self, method: Callable[..., Any], path: str, **kwargs: Any) -> tuple[Sample, Any]:
         started = time.monotonic()
