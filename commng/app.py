@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,38 @@ from commng.observability import logs
 from commng_rotation import RotationSettings
 from config import Settings, load_settings
 
-__all__ = ["create_app", "replica_rotation_settings", "rotation_settings"]
+__all__ = ["CommNGFlask", "create_app", "replica_rotation_settings", "rotation_settings"]
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 migrate = Migrate()
+
+
+class CommNGFlask(Flask):
+    """Flask, deciding once per function whether a hook or view is a coroutine.
+
+    Flask calls ``ensure_sync`` on every before/after/teardown hook and on the view, for
+    every request, and each call runs ``inspect.iscoroutinefunction`` (four or five
+    function calls). This app has a dozen of them per request; the answer never changes
+    for a given function, so it is kept. Flask documents ``ensure_sync`` as the method
+    to override; coroutine functions still go through ``async_to_sync`` each time.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync_functions: dict[Any, Any] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            return self._sync_functions[func]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable callable: ask every time
+            return super().ensure_sync(func)
+        sync = super().ensure_sync(func)
+        if sync is func:
+            self._sync_functions[func] = func
+        return sync
 
 
 def create_app(
@@ -37,7 +65,7 @@ def create_app(
         logs.configure(settings.log_level, settings.log_format)
     else:
         logs.route_to_stdlib()
-    app = Flask(__name__)
+    app = CommNGFlask(__name__)
     app.config.update(
         COMMNG_SETTINGS=settings,
         MAX_CONTENT_LENGTH=64 * 1024,
