@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -230,7 +231,8 @@ def test_request_id_comes_from_the_header_then_the_alb_then_is_generated() -> No
     assert request_id_from({"X-Request-ID": 'a"b\nc'}, new="fresh") == "fresh"
     generated = request_id_from({})
     assert len(generated) == 32
-    assert int(generated, 16) >= 0
+    assert uuid.UUID(hex=generated).version == 4
+    assert uuid.UUID(hex=generated).variant == uuid.RFC_4122
     assert request_id_from({}) != generated
 
 
