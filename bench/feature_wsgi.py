@@ -59,11 +59,11 @@ def without(flask_app: Flask, features: set[str]) -> None:
     if "access_log" in features:
         no_access_log()
     if "metrics" in features:
-        from commng.observability import metrics
+        from commng.observability import metrics, pools
 
         _drop_hooks(flask_app, metrics._start_timer, metrics._observe_request)
-        metrics._POOLS._change = lambda *args: None  # type: ignore[method-assign]
-        metrics._POOLS._detach = lambda *args: None  # type: ignore[method-assign]
+        pools.POOLS._change = lambda *args: None  # type: ignore[method-assign]
+        pools.POOLS._detach = lambda *args: None  # type: ignore[method-assign]
     if "request_id" in features:
         from commng.observability import request_context
 

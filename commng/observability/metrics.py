@@ -8,21 +8,19 @@ client, a shell) the process-local default registry is served.
 Metrics are fed through the seams the rotation layer offers, never by polling it:
 refresh events (``EventLog.listeners`` / ``update_listeners``), the watcher's check
 results, the engine factory's build and auth-failure listeners, and SQLAlchemy pool
-events. Gauges are set from events with ``.set()``: ``Gauge.set_function`` exports 0
-in prometheus_client's multiprocess mode. No label ever holds a value read from a secret.
+events. Gauges are set from events with ``.set()`` (the pool gauge within a second of
+its events, see ``pools``): ``Gauge.set_function`` exports 0 in
+prometheus_client's multiprocess mode. No label ever holds a value read from a secret.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
-import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,13 +36,13 @@ from prometheus_client import multiprocess as prom_multiprocess
 from commng import db as database
 from commng.admin.auth import api_auth
 from commng.errors import error_response
-from commng_rotation.engines import ManagedEngine
+from commng.observability.pools import POOLS, pool_figures, track_engine
 from commng_rotation.events import Outcome, RotationEvent
 from commng_rotation.runtime import Runtime, get_runtime
 from commng_rotation.watcher import CheckResult
 from config import Settings
 
-__all__ = ["bp", "init_app", "render", "track_engine"]
+__all__ = ["bp", "init_app", "pool_figures", "render", "track_engine"]
 
 EXTENSION = "commng.metrics"
 
@@ -81,13 +79,6 @@ DRAIN = Histogram(
 AUTH_FAILURES = Counter(
     "commng_db_auth_failures",
     "New database connections refused with 'password authentication failed' (28P01).",
-)
-# livesum: the connections of the workers alive now; a dead worker's pools are gone.
-POOL_CONNECTIONS = Gauge(
-    "commng_db_pool_connections",
-    "Connections of this service's pools (active and draining engines), by state.",
-    ["state"],
-    multiprocess_mode="livesum",
 )
 ENGINES = Gauge(
     "commng_db_engines",
@@ -136,6 +127,7 @@ bp = Blueprint("metrics", __name__)
 
 def render() -> bytes:
     """The exposition text: every worker's samples in multiprocess mode, else this process's."""
+    POOLS.publish()  # this worker's pools as they are now; the others' within pools.PUBLISH_DELAY_S
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -170,15 +162,32 @@ def _start_timer() -> None:
     g.commng_started = time.perf_counter()
 
 
+# (method, route, status) -> the counter's and the histogram's labelled children: a
+# request then costs a dict lookup instead of two ``labels()`` calls (each takes a lock
+# and validates its values). Bounded: the methods are _METHODS plus OTHER, the routes
+# the app's URL rules, the statuses the app's own.
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def _observe_request(response: Response) -> Response:
     if request.endpoint == "metrics.metrics":
         return response  # a scrape is not traffic
     started: float | None = g.get("commng_started")
-    route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
-    method = request.method if request.method in _METHODS else "OTHER"
-    HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
+    rule = request.url_rule
+    route = rule.rule if rule is not None else UNMATCHED_ROUTE
+    method = request.method
+    if method not in _METHODS:
+        method = "OTHER"
+    key = (method, route, response.status_code)
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:
+        children = _REQUEST_CHILDREN[key] = (
+            HTTP_REQUESTS.labels(method, route, str(response.status_code)),
+            HTTP_DURATION.labels(method, route),
+        )
+    children[0].inc()
     if started is not None:
-        HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
+        children[1].observe(time.perf_counter() - started)
     return response
 
 
@@ -240,92 +249,6 @@ def _watcher_gauge(runtime: Runtime) -> Callable[..., None]:
     return update
 
 
-# -- pools ------------------------------------------------------------------------------
-
-
-class _PoolTally:
-    """One engine's connections, tracked by connection record so no event counts twice."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.open: set[int] = set()
-        self.checked_out: set[int] = set()
-
-
-class _PoolTracker:
-    """Every tracked engine of this process; sets the pool gauge after each pool event."""
-
-    def __init__(self) -> None:
-        # Reentrant: a connection garbage-collected while we hold the lock is checked in
-        # by a finalizer running in this very thread.
-        self._lock = threading.RLock()
-        self._tallies: weakref.WeakSet[_PoolTally] = weakref.WeakSet()
-        # What the gauge shows, by state, and its labelled children: a checkout or checkin
-        # moves one connection between two states, so it writes those two values only.
-        self._shown: dict[str, int] = {}
-        self._children: dict[str, Any] = {}
-
-    def track(self, engine: sa.Engine) -> None:
-        pool: Any = engine.pool
-        tally = _PoolTally(int(pool.size()) if hasattr(pool, "size") else 0)
-        with self._lock:
-            self._tallies.add(tally)
-        # The listeners hold the tally: it lives exactly as long as the engine.
-        sa.event.listen(engine, "connect", lambda _c, rec: self._change(tally.open.add, rec))
-        sa.event.listen(engine, "close", lambda _c, rec: self._change(tally.open.discard, rec))
-        sa.event.listen(engine, "checkout", lambda _c, rec, _p: self._change(tally.checked_out.add, rec))
-        sa.event.listen(engine, "checkin", lambda _c, rec: self._change(tally.checked_out.discard, rec))
-        sa.event.listen(engine, "detach", lambda _c, rec: self._detach(tally, rec))
-
-    def _change(self, op: Callable[[int], None], record: object) -> None:
-        with self._lock:
-            op(id(record))
-            self._publish()
-
-    def _detach(self, tally: _PoolTally, record: object) -> None:
-        with self._lock:
-            tally.open.discard(id(record))
-            tally.checked_out.discard(id(record))
-            self._publish()
-
-    def figures(self) -> dict[str, int]:
-        """checked_out, idle and overflow summed over the tracked engines."""
-        with self._lock:
-            return self._figures()
-
-    def _figures(self) -> dict[str, int]:
-        checked_out = idle = overflow = 0
-        for tally in list(self._tallies):
-            out = len(tally.checked_out & tally.open)
-            checked_out += out
-            idle += len(tally.open) - out
-            overflow += max(0, len(tally.open) - tally.size)
-        return {"checked_out": checked_out, "idle": idle, "overflow": overflow}
-
-    def _publish(self) -> None:
-        for state, value in self._figures().items():
-            if self._shown.get(state) == value:
-                continue
-            child = self._children.get(state)
-            if child is None:
-                child = self._children[state] = POOL_CONNECTIONS.labels(state)
-            child.set(value)
-            self._shown[state] = value
-
-
-_POOLS = _PoolTracker()
-
-
-def track_engine(managed: ManagedEngine) -> None:
-    """Feed the pool gauges from ``managed``'s pool events (call before it connects)."""
-    _POOLS.track(managed.engine)
-
-
-def pool_figures() -> dict[str, int]:
-    """What the pool gauges of this process show now (tests compare it with the pools)."""
-    return _POOLS.figures()
-
-
 # -- wiring -----------------------------------------------------------------------------
 
 
@@ -360,5 +283,11 @@ def init_app(app: Flask) -> None:
     app.extensions[EXTENSION] = True
 
 
+_READ_CHILDREN: dict[str, Any] = {}  # bind -> its labelled child (two binds at most)
+
+
 def _on_read(bind: str) -> None:
-    DB_READS.labels(bind=bind).inc()
+    child = _READ_CHILDREN.get(bind)
+    if child is None:
+        child = _READ_CHILDREN[bind] = DB_READS.labels(bind=bind)
+    child.inc()
