@@ -15,8 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,14 +61,19 @@ _caller_retries: ContextVar[bool] = ContextVar("commng_caller_retries", default=
 _FRESH = "commng_fresh"
 
 
-@contextmanager
-def caller_retries(retries: bool = True) -> Iterator[None]:
+class caller_retries:  # a class, not a @contextmanager generator: it is entered on every request
     """Inside the block, connections are checked out without the ping (``retries=False``: with it)."""
-    token = _caller_retries.set(retries)
-    try:
-        yield
-    finally:
-        _caller_retries.reset(token)
+
+    __slots__ = ("_retries", "_token")
+
+    def __init__(self, retries: bool = True) -> None:
+        self._retries = retries
+
+    def __enter__(self) -> None:
+        self._token = _caller_retries.set(self._retries)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _caller_retries.reset(self._token)
 
 
 class NoCredentials(RuntimeError):
