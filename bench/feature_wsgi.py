@@ -9,7 +9,8 @@ run without them):
   every checkout and checkin;
 - ``request_id``: binding, echoing and unbinding the request id;
 - ``preping``: the ping of a pooled connection before it is handed out;
-- ``xid``: noting the transaction id before each COMMIT (the in-doubt protection);
+- ``xid``: noting the transaction id before each COMMIT (the in-doubt protection: the
+  ``commng.xid`` psycopg2 classes; the engines are rebuilt with plain psycopg2 connections);
 - ``retry``: the views' ``retry_on_disconnect`` wrapper (its deadlines, and ``xid`` with it);
 - ``pinned``: ``PinnedSession``'s engine snapshot (Flask-SQLAlchemy's plain session);
 - ``bounds``: the bounded psycopg2 wait callback (a plain cooperative one instead).
@@ -51,6 +52,26 @@ def _each_engine(flask_app: Flask, change: Any) -> None:
             change(rotator.active)
 
 
+def _plain_psycopg2_connections(flask_app: Flask) -> None:
+    """No ``commng.xid`` classes: engines built from now on, and a new active engine, connect plainly.
+
+    An engine's connect arguments are fixed when it is built: each bind's active engine is
+    replaced by one built without them (same credentials), as a rotation would, and closed.
+    """
+    from commng_rotation import get_runtime
+
+    for rotator in get_runtime(flask_app).rotators.values():
+        rotator.factory.connect_args.pop("connection_factory", None)
+        old = rotator.active
+        if old is None:
+            continue
+        fresh = rotator.factory.build(old.credentials)
+        fresh.reactive = old.reactive
+        rotator.install(fresh.engine)
+        rotator.active = fresh
+        old.engine.dispose()
+
+
 def without(flask_app: Flask, features: set[str]) -> None:
     """Take ``features`` out of ``flask_app`` (see the module docstring)."""
     unknown = features - set(FEATURES)
@@ -80,20 +101,7 @@ def without(flask_app: Flask, features: set[str]) -> None:
 
         _each_engine(flask_app, no_ping)
     if "xid" in features or "retry" in features:
-        from commng import db as database
-
-        def no_xid(managed: Any) -> None:
-            for identifier, name in (
-                ("commit", "_commit_about_to_be_sent"),
-                ("begin", "_transaction_began"),
-                ("before_cursor_execute", "_note_xid_with_first_write"),
-                ("after_cursor_execute", "_take_xid_notice"),
-            ):
-                listener = getattr(database, name, None)
-                if listener is not None and sa.event.contains(managed.engine, identifier, listener):
-                    sa.event.remove(managed.engine, identifier, listener)
-
-        _each_engine(flask_app, no_xid)
+        _plain_psycopg2_connections(flask_app)
     if "retry" in features:
         from commng.db import retry_on_disconnect
 

@@ -4,7 +4,7 @@ No gunicorn, no sockets: both Flask apps are built in this process (gevent patch
 as in a worker) against one database of the bench's own PostgreSQL, and the Flask test
 client drives the cost bench's request pair (post a message, read the channel's 20 newest)
 through each, interleaved in blocks. The difference is what the service's Flask-level
-features cost (request id, metrics, retry, pinned session, bounded wait, xid listeners),
+features cost (request id, metrics, retry, pinned session, bounded wait, xid noting),
 without the access log and the server. The wait callback is process-wide: the service's
 bounded one is installed last and serves both apps, so its cost is not in the difference.
 """

@@ -11,7 +11,7 @@ from flask import Flask
 from flask_migrate import Migrate
 
 import commng_rotation as rotation
-from commng import admin, api, cli, errors, health, observability
+from commng import admin, api, cli, errors, health, observability, xid
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
@@ -82,6 +82,8 @@ def create_app(
         secrets_client=secrets_client,
         sqs_client=sqs_client,
         replica=replica_rotation_settings(settings),
+        # Every connection notes the transactions a retried view commits (commng/xid.py).
+        connect_args=xid.CONNECT_ARGS,
     )
     database.init_app(app)
     # Observability first among the request hooks: the request id binds before anything logs.

@@ -13,11 +13,13 @@ request survive a connection that died under it:
   ask PostgreSQL on a fresh connection (``pg_xact_status``): ``aborted`` (the backend
   was gone before it read the COMMIT) or no id at all (nothing was written) means the
   view runs again; ``committed``, or no clear answer, returns the error as it is.
-  Attempts are bounded. The id costs no round trip of its own: the transaction's first
-  INSERT, UPDATE or DELETE goes out behind a ``DO`` block that raises a NOTICE with
-  ``pg_current_xact_id()``, in the same message; the id is read from the connection's
-  notices when COMMIT is about to go. A transaction that wrote some other way (or whose
-  notice did not arrive) asks ``pg_current_xact_id_if_assigned()`` just before COMMIT.
+  Attempts are bounded. The ids are noted by the psycopg2 connection and cursor classes
+  of ``commng/xid.py``, which every engine's connections are made with (no SQLAlchemy
+  connection event, which would cost every request): the transaction's first INSERT,
+  UPDATE or DELETE goes out behind a ``DO`` block that raises a NOTICE with
+  ``pg_current_xact_id()``, in the same message, so the id costs no round trip of its
+  own; a transaction that wrote some other way (or whose notice did not arrive) asks
+  ``pg_current_xact_id_if_assigned()`` just before COMMIT.
   Since the view runs again anyway after a disconnect, its connections are checked out
   without the pool's ping (``caller_retries``): one round trip fewer per request.
 - **The teardown.** A read leaves its transaction open until teardown, where closing the
@@ -39,16 +41,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 import structlog
-from flask import Flask, current_app, g, has_app_context
+from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session
 
+from commng.xid import ATTEMPT_XIDS, XidConnection
 from commng_rotation import NoCredentials, PinnedSession, bounds, describe_error, get_runtime
-from commng_rotation.engines import ManagedEngine, caller_retries
+from commng_rotation.engines import caller_retries
 from commng_rotation.runtime import REPLICA_BIND
 
 __all__ = [
@@ -80,16 +82,17 @@ db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession, "exp
 
 
 def init_app(app: Flask) -> None:
-    """Note COMMITs on every engine the rotation layer builds; make teardown survive a dead backend.
+    """Check every engine notes its COMMITs (``commng.xid``); make teardown survive a dead backend.
 
     With a replica bind, ``reading()`` serves read-only routes from it (``ReplicaState``).
     """
     if REPLICA_BIND in get_runtime(app).rotators:
         app.extensions[REPLICA_EXTENSION] = ReplicaState(app.config["COMMNG_SETTINGS"].db_replica_max_lag_ms)
-    for rotator in get_runtime(app).rotators.values():
-        rotator.factory.build_listeners.append(_listen_for_commits)
-        if rotator.active is not None:
-            _listen_for_commits(rotator.active)
+    for bind, rotator in get_runtime(app).rotators.items():
+        # Every engine, the first included, must be built with them: a connection without
+        # them notes no COMMIT, and the retry could run a committed request again.
+        if rotator.factory.connect_args.get("connection_factory") is not XidConnection:
+            raise RuntimeError(f"bind {bind!r}: rotation.init_app needs connect_args=commng.xid.CONNECT_ARGS")
     # Registered after Flask-SQLAlchemy's own teardown, so it runs before it (Flask runs
     # teardowns in reverse): the session is already removed when Flask-SQLAlchemy looks.
     app.teardown_appcontext(_remove_session)
@@ -101,71 +104,6 @@ def _remove_session(_: BaseException | None) -> None:
     except DBAPIError as err:
         log.warning("session_close_failed", error=describe_error(err))
         db.session.registry.clear()
-
-
-# Sent in front of a transaction's first write, in the same message: the id in a NOTICE.
-# No '%' in it: psycopg2 interpolates parameters into the statement text.
-_XID_NOTICE = "commng_xid="
-_XID_PREFIX = (
-    f"DO $commng$BEGIN RAISE NOTICE USING MESSAGE = '{_XID_NOTICE}' || pg_current_xact_id(); END$commng$; "
-)
-_WRITES = ("insert", "update", "delete")
-# Connection info keys: the DO went out with a write and its NOTICE is due; the id it gave.
-_XID_DUE = "commng_xid_due"
-_XID = "commng_xid"
-
-
-def _listen_for_commits(managed: ManagedEngine) -> None:
-    sa.event.listen(managed.engine, "begin", _transaction_began)
-    sa.event.listen(managed.engine, "before_cursor_execute", _note_xid_with_first_write, retval=True)
-    sa.event.listen(managed.engine, "after_cursor_execute", _take_xid_notice)
-    # The Core event fires when COMMIT is about to go to the server, after the ORM's flush.
-    sa.event.listen(managed.engine, "commit", _commit_about_to_be_sent)
-
-
-def _retried() -> bool:
-    return has_app_context() and "commng_commit_xids" in g
-
-
-def _transaction_began(conn: Connection) -> None:
-    """Core ``begin``: forget the previous transaction's id (one that never committed)."""
-    conn.info.pop(_XID, None)
-    conn.info.pop(_XID_DUE, None)
-
-
-def _note_xid_with_first_write(
-    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> tuple[str, Any]:
-    """Put the id request in front of the transaction's first INSERT, UPDATE or DELETE."""
-    info = conn.info
-    if statement[:6].lower() in _WRITES and _XID not in info and not info.get(_XID_DUE) and _retried():
-        info[_XID_DUE] = True
-        return _XID_PREFIX + statement, parameters
-    return statement, parameters
-
-
-def _take_xid_notice(conn: Connection, cursor: Any, *rest: Any) -> None:
-    """After that write: keep the id, and remove its NOTICE before SQLAlchemy logs the notices."""
-    if not conn.info.pop(_XID_DUE, False):
-        return
-    notices: list[str] = cursor.connection.notices
-    for i in range(len(notices) - 1, -1, -1):
-        _, found, reported = notices[i].partition(_XID_NOTICE)
-        if found:
-            del notices[i]
-            conn.info[_XID] = reported.strip()
-            return
-
-
-def _commit_about_to_be_sent(conn: Connection) -> None:
-    """Core ``commit`` event: remember which transaction the COMMIT is for."""
-    xid = conn.info.pop(_XID, None)
-    if not _retried():
-        return
-    # Runs before COMMIT goes out; if this fails, the COMMIT was never sent.
-    if xid is None:
-        xid = conn.exec_driver_sql("SELECT pg_current_xact_id_if_assigned()::text").scalar()
-    g.commng_commit_xids.append(xid)
 
 
 def _xact_status(xid: str) -> str | None:
@@ -184,9 +122,9 @@ def _xact_status(xid: str) -> str | None:
         time.sleep(0.02)  # bounded; yields to other greenlets under gevent
 
 
-def _nothing_committed() -> bool:
-    """True when every COMMIT this attempt sent wrote nothing or, PostgreSQL says, aborted."""
-    for xid in g.commng_commit_xids:
+def _nothing_committed(xids: list[str | None]) -> bool:
+    """True when every COMMIT this attempt sent (``xids``) wrote nothing or, PostgreSQL says, aborted."""
+    for xid in xids:
         if xid is None:  # a transaction that never wrote: there was nothing to commit
             continue
         status = _xact_status(xid)
@@ -214,16 +152,19 @@ def retry_on_disconnect(view: F) -> F:
             caller_retries(),
         ):
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                g.commng_commit_xids = []
+                xids: list[str | None] = []
+                token = ATTEMPT_XIDS.set(xids)
                 try:
                     return view(*args, **kwargs)
                 except DBAPIError as exc:
                     if not exc.connection_invalidated or attempt == MAX_ATTEMPTS:
                         raise
                     db.session.rollback()
-                    if not _nothing_committed():
+                    if not _nothing_committed(xids):
                         raise
                     log.warning("request_retried_after_disconnect", attempt=attempt)
+                finally:
+                    ATTEMPT_XIDS.reset(token)
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper  # type: ignore[return-value]

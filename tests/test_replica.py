@@ -21,6 +21,7 @@ from flask import Flask
 from psycopg2 import sql
 
 from commng.db import ReplicaState, db, replica_state
+from commng.xid import XidConnection
 from commng_rotation.runtime import get_runtime
 from config import Settings
 from devstack import PostgresCluster, new_password, rotate_secret
@@ -104,6 +105,11 @@ def test_reads_come_from_the_replica_and_a_write_reads_back_at_once(
     assert [b["bind"] for b in status["binds"]] == [None, "replica"]
     assert status["replica_reads"]["reading"] is True
     assert status["replica_reads"]["reads"]["replica"] >= 21
+    for rotator in get_runtime(app).rotators.values():  # both binds note COMMITs, no engine events
+        assert rotator.active is not None
+        assert rotator.active.engine._has_events is False
+        with rotator.active.engine.connect() as conn:
+            assert isinstance(conn.connection.dbapi_connection, XidConnection)
 
 
 @pytest.fixture

@@ -4,18 +4,46 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg2.extensions
 import pytest
 import sqlalchemy as sa
-from flask import Flask, g
+from flask import Flask
 from sqlalchemy.engine import Connection
 
+from commng import db as database_module
 from commng.db import db, retry_on_disconnect
 from commng.models import Message
+from commng.xid import ATTEMPT_XIDS, XidConnection, XidCursor
+from commng_rotation import get_runtime
 from tests.helpers import Database, wait_for
 
 
 def _kill_backend_of(database: Database, pid: int) -> None:
     database.cluster.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def _record_what_is_sent(sent: list[str]) -> None:
+    """From now on, the session's connection records every statement as it goes to the server.
+
+    Below ``XidCursor`` in the method order: what is recorded is what psycopg2 sends, the
+    DO block in front of a write included, and the COMMIT-time lookup as well.
+    """
+
+    class Sent(psycopg2.extensions.cursor):
+        def execute(self, query: Any, vars: Any = None) -> None:
+            sent.append(str(query))
+            super().execute(query, vars)
+
+        def executemany(self, query: Any, vars_list: Any) -> None:
+            sent.append(str(query))
+            super().executemany(query, vars_list)
+
+    class Recording(XidCursor, Sent):
+        pass
+
+    dbapi_connection = db.session.connection().connection.dbapi_connection
+    assert isinstance(dbapi_connection, XidConnection)
+    dbapi_connection.cursor_factory = Recording
 
 
 def test_connection_killed_before_the_first_statement_is_replaced(app: Flask, database: Database) -> None:
@@ -98,12 +126,20 @@ def test_backend_killed_after_the_view_returned_does_not_turn_into_a_500(
 
 
 def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted(
-    app: Flask, database: Database, client: Any
+    app: Flask, database: Database, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The backend dies after COMMIT was due but before it ran: in doubt until pg_xact_status says aborted."""
     channel = client.post("/api/channels", json={"name": "doubt"}).json["id"]
     calls: list[int] = []
     killed: list[int] = []
+    verdicts: list[str | None] = []
+    xact_status = database_module._xact_status
+
+    def asked(xid: str) -> str | None:
+        verdicts.append(xact_status(xid))
+        return verdicts[-1]
+
+    monkeypatch.setattr(database_module, "_xact_status", asked)
 
     def kill_before_commit_is_read(conn: Connection) -> None:
         if len(calls) == 1 and not killed:
@@ -128,6 +164,7 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
         finally:
             sa.event.remove(db.engine, "commit", kill_before_commit_is_read)
     assert killed
+    assert verdicts == ["aborted"]  # the COMMIT was in doubt, and PostgreSQL settled it
     assert len(calls) == 2
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
@@ -136,28 +173,30 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
 def test_the_commit_xid_comes_with_the_first_write_at_no_extra_round_trip(
     app: Flask, database: Database, client: Any
 ) -> None:
-    """The id noted before COMMIT is the one that wrote the row, and no statement asked for it."""
+    """The id noted before COMMIT is the one that wrote the row, and no statement asked for it.
+
+    Noted by the psycopg2 classes: the engine has no SQLAlchemy connection event at all.
+    """
     channel = client.post("/api/channels", json={"name": "xid"}).json["id"]
     sent: list[str] = []
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement)
-
     @retry_on_disconnect
     def view() -> tuple[int, list[str | None]]:
+        _record_what_is_sent(sent)
         message = Message(channel_id=channel, body="which transaction?")
         db.session.add(message)
         db.session.commit()
-        return message.id, list(g.commng_commit_xids)
+        return message.id, list(ATTEMPT_XIDS.get() or [])
 
     with app.test_request_context():
-        sa.event.listen(db.engine, "before_cursor_execute", record)
-        try:
-            message_id, xids = view()
-        finally:
-            sa.event.remove(db.engine, "before_cursor_execute", record)
+        message_id, xids = view()
+        assert db.engine._has_events is False
+    assert ATTEMPT_XIDS.get() is None  # noted only inside the retried view
     assert not [s for s in sent if "xact_id_if_assigned" in s], sent
-    assert len([s for s in sent if s.startswith("DO ")]) == 1, sent
+    writes = [s for s in sent if s.startswith("DO ")]
+    assert len(writes) == 1, sent
+    assert "INSERT INTO messages" in writes[0]
+    assert len(sent) == 1, sent  # the INSERT (the SQL COMMIT is not a statement psycopg2 is given)
     assert len(xids) == 1
     assert xids[0] is not None
     rows = database.cluster.execute(
@@ -166,3 +205,54 @@ def test_the_commit_xid_comes_with_the_first_write_at_no_extra_round_trip(
         dbname=database.name,
     )
     assert rows == [(str(int(xids[0]) % 2**32), "committed")]
+
+
+def test_a_commit_without_the_first_write_noted_asks_for_the_id_before_it_goes(
+    app: Flask, client: Any
+) -> None:
+    """executemany goes out as it is: the id is asked for just before COMMIT instead."""
+    channel = client.post("/api/channels", json={"name": "many"}).json["id"]
+    sent: list[str] = []
+
+    @retry_on_disconnect
+    def view() -> list[str | None]:
+        _record_what_is_sent(sent)
+        db.session.execute(
+            sa.text("UPDATE channels SET name = :name WHERE id = :id"),
+            [{"name": "many-1", "id": channel}, {"name": "many-2", "id": channel}],
+        )
+        db.session.commit()
+        db.session.execute(sa.text("SELECT 1"))  # a transaction that wrote nothing
+        db.session.commit()
+        db.session.commit()  # none open: nothing is asked, nothing noted
+        return list(ATTEMPT_XIDS.get() or [])
+
+    with app.test_request_context():
+        xids = view()
+    assert [s for s in sent if s.startswith("UPDATE channels")], sent
+    assert not [s for s in sent if s.startswith("DO ")], sent
+    assert [s for s in sent if "xact_id_if_assigned" in s] == [
+        "SELECT pg_current_xact_id_if_assigned()::text"
+    ] * 2
+    assert len(xids) == 2
+    assert xids[0] is not None
+    assert xids[1] is None
+
+
+def test_every_engine_of_the_app_notes_commits_without_connection_events(app: Flask, client: Any) -> None:
+    """The first engine and any built later (a rotation) connect with XidConnection, no events."""
+    rotator = get_runtime(app).rotator()
+    assert rotator.active is not None
+    first = rotator.active.engine
+    later = rotator.factory.build(rotator.credentials)
+    try:
+        for engine in (first, later.engine):
+            with engine.connect() as conn:
+                assert isinstance(conn.connection.dbapi_connection, XidConnection)
+            assert engine._has_events is False
+    finally:
+        later.engine.dispose()
+    assert client.post("/api/channels", json={"name": "no-events"}).status_code == 201
+    with app.app_context():
+        assert db.engine is first
+    assert first._has_events is False

@@ -243,6 +243,8 @@ class EngineFactory:
         # Observers (metrics): every engine built, and every login PostgreSQL refused.
         self.build_listeners: list[Callable[[ManagedEngine], None]] = []
         self.auth_failure_listeners: list[Callable[[], None]] = []
+        # More psycopg2.connect arguments (e.g. a connection_factory), for engines built later.
+        self.connect_args: dict[str, Any] = {}
 
     def options(self) -> dict[str, Any]:
         """Engine options; exposed so tests can prove every engine gets the same ones."""
@@ -276,6 +278,7 @@ class EngineFactory:
                 "keepalives_interval": 5,
                 "keepalives_count": 3,
                 "tcp_user_timeout": KEEPALIVE_USER_TIMEOUT_MS,
+                **self.connect_args,
             },
         }
 

@@ -7,7 +7,7 @@ State lives in ``app.extensions["commng_rotation"]`` (the package's name, since
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -157,6 +157,7 @@ def init_app(
     secrets_client: Any | None = None,
     sqs_client: Any | None = None,
     replica: RotationSettings | None = None,
+    connect_args: Mapping[str, Any] | None = None,
 ) -> Runtime:
     """Choose the credential source, install the first engine, prepare watcher and history.
 
@@ -165,7 +166,9 @@ def init_app(
     rotator, polled by the same watcher, recorded in the same history). Only ``settings``
     decide the watcher's interval, the queue and fan-out; the queue's events for the
     replica's secret start a check of the replica, and fan-out announces its adoptions
-    over the primary (a standby refuses NOTIFY).
+    over the primary (a standby refuses NOTIFY). ``connect_args``: more ``psycopg2.connect``
+    arguments (e.g. a ``connection_factory``) for every connection of every bind, the
+    first engine's included (``factory.connect_args`` of each rotator afterwards).
     """
     if EXTENSION in app.extensions:
         raise RuntimeError("commng_rotation.init_app was already called for this app")
@@ -189,14 +192,15 @@ def init_app(
             "secret_watcher_disabled",
             message="No secret to watch: using the static username and password, no watcher",
         )
-    rotator = _rotator(app, db, None, settings, source, events)
+    extra = dict(connect_args or {})
+    rotator = _rotator(app, db, None, settings, source, events, extra)
     history = HistoryWriter(_active_engine(rotator), timedelta(days=settings.history_retention_days))
     # Listen before the first refresh, so that the start-up attempt is persisted too.
     events.listeners.append(history.enqueue)
     events.update_listeners.append(history.enqueue)
     rotators: dict[str | None, Rotator] = {None: rotator}
     if replica is not None:
-        rotators[REPLICA_BIND] = _rotator(app, db, REPLICA_BIND, replica, source_for(replica), events)
+        rotators[REPLICA_BIND] = _rotator(app, db, REPLICA_BIND, replica, source_for(replica), events, extra)
     for bind, each in rotators.items():
         with app.app_context():
             flask_sqlalchemy_engine = db.engines.get(bind)
@@ -222,11 +226,14 @@ def _rotator(
     settings: RotationSettings,
     source: CredentialSource,
     events: EventLog,
+    connect_args: dict[str, Any],
 ) -> Rotator:
     """The rotator of ``bind``, installing its engines as Flask-SQLAlchemy's ``bind``."""
+    factory = EngineFactory(settings)
+    factory.connect_args.update(connect_args)
     return Rotator(
         source=source,
-        factory=EngineFactory(settings),
+        factory=factory,
         install=lambda engine: compat.install_engine(db, app, bind, engine),
         grace_s=settings.grace_period_s,
         events=events,

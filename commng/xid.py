@@ -1,0 +1,105 @@
+"""Which transactions a retried view sent COMMIT for: noted by psycopg2 classes, not by events.
+
+``retry_on_disconnect`` (``commng/db.py``) must know, after a connection died, whether a
+COMMIT it sent may have committed. Each of its attempts sets ``ATTEMPT_XIDS`` to a fresh
+list; every COMMIT sent while it is set first appends the id of the transaction it ends
+(None: the transaction wrote nothing). Outside a retried view it is None and nothing is
+noted.
+
+The id costs no round trip of its own: ``XidCursor.execute`` sends the transaction's
+first INSERT, UPDATE or DELETE behind a ``DO`` block that raises a NOTICE with
+``pg_current_xact_id()``, in the same message, and takes that NOTICE back out of the
+connection's notices (SQLAlchemy would log it otherwise). ``XidConnection.commit``
+appends it before the real COMMIT goes out; a transaction that wrote some other way
+(``executemany``, a statement given as bytes, a CTE) or whose NOTICE did not arrive asks
+``pg_current_xact_id_if_assigned()`` on its own cursor first. ``commit`` and ``rollback``
+forget the transaction's id.
+
+This sits at the DBAPI level on purpose: a SQLAlchemy ``ConnectionEvents`` listener on an
+engine makes every ``Connection`` of it build a joined dispatcher and every execute go
+through the event hooks (about 100 Python calls per request); these classes cost one
+method call per execute and per COMMIT. ``CONNECT_ARGS`` is what ``psycopg2.connect``
+needs to use them (``commng.app`` hands it to the rotation layer, whose engines all use it).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+import psycopg2.extensions
+
+__all__ = ["ATTEMPT_XIDS", "CONNECT_ARGS", "XidConnection", "XidCursor"]
+
+# The ids noted in this attempt of a retried view; None outside one.
+ATTEMPT_XIDS: ContextVar[list[str | None] | None] = ContextVar("commng_attempt_xids", default=None)
+
+# Sent in front of a transaction's first write, in the same message: the id in a NOTICE.
+# No '%' in it: psycopg2 interpolates parameters into the statement text.
+_XID_NOTICE = "commng_xid="
+_XID_PREFIX = (
+    f"DO $commng$BEGIN RAISE NOTICE USING MESSAGE = '{_XID_NOTICE}' || pg_current_xact_id(); END$commng$; "
+)
+_WRITES = ("insert", "update", "delete")
+_ASSIGNED_XID = "SELECT pg_current_xact_id_if_assigned()::text"
+
+
+class XidCursor(psycopg2.extensions.cursor):
+    """Sends a retried view's first write of a transaction with the transaction's id request."""
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        conn: XidConnection = self.connection  # type: ignore[assignment]  # made by XidConnection
+        if (
+            isinstance(query, str)
+            and query[:6].lower() in _WRITES
+            and not conn.commng_xid_asked
+            and ATTEMPT_XIDS.get() is not None
+        ):
+            conn.commng_xid_asked = True  # once per transaction, even if the NOTICE never comes
+            super().execute(_XID_PREFIX + query, vars)
+            conn.take_xid_notice()
+            return
+        super().execute(query, vars)
+
+
+class XidConnection(psycopg2.extensions.connection):
+    """Notes the id of each transaction it commits while a retried view runs (module docstring)."""
+
+    # Per transaction: the id the NOTICE reported, and whether the DO block went out.
+    commng_xid: str | None = None
+    commng_xid_asked = False
+
+    def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dsn, *args, **kwargs)
+        self.cursor_factory = XidCursor
+
+    def take_xid_notice(self) -> None:
+        """Keep the id the DO block reported, and remove its NOTICE from ``notices``."""
+        notices: list[str] = self.notices
+        for i in range(len(notices) - 1, -1, -1):
+            _, found, reported = notices[i].partition(_XID_NOTICE)
+            if found:
+                del notices[i]
+                self.commng_xid = reported.strip()
+                return
+
+    def commit(self) -> None:
+        xid, self.commng_xid, self.commng_xid_asked = self.commng_xid, None, False
+        xids = ATTEMPT_XIDS.get()
+        if xids is not None and self.status == psycopg2.extensions.STATUS_BEGIN:
+            # Runs before COMMIT goes out; if this fails, the COMMIT was never sent.
+            if xid is None:
+                with self.cursor() as cursor:
+                    cursor.execute(_ASSIGNED_XID)
+                    row = cursor.fetchone()
+                xid = row[0] if row else None
+            xids.append(xid)
+        super().commit()
+
+    def rollback(self) -> None:
+        self.commng_xid, self.commng_xid_asked = None, False
+        super().rollback()
+
+
+# What psycopg2.connect needs for the classes above (rotation.init_app's ``connect_args``).
+CONNECT_ARGS: dict[str, Any] = {"connection_factory": XidConnection}
