@@ -71,18 +71,19 @@ class _PoolTracker:
         sa.event.listen(engine, "checkin", lambda _c, rec: self._change(tally.checked_out.discard, rec))
         sa.event.listen(engine, "detach", lambda _c, rec: self._detach(tally, rec))
 
+    # No lock on the event path: a set's add or discard is one step under the GIL, and
+    # publish() reads the sets under the lock. Two events racing to schedule a publish
+    # at worst publish twice.
     def _change(self, op: Callable[[int], None], record: object) -> None:
-        with self._lock:
-            op(id(record))
-            if not self._publish_due:
-                self._schedule()
+        op(id(record))
+        if not self._publish_due:
+            self._schedule()
 
     def _detach(self, tally: _PoolTally, record: object) -> None:
-        with self._lock:
-            tally.open.discard(id(record))
-            tally.checked_out.discard(id(record))
-            if not self._publish_due:
-                self._schedule()
+        tally.open.discard(id(record))
+        tally.checked_out.discard(id(record))
+        if not self._publish_due:
+            self._schedule()
 
     def _schedule(self) -> None:
         # A thread under plain Python, a greenlet in a gevent worker (threading is patched).
