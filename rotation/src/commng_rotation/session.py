@@ -39,12 +39,16 @@ class PinnedSession(Session):
         chosen = super().get_bind(mapper=mapper, clause=clause, bind=bind, **kwargs)
         if bind is not None or not isinstance(chosen, Engine):
             return chosen
-        current = self._extension.engines
-        if self._pinned is None:
-            self._pinned = dict(current)
-        for key, engine in current.items():
+        pinned = self._pinned
+        if pinned is None:  # the transaction begins: its engines are today's
+            self._pinned = dict(self._extension.engines)
+            return chosen
+        for engine in pinned.values():  # no swap since it began (every statement but rare ones)
             if engine is chosen:
-                return self._pinned.get(key, chosen)
+                return chosen
+        for key, engine in self._extension.engines.items():
+            if engine is chosen:
+                return pinned.get(key, chosen)
         return chosen
 
 
