@@ -234,6 +234,25 @@ def route_to_stdlib() -> None:
     )
 
 
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that flushes under the lock ``handle()`` holds instead of taking it again.
+
+    The stock ``emit`` calls ``self.flush()``, which acquires the handler's lock a second
+    time: under gevent that lock is a pure-Python RLock, and the access line pays for it
+    on every request. Same write, same flush, same error handling.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = self.stream
+            stream.write(self.format(record) + self.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def skip_unused_record_fields() -> None:
     """No log record collects its caller, thread or process: no line shows them.
 
@@ -258,7 +277,7 @@ def configure(level: str = "INFO", log_format: str = "json") -> None:
     route_to_stdlib()
     skip_unused_record_fields()
     under_cli = click.get_current_context(silent=True) is not None
-    handler = logging.StreamHandler(sys.stderr if under_cli else sys.stdout)
+    handler = _LineHandler(sys.stderr if under_cli else sys.stdout)
     handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers = [handler]

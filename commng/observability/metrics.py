@@ -170,10 +170,10 @@ _REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
 def _observe_request(response: Response) -> Response:
-    if request.endpoint == "metrics.metrics":
+    rule = request.url_rule  # request.endpoint is the rule's endpoint: one lookup for both
+    if rule is not None and rule.endpoint == "metrics.metrics":
         return response  # a scrape is not traffic
     started: float | None = g.get("commng_started")
-    rule = request.url_rule
     route = rule.rule if rule is not None else UNMATCHED_ROUTE
     method = request.method
     if method not in _METHODS:
