@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 import structlog
 from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
@@ -50,7 +51,7 @@ from sqlalchemy.orm import DeclarativeBase, Session
 
 from commng.xid import ATTEMPT_XIDS, XidConnection
 from commng_rotation import NoCredentials, PinnedSession, bounds, describe_error, get_runtime
-from commng_rotation.engines import caller_retries
+from commng_rotation.engines import ManagedEngine, caller_retries
 from commng_rotation.runtime import REPLICA_BIND
 
 __all__ = [
@@ -82,7 +83,8 @@ db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession, "exp
 
 
 def init_app(app: Flask) -> None:
-    """Check every engine notes its COMMITs (``commng.xid``); make teardown survive a dead backend.
+    """Check every engine notes its COMMITs (``commng.xid``); reads' connections go back with
+    transactions on; teardown survives a dead backend.
 
     With a replica bind, ``reading()`` serves read-only routes from it (``ReplicaState``).
     """
@@ -93,6 +95,9 @@ def init_app(app: Flask) -> None:
         # them notes no COMMIT, and the retry could run a committed request again.
         if rotator.factory.connect_args.get("connection_factory") is not XidConnection:
             raise RuntimeError(f"bind {bind!r}: rotation.init_app needs connect_args=commng.xid.CONNECT_ARGS")
+        rotator.factory.build_listeners.append(_listen_for_checkins)
+        if rotator.active is not None:
+            _listen_for_checkins(rotator.active)
     # Registered after Flask-SQLAlchemy's own teardown, so it runs before it (Flask runs
     # teardowns in reverse): the session is already removed when Flask-SQLAlchemy looks.
     app.teardown_appcontext(_remove_session)
@@ -288,6 +293,28 @@ def _served(state: ReplicaState | None, bind: str) -> None:
         listener(bind)
 
 
+# Reads run without a transaction. Under READ COMMITTED (PostgreSQL's default, and the
+# service's) each statement takes its own snapshot inside a transaction too, so the BEGIN
+# psycopg2 sends before a read route's first statement and the ROLLBACK that ends it buy
+# nothing but two round trips. psycopg2's ``autocommit`` is a client-side switch (no
+# statement goes out), set on the read's connection and turned off again for every
+# connection the pool gets back (``_autocommit_off``), so no write ever runs without its
+# transaction. SQLAlchemy's ``isolation_level="AUTOCOMMIT"`` option would do the same but
+# sends ``SET default_transaction_isolation`` when it resets the connection.
+def _without_transaction(connection: Connection) -> None:
+    connection.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+
+
+def _autocommit_off(dbapi_connection: Any, record: Any) -> None:
+    """Pool ``checkin``: whatever a read did, the connection goes back with transactions on."""
+    if dbapi_connection is not None and dbapi_connection.autocommit:
+        dbapi_connection.autocommit = False
+
+
+def _listen_for_checkins(managed: ManagedEngine) -> None:
+    sa.event.listen(managed.engine, "checkin", _autocommit_off)
+
+
 @contextmanager
 def reading() -> Iterator[Any]:
     """A session for reads: the replica's when it is configured, reachable and caught up.
@@ -299,9 +326,13 @@ def reading() -> Iterator[Any]:
     state = replica_state()
     conn = state.connect() if state is not None else None
     if conn is None:
+        session = db.session()
+        if not session.in_transaction():
+            _without_transaction(session.connection())
         with _counted(state, "primary"):
             yield db.session
         return
+    _without_transaction(conn)
     session = Session(bind=conn)
     try:
         with _counted(state, REPLICA_BIND):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg2.extensions
 import pytest
+import sqlalchemy as sa
+
+from commng.db import db
+from commng.xid import XidCursor
 
 
 def _channel(client: Any, name: str = "ops") -> dict[str, Any]:
@@ -157,3 +162,51 @@ def test_unknown_route_and_method_are_json(client: Any) -> None:
     response = client.delete("/api/channels")
     assert response.status_code == 405
     assert response.json["error"]["code"] == "method_not_allowed"
+
+
+def test_reads_open_no_transaction_and_return_their_connection_out_of_autocommit(
+    app: Any, client: Any
+) -> None:
+    """A read route's statements run in autocommit (no BEGIN, no ROLLBACK); a write's do not."""
+    channel = _channel(client, "autocommit")["id"]
+    # Per statement: (route, autocommit, a transaction open after it); per checkin: autocommit.
+    statements: list[tuple[str, bool, bool]] = []
+    checkins: list[bool] = []
+    route: list[str] = []
+
+    class Watching(XidCursor):
+        def execute(self, query: Any, vars: Any = None) -> None:
+            super().execute(query, vars)
+            conn = self.connection
+            statements.append((route[-1], conn.autocommit, conn.status == psycopg2.extensions.STATUS_BEGIN))
+
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        dbapi_connection.cursor_factory = Watching
+
+    def on_checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            checkins.append(dbapi_connection.autocommit)
+
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "checkout", on_checkout)
+    sa.event.listen(engine, "checkin", on_checkin)
+    try:
+        for name, call in (
+            ("post", lambda: client.post(f"/api/channels/{channel}/messages", json={"body": "hello"})),
+            ("list", lambda: client.get(f"/api/channels/{channel}/messages")),
+            ("channels", lambda: client.get("/api/channels")),
+            ("post", lambda: client.post(f"/api/channels/{channel}/messages", json={"body": "again"})),
+        ):
+            route.append(name)
+            assert call().status_code in (200, 201)
+    finally:
+        sa.event.remove(engine, "checkout", on_checkout)
+        sa.event.remove(engine, "checkin", on_checkin)
+    reads = [s for s in statements if s[0] in ("list", "channels")]
+    writes = [s for s in statements if s[0] == "post"]
+    assert len(reads) == 3, statements
+    assert all(autocommit and not open_ for _, autocommit, open_ in reads), statements
+    assert writes, statements
+    assert all(not autocommit for _, autocommit, _ in writes), statements
+    assert checkins == [False] * 4, checkins
