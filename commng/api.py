@@ -28,6 +28,7 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 NAME_RE = re.compile(r"[a-z0-9-]{1,64}")
 MAX_BODY = 4000
 MAX_ID = 2**63 - 1  # PostgreSQL bigint
+FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100
 # Our bodies are one flat object; the bound keeps the parser's recursion far from the
@@ -212,11 +213,23 @@ def post_message(channel_id: int) -> Any:
     body = _text_field(data, "body", "invalid_body", rule)
     if not body.strip() or len(body) > MAX_BODY:
         raise APIError(422, "invalid_body", f"body must be {rule}")
-    channel = _get_or_404(Channel, channel_id)
-    message = Message(channel_id=channel.id, body=body)
+    if not 0 < channel_id <= MAX_ID:
+        raise _channel_not_found(channel_id)
+    # The foreign key checks that the channel exists, in the INSERT itself: no SELECT first.
+    message = Message(channel_id=channel_id, body=body)
     db.session.add(message)
-    db.session.commit()
+    try:
+        db.session.commit()
+    except IntegrityError as exc:
+        db.session.rollback()
+        if getattr(exc.orig, "pgcode", None) == FOREIGN_KEY_VIOLATION:
+            raise _channel_not_found(channel_id) from None
+        raise
     return message.as_dict(), 201
+
+
+def _channel_not_found(channel_id: int) -> APIError:
+    return APIError(404, "not_found", f"channel {channel_id} does not exist")
 
 
 @bp.get("/channels/<int:channel_id>/messages")

@@ -80,7 +80,11 @@ def test_post_read_and_page_messages(client: Any) -> None:
 
 
 def test_unknown_ids_are_404(client: Any) -> None:
-    assert client.post("/api/channels/999/messages", json={"body": "x"}).status_code == 404
+    # Posting checks the channel through the foreign key, in the INSERT: same answer as a lookup.
+    posted = client.post("/api/channels/999/messages", json={"body": "x"})
+    assert posted.status_code == 404
+    assert posted.json == {"error": {"code": "not_found", "message": "channel 999 does not exist"}}
+    assert client.post("/api/channels/999/messages", json={"body": ""}).status_code == 422
     assert client.get("/api/channels/999/messages").status_code == 404
     assert client.get("/api/messages/999").status_code == 404
     huge = 10**30
