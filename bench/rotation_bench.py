@@ -242,7 +242,8 @@ def run_interleaved(
 ) -> list[dict[str, Any]]:
     """Every scenario running at once, the load switched from one to the next every ``slice_s``.
 
-    On a shared machine a burst of other work lands on all alike, so throughput ratios
+    Cycles alternate direction (A B C, C B A, ...). On a shared machine a burst of other
+    work lands on all alike, so throughput ratios
     compare like with like. Each one's timeline has only its own slices, and its worker
     CPU is counted over its own slices only. Each gets ``duration_s`` (default: the
     first scenario's duration) of load.
@@ -261,7 +262,11 @@ def run_interleaved(
             run.begin(t0)
             run.slice_cpu_s = 0.0
         for k in range(n * max(1, round((duration_s or scenarios[0].duration_s) / slice_s))):
-            i = k % n
+            # Every other cycle runs backwards (A B, B A, A B, ...): each one follows each
+            # other one, and itself, equally often, so whatever a slice inherits from the
+            # one before it lands on all alike.
+            cycle, step = divmod(k, n)
+            i = step if cycle % 2 == 0 else n - 1 - step
             run = runs[i]
             load = run.load(slice_s + 60)
             started, bench_before = time.monotonic(), measure.self_cpu_s()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.stack import AppDatabase, BenchStack, ReplicaLogin
+from config import Settings
 from devstack import new_password, rotate_alternating, rotate_secret
 
 __all__ = ["SCENARIOS", "SMOKE", "Context", "Scenario"]
@@ -336,6 +337,9 @@ SCENARIOS: dict[str, Scenario] = {
             4,
             pool_size=5,
             max_overflow=0,
+            # As deployed: the watcher polls at the product's default interval (5 min),
+            # not at the bench's --interval-ms, which rotation scenarios shorten to 2 s.
+            env=(("DB_SECRET_REFRESH_INTERVAL_MS", str(Settings().db_secret_refresh_interval_ms)),),
         ),
         Scenario(
             "baseline",
