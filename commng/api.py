@@ -238,12 +238,15 @@ def list_messages(channel_id: int) -> Any:
     """Messages of a channel, newest first, paged back by ``before_id`` (the last id of the previous page)."""
     limit = _limit()
     before_id = _int_param("before_id", 1, MAX_ID)
+    if not 0 < channel_id <= MAX_ID:
+        raise _channel_not_found(channel_id)
     with reading() as session:
-        channel = _get_or_404(Channel, channel_id, session)
-        query = sa.select(Message).where(Message.channel_id == channel.id)
+        query = sa.select(Message).where(Message.channel_id == channel_id)
         if before_id is not None:
             query = query.where(Message.id < before_id)
         messages, next_before_id = _page(session, query.order_by(Message.id.desc()), limit)
+        if not messages:  # no such channel, or none (left) in it: only then look the channel up
+            _get_or_404(Channel, channel_id, session)
         return {"messages": [m.as_dict() for m in messages], "next_before_id": next_before_id}
 
 
