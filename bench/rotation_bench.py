@@ -22,6 +22,7 @@ import requests
 
 from bench import fleet, measure, report
 from bench.load import make_load
+from bench.pinning import pin_load
 from bench.replica import ReadsSampler, summarize_reads
 from bench.scenarios import SCENARIOS, SMOKE, Context, Scenario
 from bench.stack import BackendSampler, BenchStack
@@ -199,11 +200,19 @@ def _settle(smoke: bool) -> None:
 
 
 def run_scenario(
-    stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool
+    stack: BenchStack,
+    scenario: Scenario,
+    workers: int,
+    interval_ms: int,
+    smoke: bool,
+    pin_load_cpu: int | None = None,
 ) -> dict[str, Any]:
     """Load one gunicorn for the scenario's duration while its action runs."""
     duration_s = scenario.smoke_duration_s if smoke else scenario.duration_s
     run = launch(stack, scenario, workers, interval_ms, smoke)
+    if pin_load_cpu is not None:
+        postmaster = int((stack.cluster.datadir / "postmaster.pid").read_text().split()[0])
+        run.ctx.extra["pinning"] = pin_load(pin_load_cpu, (postmaster,))
     try:
         load = run.load(duration_s + 60)
         stack.moto.take_calls()  # start-up fetches are not part of the measurement
@@ -356,6 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--plot", type=Path, help="PNG path (default docs/bench-rotation.png; smoke: OUT/latest.png)"
     )
+    parser.add_argument(
+        "--pin-load",
+        type=int,
+        metavar="CPU",
+        help="load generator on this CPU, servers on the others (scenarios run alone; bench/pinning.py)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (gunicorn logs)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -397,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done.update({a: results_ab[0], b: results_ab[1]})
             else:
                 workers = scenario.workers or args.workers
-                done[name] = run_scenario(stack, scenario, workers, args.interval_ms, args.smoke)
+                done[name] = run_scenario(
+                    stack, scenario, workers, args.interval_ms, args.smoke, args.pin_load
+                )
         results = [done[name] for name in names if name != fleet.NAME]
     finally:
         stack.close()

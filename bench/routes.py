@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Blueprint, Flask
 
-from commng.db import db, retry_on_disconnect
+from commng.db import reading, retry_on_disconnect
 
 __all__ = ["SLEEP_S", "bp", "init_app"]
 
@@ -25,8 +25,9 @@ bp = Blueprint("bench", __name__, url_prefix="/bench")
 @bp.get("/sleep")
 @retry_on_disconnect  # like every product route that reads or writes
 def sleep() -> Any:
-    """Run ``SELECT pg_sleep(0.05)`` on a pooled connection and answer."""
-    db.session.execute(sa.text("SELECT pg_sleep(:s)"), {"s": SLEEP_S})
+    """Run ``SELECT pg_sleep(0.05)`` on a pooled connection and answer (a read, like the product's)."""
+    with reading() as session:
+        session.execute(sa.text("SELECT pg_sleep(:s)"), {"s": SLEEP_S})
     return {"slept_ms": int(SLEEP_S * 1000)}
 
 
