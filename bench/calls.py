@@ -10,7 +10,8 @@ one after the other, with cProfile on in its workers for the measured seconds on
 
 Prints and writes ``bench/results/calls.md``: calls per request for each, and the
 modules whose code makes the difference (calls made from each module's functions,
-built-ins included).
+built-ins included). ``--without X`` (repeatable) adds the service without feature X
+(``bench/feature_wsgi.py``), and a column of what X costs in calls per request.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.features import FEATURES
 from bench.rotation_bench import _SCRUBBED, launch
-from bench.scenarios import SCENARIOS
+from bench.scenarios import SCENARIOS, Scenario
 from bench.stack import BenchStack
 from devstack.processes import ROOT
 
@@ -53,8 +55,17 @@ def per_module(stats: pstats.Stats) -> tuple[int, collections.Counter[str]]:
     return requests, calls
 
 
+def _scenario(name: str) -> Scenario:
+    """``service``, ``baseline``, or ``-X``: the service without feature X."""
+    if not name.startswith("-"):
+        return SCENARIOS[name]
+    return dataclasses.replace(
+        SCENARIOS["service"], name=name, entry="bench.feature_wsgi:app", env=(("BENCH_WITHOUT", name[1:]),)
+    )
+
+
 def measure(stack: BenchStack, name: str, seconds: float, out: Path) -> tuple[int, collections.Counter[str]]:
-    scenario = SCENARIOS[name]
+    scenario = _scenario(name)
     target = scenario.entry or "wsgi:app"
     profiled = dataclasses.replace(
         scenario,
@@ -85,15 +96,21 @@ def measure(stack: BenchStack, name: str, seconds: float, out: Path) -> tuple[in
 
 
 def markdown(results: dict[str, tuple[int, collections.Counter[str]]], top: int) -> str:
+    totals = {name: sum(c.values()) / n for name, (n, c) in results.items()}
     (n_s, c_s), (n_b, c_b) = results["service"], results["baseline"]
-    total_s, total_b = sum(c_s.values()) / n_s, sum(c_b.values()) / n_b
     lines = [
-        f"**Python function calls per request: service {total_s:.0f}, baseline {total_b:.0f}** "
-        f"({total_s - total_b:+.0f}; {n_s} and {n_b} requests profiled).",
+        f"**Python function calls per request: service {totals['service']:.0f}, baseline "
+        f"{totals['baseline']:.0f}** ({totals['service'] - totals['baseline']:+.0f}; "
+        f"{n_s} and {n_b} requests profiled).",
         "",
-        "| calls made from | service | baseline | difference |",
-        "|---|---:|---:|---:|",
     ]
+    features = [name for name in results if name.startswith("-")]
+    if features:
+        lines += ["| feature | calls per request it costs |", "|---|---:|"]
+        for name in features:
+            lines.append(f"| {name[1:]} | {totals['service'] - totals[name]:.0f} |")
+        lines.append("")
+    lines += ["| calls made from | service | baseline | difference |", "|---|---:|---:|---:|"]
     rows = sorted(set(c_s) | set(c_b), key=lambda m: -abs(c_s[m] / n_s - c_b[m] / n_b))
     for module in rows[:top]:
         s, b = c_s[module] / n_s, c_b[module] / n_b
@@ -105,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.calls", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="profiled seconds of load per variant")
     parser.add_argument("--top", type=int, default=25, help="modules listed")
+    parser.add_argument("--without", action="append", choices=FEATURES, default=[], help="repeatable")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     for name in _SCRUBBED:
@@ -114,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="commng-calls-") as tmp:
         try:
             stack.open()
-            for name in VARIANTS:
+            for name in (*VARIANTS, *(f"-{feature}" for feature in args.without)):
                 out = Path(tmp) / name
                 out.mkdir()
                 results[name] = measure(stack, name, args.seconds, out)
@@ -122,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.close()
     text = markdown(results, args.top)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calls.md").write_text(f"Command: `python -m bench.calls --seconds {args.seconds}`\n\n{text}")
+    command = " ".join(["python -m bench.calls", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "calls.md").write_text(f"Command: `{command}`\n\n{text}")
     print(text, flush=True)
     return 0
 
