@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg2.extensions
@@ -225,3 +226,19 @@ def test_reads_open_no_transaction_and_return_their_connection_out_of_autocommit
     assert writes, statements
     assert all(not autocommit for _, autocommit, _ in writes), statements
     assert checkins == [False] * 4, checkins
+
+
+def test_the_app_decides_once_per_function_whether_it_is_a_coroutine(app: Any) -> None:
+    def hook() -> None:
+        return None
+
+    async def coroutine() -> None:
+        return None
+
+    assert app.ensure_sync(hook) is hook
+    assert app._sync_functions[hook] is hook  # kept: asked once
+    assert app.ensure_sync(hook) is hook
+    # A coroutine function still gets Flask's own treatment each time, and is not kept.
+    with contextlib.suppress(RuntimeError):  # Flask needs asgiref for async views
+        assert app.ensure_sync(coroutine) is not coroutine
+    assert coroutine not in app._sync_functions

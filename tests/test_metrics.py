@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from commng.db import db
-from commng.observability import metrics
+from commng.observability import metrics, pools
 from commng_rotation.runtime import get_runtime
 from commng_rotation.watcher import DEGRADED_AFTER_FAILURES
 from config import load_settings
@@ -222,6 +222,25 @@ def test_pool_gauges_follow_checkouts_and_checkins(database: Database, make_app:
         assert _value("commng_db_pool_connections", state="idle") == back["idle"]
     get_runtime(app).stop()
     assert metrics.pool_figures() == baseline
+
+
+def test_the_pool_gauge_is_published_shortly_after_its_events_without_a_scrape(
+    database: Database, make_app: Any
+) -> None:
+    baseline = metrics.pool_figures()  # publishes what is pending
+    app = make_app(database.settings(postgres_pool_size=2, postgres_max_overflow=0))
+    with app.app_context(), db.engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        # Nothing asks for the figures: the publish scheduled by the checkout writes them.
+        wait_for(
+            lambda: _value("commng_db_pool_connections", state="checked_out") == baseline["checked_out"] + 1,
+            timeout_s=pools.PUBLISH_DELAY_S + 5,
+        )
+    wait_for(
+        lambda: _value("commng_db_pool_connections", state="checked_out") == baseline["checked_out"],
+        timeout_s=pools.PUBLISH_DELAY_S + 5,
+    )
+    get_runtime(app).stop()
 
 
 def test_metrics_init_app_refuses_to_run_twice(app: Flask) -> None:
