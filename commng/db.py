@@ -67,7 +67,8 @@ __all__ = [
 ]
 
 MAX_ATTEMPTS = 3
-# A terminated backend aborts its transaction as it exits: wait this long for the verdict.
+# A terminated backend aborts its transaction as it exits: an 'in progress' verdict is asked
+# again for this long.
 XACT_STATUS_WAIT_S = 2.0
 F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger("commng.db")
@@ -112,17 +113,24 @@ def _remove_session(_: BaseException | None) -> None:
 
 
 def _xact_status(xid: str) -> str | None:
-    """'committed', 'aborted' or 'in progress' for ``xid``; None if PostgreSQL cannot say now."""
-    deadline = time.monotonic() + XACT_STATUS_WAIT_S
+    """'committed', 'aborted' or 'in progress' for ``xid``; None if PostgreSQL cannot say now.
+
+    Asked within the request's own bounds (``retry_on_disconnect``'s outage wait and
+    deadline), on a checkout that is pinged: a COMMIT cut by a restart gets its verdict
+    once the server accepts connections again, as the request's other work would. Only
+    an 'in progress' answer is asked again, for up to XACT_STATUS_WAIT_S.
+    """
+    verdict_by: float | None = None
     while True:
         try:
-            # Every wait of the lookup, its connect included, ends within the verdict's wait;
-            # no retry around it: the pooled connection is pinged before use.
-            with bounds.deadline(XACT_STATUS_WAIT_S), caller_retries(False), db.engine.connect() as conn:
+            with caller_retries(False), db.engine.connect() as conn:
                 status = conn.exec_driver_sql("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid}).scalar()
         except DBAPIError:
             return None
-        if status != "in progress" or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if verdict_by is None:
+            verdict_by = now + XACT_STATUS_WAIT_S
+        if status != "in progress" or now >= verdict_by:
             return str(status) if status is not None else None
         time.sleep(0.02)  # bounded; yields to other greenlets under gevent
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import psycopg2
 import psycopg2.extensions
 import pytest
 import sqlalchemy as sa
@@ -165,6 +167,66 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
             sa.event.remove(db.engine, "commit", kill_before_commit_is_read)
     assert killed
     assert verdicts == ["aborted"]  # the COMMIT was in doubt, and PostgreSQL settled it
+    assert len(calls) == 2
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
+
+
+def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again(
+    app: Flask, database: Database, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COMMIT's backend dies and new logins fail for longer than the verdict's own wait.
+
+    What a restart does to a COMMIT in flight: the verdict must wait for the server like the
+    request's other work (the outage wait), not give up after XACT_STATUS_WAIT_S and fail a
+    request whose transaction PostgreSQL aborted.
+    """
+    channel = client.post("/api/channels", json={"name": "restart-doubt"}).json["id"]
+    calls: list[int] = []
+    verdicts: list[str | None] = []
+    refused: list[float] = []
+    xact_status = database_module._xact_status
+    with app.app_context():
+        dialect = db.engine.dialect
+    connect = dialect.connect
+
+    def starting_up(*args: Any, **kwargs: Any) -> Any:
+        if refused and time.monotonic() < refused[0]:
+            refused.append(time.monotonic())
+            raise psycopg2.OperationalError("FATAL:  the database system is starting up")
+        return connect(*args, **kwargs)
+
+    def asked(xid: str) -> str | None:
+        verdicts.append(xact_status(xid))
+        return verdicts[-1]
+
+    monkeypatch.setattr(dialect, "connect", starting_up)
+    monkeypatch.setattr(database_module, "_xact_status", asked)
+
+    def kill_before_commit_is_read(conn: Connection) -> None:
+        if len(calls) == 1 and not refused:
+            pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
+            _kill_backend_of(database, pid)
+            gone = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+            wait_for(lambda: not database.cluster.execute(gone, (pid,)))
+            refused.append(time.monotonic() + database_module.XACT_STATUS_WAIT_S + 0.5)
+
+    @retry_on_disconnect
+    def view() -> int:
+        calls.append(1)
+        message = Message(channel_id=channel, body="settled after the restart")
+        db.session.add(message)
+        db.session.commit()
+        return message.id
+
+    with app.test_request_context():
+        sa.event.listen(db.engine, "commit", kill_before_commit_is_read)
+        try:
+            view()
+        finally:
+            sa.event.remove(db.engine, "commit", kill_before_commit_is_read)
+    assert len(refused) > 2  # logins were refused while the verdict was due
+    assert verdicts == ["aborted"]
     assert len(calls) == 2
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
