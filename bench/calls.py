@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.features import FEATURES
-from bench.rotation_bench import _SCRUBBED, launch
+from bench.runs import SCRUBBED, launch
 from bench.scenarios import SCENARIOS, Scenario
 from bench.stack import BenchStack
 from devstack.processes import ROOT
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--without", action="append", choices=FEATURES, default=[], help="repeatable")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    for name in _SCRUBBED:
+    for name in SCRUBBED:
         os.environ.pop(name, None)
     stack = BenchStack()
     results = {}

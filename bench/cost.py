@@ -32,7 +32,7 @@ from typing import Any
 
 from bench import measure
 from bench.features import FEATURES
-from bench.rotation_bench import _SCRUBBED, run_interleaved
+from bench.runs import SCRUBBED, run_interleaved
 from bench.scenarios import SCENARIOS, Scenario
 from bench.stack import BenchStack
 from devstack.processes import ROOT
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    for name in _SCRUBBED:
+    for name in SCRUBBED:
         os.environ.pop(name, None)
     command = " ".join(["python -m bench.cost", *(sys.argv[1:] if argv is None else argv)]).strip()
     meta = {
