@@ -105,20 +105,9 @@ def _env(
     stack: BenchStack, mode: Mode, dbname: str, arn: str, queue_url: str | None, prometheus: Path
 ) -> dict[str, str]:
     env = {
-        **stack.postgres_env(dbname),
+        **stack.app_env(dbname, prometheus, (POOL_SIZE, MAX_OVERFLOW), mode.interval_ms, GRACE_MS),
         "DB_SECRET_ID": arn,
-        "POSTGRES_POOL_SIZE": str(POOL_SIZE),
-        "POSTGRES_MAX_OVERFLOW": str(MAX_OVERFLOW),
-        "DB_SECRET_REFRESH_INTERVAL_MS": str(mode.interval_ms),
-        "DB_POOL_GRACE_PERIOD_MS": str(GRACE_MS),
         "DB_ROTATION_FANOUT": "true" if mode.fanout else "false",
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
-        "PROMETHEUS_MULTIPROC_DIR": str(prometheus),
-        "AWS_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "local",
-        "AWS_SECRET_ACCESS_KEY": "local",
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": stack.moto.endpoint,
         "AWS_ENDPOINT_URL_SQS": stack.moto.endpoint,
     }
     if queue_url:

@@ -57,20 +57,8 @@ def gunicorn_env(
     """The app's environment for one scenario (only loopback endpoints)."""
     prometheus = workdir / "prometheus"
     prometheus.mkdir(exist_ok=True)
-    env = {
-        **stack.postgres_env(ctx.db.name),
-        "POSTGRES_POOL_SIZE": str(scenario.pool_size),
-        "POSTGRES_MAX_OVERFLOW": str(scenario.max_overflow),
-        "DB_SECRET_REFRESH_INTERVAL_MS": str(interval_ms),
-        "DB_POOL_GRACE_PERIOD_MS": str(SMOKE_GRACE_MS if ctx.smoke else GRACE_MS),
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
-        "PROMETHEUS_MULTIPROC_DIR": str(prometheus),
-        "AWS_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "local",
-        "AWS_SECRET_ACCESS_KEY": "local",
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": stack.moto.endpoint,
-    }
+    pool = (scenario.pool_size, scenario.max_overflow)
+    env = stack.app_env(ctx.db.name, prometheus, pool, interval_ms, SMOKE_GRACE_MS if ctx.smoke else GRACE_MS)
     if ctx.secret_arn:
         env["DB_SECRET_ID"] = ctx.secret_arn
     else:

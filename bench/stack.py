@@ -135,6 +135,26 @@ class BenchStack:
             "POSTGRES_SSL": "false",
         }
 
+    def app_env(
+        self, dbname: str, prometheus: Path, pool: tuple[int, int], interval_ms: int, grace_ms: int
+    ) -> dict[str, str]:
+        """What every benched gunicorn gets: this stack's PostgreSQL and moto (loopback only),
+        ``pool`` (size, overflow), the watcher's interval, the grace period, JSON logs."""
+        return {
+            **self.postgres_env(dbname),
+            "POSTGRES_POOL_SIZE": str(pool[0]),
+            "POSTGRES_MAX_OVERFLOW": str(pool[1]),
+            "DB_SECRET_REFRESH_INTERVAL_MS": str(interval_ms),
+            "DB_POOL_GRACE_PERIOD_MS": str(grace_ms),
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "PROMETHEUS_MULTIPROC_DIR": str(prometheus),
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER": self.moto.endpoint,
+        }
+
     def new_database(self, scenario: str) -> AppDatabase:
         """A database cloned from the migrated template and a fresh role that may use it."""
         self._databases += 1

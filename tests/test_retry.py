@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -127,21 +128,16 @@ def test_backend_killed_after_the_view_returned_does_not_turn_into_a_500(
         assert db.engine.pool.checkedout() == 0  # the dead connection was not leaked
 
 
-def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted(
-    app: Flask, database: Database, client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The backend dies after COMMIT was due but before it ran: in doubt until pg_xact_status says aborted."""
-    channel = client.post("/api/channels", json={"name": "doubt"}).json["id"]
+def _post_with_its_first_commit_cut(
+    app: Flask, database: Database, channel: int, body: str, after_kill: Callable[[], None] = lambda: None
+) -> list[int]:
+    """A retried view posts a message; its first COMMIT loses its backend before the server reads it.
+
+    ``after_kill`` runs once the backend is gone (still before the COMMIT is sent). Returns
+    one entry per attempt of the view.
+    """
     calls: list[int] = []
     killed: list[int] = []
-    verdicts: list[str | None] = []
-    xact_status = database_module._xact_status
-
-    def asked(xid: str) -> str | None:
-        verdicts.append(xact_status(xid))
-        return verdicts[-1]
-
-    monkeypatch.setattr(database_module, "_xact_status", asked)
 
     def kill_before_commit_is_read(conn: Connection) -> None:
         if len(calls) == 1 and not killed:
@@ -150,11 +146,12 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
             gone = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
             wait_for(lambda: not database.cluster.execute(gone, (pid,)))
             killed.append(pid)
+            after_kill()
 
     @retry_on_disconnect
     def view() -> int:
         calls.append(1)
-        message = Message(channel_id=channel, body="exactly once, in doubt")
+        message = Message(channel_id=channel, body=body)
         db.session.add(message)
         db.session.commit()
         return message.id
@@ -166,6 +163,23 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
         finally:
             sa.event.remove(db.engine, "commit", kill_before_commit_is_read)
     assert killed
+    return calls
+
+
+def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted(
+    app: Flask, database: Database, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend dies after COMMIT was due but before it ran: in doubt until pg_xact_status says aborted."""
+    channel = client.post("/api/channels", json={"name": "doubt"}).json["id"]
+    verdicts: list[str | None] = []
+    xact_status = database_module._xact_status
+
+    def asked(xid: str) -> str | None:
+        verdicts.append(xact_status(xid))
+        return verdicts[-1]
+
+    monkeypatch.setattr(database_module, "_xact_status", asked)
+    calls = _post_with_its_first_commit_cut(app, database, channel, "exactly once, in doubt")
     assert verdicts == ["aborted"]  # the COMMIT was in doubt, and PostgreSQL settled it
     assert len(calls) == 2
     with app.app_context():
@@ -182,7 +196,6 @@ def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again
     request whose transaction PostgreSQL aborted.
     """
     channel = client.post("/api/channels", json={"name": "restart-doubt"}).json["id"]
-    calls: list[int] = []
     verdicts: list[str | None] = []
     refused: list[float] = []
     xact_status = database_module._xact_status
@@ -202,29 +215,13 @@ def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again
 
     monkeypatch.setattr(dialect, "connect", starting_up)
     monkeypatch.setattr(database_module, "_xact_status", asked)
-
-    def kill_before_commit_is_read(conn: Connection) -> None:
-        if len(calls) == 1 and not refused:
-            pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() or 0)
-            _kill_backend_of(database, pid)
-            gone = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
-            wait_for(lambda: not database.cluster.execute(gone, (pid,)))
-            refused.append(time.monotonic() + database_module.XACT_STATUS_WAIT_S + 0.5)
-
-    @retry_on_disconnect
-    def view() -> int:
-        calls.append(1)
-        message = Message(channel_id=channel, body="settled after the restart")
-        db.session.add(message)
-        db.session.commit()
-        return message.id
-
-    with app.test_request_context():
-        sa.event.listen(db.engine, "commit", kill_before_commit_is_read)
-        try:
-            view()
-        finally:
-            sa.event.remove(db.engine, "commit", kill_before_commit_is_read)
+    calls = _post_with_its_first_commit_cut(
+        app,
+        database,
+        channel,
+        "settled after the restart",
+        after_kill=lambda: refused.append(time.monotonic() + database_module.XACT_STATUS_WAIT_S + 0.5),
+    )
     assert len(refused) > 2  # logins were refused while the verdict was due
     assert verdicts == ["aborted"]
     assert len(calls) == 2
