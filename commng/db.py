@@ -334,9 +334,9 @@ def reading() -> Iterator[Any]:
     state = replica_state()
     conn = state.connect() if state is not None else None
     if conn is None:
-        session = db.session()
-        if not session.in_transaction():
-            _without_transaction(session.connection())
+        primary = db.session()
+        if not primary.in_transaction():
+            _without_transaction(primary.connection())
         with _counted(state, "primary"):
             yield db.session
         return

@@ -262,7 +262,7 @@ def skip_unused_record_fields() -> None:
     thread (a greenlet lookup under gevent) and asks the OS for the process id. Our
     lines carry ``pid`` from the ``_pid`` processor instead.
     """
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

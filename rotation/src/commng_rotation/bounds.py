@@ -73,11 +73,11 @@ def _gevent_waiter() -> Callable[[int, bool, float], None]:
         hub = get_hub()
         io = hub.loop.io(fd, 2 if write else 1)
         timer = hub.loop.timer(timeout_s)
-        waiter = Waiter(hub)  # type: ignore[no-untyped-call]
+        waiter = Waiter(hub)
         io.start(waiter.switch, io)
         timer.start(waiter.switch, timer)
         try:
-            fired = waiter.get()  # type: ignore[no-untyped-call]
+            fired = waiter.get()
         finally:
             io.close()
             timer.close()
