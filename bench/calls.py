@@ -84,12 +84,11 @@ def measure(stack: BenchStack, name: str, seconds: float, out: Path) -> tuple[in
             os.kill(pid, signal.SIGUSR2)
         files = [out / f"{pid}.prof" for pid in run.pids]
         deadline = time.monotonic() + 30
-        while not all(f.exists() and f.stat().st_size > 0 for f in files):
+        while not all(f.exists() for f in files):  # each worker renames its finished dump into place
             if time.monotonic() > deadline:
                 raise SystemExit(f"{name}: the workers wrote no profile within 30 s")
             time.sleep(0.1)  # bounded poll for the workers' dump
         load.stop()
-        time.sleep(0.5)  # a worker may still be finishing the file it announced
         return per_module(pstats.Stats(*map(str, files)))
     finally:
         run.server.stop()

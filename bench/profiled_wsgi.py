@@ -30,7 +30,9 @@ def _toggle(signum: int, frame: Any) -> None:
         _profile.enable()
         return
     _profile.disable()
-    _profile.dump_stats(os.path.join(os.environ["BENCH_PROFILE_OUT"], f"{os.getpid()}.prof"))
+    path = os.path.join(os.environ["BENCH_PROFILE_OUT"], f"{os.getpid()}.prof")
+    _profile.dump_stats(path + ".part")
+    os.replace(path + ".part", path)  # the file appears whole, or not at all
     _profile = None
 
 
