@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost clean
+.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost soak clean
 
 help:
 	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
@@ -17,6 +17,7 @@ help:
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
+	@echo "make soak     30 minutes of load and faults; memory, descriptors, greenlets sampled (SOAK_MINUTES)"
 	@echo "make lock     recompile requirements*.txt (every package pinned, with hashes) from requirements*.in"
 
 # Two stamps: `make run` needs only the service and moto (about 30 s to install on a
@@ -128,6 +129,13 @@ bench-cost: venv postgres
 
 bench-smoke: venv postgres
 	$(BIN)/python -m bench.rotation_bench --smoke
+
+# Nothing grows: 30 minutes of load with rotations, idle kills, Secrets Manager outages and
+# restarts on a schedule, each worker's memory, descriptors and greenlets sampled every 10 s
+# (bench/soak.py). SOAK_MINUTES shortens it. Not part of `make test`.
+SOAK_MINUTES ?= 30
+soak: venv postgres
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache
