@@ -10,6 +10,9 @@ patched ``select``, on an io watcher and a timer watcher of gevent's loop; with
 
 - ``deadline(seconds)`` sets one around a piece of work (a connect, a probe, a request);
   nested deadlines only ever shorten it;
+- ``own_deadline(seconds)`` sets one that ignores any outer deadline, for work done on
+  behalf of many callers (the credential refresh): it must not fail because the request
+  that happened to start it had little time left;
 - outside any deadline, one wait lasts at most ``default_wait_s`` (the statement timeout
   plus a margin: a silent server is noticed even where nobody set a deadline); a deadline,
   once set, is the bound, shorter or longer.
@@ -37,7 +40,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-__all__ = ["deadline", "install", "outage_deadline", "outage_wait", "remaining"]
+__all__ = ["deadline", "install", "outage_deadline", "outage_wait", "own_deadline", "remaining"]
 
 _deadline: ContextVar[float | None] = ContextVar("commng_db_deadline", default=None)
 _outage_until: ContextVar[float | None] = ContextVar("commng_db_outage_until", default=None)
@@ -121,6 +124,24 @@ class deadline:  # a class, not a @contextmanager generator: it is entered on ev
         until = time.monotonic() + self._seconds
         outer = _deadline.get()
         self._token = _deadline.set(until if outer is None or until < outer else outer)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadline.reset(self._token)
+
+
+class own_deadline:
+    """No database wait inside the block lasts past ``seconds`` from now, whatever the outer deadline.
+
+    Nested ``deadline`` blocks inside it shorten it as usual; on exit the outer one is back.
+    """
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        self._token = _deadline.set(time.monotonic() + self._seconds)
 
     def __exit__(self, *exc_info: object) -> None:
         _deadline.reset(self._token)
