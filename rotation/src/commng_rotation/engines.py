@@ -346,6 +346,17 @@ class EngineFactory:
         sa.event.listen(managed.engine, "checkin", checkin)
         sa.event.listen(managed.engine, "connect", _mark_fresh)
         sa.event.listen(managed.engine, "checkout", _ping_on_checkout)
+        sa.event.listen(managed.engine, "handle_error", _invalidate_by_cause)
+
+
+def _invalidate_by_cause(context: sa.engine.ExceptionContext) -> None:
+    """A wait that gave up closed its own connection: invalidate that one, not the whole pool.
+
+    SQLAlchemy takes any closed connection for a disconnect and invalidates every
+    connection of the pool; a restart or failover (the server's words) still does.
+    """
+    if context.is_disconnect and bounds.gave_up(context.original_exception):
+        context.invalidate_pool_on_disconnect = False
 
 
 def _mark_fresh(dbapi_connection: Any, record: Any) -> None:
@@ -355,8 +366,9 @@ def _mark_fresh(dbapi_connection: Any, record: Any) -> None:
 def _ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     """SQLAlchemy's pre-ping, skipped where the caller retries and on a fresh connection.
 
-    A failed ping raises DisconnectionError: the pool then invalidates every connection
-    older than now and hands out a new one, exactly as ``pool_pre_ping`` does.
+    A failed ping raises InvalidatePoolError: the pool then invalidates every connection
+    older than now and hands out a new one, exactly as ``pool_pre_ping`` does. A ping that
+    timed out (this side gave up) replaces that connection only.
     """
     if record.info.pop(_FRESH, False) or _caller_retries.get():
         return
@@ -366,6 +378,8 @@ def _ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     except psycopg2.Error as exc:
+        if bounds.gave_up(exc):
+            raise sa.exc.DisconnectionError(f"ping failed: {describe_error(exc)}") from exc
         raise sa.exc.InvalidatePoolError(f"ping failed: {describe_error(exc)}") from exc
     finally:
         if not dbapi_connection.closed:
