@@ -43,6 +43,7 @@ from commng_rotation.engines import (
     error_code,
     is_auth_failure,
     probe,
+    retire,
 )
 from commng_rotation.events import EventLog, Outcome, RotationEvent, Trigger
 
@@ -392,8 +393,7 @@ class Rotator:
         """Rotations faster than the grace period: close the oldest pools beyond the cap now."""
         while len(self.draining) > MAX_DRAINING:
             oldest = self.draining.pop(0)
-            oldest.retired = True  # its checked-out connections close when returned
-            oldest.engine.dispose()
+            retire(oldest)  # its checked-out connections close when returned
             log.warning("old_pool_closed_early", bind=self.bind, draining=len(self.draining))
 
     def _start_drain(self, old: ManagedEngine, event: RotationEvent) -> None:
@@ -445,8 +445,7 @@ class Rotator:
         with self._swap_lock:
             for managed in (*self.draining, self.active):
                 if managed is not None:
-                    managed.retired = True
-                    managed.engine.dispose()
+                    retire(managed)
             self.draining.clear()
 
 
