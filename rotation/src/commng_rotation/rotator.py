@@ -47,7 +47,7 @@ from commng_rotation.engines import (
 )
 from commng_rotation.events import EventLog, Outcome, RotationEvent, Trigger
 
-__all__ = ["Rotator"]
+__all__ = ["Rotator", "RotatorClosed"]
 
 log = structlog.get_logger("commng_rotation.rotator")
 
@@ -61,6 +61,10 @@ REFRESH_DEADLINE_S = JOIN_TIMEOUT_S
 PROBE_TIMEOUT_S = 5.0
 # Old pools kept draining at once; rotations faster than the grace period close the oldest.
 MAX_DRAINING = 2
+
+
+class RotatorClosed(RuntimeError):
+    """The rotator was closed (worker shutdown) while a refresh ran: nothing is installed."""
 
 
 class _Flight:
@@ -374,6 +378,11 @@ class Rotator:
             candidate.engine.dispose()
             raise
         with self._swap_lock:
+            if self._stop.is_set():
+                # close() ran while this refresh fetched and tested: it disposed what was
+                # there, and an engine installed now would never be closed.
+                candidate.engine.dispose()
+                raise RotatorClosed("the rotator was closed during the refresh")
             old = self.active
             if version.stage == AWSPENDING:
                 self._window_from = failing_current
@@ -438,7 +447,10 @@ class Rotator:
         return self.events.record(event)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Cancel the drain timers and dispose every engine (worker shutdown)."""
+        """Cancel the drain timers and dispose every engine (worker shutdown).
+
+        A refresh still running afterwards installs nothing (RotatorClosed).
+        """
         self._stop.set()
         for thread in self._drainers:
             thread.join(timeout_s)
