@@ -17,9 +17,10 @@ from flask import Blueprint, Flask, request
 from sqlalchemy.exc import IntegrityError
 from werkzeug.routing import IntegerConverter
 
+from commng import idempotency
 from commng.db import db, from_replica, reading, retry_on_disconnect
 from commng.errors import APIError
-from commng.models import Channel, Message
+from commng.models import Channel, Message, now
 
 __all__ = ["MAX_JSON_DEPTH", "bp", "init_app"]
 
@@ -172,14 +173,47 @@ def create_channel() -> Any:
     name = _text_field(data, "name", "invalid_name", "a string matching [a-z0-9-]{1,64}")
     if not NAME_RE.fullmatch(name):
         raise APIError(422, "invalid_name", "name must match [a-z0-9-]{1,64}")
-    channel = Channel(name=name)
-    db.session.add(channel)
+    key = idempotency.request_key()
     try:
+        if key is not None:
+            return idempotency.create_once(
+                key, "channel", _CREATE_CHANNEL, {"name": name, "created_at": now()}, _channel, _load_channel
+            )
+        channel = Channel(name=name)
+        db.session.add(channel)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         raise APIError(409, "channel_exists", f"a channel named {name!r} exists") from None
     return channel.as_dict(), 201
+
+
+# With an Idempotency-Key: the key and the row in one message (commng/idempotency.py).
+_CREATE_CHANNEL = idempotency.claim_sql(
+    "INSERT INTO channels (name, created_at) SELECT :name, :created_at", "id, name, created_at"
+)
+_CREATE_MESSAGE = idempotency.claim_sql(
+    "INSERT INTO messages (channel_id, body, created_at) SELECT :channel_id, :body, :created_at",
+    "id, channel_id, body, created_at",
+)
+
+
+def _channel(row: Any) -> dict[str, Any]:
+    return Channel(**row).as_dict()
+
+
+def _message(row: Any) -> dict[str, Any]:
+    return Message(**row).as_dict()
+
+
+def _load_channel(ident: int) -> dict[str, Any] | None:
+    found = db.session.get(Channel, ident)
+    return None if found is None else found.as_dict()
+
+
+def _load_message(ident: int) -> dict[str, Any] | None:
+    found = db.session.get(Message, ident)
+    return None if found is None else found.as_dict()
 
 
 def _page(session: Any, query: sa.Select[Any], limit: int) -> tuple[list[Any], Any]:
@@ -216,9 +250,13 @@ def post_message(channel_id: int) -> Any:
     if not 0 < channel_id <= MAX_ID:
         raise _channel_not_found(channel_id)
     # The foreign key checks that the channel exists, in the INSERT itself: no SELECT first.
-    message = Message(channel_id=channel_id, body=body)
-    db.session.add(message)
+    key = idempotency.request_key()
     try:
+        if key is not None:
+            values = {"channel_id": channel_id, "body": body, "created_at": now()}
+            return idempotency.create_once(key, "message", _CREATE_MESSAGE, values, _message, _load_message)
+        message = Message(channel_id=channel_id, body=body)
+        db.session.add(message)
         db.session.commit()
     except IntegrityError as exc:
         db.session.rollback()

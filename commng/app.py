@@ -11,7 +11,7 @@ from flask import Flask
 from flask_migrate import Migrate
 
 import commng_rotation as rotation
-from commng import admin, api, cli, errors, health, observability
+from commng import admin, api, cli, errors, health, idempotency, observability
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
@@ -88,6 +88,7 @@ def create_app(
     observability.init_app(app)
     errors.init_app(app)
     health.init_app(app)
+    idempotency.init_app(app)
     api.init_app(app)
     admin.init_app(app)
     cli.init_app(app)

@@ -10,10 +10,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from commng.db import db
 
-__all__ = ["Channel", "Message"]
+__all__ = ["Channel", "Message", "now"]
 
 
-def _now() -> datetime:
+def now() -> datetime:
+    """The time a row is created at (UTC)."""
     return datetime.now(UTC)
 
 
@@ -22,7 +23,7 @@ class Channel(db.Model):  # type: ignore[name-defined,misc]
 
     id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(64), unique=True, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=now)
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created_at": self.created_at.isoformat()}
@@ -37,7 +38,7 @@ class Message(db.Model):  # type: ignore[name-defined,misc]
         sa.BigInteger, sa.ForeignKey("channels.id", ondelete="CASCADE"), nullable=False
     )
     body: Mapped[str] = mapped_column(sa.Text, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=now)
 
     def as_dict(self) -> dict[str, Any]:
         return {

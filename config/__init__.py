@@ -62,6 +62,8 @@ class Settings:
     postgres_pool_timeout_s: int = 10
     admin_token: str | None = field(default=None, repr=False)
     rotation_history_retention_days: int = 90
+    # How long an Idempotency-Key is remembered (commng/idempotency.py).
+    idempotency_key_ttl_s: int = 24 * 3600
     # Issue 13: the SQS queue of the secret's EventBridge events, and LISTEN/NOTIFY fan-out.
     db_rotation_queue_url: str | None = None
     db_rotation_fanout: bool = True
@@ -240,6 +242,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("POSTGRES_POOL_TIMEOUT_S", "postgres_pool_timeout_s", _int_at_least(1, " number of seconds")),
     ("ADMIN_TOKEN", "admin_token", _bearer_token),
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
+    ("IDEMPOTENCY_KEY_TTL_S", "idempotency_key_ttl_s", _int_at_least(60, " number of seconds")),
     ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
     ("DB_ROTATION_FANOUT", "db_rotation_fanout", _boolean),
     ("DB_ROTATION_PERIOD_S", "db_rotation_period_s", _int_at_least(60, " number of seconds")),
