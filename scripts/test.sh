@@ -7,6 +7,7 @@
 #   lint-infra  from the start: its tools live in venvs of their own under .local/venvs
 #   typecheck   once .venv exists (mypy needs it): about 20 s that pytest need not wait for
 # lint runs first (under a second). Any of them failing fails the run; an interrupt stops all.
+# Every venv is built with the Makefile's pinned uv, which is built (once) before all of them.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,8 +35,14 @@ stop_all() {
 trap 'stop_all; rm -rf "$logs"; exit 130' INT TERM
 trap 'rm -rf "$logs"' EXIT
 
-beside lint-infra
 failed=()
+# The pinned uv first: lint-infra and venv both build their venvs with it, and two makes
+# building it at once would race.
+if ! "$MAKE" --no-print-directory uv; then
+    echo "make test: FAILED: make uv"
+    exit 1
+fi
+beside lint-infra
 if "$MAKE" --no-print-directory venv lint; then
     beside typecheck
     "$MAKE" --no-print-directory pytest || failed+=(pytest)

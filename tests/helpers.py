@@ -251,6 +251,7 @@ def migrated_cluster(prefix: str) -> Iterator[PostgresCluster]:
 # -- the image's venv (tests/test_image.py) ----------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
+UV = REPO / ".local" / "venvs" / "uv" / "bin" / "uv"
 
 
 def image_venv_dir() -> Path:
@@ -270,6 +271,8 @@ def build_image_venv() -> Path:
         return venv
     shutil.rmtree(venv, ignore_errors=True)
     pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    if UV.exists():  # the Makefile's pinned uv: the same files, hash-checked, in a fraction of pip's time
+        pip = [str(UV), "pip", "install", "--quiet", "--no-config", "--python", str(venv / "bin" / "python")]
     for command in (
         [sys.executable, "-m", "venv", str(venv)],
         [*pip, "--require-hashes", "-r", str(REPO / "requirements.txt")],
