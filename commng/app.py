@@ -11,7 +11,7 @@ from flask import Flask
 from flask_migrate import Migrate
 
 import commng_rotation as rotation
-from commng import admin, api, cli, errors, health, observability, xid
+from commng import admin, api, cli, edge, errors, health, observability, xid
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
@@ -88,6 +88,8 @@ def create_app(
     database.init_app(app)
     # Observability first among the request hooks: the request id binds before anything logs.
     observability.init_app(app)
+    # The edge next: a request past /admin's or /metrics' prefix stops before any auth.
+    edge.init_app(app)
     errors.init_app(app)
     health.init_app(app)
     api.init_app(app)

@@ -6,6 +6,7 @@ message names the variable and the accepted form, and never repeats a secret.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -17,7 +18,9 @@ import click
 
 __all__ = ["ConfigError", "Settings", "check_or_exit", "load_settings"]
 
-_SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN"})
+_SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN", "METRICS_TOKEN"})
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(click.ClickException, ValueError):
@@ -85,9 +88,17 @@ class Settings:
     web_concurrency: int | None = None
     log_level: str = "INFO"
     log_format: str = "json"
-    # /metrics answers only ``Authorization: Bearer <ADMIN_TOKEN>`` (404 without a token)
-    # unless METRICS_PUBLIC=true: what the service exposes is opened on purpose.
+    # /metrics answers only ``Authorization: Bearer <METRICS_TOKEN>`` (404 without one)
+    # unless METRICS_PUBLIC=true: what the service exposes is opened on purpose. Its own
+    # token: the scraper's (sent over plain HTTP to every task) must not open /admin.
     metrics_public: bool = False
+    metrics_token: str | None = field(default=None, repr=False)
+    # The clients /admin answers (commng.edge); None (unset): any client with the token,
+    # () (ADMIN_ALLOWED_CIDRS=none): nobody.
+    admin_allowed_cidrs: tuple[Network, ...] | None = None
+    # The proxies in front of the app that append to X-Forwarded-For (the ALB: 1). The
+    # client address is the entry that many from the right; 0: the peer's address.
+    trusted_proxies: int = 0
 
     @property
     def sslmode(self) -> str:
@@ -201,6 +212,22 @@ def _role_name(name: str, raw: str) -> str:
     return value
 
 
+def _cidrs(name: str, raw: str) -> tuple[Network, ...]:
+    value = raw.strip()
+    if value.lower() == "none":
+        return ()
+    networks = []
+    for item in value.split(","):
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be comma-separated CIDR blocks such as 203.0.113.0/24,2001:db8::/64 "
+                f"(or none), got {item.strip()!r}"
+            ) from None
+    return tuple(networks)
+
+
 def _queue_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"https?://[^\s/]+/\S+", value):
@@ -254,6 +281,9 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),
     ("LOG_FORMAT", "log_format", _choice("json", "console")),
     ("METRICS_PUBLIC", "metrics_public", _boolean),
+    ("METRICS_TOKEN", "metrics_token", _bearer_token),
+    ("ADMIN_ALLOWED_CIDRS", "admin_allowed_cidrs", _cidrs),
+    ("TRUSTED_PROXIES", "trusted_proxies", _int_at_least(0)),
 )
 
 
@@ -273,6 +303,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if settings.postgres_password is not None and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER must be set when POSTGRES_PASSWORD is set")
+    if settings.metrics_token is not None and settings.metrics_token == settings.admin_token:
+        raise ConfigError("METRICS_TOKEN must differ from ADMIN_TOKEN: the scraper's must not open /admin")
     if not settings.uses_secrets_manager and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER (and POSTGRES_PASSWORD) must be set when DB_SECRET_ID is not set")
     return settings

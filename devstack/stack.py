@@ -198,6 +198,7 @@ def service_env(state: Mapping[str, Any], port: int) -> dict[str, str]:
         "DB_POOL_GRACE_PERIOD_MS": os.environ.get("DB_POOL_GRACE_PERIOD_MS", "10000"),
         "POSTGRES_POOL_SIZE": os.environ.get("POSTGRES_POOL_SIZE", "5"),
         "ADMIN_TOKEN": state["admin_token"],
+        "METRICS_TOKEN": state["metrics_token"],
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
         "PROMETHEUS_MULTIPROC_DIR": str(METRICS_DIR),
         "PORT": str(port),
