@@ -51,8 +51,8 @@ resource "aws_iam_role_policy_attachment" "execution_managed" {
 }
 
 data "aws_iam_policy_document" "execution_secrets" {
-  # Exactly the secrets referenced in the task definition's `secrets`: the DB master secret
-  # (POSTGRES_USER/POSTGRES_PASSWORD) and the ADMIN_TOKEN secret.
+  # Exactly the secrets referenced in the task definition's `secrets`: the ADMIN_TOKEN and
+  # METRICS_TOKEN secrets (no database secret: the app reads its login itself).
   statement {
     sid       = "InjectSecretsAtStart"
     actions   = ["secretsmanager:GetSecretValue"]
@@ -70,6 +70,13 @@ data "aws_iam_policy_document" "execution_secrets" {
         test     = "StringEquals"
         variable = "kms:ViaService"
         values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+
+      # Only to decrypt these secrets: Secrets Manager names the secret in the context.
+      condition {
+        test     = "StringEquals"
+        variable = "kms:EncryptionContext:SecretARN"
+        values   = local.injected_secret_arns
       }
     }
   }
@@ -116,6 +123,13 @@ data "aws_iam_policy_document" "task_db_secret" {
         variable = "kms:ViaService"
         values   = ["secretsmanager.${local.region}.amazonaws.com"]
       }
+
+      # Only to decrypt these secrets: Secrets Manager names the secret in the context.
+      condition {
+        test     = "StringEquals"
+        variable = "kms:EncryptionContext:SecretARN"
+        values   = local.service_secret_arns
+      }
     }
   }
 }
@@ -128,10 +142,11 @@ resource "aws_iam_role_policy" "task_db_secret" {
 
 data "aws_iam_policy_document" "task_rotation_events" {
   # Each worker long-polls the rotation-events queue and deletes what it handled. Nothing
-  # else: no send, no other queue (the dead-letter queue is for operators).
+  # else: no send, no other queue (the dead-letter queue is for operators), and no
+  # GetQueueAttributes (nothing in the app asks for them).
   statement {
     sid       = "ConsumeRotationEvents"
-    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
+    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage"]
     resources = [aws_sqs_queue.rotation_events.arn]
   }
 }
@@ -174,6 +189,13 @@ data "aws_iam_policy_document" "migrate_db_secrets" {
         test     = "StringEquals"
         variable = "kms:ViaService"
         values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+
+      # Only to decrypt these secrets: Secrets Manager names the secret in the context.
+      condition {
+        test     = "StringEquals"
+        variable = "kms:EncryptionContext:SecretARN"
+        values   = local.migration_secret_arns
       }
     }
   }
@@ -333,6 +355,8 @@ resource "aws_kms_key" "logs" {
             "kms:EncryptionContext:aws:logs:arn" = [
               "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/ecs/${local.prefix}",
               "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/vpc/${local.prefix}/*",
+              "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/aws/rds/instance/${local.prefix}/*",
+              "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/aws/rds/instance/${local.prefix}-replica/*",
             ]
           }
         }

@@ -465,9 +465,10 @@ def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
     assert len(statements) == 1
     assert statements[0]["actions"] == ["secretsmanager:GetSecretValue"]
     injected = _resolve(tf, statements[0]["resources"])
+    # The two tokens; no database secret (the app reads its login itself, with the task role).
     assert injected == [
-        f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}",
         "aws_secretsmanager_secret.admin_token.arn",
+        "aws_secretsmanager_secret.metrics_token.arn",
     ]
 
 
@@ -557,14 +558,16 @@ def test_metrics_are_not_public(tf):
     assert env["METRICS_PUBLIC"] == "false"
 
 
-def test_initial_credentials_come_from_the_secret_json_keys(tf):
+def test_no_database_login_is_injected_into_the_container(tf):
     secrets = {s["name"]: _resolve(tf, s["valueFrom"]) for s in _container(tf)["secrets"]}
-    login = f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}"
-    assert secrets["POSTGRES_USER"] == "${" + login + "}:username::"
-    assert secrets["POSTGRES_PASSWORD"] == "${" + login + "}:password::"
-    assert secrets["ADMIN_TOKEN"] == "aws_secretsmanager_secret.admin_token.arn"
-    env = {e["name"] for e in _container(tf)["environment"]}
-    assert not env & {"POSTGRES_PASSWORD", "ADMIN_TOKEN"}
+    assert secrets == {
+        "ADMIN_TOKEN": "aws_secretsmanager_secret.admin_token.arn",
+        "METRICS_TOKEN": "aws_secretsmanager_secret.metrics_token.arn",
+    }
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert not set(env) & {"POSTGRES_USER", "POSTGRES_PASSWORD", "ADMIN_TOKEN", "METRICS_TOKEN"}
+    # The app's login comes from DB_SECRET_ID, always set here.
+    assert env["DB_SECRET_ID"] == "local.db_secret_arn"
 
 
 def test_admin_token_is_generated_write_only_and_never_in_state(tf):
@@ -719,7 +722,8 @@ def test_the_app_consumes_the_rotation_events_queue_with_a_dead_letter_queue(tf)
         if any(a.startswith("sqs:") for a in s["actions"])
     ]
     (statement,) = statements
-    assert sorted(statement["actions"]) == ["sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ReceiveMessage"]
+    # No GetQueueAttributes: nothing in the app asks for them.
+    assert sorted(statement["actions"]) == ["sqs:DeleteMessage", "sqs:ReceiveMessage"]
     assert statement["resources"] == ["aws_sqs_queue.rotation_events.arn"]
     assert "sqs" in tf["locals"]["interface_endpoints"]
     alarm = tf["resource"][("aws_cloudwatch_metric_alarm", "rotation_events_dead_letters")]
@@ -862,9 +866,11 @@ def test_credentials_mode_defaults_to_app_role_and_is_validated(tf):
     for address in (
         ("aws_secretsmanager_secret", "db_app"),
         ("aws_secretsmanager_secret_version", "db_app"),
-        ("aws_secretsmanager_secret_rotation", "db_app"),
     ):
         assert r[address]["count"] == "local.app_role ? 1 : 0", address
+    # Its rotation also waits for the bootstrap (test_deploy.py).
+    assert r[("aws_secretsmanager_secret_rotation", "db_app")]["count"] == "local.rotate_role_secrets ? 1 : 0"
+    assert tf["locals"]["rotate_role_secrets"] == "local.app_role && var.bootstrap_completed"
     assert tf["ephemeral"][("aws_secretsmanager_random_password", "db_app")]["count"] == "local.app_role ? 1 : 0"
 
 
@@ -898,7 +904,7 @@ def test_db_passwords_are_libpq_and_url_safe(tf):
 
 def test_rotation_functions_come_from_the_serverless_application_repository(tf):
     apps = tf["locals"]["rotation_applications"]
-    assert apps["multi_user"] == SAR_MULTI
+    assert apps["multi_user"] == SAR_MULTI.replace("arn:aws:", "arn:${local.partition}:")
     assert apps["single_user"].endswith(":applications/SecretsManagerRDSPostgreSQLRotationSingleUser")
     functions = tf["locals"]["rotation_functions"]
     compact = re.sub(r"\s+", "", functions)
@@ -907,12 +913,16 @@ def test_rotation_functions_come_from_the_serverless_application_repository(tf):
     stack = tf["resource"][("aws_serverlessapplicationrepository_cloudformation_stack", "rotation")]
     assert stack["for_each"] == "local.rotation_functions"
     assert stack["application_id"] == "local.rotation_applications[each.key]"
-    params = stack["parameters"]
-    assert set(params) == {"functionName", "endpoint", "vpcSubnetIds", "vpcSecurityGroupIds"}
-    assert params["endpoint"] == "local.secretsmanager_endpoint"
+    params = re.sub(r"\s+", "", stack["parameters"])
+    for name, value in {
+        "functionName": "each.value",
+        "endpoint": "local.secretsmanager_endpoint",
+        "vpcSubnetIds": 'join(",",local.private_subnet_ids)',
+        "vpcSecurityGroupIds": "aws_security_group.rotation[0].id",
+    }.items():
+        assert f"{name}={value}" in params, name
+    assert params.endswith("local.rotation_function_parameters[each.key])")
     assert tf["locals"]["secretsmanager_endpoint"].startswith("https://secretsmanager.${local.region}.")
-    assert params["vpcSubnetIds"] == 'join(",", local.private_subnet_ids)'
-    assert params["vpcSecurityGroupIds"] == "aws_security_group.rotation[0].id"
 
 
 def test_rotation_functions_reach_the_db_and_the_endpoints_only(tf):
