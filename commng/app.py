@@ -11,7 +11,7 @@ from flask import Flask
 from flask_migrate import Migrate
 
 import commng_rotation as rotation
-from commng import admin, api, cli, edge, errors, health, observability, xid
+from commng import admin, api, cli, edge, errors, health, observability, tokens, xid
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
@@ -61,6 +61,8 @@ def create_app(
 ) -> Flask:
     """Build the app: settings, logging, database, rotation, observability, routes."""
     settings = config if config is not None else load_settings()
+    # The tokens kept in Secrets Manager (ADMIN_TOKEN_SECRET_ID, METRICS_TOKEN_SECRET_ID), once.
+    settings = tokens.load_tokens(settings, secrets_client)
     if configure_logging:
         logs.configure(settings.log_level, settings.log_format)
     else:

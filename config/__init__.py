@@ -16,7 +16,7 @@ from typing import IO, Any, ClassVar
 
 import click
 
-__all__ = ["ConfigError", "Settings", "check_or_exit", "load_settings"]
+__all__ = ["ConfigError", "Settings", "bearer_token", "check_or_exit", "load_settings"]
 
 _SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN", "METRICS_TOKEN"})
 
@@ -93,6 +93,10 @@ class Settings:
     # token: the scraper's (sent over plain HTTP to every task) must not open /admin.
     metrics_public: bool = False
     metrics_token: str | None = field(default=None, repr=False)
+    # Secrets Manager secrets that hold ADMIN_TOKEN and METRICS_TOKEN, read once at start-up
+    # (commng.tokens) so that no token sits in the process's environment for its life.
+    admin_token_secret_id: str | None = None
+    metrics_token_secret_id: str | None = None
     # The clients /admin answers (commng.edge); None (unset): any client with the token,
     # () (ADMIN_ALLOWED_CIDRS=none): nobody.
     admin_allowed_cidrs: tuple[Network, ...] | None = None
@@ -192,7 +196,8 @@ _BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 _MIN_TOKEN_LENGTH = 16
 
 
-def _bearer_token(name: str, raw: str) -> str:
+def bearer_token(name: str, raw: str) -> str:
+    """``raw`` if it is a Bearer-safe token of 16+ characters; else ConfigError naming ``name`` only."""
     if len(raw) < _MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(raw):
         raise ConfigError(
             f"{name} must be at least {_MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
@@ -265,7 +270,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("POSTGRES_MAX_OVERFLOW", "postgres_max_overflow", _int_at_least(0)),
     ("POSTGRES_CONNECT_TIMEOUT_S", "postgres_connect_timeout_s", _int_at_least(1, " number of seconds")),
     ("POSTGRES_POOL_TIMEOUT_S", "postgres_pool_timeout_s", _int_at_least(1, " number of seconds")),
-    ("ADMIN_TOKEN", "admin_token", _bearer_token),
+    ("ADMIN_TOKEN", "admin_token", bearer_token),
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
     ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
     ("DB_ROTATION_FANOUT", "db_rotation_fanout", _boolean),
@@ -281,7 +286,9 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),
     ("LOG_FORMAT", "log_format", _choice("json", "console")),
     ("METRICS_PUBLIC", "metrics_public", _boolean),
-    ("METRICS_TOKEN", "metrics_token", _bearer_token),
+    ("METRICS_TOKEN", "metrics_token", bearer_token),
+    ("ADMIN_TOKEN_SECRET_ID", "admin_token_secret_id", _text),
+    ("METRICS_TOKEN_SECRET_ID", "metrics_token_secret_id", _text),
     ("ADMIN_ALLOWED_CIDRS", "admin_allowed_cidrs", _cidrs),
     ("TRUSTED_PROXIES", "trusted_proxies", _int_at_least(0)),
 )
@@ -303,6 +310,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if settings.postgres_password is not None and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER must be set when POSTGRES_PASSWORD is set")
+    for token, secret_id in (
+        ("ADMIN_TOKEN", settings.admin_token_secret_id),
+        ("METRICS_TOKEN", settings.metrics_token_secret_id),
+    ):
+        if secret_id is not None and getattr(settings, token.lower()) is not None:
+            raise ConfigError(f"{token} and {token}_SECRET_ID are both set: set one of them")
     if settings.metrics_token is not None and settings.metrics_token == settings.admin_token:
         raise ConfigError("METRICS_TOKEN must differ from ADMIN_TOKEN: the scraper's must not open /admin")
     if not settings.uses_secrets_manager and settings.postgres_user is None:

@@ -62,10 +62,11 @@ resource "aws_secretsmanager_secret_version" "metrics_token" {
 }
 
 locals {
-  # Exactly the secrets ECS injects at task start; the execution role may read only these.
-  # Not the database login: the app reads DB_SECRET_ID itself (task role), so no password
-  # sits in the container's environment for the task's life.
-  injected_secret_arns = [aws_secretsmanager_secret.admin_token.arn, aws_secretsmanager_secret.metrics_token.arn]
+  # The tokens' secrets, which the app reads once at start-up with the task role
+  # (ADMIN_TOKEN_SECRET_ID, METRICS_TOKEN_SECRET_ID). ECS injects no secret at all: an injected
+  # value (a token, the first database password) stays readable in the container's
+  # environment (/proc/1/environ) for the task's life. So the execution role reads none.
+  token_secret_arns = [aws_secretsmanager_secret.admin_token.arn, aws_secretsmanager_secret.metrics_token.arn]
 
   # The service's environment (app_container below).
   app_environment = [
@@ -96,9 +97,11 @@ locals {
     # the client being the X-Forwarded-For entry the ALB appended (one trusted proxy).
     { name = "ADMIN_ALLOWED_CIDRS", value = length(var.admin_allowed_cidrs) > 0 ? join(",", var.admin_allowed_cidrs) : "none" },
     { name = "TRUSTED_PROXIES", value = "1" },
+    { name = "ADMIN_TOKEN_SECRET_ID", value = aws_secretsmanager_secret.admin_token.arn },
+    { name = "METRICS_TOKEN_SECRET_ID", value = aws_secretsmanager_secret.metrics_token.arn },
     # Not read by the app. Bumping admin_token_version writes a new token and, through this
     # value, a new task-definition revision, so the service replaces its tasks and they
-    # start with the new token (ECS injects secrets only at task start).
+    # start with the new token (the app reads it once, at start-up).
     { name = "ADMIN_TOKEN_VERSION", value = tostring(aws_secretsmanager_secret_version.admin_token.secret_string_wo_version) },
     { name = "METRICS_TOKEN_VERSION", value = tostring(aws_secretsmanager_secret_version.metrics_token.secret_string_wo_version) },
   ]
@@ -118,14 +121,10 @@ locals {
     # Plus DB_REPLICA_SECRET_ID when there is a replica (local.app_replica_environment).
     environment = concat(local.app_environment, local.app_replica_environment)
 
-    # ECS resolves these ONCE, when the task starts. No database login among them: with
-    # DB_SECRET_ID set the app reads its login from Secrets Manager itself (task role), and an
-    # injected POSTGRES_PASSWORD would only sit, stale after the first rotation, in the
-    # container's environment for the task's life.
-    secrets = [
-      { name = "ADMIN_TOKEN", valueFrom = aws_secretsmanager_secret.admin_token.arn },
-      { name = "METRICS_TOKEN", valueFrom = aws_secretsmanager_secret.metrics_token.arn },
-    ]
+    # No `secrets`: ECS would resolve them once, at task start, into the container's
+    # environment, where they stay readable for the task's life (and a database password
+    # goes stale at the first rotation). The app reads its login (DB_SECRET_ID) and its
+    # tokens (*_TOKEN_SECRET_ID) from Secrets Manager itself, with the task role.
 
     # Liveness. The slim image has no curl, so Python's urllib does the request; urlopen
     # raises (non-zero exit) on any non-2xx answer or a timeout.
@@ -221,7 +220,7 @@ resource "aws_ecs_service" "app" {
   # The ADMIN_TOKEN and METRICS_TOKEN secrets have their values before the first task starts.
   depends_on = [
     aws_lb_listener.https,
-    aws_iam_role_policy.execution_secrets,
+    aws_iam_role_policy.task_db_secret,
     aws_secretsmanager_secret_version.admin_token,
     aws_secretsmanager_secret_version.metrics_token,
   ]

@@ -56,10 +56,9 @@ def test_metrics_has_its_own_generated_write_only_token(tf):
     assert version["secret_string_wo"] == "ephemeral.aws_secretsmanager_random_password.metrics_token.random_password"
     assert version["secret_string_wo_version"] == "var.metrics_token_version"
     assert "secret_string" not in version
-    secrets = {s["name"]: s["valueFrom"] for s in _container(tf)["secrets"]}
-    assert secrets["METRICS_TOKEN"] == "aws_secretsmanager_secret.metrics_token.arn"
-    assert secrets["METRICS_TOKEN"] != secrets["ADMIN_TOKEN"]
     env = _env(tf)
+    assert env["METRICS_TOKEN_SECRET_ID"] == "aws_secretsmanager_secret.metrics_token.arn"
+    assert env["METRICS_TOKEN_SECRET_ID"] != env["ADMIN_TOKEN_SECRET_ID"]
     assert env["METRICS_TOKEN_VERSION"].endswith("aws_secretsmanager_secret_version.metrics_token.secret_string_wo_version)")
     service = tf["resource"][("aws_ecs_service", "app")]
     assert "aws_secretsmanager_secret_version.metrics_token" in service["depends_on"]
@@ -187,8 +186,7 @@ def test_every_interface_endpoint_admits_only_this_accounts_principals_and_resou
 @pytest.mark.parametrize(
     ("role", "secrets"),
     [
-        ("execution", "local.injected_secret_arns"),
-        ("task", "local.service_secret_arns"),
+        ("task", "concat(local.service_secret_arns, local.token_secret_arns)"),
         ("migrate", "local.migration_secret_arns"),
     ],
 )

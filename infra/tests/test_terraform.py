@@ -426,16 +426,22 @@ def test_task_role_reads_exactly_the_db_secret(tf):
         for s in _statements(doc)
         if any(a.startswith("secretsmanager:") for a in s["actions"])
     ]
-    assert len(statements) == 1
-    (statement,) = statements
+    assert len(statements) == 2
+    statement, tokens = statements
     assert sorted(statement["actions"]) == [
         "secretsmanager:DescribeSecret",
         "secretsmanager:GetSecretValue",
     ]
     # Its own login secret and the replica's, never the master secret by name.
     assert statement["resources"] == "local.service_secret_arns"
-    assert MASTER_SECRET not in str(statement)
+    assert MASTER_SECRET not in str(statements)
     assert statement.get("effect", "Allow") == "Allow"
+    # And the two tokens, read once at start-up.
+    assert tokens["actions"] == ["secretsmanager:GetSecretValue"]
+    assert _resolve(tf, tokens["resources"]) == [
+        "aws_secretsmanager_secret.admin_token.arn",
+        "aws_secretsmanager_secret.metrics_token.arn",
+    ]
 
 
 def test_execution_role_is_not_the_task_role(tf):
@@ -446,7 +452,7 @@ def test_execution_role_is_not_the_task_role(tf):
     assert ("aws_iam_role", "task") in tf["resource"]
 
 
-def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
+def test_execution_role_has_the_managed_policy_and_reads_no_secret(tf):
     attachments = [
         body["policy_arn"]
         for (rtype, _), body in tf["resource"].items()
@@ -455,21 +461,8 @@ def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
     ]
     assert len(attachments) == 1
     assert attachments[0].endswith(":iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy")
-
-    statements = [
-        s
-        for doc in _role_documents(tf, "execution")
-        for s in _statements(doc)
-        if any(a.startswith("secretsmanager:") for a in s["actions"])
-    ]
-    assert len(statements) == 1
-    assert statements[0]["actions"] == ["secretsmanager:GetSecretValue"]
-    injected = _resolve(tf, statements[0]["resources"])
-    # The two tokens; no database secret (the app reads its login itself, with the task role).
-    assert injected == [
-        "aws_secretsmanager_secret.admin_token.arn",
-        "aws_secretsmanager_secret.metrics_token.arn",
-    ]
+    # ECS injects nothing (the app reads its login and its tokens itself): no inline policy.
+    assert _role_documents(tf, "execution") == []
 
 
 def test_task_role_has_no_managed_policies(tf):
@@ -485,7 +478,7 @@ def test_kms_decrypt_only_when_a_customer_key_is_set(tf):
         tf["locals"]["secrets_kms_key_arns"]
         == "var.master_user_secret_kms_key_id == null ? [] : [var.master_user_secret_kms_key_id]"
     )
-    for role in ("execution", "task"):
+    for role in ("migrate", "task"):
         kms = [
             s
             for doc in _role_documents(tf, role)
@@ -558,16 +551,15 @@ def test_metrics_are_not_public(tf):
     assert env["METRICS_PUBLIC"] == "false"
 
 
-def test_no_database_login_is_injected_into_the_container(tf):
-    secrets = {s["name"]: _resolve(tf, s["valueFrom"]) for s in _container(tf)["secrets"]}
-    assert secrets == {
-        "ADMIN_TOKEN": "aws_secretsmanager_secret.admin_token.arn",
-        "METRICS_TOKEN": "aws_secretsmanager_secret.metrics_token.arn",
-    }
+def test_no_secret_is_injected_into_the_container(tf):
+    # Injected, a value stays in /proc/1/environ for the task's life: the app reads its login
+    # (DB_SECRET_ID) and its tokens (*_TOKEN_SECRET_ID) from Secrets Manager itself.
+    assert "secrets" not in _container(tf)
     env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
     assert not set(env) & {"POSTGRES_USER", "POSTGRES_PASSWORD", "ADMIN_TOKEN", "METRICS_TOKEN"}
-    # The app's login comes from DB_SECRET_ID, always set here.
     assert env["DB_SECRET_ID"] == "local.db_secret_arn"
+    assert env["ADMIN_TOKEN_SECRET_ID"] == "aws_secretsmanager_secret.admin_token.arn"
+    assert env["METRICS_TOKEN_SECRET_ID"] == "aws_secretsmanager_secret.metrics_token.arn"
 
 
 def test_admin_token_is_generated_write_only_and_never_in_state(tf):
