@@ -47,8 +47,11 @@ $(STAMP): requirements-dev.txt | $(UV)
 	$(PIP) --require-hashes -r requirements-dev.txt
 	touch $(LOCAL_STAMP) $(STAMP)
 
-$(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES) | $(UV)
-	$(PIP) --no-deps --reinstall ./rotation
+# Built with the hash-checked backend of requirements-build.txt, without build isolation (an
+# isolated build would fetch whatever setuptools is newest).
+$(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES) requirements-build.txt | $(UV)
+	$(PIP) --require-hashes -r requirements-build.txt
+	$(PIP) --no-deps --no-build-isolation --reinstall ./rotation
 	touch $(LAYER_STAMP)
 
 # requirements*.in hold the direct pins. `make lock` compiles each to its .txt: every
@@ -60,7 +63,7 @@ $(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES) | $(UV)
 LOCK_ARGS ?=
 UV_COMPILE = $(UV) pip compile --quiet --no-config --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock' $(LOCK_ARGS)
-LOCK_FILES := requirements requirements-local requirements-dev
+LOCK_FILES := requirements requirements-local requirements-dev requirements-build
 
 # Built into a temporary directory and moved into place, so that a half-built uv venv
 # (an interrupted install) is never taken for a finished one.
