@@ -493,6 +493,17 @@ variable "metrics_token_version" {
   }
 }
 
+variable "secret_admin_role_arns" {
+  description = "Roles (ARNs) that may read the stack's secrets besides their runtime readers: the role that runs terraform (it reads each secret version back on every plan) and the operators' (they read the tokens). Non-null turns on a resource policy on each of the stack's own secrets that denies GetSecretValue to every other principal (secret_policies.tf); null (default) attaches none. Roles only: aws:PrincipalArn is the role's ARN for an assumed-role session."
+  type        = list(string)
+  default     = null
+
+  validation {
+    condition     = var.secret_admin_role_arns == null || alltrue([for arn in coalesce(var.secret_admin_role_arns, []) : can(regex("^arn:[a-z-]+:iam::[0-9]{12}:role/", arn))])
+    error_message = "secret_admin_role_arns must list IAM role ARNs (arn:aws:iam::123456789012:role/...), or be null."
+  }
+}
+
 variable "bootstrap_completed" {
   description = "false (default) until the bootstrap (migration) task has run once: the service runs 0 tasks and the app and replica secrets are not rotated, since the logins they hold do not exist yet. Set true for the second apply (infra/README.md, \"First deployment\"); an existing stack sets it true before applying this version."
   type        = bool

@@ -53,13 +53,18 @@ def test_metrics_has_its_own_generated_write_only_token(tf):
     assert password["exclude_punctuation"] is True
     assert password["password_length"] >= 32
     version = tf["resource"][("aws_secretsmanager_secret_version", "metrics_token")]
-    assert version["secret_string_wo"] == "ephemeral.aws_secretsmanager_random_password.metrics_token.random_password"
+    assert (
+        version["secret_string_wo"]
+        == "ephemeral.aws_secretsmanager_random_password.metrics_token.random_password"
+    )
     assert version["secret_string_wo_version"] == "var.metrics_token_version"
     assert "secret_string" not in version
     env = _env(tf)
     assert env["METRICS_TOKEN_SECRET_ID"] == "aws_secretsmanager_secret.metrics_token.arn"
     assert env["METRICS_TOKEN_SECRET_ID"] != env["ADMIN_TOKEN_SECRET_ID"]
-    assert env["METRICS_TOKEN_VERSION"].endswith("aws_secretsmanager_secret_version.metrics_token.secret_string_wo_version)")
+    assert env["METRICS_TOKEN_VERSION"].endswith(
+        "aws_secretsmanager_secret_version.metrics_token.secret_string_wo_version)"
+    )
     service = tf["resource"][("aws_ecs_service", "app")]
     assert "aws_secretsmanager_secret_version.metrics_token" in service["depends_on"]
     assert tf["output"]["metrics_token_secret_arn"]["value"] == "aws_secretsmanager_secret.metrics_token.arn"
@@ -222,3 +227,35 @@ def test_the_task_definitions_use_the_validated_image(tf):
     assert _resolve(tf, "local.app_container")["image"] == "var.container_image"
     assert tf["locals"]["migrate_container"]["image"] == "var.container_image"
     assert json.dumps(tf["variable"]["container_image"]).count("sha256") >= 2
+
+
+def test_each_stack_secret_denies_its_value_to_all_but_its_readers_when_admins_are_named(tf):
+    document = tf["data"][("aws_iam_policy_document", "secret")]
+    (statement,) = document["statement"]
+    assert statement["effect"] == "Deny"
+    assert statement["actions"] == ["secretsmanager:GetSecretValue"]
+    assert statement["principals"] == [{"type": "*", "identifiers": ["*"]}]
+    (condition,) = statement["condition"]
+    assert (condition["test"], condition["variable"]) == ("StringNotEquals", "aws:PrincipalArn")
+    assert (
+        condition["values"]
+        == "concat(local.secret_readers[each.key], coalesce(var.secret_admin_role_arns, []))"
+    )
+    policy = tf["resource"][("aws_secretsmanager_secret_policy", "secret")]
+    assert policy["for_each"] == document["for_each"] == "local.secret_policy_targets"
+    # Every stack-owned secret, and only when the admins (terraform's role, the operators')
+    # are named: otherwise terraform's own read-back on plan would be denied.
+    targets = re.sub(r"\s+", "", tf["locals"]["secret_policy_targets"])
+    assert targets.startswith("local.secret_policies_enabled?merge(")
+    for name in ("admin_token", "metrics_token", "db_app", "db_replica", "db_master"):
+        assert f"{name}=aws_secretsmanager_secret.{name}" in targets, name
+    assert tf["locals"]["secret_policies_enabled"] == "var.secret_admin_role_arns != null"
+    readers = tf["locals"]["secret_readers"]
+    assert readers["admin_token"] == readers["metrics_token"] == ["aws_iam_role.task.arn"]
+    assert "local.multi_user_role" in readers["db_app"]
+    assert 'lookup(local.rotation_role_arns, "single_user", "")' in readers["db_master"]
+    assert 'local.app_role ? "" : aws_iam_role.task.arn' in readers["db_master"]
+    assert (
+        tf["locals"]["rotation_role_arns"]
+        == "{for key, fn in data.aws_lambda_function.rotation : key => fn.role}"
+    )
