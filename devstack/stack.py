@@ -178,9 +178,11 @@ def aws_env(state: Mapping[str, Any]) -> dict[str, str]:
 # The stack decides these; a value left in the caller's shell must not point it elsewhere.
 _STACK_VARIABLES = frozenset(
     {
+        "ADMIN_TOKEN_SECRET_ID",  # the stack sets ADMIN_TOKEN and METRICS_TOKEN itself
         "DB_APP_SECRET_ID",
         "DB_OWNER_ROLE",
         "DB_REPLICA_SECRET_ID",
+        "METRICS_TOKEN_SECRET_ID",
         "POSTGRES_REPLICA_HOST",
         "POSTGRES_REPLICA_PORT",
     }
