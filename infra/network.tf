@@ -193,7 +193,10 @@ locals {
 # Every interface endpoint carries a policy, as the S3 one does: only this account's
 # principals, on this account's resources. Without it a task could use its own credentials
 # through the endpoint to send data to another account's queues, log groups or secrets, which
-# the no-NAT egress design is meant to prevent.
+# the no-NAT egress design is meant to prevent. ResourceAccount "IfExists": calls that name
+# no resource (ecr:GetAuthorizationToken before every image pull, the rotation functions'
+# secretsmanager:GetRandomPassword) may carry no such key, and cannot reach another
+# account's resource anyway.
 locals {
   endpoint_policy = jsonencode({
     Version = "2012-10-17"
@@ -204,10 +207,8 @@ locals {
       Action    = "*"
       Resource  = "*"
       Condition = {
-        StringEquals = {
-          "aws:PrincipalAccount" = local.account_id
-          "aws:ResourceAccount"  = local.account_id
-        }
+        StringEquals         = { "aws:PrincipalAccount" = local.account_id }
+        StringEqualsIfExists = { "aws:ResourceAccount" = local.account_id }
       }
     }]
   })

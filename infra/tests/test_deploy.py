@@ -182,8 +182,9 @@ def test_every_interface_endpoint_admits_only_this_accounts_principals_and_resou
     endpoint = tf["resource"][("aws_vpc_endpoint", "interface")]
     assert endpoint["policy"] == "local.endpoint_policy"
     policy = re.sub(r"\s+", "", tf["locals"]["endpoint_policy"])
-    assert '"aws:PrincipalAccount"=local.account_id' in policy
-    assert '"aws:ResourceAccount"=local.account_id' in policy
+    assert 'StringEquals={"aws:PrincipalAccount"=local.account_id}' in policy
+    # IfExists: ecr:GetAuthorizationToken and GetRandomPassword name no resource.
+    assert 'StringEqualsIfExists={"aws:ResourceAccount"=local.account_id}' in policy
     assert 'Effect="Allow"' in policy
     assert "Deny" not in policy
 
