@@ -20,9 +20,16 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt
 # The rotation layer, its own distribution, installed as any adopter would (its
-# dependencies are already in the hash-checked lock above).
+# dependencies are already in the hash-checked lock above). Built into a wheel by the
+# hash-checked build backend in a venv of its own, without build isolation: an isolated
+# build would download whatever setuptools is newest. The wheel needs no backend to install,
+# so setuptools stays out of the image's venv.
+COPY requirements-build.txt /tmp/requirements-build.txt
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --no-cache-dir --require-hashes -r /tmp/requirements-build.txt
 COPY rotation/ /tmp/rotation/
-RUN pip install --no-cache-dir --no-deps /tmp/rotation
+RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /tmp/wheels /tmp/rotation \
+    && pip install --no-cache-dir --no-deps /tmp/wheels/commng_rotation-*.whl
 
 # The RDS CA bundle (every region's roots), so that POSTGRES_SSL=verify-full authenticates the
 # database. Fetched over HTTPS and checked against a SHA-256 the builder must supply: obtain it

@@ -6,8 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
+# The pinned uv that builds every venv and compiles the locks (see `lock`).
+UV_VENV := .local/venvs/uv
+UV := $(UV_VENV)/bin/uv
 
-.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost soak clean
+.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv uv lock bench bench-smoke bench-cost soak clean
 
 help:
 	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
@@ -20,30 +23,36 @@ help:
 	@echo "make soak     30 minutes of load and faults; memory, descriptors, greenlets sampled (SOAK_MINUTES)"
 	@echo "make lock     recompile requirements*.txt (every package pinned, with hashes) from requirements*.in"
 
-# Two stamps: `make run` needs only the service and moto (about 30 s to install on a
-# fresh clone); the tests, linters and the benchmark add the rest. Each requirements*.txt
-# is a complete lock (see `lock`), installed in hash-checking mode: nothing floats.
+# Two stamps: `make run` needs only the service and moto; the tests, linters and the
+# benchmark add the rest. Each requirements*.txt is a complete lock (see `lock`), installed
+# in hash-checking mode (--require-hashes): nothing floats.
 # The rotation layer (rotation/) is its own distribution: the service installs it like any
 # adopter would (not editable, its dependencies already locked above), again whenever its
 # source changes.
+# The pinned uv (below) installs them: pip took 85-224 s for requirements-dev.txt on a clean
+# clone here, fetching and resolving one package at a time; uv downloads in parallel. The venv
+# itself still comes from `python -m venv`, so .venv/bin/pip exists for whoever expects it.
 LAYER_STAMP := $(VENV)/.installed-rotation
 LAYER_SOURCES := rotation/pyproject.toml rotation/README.md $(shell find rotation/src -name '*.py' -o -name py.typed)
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+PIP := $(UV) pip install --quiet --no-config --python $(BIN)/python
 
 venv: $(STAMP) $(LAYER_STAMP)
 
-$(LOCAL_STAMP): requirements-local.txt
+$(LOCAL_STAMP): requirements-local.txt | $(UV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --require-hashes -r requirements-local.txt
 	touch $(LOCAL_STAMP)
 
-$(STAMP): requirements-dev.txt
+$(STAMP): requirements-dev.txt | $(UV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --require-hashes -r requirements-dev.txt
 	touch $(LOCAL_STAMP) $(STAMP)
 
-$(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES)
-	$(PIP) --no-deps --force-reinstall ./rotation
+# Built with the hash-checked backend of requirements-build.txt, without build isolation (an
+# isolated build would fetch whatever setuptools is newest).
+$(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES) requirements-build.txt | $(UV)
+	$(PIP) --require-hashes -r requirements-build.txt
+	$(PIP) --no-deps --no-build-isolation --reinstall ./rotation
 	touch $(LAYER_STAMP)
 
 # requirements*.in hold the direct pins. `make lock` compiles each to its .txt: every
@@ -52,16 +61,22 @@ $(LAYER_STAMP): $(LOCAL_STAMP) $(LAYER_SOURCES)
 # Linux; an aarch64 resolution must give the same file or `make lock` fails. Each layer is
 # constrained by the one below, so a package has one version in all three files. Existing
 # pins stay unless an .in changes them; `make lock LOCK_ARGS=--upgrade` moves them all.
-UV_VENV := .local/venvs/uv
-UV := $(UV_VENV)/bin/uv
 LOCK_ARGS ?=
 UV_COMPILE = $(UV) pip compile --quiet --no-config --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock' $(LOCK_ARGS)
-LOCK_FILES := requirements requirements-local requirements-dev
+LOCK_FILES := requirements requirements-local requirements-dev requirements-build
 
+# Built into a temporary directory and moved into place, so that a half-built uv venv
+# (an interrupted install) is never taken for a finished one.
 $(UV):
-	$(PYTHON) -m venv $(UV_VENV)
-	$(UV_VENV)/bin/pip install --quiet --disable-pip-version-check uv==0.13.8
+	rm -rf $(UV_VENV).tmp
+	$(PYTHON) -m venv $(UV_VENV).tmp
+	$(UV_VENV).tmp/bin/pip install --quiet --disable-pip-version-check uv==0.13.8
+	rm -rf $(UV_VENV) && mv $(UV_VENV).tmp $(UV_VENV)
+
+# The uv venv alone: scripts/test.sh builds it before starting lint-infra beside `make venv`,
+# which both need it.
+uv: $(UV)
 
 lock: $(UV)
 	rm -rf .local/lock-aarch64 && mkdir -p .local/lock-aarch64

@@ -11,7 +11,7 @@ from flask import Flask
 from flask_migrate import Migrate
 
 import commng_rotation as rotation
-from commng import admin, api, cli, errors, health, idempotency, observability
+from commng import admin, api, cli, edge, errors, health, idempotency, observability, tokens
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
@@ -61,6 +61,8 @@ def create_app(
 ) -> Flask:
     """Build the app: settings, logging, database, rotation, observability, routes."""
     settings = config if config is not None else load_settings()
+    # The tokens kept in Secrets Manager (ADMIN_TOKEN_SECRET_ID, METRICS_TOKEN_SECRET_ID), once.
+    settings = tokens.load_tokens(settings, secrets_client)
     if configure_logging:
         logs.configure(settings.log_level, settings.log_format)
     else:
@@ -86,6 +88,8 @@ def create_app(
     database.init_app(app)
     # Observability first among the request hooks: the request id binds before anything logs.
     observability.init_app(app)
+    # The edge next: a request past /admin's or /metrics' prefix stops before any auth.
+    edge.init_app(app)
     errors.init_app(app)
     health.init_app(app)
     idempotency.init_app(app)

@@ -14,6 +14,7 @@ refuses the token. No line holds a password or the token.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.error
 import urllib.parse
@@ -93,22 +94,52 @@ def _without_userinfo(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and any loopback address (127.0.0.0/8, ::1); no name is resolved."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would send the Authorization header on, even to another host."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _post_check(url: str, token: str) -> dict[str, Any]:
     """POST the admin API's check; its JSON answer, or ClickException with one line."""
     shown = _without_userinfo(url)
-    if urllib.parse.urlsplit(url).scheme not in {"http", "https"}:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in {"http", "https"}:
         raise click.ClickException(f"--url must be an http:// or https:// URL, got {shown}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise click.ClickException(
+            "--url must be https:// for a host outside the loopback (ADMIN_TOKEN would travel "
+            f"in clear), got {shown}"
+        )
     request = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
         url.rstrip("/") + CHECK_PATH,
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Connection": "close", "Accept": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S) as response:  # noqa: S310
+        with _OPENER.open(request, timeout=CHECK_TIMEOUT_S) as response:
             answer: dict[str, Any] = json.load(response)
             return answer
     except urllib.error.HTTPError as exc:
-        raise click.ClickException(_refusal(shown, exc)) from None
+        with exc:  # it holds the answer's connection open
+            message = _refusal(shown, exc)
+        raise click.ClickException(message) from None
     except urllib.error.URLError as exc:
         reason = exc.reason if isinstance(exc.reason, BaseException) else exc
         raise click.ClickException(
@@ -129,6 +160,11 @@ def _refusal(shown: str, exc: urllib.error.HTTPError) -> str:
         return (
             f"no admin API at {shown} (404): the service runs without ADMIN_TOKEN, "
             "or --url points at something else"
+        )
+    if 300 <= exc.code < 400:
+        return (
+            f"the admin API at {shown} answered a redirect ({exc.code}), not followed: the token "
+            "goes to --url only; give the URL the service answers at"
         )
     if exc.code == 429:
         wait = exc.headers.get("Retry-After", "a few")

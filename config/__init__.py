@@ -6,6 +6,7 @@ message names the variable and the accepted form, and never repeats a secret.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -15,9 +16,11 @@ from typing import IO, Any, ClassVar
 
 import click
 
-__all__ = ["ConfigError", "Settings", "check_or_exit", "load_settings"]
+__all__ = ["ConfigError", "Settings", "bearer_token", "check_or_exit", "load_settings"]
 
-_SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN"})
+_SECRET_VARIABLES = frozenset({"POSTGRES_PASSWORD", "ADMIN_TOKEN", "METRICS_TOKEN"})
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(click.ClickException, ValueError):
@@ -87,9 +90,21 @@ class Settings:
     web_concurrency: int | None = None
     log_level: str = "INFO"
     log_format: str = "json"
-    # /metrics answers only ``Authorization: Bearer <ADMIN_TOKEN>`` (404 without a token)
-    # unless METRICS_PUBLIC=true: what the service exposes is opened on purpose.
+    # /metrics answers only ``Authorization: Bearer <METRICS_TOKEN>`` (404 without one)
+    # unless METRICS_PUBLIC=true: what the service exposes is opened on purpose. Its own
+    # token: the scraper's (sent over plain HTTP to every task) must not open /admin.
     metrics_public: bool = False
+    metrics_token: str | None = field(default=None, repr=False)
+    # Secrets Manager secrets that hold ADMIN_TOKEN and METRICS_TOKEN, read once at start-up
+    # (commng.tokens) so that no token sits in the process's environment for its life.
+    admin_token_secret_id: str | None = None
+    metrics_token_secret_id: str | None = None
+    # The clients /admin answers (commng.edge); None (unset): any client with the token,
+    # () (ADMIN_ALLOWED_CIDRS=none): nobody.
+    admin_allowed_cidrs: tuple[Network, ...] | None = None
+    # The proxies in front of the app that append to X-Forwarded-For (the ALB: 1). The
+    # client address is the entry that many from the right; 0: the peer's address.
+    trusted_proxies: int = 0
 
     @property
     def sslmode(self) -> str:
@@ -183,7 +198,8 @@ _BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 _MIN_TOKEN_LENGTH = 16
 
 
-def _bearer_token(name: str, raw: str) -> str:
+def bearer_token(name: str, raw: str) -> str:
+    """``raw`` if it is a Bearer-safe token of 16+ characters; else ConfigError naming ``name`` only."""
     if len(raw) < _MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(raw):
         raise ConfigError(
             f"{name} must be at least {_MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
@@ -201,6 +217,22 @@ def _role_name(name: str, raw: str) -> str:
     if not _ROLE_NAME.fullmatch(value):
         raise ConfigError(f"{name} must be a role name of a-z, 0-9 and _ (at most 63), got {raw!r}")
     return value
+
+
+def _cidrs(name: str, raw: str) -> tuple[Network, ...]:
+    value = raw.strip()
+    if value.lower() == "none":
+        return ()
+    networks = []
+    for item in value.split(","):
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be comma-separated CIDR blocks such as 203.0.113.0/24,2001:db8::/64 "
+                f"(or none), got {item.strip()!r}"
+            ) from None
+    return tuple(networks)
 
 
 def _queue_url(name: str, raw: str) -> str:
@@ -240,7 +272,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("POSTGRES_MAX_OVERFLOW", "postgres_max_overflow", _int_at_least(0)),
     ("POSTGRES_CONNECT_TIMEOUT_S", "postgres_connect_timeout_s", _int_at_least(1, " number of seconds")),
     ("POSTGRES_POOL_TIMEOUT_S", "postgres_pool_timeout_s", _int_at_least(1, " number of seconds")),
-    ("ADMIN_TOKEN", "admin_token", _bearer_token),
+    ("ADMIN_TOKEN", "admin_token", bearer_token),
     ("ROTATION_HISTORY_RETENTION_DAYS", "rotation_history_retention_days", _DAYS),
     ("IDEMPOTENCY_KEY_TTL_S", "idempotency_key_ttl_s", _int_at_least(60, " number of seconds")),
     ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url", _queue_url),
@@ -257,6 +289,11 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("LOG_LEVEL", "log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", lower=False)),
     ("LOG_FORMAT", "log_format", _choice("json", "console")),
     ("METRICS_PUBLIC", "metrics_public", _boolean),
+    ("METRICS_TOKEN", "metrics_token", bearer_token),
+    ("ADMIN_TOKEN_SECRET_ID", "admin_token_secret_id", _text),
+    ("METRICS_TOKEN_SECRET_ID", "metrics_token_secret_id", _text),
+    ("ADMIN_ALLOWED_CIDRS", "admin_allowed_cidrs", _cidrs),
+    ("TRUSTED_PROXIES", "trusted_proxies", _int_at_least(0)),
 )
 
 
@@ -276,6 +313,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if settings.postgres_password is not None and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER must be set when POSTGRES_PASSWORD is set")
+    for token, secret_id in (
+        ("ADMIN_TOKEN", settings.admin_token_secret_id),
+        ("METRICS_TOKEN", settings.metrics_token_secret_id),
+    ):
+        if secret_id is not None and getattr(settings, token.lower()) is not None:
+            raise ConfigError(f"{token} and {token}_SECRET_ID are both set: set one of them")
+    if settings.metrics_token is not None and settings.metrics_token == settings.admin_token:
+        raise ConfigError("METRICS_TOKEN must differ from ADMIN_TOKEN: the scraper's must not open /admin")
     if not settings.uses_secrets_manager and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER (and POSTGRES_PASSWORD) must be set when DB_SECRET_ID is not set")
     return settings

@@ -93,11 +93,13 @@ def run(port: int, shape: str | None = None, replica: bool | None = None) -> int
 
 
 def _run_local_stack(port: int, shape: str, replica: bool) -> int:
-    # Only the cluster's superuser password, the admin token and the port outlive a run; the
-    # secrets (and their logins' passwords) are new each time, in a new moto server.
-    kept = {k: v for k, v in load_state().items() if k in ("superuser_password", "admin_token", "pg_port")}
+    # Only the cluster's superuser password, the admin and metrics tokens and the port outlive
+    # a run; the secrets (and their logins' passwords) are new each time, in a new moto server.
+    outliving = ("superuser_password", "admin_token", "metrics_token", "pg_port")
+    kept = {k: v for k, v in load_state().items() if k in outliving}
     if not kept.get("superuser_password"):
         kept = {"superuser_password": new_password(), "admin_token": secrets.token_urlsafe(24)}
+    kept.setdefault("metrics_token", secrets.token_urlsafe(24))  # a state file from before it
     state: dict[str, Any] = {**kept, "shape": shape, "moto_port": free_port()}
     state["pg_port"] = int(state.get("pg_port") or 0) or free_port()
     # The caller's variables (WEB_CONCURRENCY, LOG_LEVEL, ...) are checked before anything starts.
@@ -166,7 +168,7 @@ def _banner(state: Mapping[str, Any], port: int, standby: PostgresCluster | None
         f"  API      http://127.0.0.1:{port}/api/channels\n"
         f"  ready    http://127.0.0.1:{port}/readyz\n"
         f"  admin    http://127.0.0.1:{port}/admin/   (user admin, token {state['admin_token']})\n"
-        f"  metrics  http://127.0.0.1:{port}/metrics   (Authorization: Bearer <the admin token>)\n"
+        f"  metrics  http://127.0.0.1:{port}/metrics   (Bearer <metrics_token in the state file>)\n"
         f"  rotate   make rotate   (the {service_secret(state)} secret; SECRET={others} for the others;"
         " in another terminal)\n"
         "  status   make status   (every worker's rotation state, from the history)\n"

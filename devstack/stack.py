@@ -178,9 +178,11 @@ def aws_env(state: Mapping[str, Any]) -> dict[str, str]:
 # The stack decides these; a value left in the caller's shell must not point it elsewhere.
 _STACK_VARIABLES = frozenset(
     {
+        "ADMIN_TOKEN_SECRET_ID",  # the stack sets ADMIN_TOKEN and METRICS_TOKEN itself
         "DB_APP_SECRET_ID",
         "DB_OWNER_ROLE",
         "DB_REPLICA_SECRET_ID",
+        "METRICS_TOKEN_SECRET_ID",
         "POSTGRES_REPLICA_HOST",
         "POSTGRES_REPLICA_PORT",
     }
@@ -198,6 +200,7 @@ def service_env(state: Mapping[str, Any], port: int) -> dict[str, str]:
         "DB_POOL_GRACE_PERIOD_MS": os.environ.get("DB_POOL_GRACE_PERIOD_MS", "10000"),
         "POSTGRES_POOL_SIZE": os.environ.get("POSTGRES_POOL_SIZE", "5"),
         "ADMIN_TOKEN": state["admin_token"],
+        "METRICS_TOKEN": state["metrics_token"],
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
         "PROMETHEUS_MULTIPROC_DIR": str(METRICS_DIR),
         "PORT": str(port),

@@ -19,11 +19,33 @@ locals {
   # postgresql:// URL without quoting: / @ " ' space and backslash.
   db_password_exclude_characters = "/@\"' \\"
 
-  # AWS's rotation functions, published in the Serverless Application Repository by AWS.
+  # AWS's rotation functions, published in the Serverless Application Repository by AWS. The
+  # partition comes from aws_partition (aws, aws-cn, aws-us-gov), not a literal "aws".
   rotation_applications = {
-    multi_user  = "arn:aws:serverlessrepo:us-east-1:297356227824:applications/SecretsManagerRDSPostgreSQLRotationMultiUser"
-    single_user = "arn:aws:serverlessrepo:us-east-1:297356227824:applications/SecretsManagerRDSPostgreSQLRotationSingleUser"
+    multi_user  = "arn:${local.partition}:serverlessrepo:us-east-1:297356227824:applications/SecretsManagerRDSPostgreSQLRotationMultiUser"
+    single_user = "arn:${local.partition}:serverlessrepo:us-east-1:297356227824:applications/SecretsManagerRDSPostgreSQLRotationSingleUser"
   }
+
+  # Parameters of AWS's templates beyond the network ones, as AWS CDK passes them:
+  # masterSecretArn (the multi-user function logs in with it; CDK refuses to build that
+  # function without it), the customer key of the rotated secret (kmsKeyArn) and of the master
+  # secret (masterSecretKmsKeyArn) when there is one, and the characters a password never
+  # contains (the same as the first passwords').
+  rotation_function_parameters = {
+    multi_user = merge(
+      { masterSecretArn = local.db_master_secret_arn },
+      var.master_user_secret_kms_key_id == null ? {} : {
+        kmsKeyArn             = var.master_user_secret_kms_key_id
+        masterSecretKmsKeyArn = var.master_user_secret_kms_key_id
+      },
+    )
+    single_user = var.master_user_secret_kms_key_id == null ? {} : { kmsKeyArn = var.master_user_secret_kms_key_id }
+  }
+
+  # The app and replica secrets hold logins the bootstrap task creates: rotating them before
+  # it ran fails (Secrets Manager runs testSecret as soon as rotation is configured, even
+  # with rotate_immediately = false). var.bootstrap_completed turns their rotation on.
+  rotate_role_secrets = local.app_role && var.bootstrap_completed
 
   # Which functions this stack deploys: alternating users for the app (and replica) secret in
   # app_role mode; single user for a master secret Terraform writes.
@@ -173,12 +195,16 @@ resource "aws_serverlessapplicationrepository_cloudformation_stack" "rotation" {
   semantic_version = var.rotation_function_semantic_version
   capabilities     = ["CAPABILITY_IAM", "CAPABILITY_RESOURCE_POLICY"]
 
-  parameters = {
-    functionName        = each.value
-    endpoint            = local.secretsmanager_endpoint
-    vpcSubnetIds        = join(",", local.private_subnet_ids)
-    vpcSecurityGroupIds = aws_security_group.rotation[0].id
-  }
+  parameters = merge(
+    {
+      functionName        = each.value
+      endpoint            = local.secretsmanager_endpoint
+      vpcSubnetIds        = join(",", local.private_subnet_ids)
+      vpcSecurityGroupIds = aws_security_group.rotation[0].id
+      excludeCharacters   = local.db_password_exclude_characters
+    },
+    local.rotation_function_parameters[each.key],
+  )
 }
 
 # The function each stack created, to find its execution role.
@@ -341,11 +367,13 @@ resource "aws_iam_role_policy" "rotation_single_user" {
 
 # --- Rotation schedules ---------------------------------------------------------------------------
 
-# rotate_immediately = false: the first rotation waits for the schedule, by which time the
-# migration task has created commng_app (the function would fail to GRANT a role that does
-# not exist). Run the migration task right after the first apply (infra/README.md).
+# Only once var.bootstrap_completed is true (local.rotate_role_secrets): configuring rotation
+# makes Secrets Manager run the function's testSecret step at once, even with
+# rotate_immediately = false, and that logs in as commng_app, which only the bootstrap task
+# creates (infra/README.md, "First deployment", steps 3-5). The first rotation itself then
+# waits for the schedule.
 resource "aws_secretsmanager_secret_rotation" "db_app" {
-  count = local.app_role ? 1 : 0
+  count = local.rotate_role_secrets ? 1 : 0
 
   secret_id           = aws_secretsmanager_secret.db_app[0].id
   rotation_lambda_arn = local.rotation_lambda_arns["multi_user"]
@@ -360,7 +388,7 @@ resource "aws_secretsmanager_secret_rotation" "db_app" {
 }
 
 resource "aws_secretsmanager_secret_rotation" "db_replica" {
-  count = var.db_replica_enabled ? 1 : 0
+  count = local.rotate_role_secrets && var.db_replica_enabled ? 1 : 0
 
   secret_id           = aws_secretsmanager_secret.db_replica[0].id
   rotation_lambda_arn = local.rotation_lambda_arns["multi_user"]

@@ -34,6 +34,27 @@ resource "aws_db_parameter_group" "main" {
   }
 }
 
+# RDS creates the log groups of its exported logs itself, with no KMS key and no retention,
+# unless they exist first: Terraform creates them, encrypted and with the stack's retention,
+# and the instances depend on them.
+locals {
+  db_log_exports = ["postgresql", "upgrade"]
+  db_log_groups = merge(
+    { for log in local.db_log_exports : "main-${log}" => "/aws/rds/instance/${local.prefix}/${log}" },
+    var.db_replica_enabled ? {
+      for log in local.db_log_exports : "replica-${log}" => "/aws/rds/instance/${local.prefix}-replica/${log}"
+    } : {},
+  )
+}
+
+resource "aws_cloudwatch_log_group" "db" {
+  for_each = local.db_log_groups
+
+  name              = each.value
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.logs.arn
+}
+
 resource "aws_db_instance" "main" {
   identifier     = local.prefix
   engine         = "postgres"
@@ -77,7 +98,8 @@ resource "aws_db_instance" "main" {
   final_snapshot_identifier = "${local.prefix}-final"
 
   auto_minor_version_upgrade      = true
-  enabled_cloudwatch_logs_exports = ["postgresql", "upgrade"]
+  enabled_cloudwatch_logs_exports = local.db_log_exports
+  depends_on                      = [aws_cloudwatch_log_group.db]
 
   monitoring_interval = var.db_monitoring_interval
   monitoring_role_arn = var.db_monitoring_interval > 0 ? aws_iam_role.rds_monitoring[0].arn : null
@@ -136,7 +158,8 @@ resource "aws_db_instance" "replica" {
   skip_final_snapshot   = true
 
   auto_minor_version_upgrade      = true
-  enabled_cloudwatch_logs_exports = ["postgresql", "upgrade"]
+  enabled_cloudwatch_logs_exports = local.db_log_exports
+  depends_on                      = [aws_cloudwatch_log_group.db]
 
   monitoring_interval = var.db_monitoring_interval
   monitoring_role_arn = var.db_monitoring_interval > 0 ? aws_iam_role.rds_monitoring[0].arn : null

@@ -40,45 +40,15 @@ data "aws_iam_policy_document" "ecs_tasks_assume" {
 
 resource "aws_iam_role" "execution" {
   name               = "${local.prefix}-ecs-execution"
-  description        = "ECS agent for ${local.prefix}: pull the image, write logs, inject secrets at task start"
+  description        = "ECS agent for ${local.prefix}: pull the image, write logs"
   assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
 }
 
-# ECR pull and CloudWatch Logs writes (AWS-managed, scoped by the service).
+# ECR pull and CloudWatch Logs writes (AWS-managed, scoped by the service). Nothing else: ECS
+# injects no secret into the container (ecs.tf), so this role reads none.
 resource "aws_iam_role_policy_attachment" "execution_managed" {
   role       = aws_iam_role.execution.name
   policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
-}
-
-data "aws_iam_policy_document" "execution_secrets" {
-  # Exactly the secrets referenced in the task definition's `secrets`: the DB master secret
-  # (POSTGRES_USER/POSTGRES_PASSWORD) and the ADMIN_TOKEN secret.
-  statement {
-    sid       = "InjectSecretsAtStart"
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = local.injected_secret_arns
-  }
-
-  dynamic "statement" {
-    for_each = local.secrets_kms_key_arns
-    content {
-      sid       = "DecryptSecretsKey"
-      actions   = ["kms:Decrypt"]
-      resources = [statement.value]
-
-      condition {
-        test     = "StringEquals"
-        variable = "kms:ViaService"
-        values   = ["secretsmanager.${local.region}.amazonaws.com"]
-      }
-    }
-  }
-}
-
-resource "aws_iam_role_policy" "execution_secrets" {
-  name   = "inject-secrets"
-  role   = aws_iam_role.execution.id
-  policy = data.aws_iam_policy_document.execution_secrets.json
 }
 
 # --- ECS task role: what the application itself (boto3) runs as ----------------------------
@@ -104,6 +74,13 @@ data "aws_iam_policy_document" "task_db_secret" {
     resources = local.service_secret_arns
   }
 
+  # ADMIN_TOKEN and METRICS_TOKEN, read once when a worker starts (commng/tokens.py).
+  statement {
+    sid       = "ReadTokensAtStart"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = local.token_secret_arns
+  }
+
   dynamic "statement" {
     for_each = local.secrets_kms_key_arns
     content {
@@ -115,6 +92,13 @@ data "aws_iam_policy_document" "task_db_secret" {
         test     = "StringEquals"
         variable = "kms:ViaService"
         values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+
+      # Only to decrypt these secrets: Secrets Manager names the secret in the context.
+      condition {
+        test     = "StringEquals"
+        variable = "kms:EncryptionContext:SecretARN"
+        values   = concat(local.service_secret_arns, local.token_secret_arns)
       }
     }
   }
@@ -128,10 +112,11 @@ resource "aws_iam_role_policy" "task_db_secret" {
 
 data "aws_iam_policy_document" "task_rotation_events" {
   # Each worker long-polls the rotation-events queue and deletes what it handled. Nothing
-  # else: no send, no other queue (the dead-letter queue is for operators).
+  # else: no send, no other queue (the dead-letter queue is for operators), and no
+  # GetQueueAttributes (nothing in the app asks for them).
   statement {
     sid       = "ConsumeRotationEvents"
-    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
+    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage"]
     resources = [aws_sqs_queue.rotation_events.arn]
   }
 }
@@ -174,6 +159,13 @@ data "aws_iam_policy_document" "migrate_db_secrets" {
         test     = "StringEquals"
         variable = "kms:ViaService"
         values   = ["secretsmanager.${local.region}.amazonaws.com"]
+      }
+
+      # Only to decrypt these secrets: Secrets Manager names the secret in the context.
+      condition {
+        test     = "StringEquals"
+        variable = "kms:EncryptionContext:SecretARN"
+        values   = local.migration_secret_arns
       }
     }
   }
@@ -333,6 +325,8 @@ resource "aws_kms_key" "logs" {
             "kms:EncryptionContext:aws:logs:arn" = [
               "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/ecs/${local.prefix}",
               "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/vpc/${local.prefix}/*",
+              "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/aws/rds/instance/${local.prefix}/*",
+              "arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/aws/rds/instance/${local.prefix}-replica/*",
             ]
           }
         }

@@ -190,6 +190,30 @@ locals {
   ))
 }
 
+# Every interface endpoint carries a policy, as the S3 one does: only this account's
+# principals, on this account's resources. Without it a task could use its own credentials
+# through the endpoint to send data to another account's queues, log groups or secrets, which
+# the no-NAT egress design is meant to prevent. ResourceAccount "IfExists": calls that name
+# no resource (ecr:GetAuthorizationToken before every image pull, the rotation functions'
+# secretsmanager:GetRandomPassword) may carry no such key, and cannot reach another
+# account's resource anyway.
+locals {
+  endpoint_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid       = "ThisAccountOnly"
+      Effect    = "Allow"
+      Principal = "*"
+      Action    = "*"
+      Resource  = "*"
+      Condition = {
+        StringEquals         = { "aws:PrincipalAccount" = local.account_id }
+        StringEqualsIfExists = { "aws:ResourceAccount" = local.account_id }
+      }
+    }]
+  })
+}
+
 resource "aws_vpc_endpoint" "interface" {
   for_each = var.create_vpc_endpoints ? local.interface_endpoints : toset([])
 
@@ -199,6 +223,7 @@ resource "aws_vpc_endpoint" "interface" {
   subnet_ids          = local.private_subnet_ids
   security_group_ids  = [aws_security_group.endpoints[0].id]
   private_dns_enabled = true
+  policy              = local.endpoint_policy
 
   tags = { Name = "${local.prefix}-${each.value}" }
 }
@@ -454,6 +479,10 @@ resource "aws_lb_listener" "https" {
   protocol          = "HTTPS"
   ssl_policy        = var.alb_ssl_policy
   certificate_arn   = var.acm_certificate_arn
+
+  # HSTS for the whole site, set by the ALB on every response (the app's own, fixed ones
+  # and redirects alike), not only on /admin's.
+  routing_http_response_strict_transport_security_header_value = "max-age=31536000; includeSubDomains"
 
   default_action {
     type             = "forward"

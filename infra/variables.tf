@@ -28,6 +28,13 @@ variable "environment" {
     condition     = can(regex("^[a-z][a-z0-9-]{1,10}$", var.environment))
     error_message = "environment must be 2-11 characters of lower-case letters, digits and dashes."
   }
+
+  # The ALB is named "<name>-<environment>" and its target group that plus "-app": AWS allows
+  # 32 characters for both.
+  validation {
+    condition     = length("${var.name}-${var.environment}-app") <= 32
+    error_message = "name and environment together must be at most 27 characters (\"<name>-<environment>-app\" names the target group, and AWS allows 32)."
+  }
 }
 
 variable "tags" {
@@ -160,9 +167,14 @@ variable "admin_allowed_cidrs" {
 }
 
 variable "alb_ssl_policy" {
-  description = "TLS policy of the HTTPS listener."
+  description = "TLS policy of the HTTPS listener: a TLS 1.3 policy restricted to TLS 1.2 and 1.3 with forward-secret ciphers."
   type        = string
-  default     = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+  default     = "ELBSecurityPolicy-TLS13-1-2-Res-2021-06"
+
+  validation {
+    condition     = can(regex("^ELBSecurityPolicy-TLS13-", var.alb_ssl_policy))
+    error_message = "alb_ssl_policy must be a TLS 1.3 policy (ELBSecurityPolicy-TLS13-1-2-Res-2021-06 or newer)."
+  }
 }
 
 variable "alb_deletion_protection" {
@@ -396,9 +408,13 @@ variable "db_app_secret_rotation_schedule" {
 }
 
 variable "rotation_function_semantic_version" {
-  description = "Version of AWS's rotation applications (Serverless Application Repository) to deploy; null (default) takes the latest at apply time. Pin it once deployed so a later apply does not upgrade the functions unannounced."
+  description = "Version of AWS's rotation applications (Serverless Application Repository) to deploy (X.Y.Z, one listed by `aws serverlessrepo list-application-versions`, see infra/README.md): code that holds the master credentials, so it is pinned and reviewed, never \"the latest at apply time\"."
   type        = string
-  default     = null
+
+  validation {
+    condition     = var.rotation_function_semantic_version != null && can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.rotation_function_semantic_version))
+    error_message = "rotation_function_semantic_version must be a pinned version X.Y.Z (null would deploy whatever is latest at each apply)."
+  }
 }
 
 variable "db_master_password_managed_by_rds" {
@@ -446,8 +462,13 @@ variable "db_replica_instance_class" {
 # --- Application (ECS) ---------------------------------------------------------------------
 
 variable "container_image" {
-  description = "Image to run, preferably pinned by digest (…@sha256:…). It must be in ECR in this region: the private subnets have no NAT, only VPC endpoints."
+  description = "Image to run, pinned by digest (<repository>@sha256:<64 hex>): a tag can be moved to other code. It must be in ECR in this region: the private subnets have no NAT, only VPC endpoints."
   type        = string
+
+  validation {
+    condition     = can(regex("^[^@\\s]+@sha256:[0-9a-f]{64}$", var.container_image))
+    error_message = "container_image must be a digest reference, <repository>@sha256:<64 lower-case hex digits> (a tag may point to other code tomorrow)."
+  }
 }
 
 variable "admin_token_version" {
@@ -459,6 +480,34 @@ variable "admin_token_version" {
     condition     = var.admin_token_version >= 1 && floor(var.admin_token_version) == var.admin_token_version
     error_message = "admin_token_version must be a whole number, 1 or more."
   }
+}
+
+variable "metrics_token_version" {
+  description = "Version of the generated METRICS_TOKEN (the Prometheus scraper's read-only token for /metrics). Bump it to write a new token and roll the tasks; give Prometheus the new value."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.metrics_token_version >= 1 && floor(var.metrics_token_version) == var.metrics_token_version
+    error_message = "metrics_token_version must be a whole number, 1 or more."
+  }
+}
+
+variable "secret_admin_role_arns" {
+  description = "Roles (ARNs) that may read the stack's secrets besides their runtime readers: the role that runs terraform (it reads each secret version back on every plan) and the operators' (they read the tokens). Non-null turns on a resource policy on each of the stack's own secrets that denies GetSecretValue to every other principal (secret_policies.tf); null (default) attaches none. Roles only: aws:PrincipalArn is the role's ARN for an assumed-role session."
+  type        = list(string)
+  default     = null
+
+  validation {
+    condition     = var.secret_admin_role_arns == null || alltrue([for arn in coalesce(var.secret_admin_role_arns, []) : can(regex("^arn:[a-z-]+:iam::[0-9]{12}:role/", arn))])
+    error_message = "secret_admin_role_arns must list IAM role ARNs (arn:aws:iam::123456789012:role/...), or be null."
+  }
+}
+
+variable "bootstrap_completed" {
+  description = "false (default) until the bootstrap (migration) task has run once: the service runs 0 tasks and the app and replica secrets are not rotated, since the logins they hold do not exist yet. Set true for the second apply (infra/README.md, \"First deployment\"); an existing stack sets it true before applying this version."
+  type        = bool
+  default     = false
 }
 
 variable "desired_count" {

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 SESSION_TOKEN = "FAKE-AWS-SESSION-TOKEN-" + secrets.token_hex(24)
 ADMIN_TOKEN = "debug-admin-" + secrets.token_hex(16)
+METRICS_TOKEN = "debug-metrics-" + secrets.token_hex(16)
 
 
 def _adopted(server: GunicornServer, version: str) -> bool:
@@ -42,6 +43,7 @@ def test_a_rotation_at_debug_logs_no_password_and_no_session_token(
         LOG_FORMAT=log_format,
         AWS_SESSION_TOKEN=SESSION_TOKEN,
         ADMIN_TOKEN=ADMIN_TOKEN,
+        METRICS_TOKEN=METRICS_TOKEN,
     )
     server = GunicornServer(env, free_port(), 1, workdir / "gunicorn.log")
     passwords = [database.password]
@@ -59,7 +61,7 @@ def test_a_rotation_at_debug_logs_no_password_and_no_session_token(
             listed = http.get(f"{server.url}/api/channels", timeout=10)
             assert listed.status_code == 200
             assert [c["name"] for c in listed.json()["channels"]] == ["debug"]
-            bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            bearer = {"Authorization": f"Bearer {METRICS_TOKEN}"}
             assert http.get(f"{server.url}/metrics", headers=bearer, timeout=10).status_code == 200
         finally:
             code = server.stop()
@@ -68,4 +70,4 @@ def test_a_rotation_at_debug_logs_no_password_and_no_session_token(
     # DEBUG took effect: the watcher's per-check debug event is there.
     assert "secret_checked" in output
     assert ('"level": "debug"' if log_format == "json" else "[debug") in output
-    assert_no_secrets(output, [*passwords, SESSION_TOKEN, ADMIN_TOKEN])
+    assert_no_secrets(output, [*passwords, SESSION_TOKEN, ADMIN_TOKEN, METRICS_TOKEN])

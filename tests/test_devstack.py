@@ -8,6 +8,7 @@ teardown checks that nothing is left. One more stack, in the master shape and st
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -158,7 +159,7 @@ class RunningStack:
             raise AssertionError("\n".join([str(exc), *lines[-40:]])) from None
 
     def metrics(self) -> str:
-        token = self.state()["admin_token"]  # /metrics is private by default
+        token = self.state()["metrics_token"]  # /metrics is private by default, not the admin token's
         headers = {"Authorization": f"Bearer {token}"}
         return requests.get(f"{self.url}/metrics", headers=headers, timeout=10).text
 
@@ -172,7 +173,14 @@ def stack() -> Iterator[RunningStack]:
     port = free_port()
     log = (local_dir / "run.log").open("wb")
     # JSON lines for adopted(); a 1 s poll, so that the replica's rotation (no push) is seen soon.
-    env = {"LOG_FORMAT": "json", "DB_SECRET_REFRESH_INTERVAL_MS": "1000"}
+    # The edge as behind the ALB: one trusted proxy, /admin for the loopback only (the tests
+    # reach it without X-Forwarded-For, so their own address counts).
+    env = {
+        "LOG_FORMAT": "json",
+        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
+        "ADMIN_ALLOWED_CIDRS": "127.0.0.0/8",
+        "TRUSTED_PROXIES": "1",
+    }
     process = _start_stack(local_dir, port, log, env=env)
     running = RunningStack(process, local_dir, port)
     try:
@@ -403,6 +411,52 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
     assert lines[2].startswith("AWSCURRENT  ")
     assert status.stderr == ""
     assert_no_secrets(status.stdout, [*_passwords(state), state["admin_token"]])
+
+
+def _raw(stack: RunningStack, method: str, path: str, headers: dict[str, str]) -> int:
+    """The status of ``method path`` sent as is (no client normalises or re-quotes it)."""
+    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    try:
+        connection.request(method, path, headers={**headers, "Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+# Paths an ALB rule on /admin* or /metrics does not see as such, but Werkzeug routes there.
+BYPASSES = [
+    ("GET", "//admin/api/status", "admin"),
+    ("GET", "/%61dmin/api/status", "admin"),
+    ("POST", "//admin/api/rotations/check", "admin"),
+    ("GET", "/%6detrics", "metrics"),
+]
+
+
+def test_the_edge_bypass_paths_are_404_on_gunicorn_with_gevent_workers(stack: RunningStack) -> None:
+    state = stack.state()
+    tokens = {name: {"Authorization": f"Bearer {state[f'{name}_token']}"} for name in ("admin", "metrics")}
+    log_before = len(stack.log())
+    for method, path, token in BYPASSES:
+        # With the right token and without one: a 404 either way, and no failed-login line.
+        assert _raw(stack, method, path, tokens[token]) == 404, path
+        assert _raw(stack, method, path, {}) == 404, path
+    bypass_log = stack.log()[log_before:]
+    assert "auth_failed" not in bypass_log
+    assert '"admin_action"' not in bypass_log  # the POST ran no check
+
+    # The literal paths still answer, and only the appended X-Forwarded-For entry counts.
+    assert _raw(stack, "GET", "/admin/api/status", tokens["admin"]) == 200
+    assert _raw(stack, "GET", "/metrics", tokens["metrics"]) == 200
+    assert _raw(stack, "GET", "/metrics", tokens["admin"]) == 401  # the admin token is not the scraper's
+    spoofed = {**tokens["admin"], "X-Forwarded-For": "127.0.0.1, 203.0.113.9"}
+    assert _raw(stack, "GET", "/admin/api/status", spoofed) == 404
+    appended = {**tokens["admin"], "X-Forwarded-For": "203.0.113.9, 127.0.0.9"}
+    assert _raw(stack, "GET", "/admin/api/status", appended) == 200
+    # The banner shows the local admin token on purpose; nothing these requests logged does.
+    assert_no_secrets(stack.log()[log_before:], [state["admin_token"], state["metrics_token"]])
+    assert_no_secrets(stack.log(), [state["metrics_token"]])
 
 
 def test_only_gunicorn_workers_write_into_the_metrics_directory(stack: RunningStack) -> None:

@@ -40,6 +40,8 @@ WORKERS = 2
 CLIENTS = 4
 TOKEN = "e2e-replica-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+METRICS_TOKEN = "e2e-replica-metrics-token-0123456789"
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 @pytest.fixture
@@ -177,7 +179,8 @@ class ReadYourWrites:
 
 def _reads(server: GunicornServer, bind: str) -> float:
     """commng_db_reads_total{bind} over every worker (multiprocess metrics)."""
-    response = requests.get(f"{server.url}/metrics", headers={**AUTH, "Connection": "close"}, timeout=10)
+    headers = {**METRICS_AUTH, "Connection": "close"}
+    response = requests.get(f"{server.url}/metrics", headers=headers, timeout=10)
     assert response.status_code == 200, response.text[:200]
     return sum(
         sample.value
@@ -230,6 +233,7 @@ def test_replica_rotation_and_restart_under_load_fail_no_request(
         POSTGRES_POOL_SIZE="3",
         DB_POOL_GRACE_PERIOD_MS="1000",
         ADMIN_TOKEN=TOKEN,
+        METRICS_TOKEN=METRICS_TOKEN,
     )
     replica_secret = {
         "username": name,

@@ -31,6 +31,7 @@ from config import Settings
 from tests.helpers import Database
 
 TOKEN = "inputs-Token_0123456789.~+/"
+METRICS_TOKEN = "inputs-Metrics_0123456789.~+/"
 MAX_BODY_BYTES = 64 * 1024  # the app's MAX_CONTENT_LENGTH
 # The only answers that are not JSON: the admin page and the Prometheus text, both 200.
 NOT_JSON = {"/admin/": "text/html", "/metrics": "text/plain"}
@@ -46,8 +47,8 @@ def _basic(user: str, password: str) -> str:
 
 @pytest.fixture
 def admin_app(database: Database, make_app: Any) -> Flask:
-    """An app with ADMIN_TOKEN set (so /admin and /metrics check credentials), two channels, one message."""
-    app: Flask = make_app(database.settings(admin_token=TOKEN))
+    """ADMIN_TOKEN and METRICS_TOKEN set (/admin and /metrics check credentials), 2 channels, 1 message."""
+    app: Flask = make_app(database.settings(admin_token=TOKEN, metrics_token=METRICS_TOKEN))
     client = app.test_client()
     for name in ("alpha", "bravo"):
         channel = client.post("/api/channels", json={"name": name}).json
@@ -198,7 +199,9 @@ def _own_body(rule: str) -> st.SearchStrategy[bytes]:
 
 def _credentials(rule: str) -> str | None:
     """What a legitimate client of ``rule`` sends: Basic for the page, Bearer for the APIs."""
-    if rule.startswith("/admin/api") or rule == "/metrics":
+    if rule == "/metrics":
+        return f"Bearer {METRICS_TOKEN}"
+    if rule.startswith("/admin/api"):
         return f"Bearer {TOKEN}"
     return _basic("admin", TOKEN) if rule.startswith("/admin") else None
 

@@ -20,7 +20,7 @@ from commng.db import db
 from commng.observability import metrics, pools
 from commng_rotation.runtime import get_runtime
 from commng_rotation.watcher import DEGRADED_AFTER_FAILURES
-from config import load_settings
+from config import ConfigError, load_settings
 from devstack import new_password
 from tests.helpers import Database, assert_no_secrets, wait_for
 
@@ -93,26 +93,43 @@ def test_requests_are_counted_by_route_not_path(public_client: Any) -> None:
     assert "/api/channels/123456/messages" not in _scrape(client)
 
 
-def test_metrics_are_private_by_default_behind_the_admin_token(database: Database, make_app: Any) -> None:
+def test_metrics_are_private_by_default_behind_their_own_token(database: Database, make_app: Any) -> None:
     assert load_settings({"POSTGRES_USER": "u"}).metrics_public is False
     token = "metrics-token-0123456789+/="
-    client = make_app(database.settings(admin_token=token)).test_client()
-    for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {token}"}]:
+    admin_token = "admin-token-0123456789abcdef"
+    client = make_app(database.settings(metrics_token=token, admin_token=admin_token)).test_client()
+    refused = [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {token}"}]
+    # The admin token does not open /metrics: the scraper's token and the admin's are apart.
+    refused.append({"Authorization": f"Bearer {admin_token}"})
+    for headers in refused:
         response = client.get("/metrics", headers=headers)
         assert response.status_code == 401, headers
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert response.json["error"]["code"] == "unauthorized"
     _scrape(client, Authorization=f"Bearer {token}")
+    # ... and the metrics token opens nothing under /admin.
+    admin = client.get("/admin/api/status", headers={"Authorization": f"Bearer {token}"})
+    assert admin.status_code == 401
 
-    # No token configured and not public: nobody may read them.
-    hidden = make_app(database.settings()).test_client()
-    response = hidden.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    # No metrics token configured and not public: nobody may read them, the admin included.
+    hidden = make_app(database.settings(admin_token=admin_token)).test_client()
+    response = hidden.get("/metrics", headers={"Authorization": f"Bearer {admin_token}"})
     assert response.status_code == 404
     assert response.json["error"]["code"] == "not_found"
 
     # METRICS_PUBLIC=true opens them, a token or not.
-    opened = make_app(database.settings(metrics_public=True, admin_token=token)).test_client()
+    opened = make_app(database.settings(metrics_public=True, metrics_token=token)).test_client()
     _scrape(opened)
+
+
+def test_metrics_token_is_checked_and_must_differ_from_the_admin_token() -> None:
+    with pytest.raises(ConfigError, match=r"^METRICS_TOKEN must be at least 16") as short:
+        load_settings({"POSTGRES_USER": "u", "METRICS_TOKEN": "short-secret"})
+    assert "short-secret" not in str(short.value)
+    same = "the-same-token-0123456789"
+    with pytest.raises(ConfigError, match=r"^METRICS_TOKEN must differ from ADMIN_TOKEN") as both:
+        load_settings({"POSTGRES_USER": "u", "METRICS_TOKEN": same, "ADMIN_TOKEN": same})
+    assert same not in str(both.value)
 
 
 def test_rotation_feeds_refresh_check_swap_detection_and_drain_metrics(

@@ -25,7 +25,7 @@ from werkzeug.datastructures import Authorization
 from commng.errors import error_response
 from config import Settings
 
-__all__ = ["ADMIN_USER", "api_auth", "closed_unless_configured", "page_auth", "remote_addr"]
+__all__ = ["ADMIN_USER", "api_auth", "closed_unless_configured", "metrics_auth", "page_auth", "remote_addr"]
 
 log = structlog.get_logger("commng.admin")
 
@@ -55,6 +55,7 @@ class _BearerAuth(HTTPTokenAuth):  # type: ignore[misc]
 
 _basic: Any = HTTPBasicAuth(realm=REALM)
 _bearer: Any = _BearerAuth(scheme="Bearer", realm=REALM)
+_metrics_bearer: Any = _BearerAuth(scheme="Bearer", realm="CommNG metrics")
 
 
 def _configured_token() -> str | None:
@@ -89,6 +90,14 @@ def _verify_bearer(token: str) -> str | None:
     return ADMIN_USER if _same(token, expected) else None
 
 
+def _verify_metrics_bearer(token: str) -> str | None:
+    settings: Settings = current_app.config["COMMNG_SETTINGS"]
+    expected = settings.metrics_token
+    if expected is None or not token:
+        return None
+    return "metrics" if _same(token, expected) else None
+
+
 def remote_addr() -> dict[str, str | None]:
     """Who is asking: the peer address, and X-Forwarded-For as sent (the ALB sets it)."""
     forwarded = request.headers.get("X-Forwarded-For")
@@ -109,10 +118,17 @@ def _page_unauthorized(status: int) -> Any:
     return error_response(status, "unauthorized", "sign in as user 'admin' with ADMIN_TOKEN as the password")
 
 
+def _metrics_unauthorized(status: int) -> Any:
+    log.warning("metrics_auth_failed", method=request.method, path=request.path, **remote_addr())
+    return error_response(status, "unauthorized", "send Authorization: Bearer <METRICS_TOKEN>")
+
+
 _basic.verify_password(_verify_basic)
 _basic.error_handler(_page_unauthorized)
 _bearer.verify_token(_verify_bearer)
 _bearer.error_handler(_api_unauthorized)
+_metrics_bearer.verify_token(_verify_metrics_bearer)
+_metrics_bearer.error_handler(_metrics_unauthorized)
 
 
 def page_auth(view: F) -> F:
@@ -123,6 +139,11 @@ def page_auth(view: F) -> F:
 def api_auth(view: F) -> F:
     """Require ``Authorization: Bearer <ADMIN_TOKEN>``."""
     return cast(F, _bearer.login_required(view))
+
+
+def metrics_auth(view: F) -> F:
+    """Require ``Authorization: Bearer <METRICS_TOKEN>`` (read-only: it opens nothing else)."""
+    return cast(F, _metrics_bearer.login_required(view))
 
 
 def closed_unless_configured() -> None:

@@ -34,7 +34,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prom_multiprocess
 
 from commng import db as database
-from commng.admin.auth import api_auth
+from commng.admin.auth import metrics_auth
 from commng.errors import error_response
 from commng.observability.pools import POOLS, pool_figures, track_engine
 from commng_rotation import CheckResult, Outcome, RotationEvent, Runtime, get_runtime
@@ -135,12 +135,12 @@ def render() -> bytes:
 
 @bp.get("/metrics")
 def metrics() -> Any:
-    """Prometheus text format; behind the admin Bearer token when METRICS_PUBLIC is false."""
+    """Prometheus text format; behind METRICS_TOKEN (not the admin token) unless METRICS_PUBLIC."""
     settings: Settings = current_app.config["COMMNG_SETTINGS"]
     if settings.metrics_public:
         return _exposition()
-    if settings.admin_token is None:  # no token configured: nobody may read private metrics
-        return error_response(404, "not_found", "metrics are not public and ADMIN_TOKEN is not set")
+    if settings.metrics_token is None:  # no token configured: nobody may read private metrics
+        return error_response(404, "not_found", "metrics are not public and METRICS_TOKEN is not set")
     return _private_exposition()
 
 
@@ -148,7 +148,7 @@ def _exposition() -> Response:
     return Response(render(), mimetype=CONTENT_TYPE_LATEST)
 
 
-@api_auth
+@metrics_auth
 def _private_exposition() -> Response:
     return _exposition()
 

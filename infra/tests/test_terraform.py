@@ -426,16 +426,22 @@ def test_task_role_reads_exactly_the_db_secret(tf):
         for s in _statements(doc)
         if any(a.startswith("secretsmanager:") for a in s["actions"])
     ]
-    assert len(statements) == 1
-    (statement,) = statements
+    assert len(statements) == 2
+    statement, tokens = statements
     assert sorted(statement["actions"]) == [
         "secretsmanager:DescribeSecret",
         "secretsmanager:GetSecretValue",
     ]
     # Its own login secret and the replica's, never the master secret by name.
     assert statement["resources"] == "local.service_secret_arns"
-    assert MASTER_SECRET not in str(statement)
+    assert MASTER_SECRET not in str(statements)
     assert statement.get("effect", "Allow") == "Allow"
+    # And the two tokens, read once at start-up.
+    assert tokens["actions"] == ["secretsmanager:GetSecretValue"]
+    assert _resolve(tf, tokens["resources"]) == [
+        "aws_secretsmanager_secret.admin_token.arn",
+        "aws_secretsmanager_secret.metrics_token.arn",
+    ]
 
 
 def test_execution_role_is_not_the_task_role(tf):
@@ -446,7 +452,7 @@ def test_execution_role_is_not_the_task_role(tf):
     assert ("aws_iam_role", "task") in tf["resource"]
 
 
-def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
+def test_execution_role_has_the_managed_policy_and_reads_no_secret(tf):
     attachments = [
         body["policy_arn"]
         for (rtype, _), body in tf["resource"].items()
@@ -455,20 +461,8 @@ def test_execution_role_has_managed_policy_and_only_injected_secrets(tf):
     ]
     assert len(attachments) == 1
     assert attachments[0].endswith(":iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy")
-
-    statements = [
-        s
-        for doc in _role_documents(tf, "execution")
-        for s in _statements(doc)
-        if any(a.startswith("secretsmanager:") for a in s["actions"])
-    ]
-    assert len(statements) == 1
-    assert statements[0]["actions"] == ["secretsmanager:GetSecretValue"]
-    injected = _resolve(tf, statements[0]["resources"])
-    assert injected == [
-        f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}",
-        "aws_secretsmanager_secret.admin_token.arn",
-    ]
+    # ECS injects nothing (the app reads its login and its tokens itself): no inline policy.
+    assert _role_documents(tf, "execution") == []
 
 
 def test_task_role_has_no_managed_policies(tf):
@@ -484,7 +478,7 @@ def test_kms_decrypt_only_when_a_customer_key_is_set(tf):
         tf["locals"]["secrets_kms_key_arns"]
         == "var.master_user_secret_kms_key_id == null ? [] : [var.master_user_secret_kms_key_id]"
     )
-    for role in ("execution", "task"):
+    for role in ("migrate", "task"):
         kms = [
             s
             for doc in _role_documents(tf, role)
@@ -557,14 +551,15 @@ def test_metrics_are_not_public(tf):
     assert env["METRICS_PUBLIC"] == "false"
 
 
-def test_initial_credentials_come_from_the_secret_json_keys(tf):
-    secrets = {s["name"]: _resolve(tf, s["valueFrom"]) for s in _container(tf)["secrets"]}
-    login = f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}"
-    assert secrets["POSTGRES_USER"] == "${" + login + "}:username::"
-    assert secrets["POSTGRES_PASSWORD"] == "${" + login + "}:password::"
-    assert secrets["ADMIN_TOKEN"] == "aws_secretsmanager_secret.admin_token.arn"
-    env = {e["name"] for e in _container(tf)["environment"]}
-    assert not env & {"POSTGRES_PASSWORD", "ADMIN_TOKEN"}
+def test_no_secret_is_injected_into_the_container(tf):
+    # Injected, a value stays in /proc/1/environ for the task's life: the app reads its login
+    # (DB_SECRET_ID) and its tokens (*_TOKEN_SECRET_ID) from Secrets Manager itself.
+    assert "secrets" not in _container(tf)
+    env = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert not set(env) & {"POSTGRES_USER", "POSTGRES_PASSWORD", "ADMIN_TOKEN", "METRICS_TOKEN"}
+    assert env["DB_SECRET_ID"] == "local.db_secret_arn"
+    assert env["ADMIN_TOKEN_SECRET_ID"] == "aws_secretsmanager_secret.admin_token.arn"
+    assert env["METRICS_TOKEN_SECRET_ID"] == "aws_secretsmanager_secret.metrics_token.arn"
 
 
 def test_admin_token_is_generated_write_only_and_never_in_state(tf):
@@ -719,7 +714,8 @@ def test_the_app_consumes_the_rotation_events_queue_with_a_dead_letter_queue(tf)
         if any(a.startswith("sqs:") for a in s["actions"])
     ]
     (statement,) = statements
-    assert sorted(statement["actions"]) == ["sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ReceiveMessage"]
+    # No GetQueueAttributes: nothing in the app asks for them.
+    assert sorted(statement["actions"]) == ["sqs:DeleteMessage", "sqs:ReceiveMessage"]
     assert statement["resources"] == ["aws_sqs_queue.rotation_events.arn"]
     assert "sqs" in tf["locals"]["interface_endpoints"]
     alarm = tf["resource"][("aws_cloudwatch_metric_alarm", "rotation_events_dead_letters")]
@@ -862,9 +858,11 @@ def test_credentials_mode_defaults_to_app_role_and_is_validated(tf):
     for address in (
         ("aws_secretsmanager_secret", "db_app"),
         ("aws_secretsmanager_secret_version", "db_app"),
-        ("aws_secretsmanager_secret_rotation", "db_app"),
     ):
         assert r[address]["count"] == "local.app_role ? 1 : 0", address
+    # Its rotation also waits for the bootstrap (test_deploy.py).
+    assert r[("aws_secretsmanager_secret_rotation", "db_app")]["count"] == "local.rotate_role_secrets ? 1 : 0"
+    assert tf["locals"]["rotate_role_secrets"] == "local.app_role && var.bootstrap_completed"
     assert tf["ephemeral"][("aws_secretsmanager_random_password", "db_app")]["count"] == "local.app_role ? 1 : 0"
 
 
@@ -898,7 +896,7 @@ def test_db_passwords_are_libpq_and_url_safe(tf):
 
 def test_rotation_functions_come_from_the_serverless_application_repository(tf):
     apps = tf["locals"]["rotation_applications"]
-    assert apps["multi_user"] == SAR_MULTI
+    assert apps["multi_user"] == SAR_MULTI.replace("arn:aws:", "arn:${local.partition}:")
     assert apps["single_user"].endswith(":applications/SecretsManagerRDSPostgreSQLRotationSingleUser")
     functions = tf["locals"]["rotation_functions"]
     compact = re.sub(r"\s+", "", functions)
@@ -907,12 +905,16 @@ def test_rotation_functions_come_from_the_serverless_application_repository(tf):
     stack = tf["resource"][("aws_serverlessapplicationrepository_cloudformation_stack", "rotation")]
     assert stack["for_each"] == "local.rotation_functions"
     assert stack["application_id"] == "local.rotation_applications[each.key]"
-    params = stack["parameters"]
-    assert set(params) == {"functionName", "endpoint", "vpcSubnetIds", "vpcSecurityGroupIds"}
-    assert params["endpoint"] == "local.secretsmanager_endpoint"
+    params = re.sub(r"\s+", "", stack["parameters"])
+    for name, value in {
+        "functionName": "each.value",
+        "endpoint": "local.secretsmanager_endpoint",
+        "vpcSubnetIds": 'join(",",local.private_subnet_ids)',
+        "vpcSecurityGroupIds": "aws_security_group.rotation[0].id",
+    }.items():
+        assert f"{name}={value}" in params, name
+    assert params.endswith("local.rotation_function_parameters[each.key])")
     assert tf["locals"]["secretsmanager_endpoint"].startswith("https://secretsmanager.${local.region}.")
-    assert params["vpcSubnetIds"] == 'join(",", local.private_subnet_ids)'
-    assert params["vpcSecurityGroupIds"] == "aws_security_group.rotation[0].id"
 
 
 def test_rotation_functions_reach_the_db_and_the_endpoints_only(tf):
