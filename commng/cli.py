@@ -205,8 +205,9 @@ def check_command(url: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(answer, indent=2))
     else:
-        for result in results:
-            click.echo(f"worker {answer.get('worker')} checked the secret: {_check_line(result)}")
+        for result in results:  # one per bind: the primary's secret, and the replica's
+            bind = result.get("bind") or "primary"
+            click.echo(f"worker {answer.get('worker')} checked the {bind} secret: {_check_line(result)}")
         click.echo(f"current version {answer.get('current_version') or '-'}")
         click.echo(
             "# one worker answered and recorded the check (trigger manual); the others follow "

@@ -184,7 +184,7 @@ def test_check_makes_one_worker_of_the_service_check_and_record_it(stack: Stack)
     first = result.stdout.splitlines()[0]
     worker = first.split()[1]
     assert worker in stack.workers
-    assert first == f"worker {worker} checked the secret: AWSCURRENT unchanged"
+    assert first == f"worker {worker} checked the primary secret: AWSCURRENT unchanged"
     assert f"current version {stack.version}" in result.stdout
     # The server writes the check to the history (its writer batches for about a second).
     wait_for(

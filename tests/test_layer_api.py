@@ -34,7 +34,7 @@ from devstack.processes import ROOT
 from tests.helpers import Database, assert_no_secrets
 
 # The host's code: everything but the tests, the bench and the layer itself.
-HOST_CODE = ["commng", "config", "devstack", "wsgi.py", "gunicorn.conf.py"]
+HOST_CODE = ["commng", "config", "devstack", "wsgi.py", "gunicorn.conf.py", "rotation/example"]
 
 
 def _python_files() -> list[Path]:
