@@ -166,11 +166,12 @@ class Rotator:
         version_id = self.source.current_version_id()
         if self._window_from is not None and version_id != self._window_from:
             self._window_from = None  # AWSCURRENT moved on: the window is over
-        current = self.current
-        if current is not None and version_id == current.version_id and current.stage != AWSCURRENT:
-            # AWSCURRENT caught up with the AWSPENDING version adopted in the window; what is
-            # announced of it from now on (a relayed push) says so.
-            self.current = replace(current, stage=AWSCURRENT)
+        with self._swap_lock:  # a refresh may be installing a newer version meanwhile
+            current = self.current
+            if current is not None and version_id == current.version_id and current.stage != AWSCURRENT:
+                # AWSCURRENT caught up with the AWSPENDING version adopted in the window; what
+                # is announced of it from now on (a relayed push) says so.
+                self.current = replace(current, stage=AWSCURRENT)
         if self.current is not None and version_id in {self.current.version_id, self._window_from}:
             if trigger == Trigger.MANUAL:
                 return self._record(
