@@ -15,6 +15,7 @@ on when the caller gives up.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections import Counter
@@ -201,8 +202,14 @@ class Rotator:
         if leader and left is None:
             return self._fly(flight, trigger, failed), True  # no deadline to keep: the watcher, the CLI
         if leader:
+            # In a copy of the caller's context: its log fields (the request id) stay on the
+            # refresh's lines; its deadline does not (the refresh sets its own).
+            context = contextvars.copy_context()
             thread = threading.Thread(
-                target=self._fly_detached, args=(flight, trigger, failed), name="commng-refresh", daemon=True
+                target=context.run,
+                args=(self._fly_detached, flight, trigger, failed),
+                name="commng-refresh",
+                daemon=True,
             )
             self._refreshers = [t for t in self._refreshers if t.is_alive()] + [thread]
             thread.start()
