@@ -7,12 +7,14 @@ happened to start it must neither shorten it nor be held past its own deadline b
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog
 from flask import Flask
 
 from commng_rotation import Trigger, bounds, get_runtime
@@ -131,3 +133,34 @@ def test_requests_wait_for_a_refresh_no_longer_than_their_own_deadline(
     assert patient[0][0] != old
     assert r.current is not None
     assert r.current.version_id == pending
+
+
+def test_a_refresh_a_request_started_logs_with_that_requests_fields(
+    secret_app: Flask,
+    database: Database,
+    secretsmanager: Any,
+    secret: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Run apart from its caller, the refresh still logs with the caller's request id."""
+    r = get_runtime(secret_app).rotator()
+    old = r.credentials
+    assert old is not None
+    _in_the_window(database, secretsmanager, secret)
+    caplog.set_level(logging.INFO)
+    out: list[tuple[Credentials | None, float]] = []
+
+    def request() -> None:
+        structlog.contextvars.bind_contextvars(request_id="req-refresh-1")
+        with bounds.deadline(10):
+            out.append((r.on_auth_failure(old), 0.0))
+
+    caller = threading.Thread(target=request, daemon=True)
+    caller.start()
+    caller.join(RETURNED_WITHIN_S)
+    assert out
+    assert out[0][0] is not None
+    lines = [m for m in caplog.messages if "refresh_succeeded" in m]
+    assert len(lines) == 1
+    assert "req-refresh-1" in lines[0]

@@ -15,6 +15,7 @@ on when the caller gives up.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections import Counter
@@ -166,11 +167,12 @@ class Rotator:
         version_id = self.source.current_version_id()
         if self._window_from is not None and version_id != self._window_from:
             self._window_from = None  # AWSCURRENT moved on: the window is over
-        current = self.current
-        if current is not None and version_id == current.version_id and current.stage != AWSCURRENT:
-            # AWSCURRENT caught up with the AWSPENDING version adopted in the window; what is
-            # announced of it from now on (a relayed push) says so.
-            self.current = replace(current, stage=AWSCURRENT)
+        with self._swap_lock:  # a refresh may be installing a newer version meanwhile
+            current = self.current
+            if current is not None and version_id == current.version_id and current.stage != AWSCURRENT:
+                # AWSCURRENT caught up with the AWSPENDING version adopted in the window; what
+                # is announced of it from now on (a relayed push) says so.
+                self.current = replace(current, stage=AWSCURRENT)
         if self.current is not None and version_id in {self.current.version_id, self._window_from}:
             if trigger == Trigger.MANUAL:
                 return self._record(
@@ -200,8 +202,14 @@ class Rotator:
         if leader and left is None:
             return self._fly(flight, trigger, failed), True  # no deadline to keep: the watcher, the CLI
         if leader:
+            # In a copy of the caller's context: its log fields (the request id) stay on the
+            # refresh's lines; its deadline does not (the refresh sets its own).
+            context = contextvars.copy_context()
             thread = threading.Thread(
-                target=self._fly_detached, args=(flight, trigger, failed), name="commng-refresh", daemon=True
+                target=context.run,
+                args=(self._fly_detached, flight, trigger, failed),
+                name="commng-refresh",
+                daemon=True,
             )
             self._refreshers = [t for t in self._refreshers if t.is_alive()] + [thread]
             thread.start()
