@@ -1,0 +1,186 @@
+"""The layer as an adopter uses it: a tiny host app defined here, a real PostgreSQL, moto.
+
+No sleep anywhere: the watcher is driven with ``check_once()``, and the reactive refresh
+happens inside the request that meets the refused login.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+import commng_rotation as rotation
+from commng_rotation import PinnedSession, RotationSettings, Trigger, get_runtime, list_events
+
+if TYPE_CHECKING:
+    from conftest import Login
+
+db = SQLAlchemy(session_options={"class_": PinnedSession})
+
+
+class Note(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "notes"
+    id = db.Column(db.Integer, primary_key=True)
+    text = db.Column(db.Text, nullable=False)
+
+
+def create_app(settings: RotationSettings, secrets_client: Any) -> Flask:
+    """The host app: a URL without a password, the pinned session, init_app, two views."""
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg2://"
+    db.init_app(app)
+    rotation.init_app(app, db, settings, secrets_client=secrets_client)
+
+    @app.post("/notes/<text>")
+    def add(text: str) -> tuple[dict[str, Any], int]:
+        note = Note(text=text)
+        db.session.add(note)
+        db.session.commit()
+        return {"id": note.id}, 201
+
+    @app.get("/notes")
+    def count() -> dict[str, Any]:
+        return {"count": db.session.scalar(sa.select(sa.func.count()).select_from(Note))}
+
+    return app
+
+
+def _settings(login: Login, secret_id: str, **overrides: Any) -> RotationSettings:
+    base: dict[str, Any] = {
+        "secret_id": secret_id,
+        "aws_region": "us-east-1",
+        "host": "127.0.0.1",
+        "port": login.server.port,
+        "dbname": login.dbname,
+        "sslmode": "disable",
+        "pool_size": 2,
+        "max_overflow": 1,
+        "grace_period_s": 1.0,
+        "refresh_interval_s": 60.0,
+        "application_name": "notes",
+        "fanout": False,
+    }
+    return RotationSettings(**{**base, **overrides})
+
+
+@pytest.fixture
+def secret(login: Login, secretsmanager: Any) -> str:
+    """An RDS-style secret holding the test login; its ARN."""
+    value = json.dumps({"username": login.role, "password": login.password})
+    arn: str = secretsmanager.create_secret(Name=f"db/{login.dbname}", SecretString=value)["ARN"]
+    return arn
+
+
+@pytest.fixture
+def app(login: Login, secret: str, secretsmanager: Any) -> Iterator[Flask]:
+    """The host app on the moto secret, with its table and the layer's tables created."""
+    ddl = sa.create_engine(
+        sa.URL.create(
+            "postgresql+psycopg2",
+            username=login.role,
+            password=login.password,
+            host="127.0.0.1",
+            port=login.server.port,
+            database=login.dbname,
+        )
+    )
+    with ddl.begin() as conn:
+        db.metadata.create_all(conn)
+        rotation.history.metadata.create_all(conn)
+    ddl.dispose()
+    flask_app = create_app(_settings(login, secret), secretsmanager)
+    yield flask_app
+    get_runtime(flask_app).stop()
+
+
+def _rotate(client: Any, secret: str, login: Login, stage: str = "AWSCURRENT") -> str:
+    """A new password in the secret (at ``stage``) and in the database; the new version id."""
+    password = login.new_password()
+    value = json.dumps({"username": login.role, "password": password})
+    version: str = client.put_secret_value(SecretId=secret, SecretString=value, VersionStages=[stage])[
+        "VersionId"
+    ]
+    login.set_password(password)
+    login.terminate_backends()  # new logins only from here: the old pool's sessions are gone
+    return version
+
+
+def test_the_watcher_adopts_a_rotation(app: Flask, login: Login, secret: str, secretsmanager: Any) -> None:
+    client = app.test_client()
+    assert client.post("/notes/before").status_code == 201
+    version = _rotate(secretsmanager, secret, login)
+    results = get_runtime(app).watcher.check_once()  # type: ignore[union-attr]
+    assert [r.outcome for r in results] == ["rotated"]
+    assert get_runtime(app).rotator().current.version_id == version  # type: ignore[union-attr]
+    assert client.post("/notes/after").status_code == 201
+    assert client.get("/notes").get_json() == {"count": 2}
+
+
+def test_a_refused_login_refreshes_inside_the_request(
+    app: Flask, login: Login, secret: str, secretsmanager: Any
+) -> None:
+    """The window of a single-user rotation: the database has the new password, AWSCURRENT the old."""
+    client = app.test_client()
+    assert client.post("/notes/before").status_code == 201
+    version = _rotate(secretsmanager, secret, login, stage="AWSPENDING")
+    assert client.get("/notes").get_json() == {"count": 1}  # no check_once: the request refreshed
+    rotator = get_runtime(app).rotator()
+    assert rotator.current is not None
+    assert rotator.current.version_id == version
+    assert rotator.trigger_counts[Trigger.AUTH_FAILURE] >= 1
+
+
+def test_history_rows_record_each_refresh(app: Flask, login: Login, secret: str, secretsmanager: Any) -> None:
+    version = _rotate(secretsmanager, secret, login)
+    get_runtime(app).watcher.check_once()  # type: ignore[union-attr]
+    get_runtime(app).stop()  # writes what the history writer still holds
+    with app.app_context(), db.engine.connect() as conn:
+        events, _ = list_events(conn, 10)
+    newest = events[0]
+    assert (newest.trigger, newest.outcome, newest.new_version) == ("poll", "rotated", version)
+
+
+def test_no_password_reaches_the_logs(
+    app: Flask, login: Login, secret: str, secretsmanager: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = login.password
+    _rotate(secretsmanager, secret, login, stage="AWSPENDING")
+    assert app.test_client().get("/notes").status_code == 200
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "refresh_succeeded" in text  # the logs were captured at all
+    for password in (first, login.password):
+        assert password not in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"port": 70000}, "port"),
+        ({"sslmode": "false"}, "sslmode"),
+        ({"refresh_interval_s": 0}, "refresh_interval_s"),
+    ],
+)
+def test_init_app_refuses_bad_settings_naming_the_field(
+    login: Login, secret: str, secretsmanager: Any, overrides: dict[str, Any], field: str
+) -> None:
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg2://"
+    db.init_app(app)
+    settings = _settings(login, secret, **overrides)
+    try:
+        runtime = rotation.init_app(app, db, settings, secrets_client=secretsmanager)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        runtime.stop()
+        pytest.fail(f"init_app accepted {overrides}")
+    assert field in message
+    assert "\n" not in message
+    assert login.password not in message
