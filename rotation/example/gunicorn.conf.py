@@ -1,11 +1,18 @@
-"""The two hooks the rotation layer needs, and a gevent worker."""
+"""gunicorn for the notes example: an explicit bind, gevent workers, the layer's two hooks."""
 
-worker_class = "gevent"
+import os
+
+# Loopback and a port of its own: CommNG's `make run` serves on 8000. `--bind` overrides it.
+bind = "127.0.0.1:8100"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gevent"  # needs gunicorn[gevent] (requirements.txt)
 preload_app = False  # each worker imports the app (and boto3) after gevent has patched it
+# gunicorn 27's control socket is not used; several gunicorns on one host would share it.
+control_socket_disable = True
 
 
 def post_worker_init(worker):
-    """Start this worker's secret watcher."""
+    """Start this worker's secret watcher (and push, fan-out, fleet row)."""
     from commng_rotation import start_background
 
     start_background(worker.wsgi)

@@ -1,0 +1,212 @@
+"""rotation/example/ end to end, as an adopter runs it: its own venv, its own environment, under rotation.
+
+The venv holds only what the example's requirements.txt names (the layer from a copy of
+./rotation, gunicorn[gevent]); the environment is CommNG's variable names with
+``POSTGRES_SSL=false`` and ``AWS_REGION`` alone (no ``AWS_DEFAULT_REGION``), on the test
+suite's PostgreSQL and a moto server. Its tables are made by ``flask --app app init-db``
+with a DDL login; the service logs in as an app role that may only read and write.
+Under create-and-read load: two single-user rotations (each with its window, where
+AWSCURRENT is already refused) and a third whose window also kills every idle backend.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg2 import sql
+
+from devstack import PostgresCluster, free_port, new_password, rotate_secret, secrets_client
+from devstack.processes import LoadGenerator, Sample
+from tests.helpers import assert_no_secrets, wait_for
+from tests.venvs import copy_layer, make_venv, run, temporary_dir
+
+pytestmark = pytest.mark.e2e
+
+WORKERS = 2
+CLIENTS = 4
+# Seconds inside each rotation's window (AWSCURRENT still old, the database already new).
+WINDOW_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def example() -> Iterator[Path]:
+    """A copy of rotation/ beside a venv built from rotation/example/requirements.txt alone."""
+    with temporary_dir("commng-example-") as work:
+        copy_layer(work / "rotation")
+        make_venv(work / "venv", "-r", "rotation/example/requirements.txt", cwd=work)
+        yield work
+
+
+class NotesLoad(LoadGenerator):
+    """Each client creates a note, then reads it back and checks its text."""
+
+    def __init__(self, base_url: str, clients: int) -> None:
+        super().__init__(base_url, [], clients, max_s=60.0)
+        self._last: dict[int, tuple[int, str]] = {}
+
+    def _next_request(self, session: Any, n: int, i: int) -> Sample:
+        if i % 2 == 0 or n not in self._last:
+            text = f"client {n} note {i} #?%&"
+            sample, body = self._call(session.post, "/notes", json={"text": text})
+            if sample.status == 201:
+                self._last[n] = (int(body["id"]), text)
+                with self._lock:
+                    self.result.created_ids.append(int(body["id"]))
+            return sample
+        note_id, text = self._last[n]
+        sample, body = self._call(session.get, f"/notes/{note_id}")
+        if sample.status == 200 and body != {"id": note_id, "text": text}:
+            sample.status, sample.error = 599, f"read back {body!r}"
+        return sample
+
+
+def _adopted(log: Path, version: str) -> set[int]:
+    """Workers whose JSON log lines say they refreshed to ``version``."""
+    workers = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if '"refresh_succeeded"' in line and version in line:
+            record = json.loads(line)
+            if record.get("new_version") == version:
+                workers.add(record["worker"])
+    return workers
+
+
+def _create_logins(pg: PostgresCluster, suffix: str) -> dict[str, str]:
+    """A DDL login owning a new database, and an app login with nothing granted yet."""
+    names = {"db": f"notes_{suffix}", "ddl": f"notes_ddl_{suffix}", "app": f"notes_app_{suffix}"}
+    passwords = {"ddl": new_password(), "app": new_password()}
+    for who in ("ddl", "app"):
+        pg.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(names[who]), sql.Literal(passwords[who])
+            )
+        )
+    pg.execute(
+        sql.SQL("CREATE DATABASE {} OWNER {}").format(
+            sql.Identifier(names["db"]), sql.Identifier(names["ddl"])
+        )
+    )
+    return {**names, "ddl_password": passwords["ddl"], "app_password": passwords["app"]}
+
+
+def _drop_logins(pg: PostgresCluster, logins: dict[str, str]) -> None:
+    pg.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(logins["db"])))
+    for who in ("app", "ddl"):
+        pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(logins[who])))
+
+
+def test_the_example_serves_through_three_rotations_without_a_failed_request(
+    example: Path, pg: PostgresCluster, moto_endpoint: str
+) -> None:
+    logins = _create_logins(pg, secrets.token_hex(3))
+    passwords = [logins["ddl_password"], logins["app_password"]]
+    client = secrets_client(moto_endpoint)
+    # What RDS manages: {"username", "password"} only; the host, port and database come from POSTGRES_*.
+    arns = {
+        who: client.create_secret(
+            Name=f"example/{logins[who]}",
+            SecretString=json.dumps({"username": logins[who], "password": logins[f"{who}_password"]}),
+        )["ARN"]
+        for who in ("ddl", "app")
+    }
+    bindir = example / "venv" / "bin"
+    appdir = example / "rotation" / "example"
+    env = {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "HOME": str(example),
+        "PYTHONUNBUFFERED": "1",
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(pg.port),
+        "POSTGRES_DB": logins["db"],
+        "POSTGRES_SSL": "false",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_endpoint,
+        "DB_SECRET_REFRESH_INTERVAL_MS": "1000",
+        "DB_POOL_GRACE_PERIOD_MS": "2000",
+        "WEB_CONCURRENCY": str(WORKERS),
+    }
+    log = example / f"gunicorn-{logins['db']}.log"
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        created = run(
+            [str(bindir / "flask"), "--app", "app", "init-db", "--grant", logins["app"]],
+            env={**env, "DB_SECRET_ID": arns["ddl"], "LOG_LEVEL": "WARNING"},
+            cwd=appdir,
+            timeout_s=60,
+        )
+        assert "tables ready: notes" in created
+        port = free_port()
+        with log.open("wb") as out:
+            server = subprocess.Popen(
+                [
+                    str(bindir / "gunicorn"),
+                    "-c",
+                    "gunicorn.conf.py",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "app:app",
+                ],
+                cwd=appdir,
+                env={**env, "DB_SECRET_ID": arns["app"]},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: server.poll() is not None or log.read_text().count('"worker_ready"') >= WORKERS, 60)
+        assert server.poll() is None, log.read_text()[-3000:]
+
+        load = NotesLoad(f"http://127.0.0.1:{port}", CLIENTS)
+        load.start()
+        rotations = []
+        for kill_idle in (False, False, True):
+            password = new_password()
+            passwords.append(password)
+            version = rotate_secret(
+                client,
+                arns["app"],
+                pg,
+                logins["app"],
+                password,
+                pause_s=WINDOW_S,
+                # Inside the window: every idle backend of the app role ends, as a failover would.
+                before_current=(lambda: pg.terminate_backends(logins["app"])) if kill_idle else None,
+            )
+            rotations.append(version)
+            wait_for(lambda v=version: len(_adopted(log, v)) == WORKERS, 30)
+        # Some more requests on the last rotation's engines (with the old pools closed).
+        served = len(load.result.samples)
+        wait_for(lambda: len(load.result.samples) >= served + 100, 20)
+        result = load.stop()
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(40)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+        _drop_logins(pg, logins)
+
+    output = log.read_text(errors="replace")
+    failures = result.failures
+    assert not failures, f"{len(failures)} of {len(result.samples)} failed: {failures[:5]}"
+    assert len(result.created_ids) >= 50
+    assert len(result.samples) >= 200
+    assert server.returncode == 0
+    assert_no_secrets(output, passwords)
+    assert_no_secrets(created, passwords)
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert records
+    assert all("worker" in r for r in records), [r for r in records if "worker" not in r][:3]
+    print(
+        f"\nexample under rotation: {len(result.samples)} requests, {len(failures)} failed, "
+        f"{len(rotations)} rotations, {len(result.created_ids)} notes created"
+    )
