@@ -11,7 +11,7 @@ from flask import Flask
 from flask_migrate import Migrate
 
 import commng_rotation as rotation
-from commng import admin, api, cli, errors, health, observability, xid
+from commng import admin, api, cli, errors, health, observability
 from commng import db as database
 from commng.db import db
 from commng.observability import logs
@@ -82,8 +82,6 @@ def create_app(
         secrets_client=secrets_client,
         sqs_client=sqs_client,
         replica=replica_rotation_settings(settings),
-        # Every connection notes the transactions a retried view commits (commng/xid.py).
-        connect_args=xid.CONNECT_ARGS,
     )
     database.init_app(app)
     # Observability first among the request hooks: the request id binds before anything logs.
@@ -118,6 +116,7 @@ def rotation_settings(settings: Settings) -> RotationSettings:
         connect_timeout_s=settings.postgres_connect_timeout_s,
         rotation_period_s=settings.db_rotation_period_s,
         application_name="commng",
+        service="commng",
         history_retention_days=settings.rotation_history_retention_days,
         queue_url=settings.db_rotation_queue_url,
         fanout=settings.db_rotation_fanout,

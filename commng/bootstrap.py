@@ -46,8 +46,15 @@ from psycopg2 import sql
 from psycopg2.extensions import encrypt_password
 
 from commng.db import db
-from commng_rotation import InvalidSecret, SecretsUnavailable, describe_error, get_runtime
-from commng_rotation.credentials import Credentials, SecretsManagerSource, make_secrets_client
+from commng_rotation import (
+    Credentials,
+    InvalidSecret,
+    SecretsManagerSource,
+    SecretsUnavailable,
+    describe_error,
+    get_runtime,
+    make_secrets_client,
+)
 from config import Settings
 
 __all__ = ["CLONE_SUFFIX", "bootstrap", "bootstrap_command", "login_pair"]

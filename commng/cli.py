@@ -57,7 +57,7 @@ def _database() -> str:
 
 def _read_history() -> list[RotationRecord]:
     try:
-        return latest_by_worker_and_bind(db.session)
+        return latest_by_worker_and_bind(db.session, get_runtime().service)
     except _READ_ERRORS as exc:
         db.session.rollback()
         raise click.ClickException(
@@ -196,7 +196,7 @@ def _check_line(result: dict[str, Any]) -> str:
 def history_command(limit: int) -> None:
     """Print the persisted rotation history of every worker and task, newest first."""
     try:
-        rows, _ = list_events(db.session, limit)
+        rows, _ = list_events(db.session, limit, service=get_runtime().service)
     except _READ_ERRORS as exc:
         db.session.rollback()
         raise click.ClickException(

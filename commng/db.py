@@ -1,47 +1,28 @@
-"""Serving requests from the database: the ``db`` object, its session, and the retry.
+"""Serving requests from the database: the ``db`` object, its session, and reads.
 
 ``db`` is Flask-SQLAlchemy with the rotation layer's ``PinnedSession`` (a transaction
-stays on the engine it began on, whatever a swap does meanwhile). Two things make a
-request survive a connection that died under it:
+stays on the engine it began on, whatever a swap does meanwhile). What makes a request
+survive a connection that died under it is the rotation layer's, used here as any
+adopter uses it:
 
-- **The retry.** A backend can disappear between the pool's pre-ping and the request's
-  statements (pg_terminate_backend, a failover, a NAT timeout). Until a COMMIT has been
-  sent, nothing the request did is durable, so running the view again on a fresh
-  connection is exactly equivalent (an INSERT flushed inside ``session.commit()`` still
-  counts as not committed). When the connection dies after COMMIT was sent, the outcome
-  is in doubt. Before sending it we note the transaction's id, and after the failure we
-  ask PostgreSQL on a fresh connection (``pg_xact_status``): ``aborted`` (the backend
-  was gone before it read the COMMIT) or no id at all (nothing was written) means the
-  view runs again; ``committed``, or no clear answer, returns the error as it is.
-  Attempts are bounded. The ids are noted by the psycopg2 connection and cursor classes
-  of ``commng/xid.py``, which every engine's connections are made with (no SQLAlchemy
-  connection event, which would cost every request): the transaction's first INSERT,
-  UPDATE or DELETE goes out behind a ``DO`` block that raises a NOTICE with
-  ``pg_current_xact_id()``, in the same message, so the id costs no round trip of its
-  own; a transaction that wrote some other way (or whose notice did not arrive) asks
-  ``pg_current_xact_id_if_assigned()`` just before COMMIT.
-  Since the view runs again anyway after a disconnect, its connections are checked out
-  without the pool's ping (``caller_retries``): one round trip fewer per request.
-- **The teardown.** A read leaves its transaction open until teardown, where closing the
-  session sends ROLLBACK. If the backend went away after the view returned, that
-  ROLLBACK raises, and an exception out of teardown becomes a 500 for a request whose
-  response was already complete. Nothing is lost by carrying on: the server ended the
-  transaction with the connection, and SQLAlchemy has invalidated the connection, which
-  returns its pool slot.
+- ``retry_on_disconnect`` (every API view): the view runs again after a disconnect when
+  nothing was committed; a COMMIT cut by the disconnect is judged by PostgreSQL
+  (``pg_xact_status``) before anything runs again.
+- ``commng_rotation.reading``: a read-only block runs without a transaction (no BEGIN, no
+  ROLLBACK). ``reading()`` below adds the read replica to it.
+- the teardown that survives a backend gone after the view returned.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import sqlalchemy as sa
 import structlog
 from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
@@ -49,10 +30,18 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session
 
-from commng.xid import ATTEMPT_XIDS, XidConnection
-from commng_rotation import NoCredentials, PinnedSession, bounds, describe_error, get_runtime
-from commng_rotation.engines import ManagedEngine, caller_retries
-from commng_rotation.runtime import REPLICA_BIND
+import commng_rotation as rotation
+from commng_rotation import (
+    MAX_ATTEMPTS,
+    REPLICA_BIND,
+    NoCredentials,
+    PinnedSession,
+    bounds,
+    caller_retries,
+    describe_error,
+    get_runtime,
+    retry_on_disconnect,
+)
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -66,11 +55,6 @@ __all__ = [
     "retry_on_disconnect",
 ]
 
-MAX_ATTEMPTS = 3
-# A terminated backend aborts its transaction as it exits: an 'in progress' verdict is asked
-# again for this long.
-XACT_STATUS_WAIT_S = 2.0
-F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger("commng.db")
 
 
@@ -84,103 +68,9 @@ db = SQLAlchemy(model_class=Base, session_options={"class_": PinnedSession, "exp
 
 
 def init_app(app: Flask) -> None:
-    """Check every engine notes its COMMITs (``commng.xid``); reads' connections go back with
-    transactions on; teardown survives a dead backend.
-
-    With a replica bind, ``reading()`` serves read-only routes from it (``ReplicaState``).
-    """
+    """With a replica bind, ``reading()`` serves read-only routes from it (``ReplicaState``)."""
     if REPLICA_BIND in get_runtime(app).rotators:
         app.extensions[REPLICA_EXTENSION] = ReplicaState(app.config["COMMNG_SETTINGS"].db_replica_max_lag_ms)
-    for bind, rotator in get_runtime(app).rotators.items():
-        # Every engine, the first included, must be built with them: a connection without
-        # them notes no COMMIT, and the retry could run a committed request again.
-        if rotator.factory.connect_args.get("connection_factory") is not XidConnection:
-            raise RuntimeError(f"bind {bind!r}: rotation.init_app needs connect_args=commng.xid.CONNECT_ARGS")
-        rotator.factory.build_listeners.append(_listen_for_checkins)
-        if rotator.active is not None:
-            _listen_for_checkins(rotator.active)
-    # Registered after Flask-SQLAlchemy's own teardown, so it runs before it (Flask runs
-    # teardowns in reverse): the session is already removed when Flask-SQLAlchemy looks.
-    app.teardown_appcontext(_remove_session)
-
-
-def _remove_session(_: BaseException | None) -> None:
-    try:
-        db.session.remove()
-    except DBAPIError as err:
-        log.warning("session_close_failed", error=describe_error(err))
-        db.session.registry.clear()
-
-
-def _xact_status(xid: str) -> str | None:
-    """'committed', 'aborted' or 'in progress' for ``xid``; None if PostgreSQL cannot say now.
-
-    Asked within the request's own bounds (``retry_on_disconnect``'s outage wait and
-    deadline), on a checkout that is pinged: a COMMIT cut by a restart gets its verdict
-    once the server accepts connections again, as the request's other work would. Only
-    an 'in progress' answer is asked again, for up to XACT_STATUS_WAIT_S.
-    """
-    verdict_by: float | None = None
-    while True:
-        try:
-            with caller_retries(False), db.engine.connect() as conn:
-                status = conn.exec_driver_sql("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid}).scalar()
-        except DBAPIError:
-            return None
-        now = time.monotonic()
-        if verdict_by is None:
-            verdict_by = now + XACT_STATUS_WAIT_S
-        if status != "in progress" or now >= verdict_by:
-            return str(status) if status is not None else None
-        time.sleep(0.02)  # bounded; yields to other greenlets under gevent
-
-
-def _nothing_committed(xids: list[str | None]) -> bool:
-    """True when every COMMIT this attempt sent (``xids``) wrote nothing or, PostgreSQL says, aborted."""
-    for xid in xids:
-        if xid is None:  # a transaction that never wrote: there was nothing to commit
-            continue
-        status = _xact_status(xid)
-        log.info("commit_outcome_resolved", status=status or "unknown")
-        if status != "aborted":
-            return False
-    return True
-
-
-def retry_on_disconnect(view: F) -> F:
-    """Run ``view`` again (at most MAX_ATTEMPTS in all) after a disconnect before any commit.
-
-    The whole request's database work is bounded: connection attempts wait out an outage
-    for up to the outage budget, and no wait lasts past that budget plus one statement
-    timeout.
-    """
-
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        settings = get_runtime().settings
-        budget_s = settings.outage_wait_s
-        with (
-            bounds.outage_wait(budget_s),
-            bounds.deadline(budget_s + settings.statement_timeout_ms / 1000),
-            caller_retries(),
-        ):
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                xids: list[str | None] = []
-                token = ATTEMPT_XIDS.set(xids)
-                try:
-                    return view(*args, **kwargs)
-                except DBAPIError as exc:
-                    if not exc.connection_invalidated or attempt == MAX_ATTEMPTS:
-                        raise
-                    db.session.rollback()
-                    if not _nothing_committed(xids):
-                        raise
-                    log.warning("request_retried_after_disconnect", attempt=attempt)
-                finally:
-                    ATTEMPT_XIDS.reset(token)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    return wrapper  # type: ignore[return-value]
 
 
 # -- reads from the replica ----------------------------------------------------------------
@@ -301,31 +191,10 @@ def _served(state: ReplicaState | None, bind: str) -> None:
         listener(bind)
 
 
-# Reads run without a transaction. Under READ COMMITTED (PostgreSQL's default, and the
-# service's) each statement takes its own snapshot inside a transaction too, so the BEGIN
-# psycopg2 sends before a read route's first statement and the ROLLBACK that ends it buy
-# nothing but two round trips. psycopg2's ``autocommit`` is a client-side switch (no
-# statement goes out), set on the read's connection and turned off again for every
-# connection the pool gets back (``_autocommit_off``), so no write ever runs without its
-# transaction. SQLAlchemy's ``isolation_level="AUTOCOMMIT"`` option would do the same but
-# sends ``SET default_transaction_isolation`` when it resets the connection.
-def _without_transaction(connection: Connection) -> None:
-    connection.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-
-
-def _autocommit_off(dbapi_connection: Any, record: Any) -> None:
-    """Pool ``checkin``: whatever a read did, the connection goes back with transactions on."""
-    if dbapi_connection is not None and dbapi_connection.autocommit:
-        dbapi_connection.autocommit = False
-
-
-def _listen_for_checkins(managed: ManagedEngine) -> None:
-    sa.event.listen(managed.engine, "checkin", _autocommit_off)
-
-
 @contextmanager
 def reading() -> Iterator[Any]:
-    """A session for reads: the replica's when it is configured, reachable and caught up.
+    """A session for reads, without a transaction: the replica's when it is configured,
+    reachable and caught up.
 
     Otherwise the primary's ``db.session``. A replica connection that dies in the block is
     invalidated and the replica skipped for REPLICA_RETRY_S; the error goes on to
@@ -334,16 +203,12 @@ def reading() -> Iterator[Any]:
     state = replica_state()
     conn = state.connect() if state is not None else None
     if conn is None:
-        primary = db.session()
-        if not primary.in_transaction():
-            _without_transaction(primary.connection())
-        with _counted(state, "primary"):
-            yield db.session
+        with rotation.reading(db.session) as primary, _counted(state, "primary"):
+            yield primary
         return
-    _without_transaction(conn)
     session = Session(bind=conn)
     try:
-        with _counted(state, REPLICA_BIND):
+        with rotation.reading(session), _counted(state, REPLICA_BIND):
             yield session
     except DBAPIError as exc:
         if exc.connection_invalidated and state is not None:

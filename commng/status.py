@@ -14,18 +14,18 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from commng_rotation import RotationRecord, Runtime, SecretsUnavailable, history
-from commng_rotation.runtime import REPLICA_BIND
+from commng_rotation import REPLICA_BIND, RotationRecord, Runtime, SecretsUnavailable, rotation_events
 from config import Settings
 
 __all__ = ["format_status", "latest_by_worker_and_bind", "status_document"]
 
 
-def latest_by_worker_and_bind(session: Any) -> list[RotationRecord]:
-    """The latest persisted event of every worker for each of its binds, newest first."""
-    t = history.rotation_events
+def latest_by_worker_and_bind(session: Any, service: str) -> list[RotationRecord]:
+    """The latest persisted event of every worker of ``service`` for each of its binds, newest first."""
+    t = rotation_events
     query = (
         sa.select(t)
+        .where(t.c.service == service)
         .distinct(t.c.worker, t.c.bind)
         .order_by(t.c.worker, t.c.bind, t.c.occurred_at.desc(), t.c.id.desc())
     )

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from commng.db import db
-from commng.xid import XidCursor
+from commng_rotation.xid import XidCursor
 
 
 def _channel(client: Any, name: str = "ops") -> dict[str, Any]:

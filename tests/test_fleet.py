@@ -45,6 +45,7 @@ def _put(app: Flask, worker: str, version: str, age: timedelta) -> None:
     with app.app_context(), db.engine.begin() as conn:
         conn.execute(
             sa.insert(rotation_workers).values(
+                service="commng",
                 worker=worker,
                 bind="",
                 current_version=version,
@@ -157,6 +158,7 @@ def test_each_binds_rows_are_compared_with_that_binds_own_secret(
         ):
             conn.execute(
                 sa.insert(rotation_workers).values(
+                    service="commng",
                     worker=worker,
                     bind=bind,
                     current_version=version,

@@ -247,7 +247,7 @@ def route_table(app: Flask) -> dict[str, list[str]]:
 def _routes_at_collection() -> dict[str, list[str]]:
     """The table of an app built only to read its url_map (its database is never reached)."""
     app = create_app(
-        Settings(postgres_user="nobody", postgres_password="unused", postgres_port=9, postgres_ssl=False),
+        Settings(postgres_user="nobody", postgres_password="unused", postgres_port=9, postgres_ssl="disable"),
         configure_logging=False,
     )
     try:

@@ -21,8 +21,8 @@ from flask import Flask
 from psycopg2 import sql
 
 from commng.db import ReplicaState, db, replica_state
-from commng.xid import XidConnection
 from commng_rotation.runtime import get_runtime
+from commng_rotation.xid import XidConnection
 from config import Settings
 from devstack import PostgresCluster, new_password, rotate_secret
 from devstack.postgres import make_standby

@@ -13,11 +13,11 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.engine import Connection
 
-from commng import db as database_module
 from commng.db import db, retry_on_disconnect
 from commng.models import Message
-from commng.xid import ATTEMPT_XIDS, XidConnection, XidCursor
 from commng_rotation import get_runtime
+from commng_rotation import retry as retry_module
+from commng_rotation.xid import ATTEMPT_XIDS, XidConnection, XidCursor
 from tests.helpers import Database, wait_for
 
 
@@ -172,13 +172,13 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
     """The backend dies after COMMIT was due but before it ran: in doubt until pg_xact_status says aborted."""
     channel = client.post("/api/channels", json={"name": "doubt"}).json["id"]
     verdicts: list[str | None] = []
-    xact_status = database_module._xact_status
+    xact_status = retry_module.xact_status
 
-    def asked(xid: str) -> str | None:
-        verdicts.append(xact_status(xid))
+    def asked(db: Any, xid: str) -> str | None:
+        verdicts.append(xact_status(db, xid))
         return verdicts[-1]
 
-    monkeypatch.setattr(database_module, "_xact_status", asked)
+    monkeypatch.setattr(retry_module, "xact_status", asked)
     calls = _post_with_its_first_commit_cut(app, database, channel, "exactly once, in doubt")
     assert verdicts == ["aborted"]  # the COMMIT was in doubt, and PostgreSQL settled it
     assert len(calls) == 2
@@ -198,7 +198,7 @@ def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again
     channel = client.post("/api/channels", json={"name": "restart-doubt"}).json["id"]
     verdicts: list[str | None] = []
     refused: list[float] = []
-    xact_status = database_module._xact_status
+    xact_status = retry_module.xact_status
     with app.app_context():
         dialect = db.engine.dialect
     connect = dialect.connect
@@ -209,18 +209,18 @@ def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again
             raise psycopg2.OperationalError("FATAL:  the database system is starting up")
         return connect(*args, **kwargs)
 
-    def asked(xid: str) -> str | None:
-        verdicts.append(xact_status(xid))
+    def asked(db: Any, xid: str) -> str | None:
+        verdicts.append(xact_status(db, xid))
         return verdicts[-1]
 
     monkeypatch.setattr(dialect, "connect", starting_up)
-    monkeypatch.setattr(database_module, "_xact_status", asked)
+    monkeypatch.setattr(retry_module, "xact_status", asked)
     calls = _post_with_its_first_commit_cut(
         app,
         database,
         channel,
         "settled after the restart",
-        after_kill=lambda: refused.append(time.monotonic() + database_module.XACT_STATUS_WAIT_S + 0.5),
+        after_kill=lambda: refused.append(time.monotonic() + retry_module.XACT_STATUS_WAIT_S + 0.5),
     )
     assert len(refused) > 2  # logins were refused while the verdict was due
     assert verdicts == ["aborted"]

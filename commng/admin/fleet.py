@@ -18,8 +18,7 @@ from typing import Any
 
 from flask import current_app
 
-from commng_rotation import Runtime, SecretsUnavailable, list_workers, recent_rotations
-from commng_rotation.fleet import STALE_INTERVALS
+from commng_rotation import STALE_INTERVALS, Runtime, SecretsUnavailable, list_workers, recent_rotations
 
 __all__ = ["CURRENT_CACHE_S", "fleet_view", "layout"]
 
@@ -74,7 +73,7 @@ def fleet_view(session: Any, runtime: Runtime) -> dict[str, Any]:
     """Workers seen within STALE_INTERVALS intervals, who is on the current version, the rotations."""
     interval_s = runtime.settings.refresh_interval_s
     seen_within = timedelta(seconds=interval_s * STALE_INTERVALS)
-    workers = list_workers(session, seen_within)
+    workers = list_workers(session, seen_within, service=runtime.service)
     current, source = _secret_current(runtime)
     # Each bind's rows against its own secret's AWSCURRENT (the replica's secret may be another).
     by_bind = {bind: _secret_current(runtime, bind)[0] for bind in runtime.rotators if bind is not None}
@@ -93,7 +92,7 @@ def fleet_view(session: Any, runtime: Runtime) -> dict[str, Any]:
         "on_current": sum(1 for r in rows if r["on_current"]),
         "total": len(rows),
         "workers": rows,
-        "rotations": _rotations(recent_rotations(session)),
+        "rotations": _rotations(recent_rotations(session, service=runtime.service)),
     }
 
 

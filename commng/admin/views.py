@@ -18,8 +18,17 @@ from commng.admin import fleet
 from commng.admin.auth import api_auth, closed_unless_configured, page_auth, remote_addr
 from commng.db import db, replica_state
 from commng.errors import APIError, error_response
-from commng_rotation import NoCredentials, Trigger, error_code, get_runtime, history
-from commng_rotation.events import worker_name
+from commng_rotation import (
+    InvalidCursor,
+    NoCredentials,
+    RotationRecord,
+    Trigger,
+    count_by_trigger,
+    error_code,
+    get_runtime,
+    list_events,
+    worker_name,
+)
 
 __all__ = ["CHECK_MIN_INTERVAL_S", "CheckLimiter", "bp"]
 
@@ -58,7 +67,7 @@ class CheckLimiter:
 
 def _status() -> dict[str, Any]:
     """Runtime.status() with engine ages and the history writer's figures."""
-    status = get_runtime().status()
+    status: dict[str, Any] = dict(get_runtime().status())
     now = datetime.now(UTC)
     for bind in status["binds"]:
         for engine in [bind["active_engine"], *bind["draining_engines"]]:
@@ -90,10 +99,10 @@ def _limit() -> int:
     return int(raw)
 
 
-def _page(limit: int) -> tuple[list[history.RotationRecord], str | None]:
+def _page(limit: int) -> tuple[list[RotationRecord], str | None]:
     try:
-        return history.list_events(db.session, limit, _cursor())
-    except history.InvalidCursor:
+        return list_events(db.session, limit, _cursor(), service=get_runtime().service)
+    except InvalidCursor:
         raise APIError(400, "invalid_parameter", "before_id names no event in the history") from None
 
 
@@ -105,7 +114,7 @@ def index() -> Any:
     history_error = None
     try:
         events, next_before_id = _page(PAGE_SIZE)
-        counts = history.count_by_trigger(db.session)
+        counts = count_by_trigger(db.session, service=get_runtime().service)
     except _DB_ERRORS as exc:
         db.session.rollback()
         events, next_before_id, counts = [], None, {}
@@ -152,7 +161,7 @@ def api_status() -> Any:
     """This worker's status as JSON, with the history's counts per trigger and outcome."""
     status = _status()
     try:
-        status["history_counts"] = history.count_by_trigger(db.session)
+        status["history_counts"] = count_by_trigger(db.session, service=get_runtime().service)
     except _DB_ERRORS as exc:
         db.session.rollback()
         status["history_counts"] = None

@@ -5,12 +5,12 @@ Under gunicorn every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR`` a
 prometheus_client's multiprocess collector; without that variable (the Flask test
 client, a shell) the process-local default registry is served.
 
-Metrics are fed through the seams the rotation layer offers, never by polling it:
-refresh events (``EventLog.listeners`` / ``update_listeners``), the watcher's check
-results, the engine factory's build and auth-failure listeners, and SQLAlchemy pool
-events. Gauges are set from events with ``.set()`` (the pool gauge within a second of
-its events, see ``pools``): ``Gauge.set_function`` exports 0 in
-prometheus_client's multiprocess mode. No label ever holds a value read from a secret.
+Metrics are fed through the rotation layer's public extension points, never by polling
+it: ``Runtime.on_event`` / ``on_event_updated`` (refreshes and drains), ``on_check`` (the
+watcher's results), ``on_engine`` and ``on_auth_failure``, ``on_upstream_failure``, and
+SQLAlchemy pool events on each engine. Gauges are set from events with ``.set()`` (the
+pool gauge within a second of its events, see ``pools``): ``Gauge.set_function`` exports 0
+in prometheus_client's multiprocess mode. No label ever holds a value read from a secret.
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ from commng import db as database
 from commng.admin.auth import api_auth
 from commng.errors import error_response
 from commng.observability.pools import POOLS, pool_figures, track_engine
-from commng_rotation.events import Outcome, RotationEvent
-from commng_rotation.runtime import Runtime, get_runtime
-from commng_rotation.watcher import CheckResult
+from commng_rotation import CheckResult, Outcome, RotationEvent, Runtime, get_runtime
 from config import Settings
 
 __all__ = ["bp", "init_app", "pool_figures", "render", "track_engine"]
@@ -260,19 +258,15 @@ def init_app(app: Flask) -> None:
     count_engines = _engines_counter(runtime)
     watcher_gauge = _watcher_gauge(runtime)
     # Events recorded before we listened (the start-up refresh) count too.
-    for event in reversed(runtime.events.recent(limit=1_000)):
-        _on_refresh(event)
-    runtime.events.listeners += [_on_refresh, count_engines]
-    runtime.events.update_listeners += [_on_drained, count_engines]
-    for rotator in runtime.rotators.values():
-        rotator.factory.build_listeners.append(track_engine)
-        rotator.factory.auth_failure_listeners.append(_on_auth_failure)
-        if rotator.active is not None:
-            track_engine(rotator.active)
-    if runtime.watcher is not None:
-        runtime.watcher.listeners += [_on_checks, watcher_gauge]
-    if runtime.push is not None:
-        runtime.push.upstream_failure_listeners.append(_on_upstream_failure)
+    runtime.on_event(_on_refresh, replay=True)
+    runtime.on_event(count_engines)
+    runtime.on_event_updated(_on_drained)
+    runtime.on_event_updated(count_engines)
+    runtime.on_engine(track_engine)
+    runtime.on_auth_failure(_on_auth_failure)
+    runtime.on_check(_on_checks)
+    runtime.on_check(watcher_gauge)
+    runtime.on_upstream_failure(_on_upstream_failure)
     count_engines()
     watcher_gauge()
     if _on_read not in database.read_listeners:

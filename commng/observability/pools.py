@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client import Gauge
 
-from commng_rotation.engines import ManagedEngine
+from commng_rotation import ManagedEngine
 
 __all__ = ["POOLS", "POOL_CONNECTIONS", "PUBLISH_DELAY_S", "pool_figures", "track_engine"]
 

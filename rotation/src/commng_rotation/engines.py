@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from commng_rotation import bounds
 from commng_rotation.credentials import Credentials, InvalidSecret
 from commng_rotation.settings import RotationSettings
+from commng_rotation.status import PoolFigures
 
 __all__ = [
     "EngineFactory",
@@ -54,7 +55,7 @@ OUTAGE_MAX_RETRY_S = 1.0
 
 
 # True while the code that checks a connection out re-runs its work after a disconnect
-# (``commng.db.retry_on_disconnect``): the ping before checkout is then a round trip
+# (``commng_rotation.retry_on_disconnect``): the ping before checkout is then a round trip
 # that buys nothing, since a dead connection fails the first statement and the work
 # runs again on a fresh one. Everywhere else (readiness, admin, history, CLI) pings.
 _caller_retries: ContextVar[bool] = ContextVar("commng_caller_retries", default=False)
@@ -92,7 +93,7 @@ class ManagedEngine:
     # Once retired, a connection returned to this engine's pool is closed, not kept.
     retired: bool = False
 
-    def pool_figures(self) -> dict[str, int]:
+    def pool_figures(self) -> PoolFigures:
         """Size, checked-out, idle and overflow counts of the engine's current pool."""
         pool: Any = self.engine.pool
         return {
@@ -339,7 +340,14 @@ class EngineFactory:
             return self._connect(dialect, cargs, {**cparams, **fresh.connect_params()})
 
         def checkin(dbapi_connection: Any, record: Any) -> None:
-            if managed.retired and dbapi_connection is not None:
+            if dbapi_connection is None:
+                return
+            # Whatever a ``reading()`` block did, the connection goes back with transactions
+            # on. First: the retirement below closes the connection, which must not be
+            # touched after that (psycopg2 raises InterfaceError out of checkin()).
+            if dbapi_connection.autocommit and not dbapi_connection.closed:
+                dbapi_connection.autocommit = False
+            if managed.retired:
                 record.invalidate()
 
         sa.event.listen(managed.engine, "do_connect", connect)

@@ -75,6 +75,7 @@ class EventLog:
     """A bounded, newest-last list of events, with listeners for new and updated ones."""
 
     def __init__(self, maxlen: int = 500) -> None:
+        self.maxlen = maxlen
         self._events: deque[RotationEvent] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
         self.listeners: list[Callable[[RotationEvent], None]] = []

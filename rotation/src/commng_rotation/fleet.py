@@ -55,6 +55,7 @@ DELAY_S = 2.0
 rotation_workers = sa.Table(
     "rotation_workers",
     metadata,
+    sa.Column("service", sa.Text, primary_key=True),
     sa.Column("worker", sa.Text, primary_key=True),
     sa.Column("bind", sa.Text, primary_key=True),
     sa.Column("current_version", sa.Text),
@@ -69,6 +70,7 @@ sa.Index("ix_rotation_workers_updated_at", rotation_workers.c.updated_at)
 class WorkerState:
     """One worker's bind, as the fleet table holds it."""
 
+    service: str
     worker: str
     bind: str | None
     current_version: str | None
@@ -78,6 +80,7 @@ class WorkerState:
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
+            "service": self.service,
             "worker": self.worker,
             "bind": self.bind,
             "current_version": self.current_version,
@@ -97,8 +100,10 @@ class FleetReporter:
         rotators: list[Rotator],
         watcher: SecretWatcher | None,
         interval_s: float,
+        service: str = "flask_app",
     ) -> None:
         self._engine = engine
+        self.service = service
         self.rotators = rotators
         self.watcher = watcher
         self.interval_s = interval_s
@@ -147,6 +152,7 @@ class FleetReporter:
         return [
             {
                 "worker": worker_name(),
+                "service": self.service,
                 "bind": r.bind if r.bind is not None else DEFAULT_BIND,
                 "current_version": r.current.version_id if r.current else None,
                 "last_check_at": last_check,
@@ -160,7 +166,7 @@ class FleetReporter:
         t = rotation_workers
         stmt = pg_insert(t).values(updated_at=sa.func.now())
         stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.worker, t.c.bind],
+            index_elements=[t.c.service, t.c.worker, t.c.bind],
             set_={
                 "current_version": stmt.excluded.current_version,
                 "last_check_at": stmt.excluded.last_check_at,
@@ -169,13 +175,20 @@ class FleetReporter:
             },
         )
         cutoff = sa.func.now() - timedelta(seconds=self.interval_s * STALE_INTERVALS)
-        stale = sa.select(t.c.worker, t.c.bind).where(t.c.updated_at < cutoff).limit(AGE_OUT_BATCH)
+        # Only this service's rows: another service on the database has its own interval.
+        stale = (
+            sa.select(t.c.service, t.c.worker, t.c.bind)
+            .where(t.c.service == self.service, t.c.updated_at < cutoff)
+            .limit(AGE_OUT_BATCH)
+        )
         try:
             with self._engine().begin() as conn:
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
                 for row in self.rows():
                     conn.execute(stmt, row)
-                aged = conn.execute(sa.delete(t).where(sa.tuple_(t.c.worker, t.c.bind).in_(stale)))
+                aged = conn.execute(
+                    sa.delete(t).where(sa.tuple_(t.c.service, t.c.worker, t.c.bind).in_(stale))
+                )
         except Exception as exc:  # the next check writes again
             self.last_error = error_code(exc)
             log.warning("rotation_fleet_write_failed", error=self.last_error)
@@ -199,7 +212,7 @@ class FleetReporter:
         try:
             with self._engine().begin() as conn:
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
-                conn.execute(sa.delete(t).where(t.c.worker == worker_name()))
+                conn.execute(sa.delete(t).where(t.c.service == self.service, t.c.worker == worker_name()))
         except Exception as exc:  # it ages out after STALE_INTERVALS anyway
             log.warning("rotation_fleet_forget_failed", error=error_code(exc))
 
@@ -207,15 +220,17 @@ class FleetReporter:
 # -- reading ----------------------------------------------------------------------------
 
 
-def list_workers(session: Any, max_age: timedelta) -> list[WorkerState]:
-    """Every worker row written within ``max_age`` (database clock), by worker and bind."""
+def list_workers(session: Any, max_age: timedelta, *, service: str | None = None) -> list[WorkerState]:
+    """The worker rows of ``service`` (None: every service) written within ``max_age`` (database clock)."""
     t = rotation_workers
     query = (
         sa.select(t)
         .where(t.c.updated_at >= sa.func.now() - max_age)
-        .order_by(t.c.worker, t.c.bind)
+        .order_by(t.c.service, t.c.worker, t.c.bind)
         .limit(10_000)
     )
+    if service is not None:
+        query = query.where(t.c.service == service)
     states = []
     for row in session.execute(query):
         data = dict(row._mapping)
@@ -224,12 +239,15 @@ def list_workers(session: Any, max_age: timedelta) -> list[WorkerState]:
     return states
 
 
-def recent_rotations(session: Any, rotations: int = 3, max_rows: int = 500) -> list[dict[str, Any]]:
-    """The ``rotated`` events of the newest ``rotations`` versions, oldest first (for a timeline)."""
+def recent_rotations(
+    session: Any, rotations: int = 3, max_rows: int = 500, *, service: str | None = None
+) -> list[dict[str, Any]]:
+    """The ``rotated`` events of ``service``'s newest ``rotations`` versions, oldest first (a timeline)."""
     t = rotation_events
+    mine = [t.c.service == service] if service is not None else []
     newest = (
         sa.select(t.c.new_version)
-        .where(t.c.outcome == Outcome.ROTATED.value, t.c.new_version.is_not(None))
+        .where(t.c.outcome == Outcome.ROTATED.value, t.c.new_version.is_not(None), *mine)
         .group_by(t.c.new_version)
         .order_by(sa.func.max(t.c.occurred_at).desc())
         .limit(rotations)
@@ -245,7 +263,7 @@ def recent_rotations(session: Any, rotations: int = 3, max_rows: int = 500) -> l
             t.c.swap_ms,
             t.c.drained_ms,
         )
-        .where(t.c.outcome == Outcome.ROTATED.value, t.c.new_version.in_(newest))
+        .where(t.c.outcome == Outcome.ROTATED.value, t.c.new_version.in_(newest), *mine)
         .order_by(t.c.occurred_at)
         .limit(max_rows)
     )

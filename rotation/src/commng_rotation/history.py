@@ -59,13 +59,16 @@ COALESCE_S = 1.0
 
 
 # The table has a metadata of its own, so that the layer needs none of the host's models.
-# Create it with the host's migrations (CommNG: migrations/versions/0002_rotation_events.py)
-# or with ``metadata.create_all(engine)``.
+# Create it with the host's migrations (CommNG: migrations/versions/0002_rotation_events.py
+# and 0004_rotation_service.py) or with ``metadata.create_all(engine)``. Several services
+# may share one database: each row carries its service (``RotationSettings.service``), and
+# each service reads and prunes only its own.
 metadata = sa.MetaData()
 rotation_events = sa.Table(
     "rotation_events",
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("service", sa.Text, nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("worker", sa.Text, nullable=False),
     sa.Column("bind", sa.Text),
@@ -79,7 +82,12 @@ rotation_events = sa.Table(
     sa.Column("error", sa.Text),
 )
 # Newest first, with the id as the tie-breaker of the pagination cursor.
-sa.Index("ix_rotation_events_occurred_at", rotation_events.c.occurred_at.desc(), rotation_events.c.id.desc())
+sa.Index(
+    "ix_rotation_events_service_occurred_at",
+    rotation_events.c.service,
+    rotation_events.c.occurred_at.desc(),
+    rotation_events.c.id.desc(),
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class RotationRecord:
     """One refresh attempt of one worker, as persisted."""
 
     id: str
+    service: str
     occurred_at: datetime
     worker: str
     bind: str | None
@@ -107,11 +116,14 @@ class RotationRecord:
 
 
 _COLUMNS = tuple(c.name for c in rotation_events.columns)
+_EVENT_COLUMNS = tuple(name for name in _COLUMNS if name != "service")
 
 
-def _snapshot(event: RotationEvent) -> dict[str, Any]:
+def _snapshot(event: RotationEvent, service: str) -> dict[str, Any]:
     """The event's fields now (a later drained_ms is a later snapshot)."""
-    return {name: getattr(event, name) for name in _COLUMNS}
+    snap = {name: getattr(event, name) for name in _EVENT_COLUMNS}
+    snap["service"] = service
+    return snap
 
 
 def _merge(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,10 +142,15 @@ class HistoryWriter:
     """Queues rotation events and writes them, in order, when the database allows."""
 
     def __init__(
-        self, engine: Callable[[], sa.Engine], retention: timedelta, maxlen: int = BUFFER_MAX
+        self,
+        engine: Callable[[], sa.Engine],
+        retention: timedelta,
+        maxlen: int = BUFFER_MAX,
+        service: str = "flask_app",
     ) -> None:
         # Called at each write: the engine the latest refresh installed.
         self._engine = engine
+        self.service = service
         self.retention = retention
         self.maxlen = maxlen
         self.dropped = 0
@@ -151,7 +168,7 @@ class HistoryWriter:
 
     def enqueue(self, event: RotationEvent) -> None:
         """Queue a snapshot of ``event`` and make sure a writer runs."""
-        snap = _snapshot(event)
+        snap = _snapshot(event, self.service)
         dropped = 0
         thread = None
         with self._lock:
@@ -240,7 +257,9 @@ class HistoryWriter:
         cutoff = datetime.now(UTC) - self.retention
         with bounds.deadline(WRITE_DEADLINE_S), self._engine().begin() as conn:
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
-            result = conn.execute(sa.delete(table).where(table.c.occurred_at < cutoff))
+            result = conn.execute(
+                sa.delete(table).where(table.c.service == self.service, table.c.occurred_at < cutoff)
+            )
         return int(result.rowcount)
 
     def _run(self) -> None:
@@ -294,18 +313,23 @@ class InvalidCursor(ValueError):
 
 
 def list_events(
-    session: Any, limit: int, before_id: str | None = None
+    session: Any, limit: int, before_id: str | None = None, *, service: str | None = None
 ) -> tuple[list[RotationRecord], str | None]:
-    """Up to ``limit`` events newest first, older than ``before_id``; and the next cursor.
+    """Up to ``limit`` events of ``service`` newest first, older than ``before_id``; and the next cursor.
 
-    ``session`` is a SQLAlchemy Session or Connection. The cursor is the id of the last
-    event of the previous page (the response's ``next_before_id``); it is None when there
-    is nothing older.
+    ``session`` is a SQLAlchemy Session or Connection; ``service`` None lists every
+    service's. The cursor is the id of the last event of the previous page (the response's
+    ``next_before_id``); it is None when there is nothing older.
     """
     t = rotation_events
     query = sa.select(t).order_by(t.c.occurred_at.desc(), t.c.id.desc()).limit(limit + 1)
+    if service is not None:
+        query = query.where(t.c.service == service)
     if before_id is not None:
-        anchor = session.execute(sa.select(t.c.occurred_at, t.c.id).where(t.c.id == before_id)).first()
+        anchor_query = sa.select(t.c.occurred_at, t.c.id).where(t.c.id == before_id)
+        if service is not None:
+            anchor_query = anchor_query.where(t.c.service == service)
+        anchor = session.execute(anchor_query).first()
         if anchor is None:
             raise InvalidCursor(before_id)
         query = query.where(sa.tuple_(t.c.occurred_at, t.c.id) < (anchor.occurred_at, anchor.id))
@@ -315,10 +339,12 @@ def list_events(
     return rows, None
 
 
-def count_by_trigger(session: Any) -> dict[str, dict[str, int]]:
-    """{trigger: {outcome: n}} over the whole retained history (every worker and task)."""
+def count_by_trigger(session: Any, *, service: str | None = None) -> dict[str, dict[str, int]]:
+    """{trigger: {outcome: n}} over the retained history of ``service`` (None: every service)."""
     t = rotation_events
     query = sa.select(t.c.trigger, t.c.outcome, sa.func.count()).group_by(t.c.trigger, t.c.outcome)
+    if service is not None:
+        query = query.where(t.c.service == service)
     counts: dict[str, dict[str, int]] = {}
     for trigger, outcome, n in session.execute(query):
         counts.setdefault(trigger, {})[outcome] = int(n)

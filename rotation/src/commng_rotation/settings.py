@@ -6,9 +6,21 @@ The layer reads no environment variable itself: the host maps its own configurat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
-__all__ = ["RotationSettings"]
+__all__ = ["InvalidSettings", "RotationSettings"]
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# What may name a service: it becomes part of a LISTEN/NOTIFY channel (an identifier).
+_SERVICE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+class InvalidSettings(ValueError):
+    """A ``RotationSettings`` field holds a value the layer cannot use (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -57,5 +69,108 @@ class RotationSettings:
     # receives the secret's EventBridge events (None: no push), the LISTEN/NOTIFY channel
     # workers announce adopted versions on, and whether they do.
     queue_url: str | None = None
-    notify_channel: str = "commng_rotation"
+    # None: "<service>_rotation".
+    notify_channel: str | None = None
     fanout: bool = True
+    # Which application this is, when several share one database: the rotation history and
+    # fleet rows carry it (each app sees only its own), and the default notify channel
+    # derives from it. None: ``application_name``, lower-cased, with "-" as "_".
+    # a-z, 0-9 and _, starting with a letter, at most 40 characters.
+    service: str | None = None
+
+    @property
+    def service_name(self) -> str:
+        """``service``, or the one derived from ``application_name``."""
+        return self.service or self.application_name.lower().replace("-", "_")
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel workers of this service announce adopted versions on."""
+        return self.notify_channel or f"{self.service_name}_rotation"
+
+    def validate(self) -> None:
+        """Raise ``InvalidSettings`` naming the first field that holds an unusable value."""
+        for f in fields(self):
+            if f.name in _CHECKS:
+                _CHECKS[f.name](f.name, getattr(self, f.name))
+        if not _SERVICE.fullmatch(self.service_name):
+            what = "a-z, 0-9 and _ starting with a letter, at most 40 characters"
+            if self.service is None:
+                what += " (set service: the one derived from application_name is not)"
+            _fail("service", what, self.service_name)
+        if self.secret_id is None and self.username is None:
+            raise InvalidSettings("RotationSettings.username must be set when secret_id is not set")
+
+
+def _fail(name: str, what: str, got: object) -> None:
+    shown = "<hidden>" if name == "password" else repr(got)
+    raise InvalidSettings(f"RotationSettings.{name} must be {what}, got {shown}")
+
+
+def _port(name: str, value: object) -> None:
+    if type(value) is not int or not 1 <= value <= 65535:
+        _fail(name, "a TCP port from 1 to 65535", value)
+
+
+def _number(minimum: float, unit: str, integer: bool = False) -> Callable[[str, object], None]:
+    kind = "an integer" if integer else "a number"
+
+    def check(name: str, value: object) -> None:
+        ok = type(value) is int if integer else type(value) in (int, float)
+        if not ok or not math.isfinite(value) or value < minimum:  # type: ignore[arg-type,operator]
+            _fail(name, f"{kind} of {unit} >= {minimum:g}", value)
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, object], None]:
+    def check(name: str, value: object) -> None:
+        if value not in choices:
+            _fail(name, f"one of {'|'.join(choices)}", value)
+
+    return check
+
+
+def _text(
+    pattern: re.Pattern[str] | None = None, what: str = "a non-empty string"
+) -> Callable[[str, object], None]:
+    def check(name: str, value: object) -> None:
+        if value is None:
+            return
+        if not isinstance(value, str) or not value or (pattern is not None and not pattern.fullmatch(value)):
+            _fail(name, what, value)
+
+    return check
+
+
+def _flag(name: str, value: object) -> None:
+    if type(value) is not bool:
+        _fail(name, "True or False", value)
+
+
+_CHECKS: dict[str, Callable[[str, object], None]] = {
+    "secret_id": _text(),
+    "aws_region": _text(),
+    "refresh_interval_s": _number(0.01, "seconds"),
+    "grace_period_s": _number(0, "seconds"),
+    "host": _text(),
+    "port": _port,
+    "dbname": _text(),
+    "pin_host": _flag,
+    "require_host": _flag,
+    "username": _text(),
+    "sslmode": _one_of(SSLMODES),
+    "ssl_root_cert": _text(),
+    "pool_size": _number(1, "connections", integer=True),
+    "max_overflow": _number(0, "connections", integer=True),
+    "pool_timeout_s": _number(0, "seconds"),
+    "connect_timeout_s": _number(1, "seconds", integer=True),
+    "statement_timeout_ms": _number(1, "milliseconds", integer=True),
+    "outage_wait_s": _number(0, "seconds"),
+    "rotation_period_s": _number(1, "seconds"),
+    "application_name": _text(),
+    "history_retention_days": _number(1, "days", integer=True),
+    "queue_url": _text(),
+    "notify_channel": _text(_CHANNEL, "a LISTEN channel name: a-z, 0-9 and _, at most 63"),
+    "fanout": _flag,
+}

@@ -1,6 +1,6 @@
 """Which transactions a retried view sent COMMIT for: noted by psycopg2 classes, not by events.
 
-``retry_on_disconnect`` (``commng/db.py``) must know, after a connection died, whether a
+``retry_on_disconnect`` (``commng_rotation.retry``) must know, after a connection died, whether a
 COMMIT it sent may have committed. Each of its attempts sets ``ATTEMPT_XIDS`` to a fresh
 list; every COMMIT sent while it is set first appends the id of the transaction it ends
 (None: the transaction wrote nothing). Outside a retried view it is None and nothing is
@@ -18,8 +18,13 @@ forget the transaction's id.
 This sits at the DBAPI level on purpose: a SQLAlchemy ``ConnectionEvents`` listener on an
 engine makes every ``Connection`` of it build a joined dispatcher and every execute go
 through the event hooks (about 100 Python calls per request); these classes cost one
-method call per execute and per COMMIT. ``CONNECT_ARGS`` is what ``psycopg2.connect``
-needs to use them (``commng.app`` hands it to the rotation layer, whose engines all use it).
+method call per execute and per COMMIT. ``init_app`` makes every engine's connections
+with ``XidConnection`` (``CONNECT_ARGS``); a host that hands in a ``connection_factory`` of
+its own must subclass it.
+
+While ``reading()`` (``commng_rotation.reads``) runs its block without a transaction,
+``XidCursor`` refuses INSERT, UPDATE and DELETE: in autocommit each would commit on its
+own, outside what the retry can judge, and a retry after a disconnect could write twice.
 """
 
 from __future__ import annotations
@@ -29,10 +34,17 @@ from typing import Any
 
 import psycopg2.extensions
 
-__all__ = ["ATTEMPT_XIDS", "CONNECT_ARGS", "XidConnection", "XidCursor"]
+__all__ = ["ATTEMPT_XIDS", "CONNECT_ARGS", "READING", "WriteInReadBlock", "XidConnection", "XidCursor"]
 
 # The ids noted in this attempt of a retried view; None outside one.
-ATTEMPT_XIDS: ContextVar[list[str | None] | None] = ContextVar("commng_attempt_xids", default=None)
+ATTEMPT_XIDS: ContextVar[list[str | None] | None] = ContextVar("commng_rotation_attempt_xids", default=None)
+# True inside a ``reading()`` block, whose statements run in autocommit: writes are refused.
+READING: ContextVar[bool] = ContextVar("commng_rotation_reading", default=False)
+
+
+class WriteInReadBlock(psycopg2.ProgrammingError):
+    """An INSERT, UPDATE or DELETE sent inside ``reading()``, where it would commit on its own."""
+
 
 # Sent in front of a transaction's first write, in the same message: the id in a NOTICE.
 # No '%' in it: psycopg2 interpolates parameters into the statement text.
@@ -49,12 +61,12 @@ class XidCursor(psycopg2.extensions.cursor):
 
     def execute(self, query: Any, vars: Any = None) -> None:
         conn: XidConnection = self.connection  # type: ignore[assignment]  # made by XidConnection
-        if (
-            isinstance(query, str)
-            and query[:6].lower() in _WRITES
-            and not conn.commng_xid_asked
-            and ATTEMPT_XIDS.get() is not None
-        ):
+        if not (isinstance(query, str) and query[:6].lower() in _WRITES):
+            super().execute(query, vars)
+            return
+        if READING.get():
+            raise WriteInReadBlock("a write inside reading(): run it outside the block, in a transaction")
+        if not conn.commng_xid_asked and ATTEMPT_XIDS.get() is not None:
             conn.commng_xid_asked = True  # once per transaction, even if the NOTICE never comes
             super().execute(_XID_PREFIX + query, vars)
             conn.take_xid_notice()
@@ -101,5 +113,5 @@ class XidConnection(psycopg2.extensions.connection):
         super().rollback()
 
 
-# What psycopg2.connect needs for the classes above (rotation.init_app's ``connect_args``).
+# What psycopg2.connect needs for the classes above (every engine ``init_app`` builds).
 CONNECT_ARGS: dict[str, Any] = {"connection_factory": XidConnection}
