@@ -206,7 +206,9 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert records
     assert all("worker" in r for r in records), [r for r in records if "worker" not in r][:3]
+    took = sorted(s.duration_ms for s in result.samples)
     print(
         f"\nexample under rotation: {len(result.samples)} requests, {len(failures)} failed, "
-        f"{len(rotations)} rotations, {len(result.created_ids)} notes created"
+        f"{len(rotations)} rotations, {len(result.created_ids)} notes created; "
+        f"p50 {took[len(took) // 2]:.0f} ms, p99 {took[len(took) * 99 // 100]:.0f} ms, max {took[-1]:.0f} ms"
     )

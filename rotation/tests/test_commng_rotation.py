@@ -16,7 +16,15 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 import commng_rotation as rotation
-from commng_rotation import PinnedSession, RotationSettings, Trigger, get_runtime, list_events
+from commng_rotation import (
+    InvalidSettings,
+    PinnedSession,
+    RotationEvent,
+    RotationSettings,
+    Trigger,
+    get_runtime,
+    list_events,
+)
 
 if TYPE_CHECKING:
     from conftest import Login
@@ -35,9 +43,10 @@ def create_app(settings: RotationSettings, secrets_client: Any) -> Flask:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg2://"
     db.init_app(app)
-    rotation.init_app(app, db, settings, secrets_client=secrets_client)
+    rotation.init_app(app, db, settings, secrets_client=secrets_client, check_connection=True)
 
     @app.post("/notes/<text>")
+    @rotation.retry_on_disconnect
     def add(text: str) -> tuple[dict[str, Any], int]:
         note = Note(text=text)
         db.session.add(note)
@@ -45,8 +54,10 @@ def create_app(settings: RotationSettings, secrets_client: Any) -> Flask:
         return {"id": note.id}, 201
 
     @app.get("/notes")
+    @rotation.retry_on_disconnect
     def count() -> dict[str, Any]:
-        return {"count": db.session.scalar(sa.select(sa.func.count()).select_from(Note))}
+        with rotation.reading() as session:
+            return {"count": session.scalar(sa.select(sa.func.count()).select_from(Note))}
 
     return app
 
@@ -63,7 +74,8 @@ def _settings(login: Login, secret_id: str, **overrides: Any) -> RotationSetting
         "max_overflow": 1,
         "grace_period_s": 1.0,
         "refresh_interval_s": 60.0,
-        "application_name": "notes",
+        "application_name": "notes-test",
+        "service": "notes",
         "fanout": False,
     }
     return RotationSettings(**{**base, **overrides})
@@ -92,7 +104,7 @@ def app(login: Login, secret: str, secretsmanager: Any) -> Iterator[Flask]:
     )
     with ddl.begin() as conn:
         db.metadata.create_all(conn)
-        rotation.history.metadata.create_all(conn)
+        rotation.metadata.create_all(conn)
     ddl.dispose()
     flask_app = create_app(_settings(login, secret), secretsmanager)
     yield flask_app
@@ -114,9 +126,12 @@ def _rotate(client: Any, secret: str, login: Login, stage: str = "AWSCURRENT") -
 def test_the_watcher_adopts_a_rotation(app: Flask, login: Login, secret: str, secretsmanager: Any) -> None:
     client = app.test_client()
     assert client.post("/notes/before").status_code == 201
+    seen: list[RotationEvent] = []
+    get_runtime(app).on_event(seen.append)  # the hook an adopter's metrics attach to
     version = _rotate(secretsmanager, secret, login)
     results = get_runtime(app).watcher.check_once()  # type: ignore[union-attr]
     assert [r.outcome for r in results] == ["rotated"]
+    assert [(e.trigger, e.outcome, e.new_version) for e in seen] == [("poll", "rotated", version)]
     assert get_runtime(app).rotator().current.version_id == version  # type: ignore[union-attr]
     assert client.post("/notes/after").status_code == 201
     assert client.get("/notes").get_json() == {"count": 2}
@@ -136,14 +151,32 @@ def test_a_refused_login_refreshes_inside_the_request(
     assert rotator.trigger_counts[Trigger.AUTH_FAILURE] >= 1
 
 
+def test_views_survive_every_backend_being_killed(app: Flask, login: Login) -> None:
+    """retry_on_disconnect: the pool's connections all died (a failover, a restart); no 500."""
+    client = app.test_client()
+    assert client.post("/notes/one").status_code == 201
+    for _ in range(3):
+        login.terminate_backends()
+        assert client.post("/notes/more").status_code == 201
+        assert client.get("/notes").status_code == 200
+    assert client.get("/notes").get_json() == {"count": 4}
+
+
 def test_history_rows_record_each_refresh(app: Flask, login: Login, secret: str, secretsmanager: Any) -> None:
     version = _rotate(secretsmanager, secret, login)
     get_runtime(app).watcher.check_once()  # type: ignore[union-attr]
     get_runtime(app).stop()  # writes what the history writer still holds
     with app.app_context(), db.engine.connect() as conn:
-        events, _ = list_events(conn, 10)
-    newest = events[0]
-    assert (newest.trigger, newest.outcome, newest.new_version) == ("poll", "rotated", version)
+        ours, _ = list_events(conn, 10, service="notes")
+        others, _ = list_events(conn, 10, service="orders")
+    newest = ours[0]
+    assert (newest.service, newest.trigger, newest.outcome, newest.new_version) == (
+        "notes",
+        "poll",
+        "rotated",
+        version,
+    )
+    assert others == []
 
 
 def test_no_password_reaches_the_logs(
@@ -176,7 +209,7 @@ def test_init_app_refuses_bad_settings_naming_the_field(
     settings = _settings(login, secret, **overrides)
     try:
         runtime = rotation.init_app(app, db, settings, secrets_client=secretsmanager)
-    except ValueError as exc:
+    except InvalidSettings as exc:
         message = str(exc)
     else:
         runtime.stop()
