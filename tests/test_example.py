@@ -3,8 +3,10 @@
 The venv holds only what the example's requirements.txt names (the layer from a copy of
 ./rotation, gunicorn[gevent]); the environment is CommNG's variable names with
 ``POSTGRES_SSL=false`` and ``AWS_REGION`` alone (no ``AWS_DEFAULT_REGION``), on the test
-suite's PostgreSQL and a moto server. Its tables are made by ``flask --app app init-db``
-with a DDL login; the service logs in as an app role that may only read and write.
+suite's PostgreSQL and a moto server. The roles are made by the SQL block of
+rotation/README.md ("Set up the database"), run as written; the tables by ``flask --app
+app init-db --owner`` with the DDL login; the service logs in as the app role, which may
+only read and write rows.
 Under create-and-read load: two single-user rotations (each with its window, where
 AWSCURRENT is already refused) and a third whose window also kills every idle backend.
 """
@@ -12,6 +14,7 @@ AWSCURRENT is already refused) and a third whose window also kills every idle ba
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 import subprocess
@@ -25,7 +28,7 @@ from psycopg2 import sql
 from devstack import PostgresCluster, free_port, new_password, rotate_secret, secrets_client
 from devstack.processes import LoadGenerator, Sample
 from tests.helpers import assert_no_secrets, wait_for
-from tests.venvs import copy_layer, make_venv, run, temporary_dir
+from tests.venvs import REPO, copy_layer, make_venv, run, temporary_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -78,28 +81,52 @@ def _adopted(log: Path, version: str) -> set[int]:
     return workers
 
 
+def _setup_sql() -> str:
+    """The SQL block of rotation/README.md's "Set up the database", as an adopter copies it."""
+    readme = (REPO / "rotation" / "README.md").read_text()
+    section = readme.split("## Set up the database", 1)[1]
+    block = re.search(r"```sql\n(.*?)```", section, re.DOTALL)
+    assert block, "rotation/README.md lost its setup SQL"
+    return block.group(1)
+
+
 def _create_logins(pg: PostgresCluster, suffix: str) -> dict[str, str]:
-    """A DDL login owning a new database, and an app login with nothing granted yet."""
-    names = {"db": f"notes_{suffix}", "ddl": f"notes_ddl_{suffix}", "app": f"notes_app_{suffix}"}
+    """A database, then the README's roles in it (with this test's names and passwords)."""
+    names = {
+        "db": f"notes_{suffix}",
+        "owner": f"notes_owner_{suffix}",
+        "ddl": f"notes_ddl_{suffix}",
+        "app": f"notes_app_{suffix}",
+    }
     passwords = {"ddl": new_password(), "app": new_password()}
-    for who in ("ddl", "app"):
-        pg.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(names[who]), sql.Literal(passwords[who])
-            )
-        )
-    pg.execute(
-        sql.SQL("CREATE DATABASE {} OWNER {}").format(
-            sql.Identifier(names["db"]), sql.Identifier(names["ddl"])
-        )
-    )
+    pg.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(names["db"])))
+    text = _setup_sql()
+    # Longest names first: notes_app_clone before notes_app; the database (ON DATABASE notes) last.
+    for old, new in (
+        ("notes_app_clone", f"{names['app']}_clone"),
+        ("notes_owner", names["owner"]),
+        ("notes_ddl", names["ddl"]),
+        ("notes_app", names["app"]),
+        ("DATABASE notes", f"DATABASE {names['db']}"),
+    ):
+        text = re.sub(rf"\b{old}\b", new, text)
+    conn = pg.connect(names["db"])
+    try:
+        with conn.cursor() as cur:
+            for who, password in passwords.items():  # psql's :'name' variables, as literals
+                text = text.replace(f":'{who}_password'", sql.Literal(password).as_string(cur))
+            cur.execute(text)
+    finally:
+        conn.close()
     return {**names, "ddl_password": passwords["ddl"], "app_password": passwords["app"]}
 
 
 def _drop_logins(pg: PostgresCluster, logins: dict[str, str]) -> None:
     pg.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(logins["db"])))
-    for who in ("app", "ddl"):
-        pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(logins[who])))
+    for role in (f"{logins['app']}_clone", logins["app"], logins["ddl"]):
+        pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    # The owner last: its default privileges and grants lived in the database just dropped.
+    pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(logins["owner"])))
 
 
 def test_the_example_serves_through_three_rotations_without_a_failed_request(
@@ -138,12 +165,12 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
     server: subprocess.Popen[bytes] | None = None
     try:
         created = run(
-            [str(bindir / "flask"), "--app", "app", "init-db", "--grant", logins["app"]],
+            [str(bindir / "flask"), "--app", "app", "init-db", "--owner", logins["owner"]],
             env={**env, "DB_SECRET_ID": arns["ddl"], "LOG_LEVEL": "WARNING"},
             cwd=appdir,
             timeout_s=60,
         )
-        assert "tables ready: notes" in created
+        assert f"tables ready as {logins['owner']}: notes" in created
         port = free_port()
         with log.open("wb") as out:
             server = subprocess.Popen(
@@ -196,13 +223,17 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
         _drop_logins(pg, logins)
 
     output = log.read_text(errors="replace")
+    # First: the failure message below quotes log lines.
+    assert_no_secrets(output, passwords)
+    assert_no_secrets(created, passwords)
     failures = result.failures
-    assert not failures, f"{len(failures)} of {len(result.samples)} failed: {failures[:5]}"
+    errors = [line for line in output.splitlines() if '"level": "error"' in line or "Traceback" in line]
+    assert not failures, f"{len(failures)} of {len(result.samples)} failed: {failures[:5]}\n" + "\n".join(
+        errors[-5:]
+    )
     assert len(result.created_ids) >= 50
     assert len(result.samples) >= 200
     assert server.returncode == 0
-    assert_no_secrets(output, passwords)
-    assert_no_secrets(created, passwords)
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert records
     assert all("worker" in r for r in records), [r for r in records if "worker" not in r][:3]

@@ -17,6 +17,7 @@ from gevent import monkey
 
 monkey.patch_all()  # before anything imports socket, ssl or boto3
 
+import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
@@ -127,19 +128,39 @@ def _worker(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def configure_logging(level: str) -> None:
-    """One JSON object per line, with ``worker``; tracebacks without local variables."""
+    """One JSON object per line, with ``worker``, for structlog's events and the stdlib's records.
+
+    Tracebacks are rendered without local variables: a local ``password`` stays out. botocore
+    and urllib3 stay at WARNING: at DEBUG they log GetSecretValue's body, the password.
+    """
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _worker,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _worker,
-            structlog.processors.format_exc_info,  # no locals: a local `password` stays out
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
+    # Flask's and the libraries' records (an unhandled exception in a view, say) the same way.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for name in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # -- the app --------------------------------------------------------------------------
@@ -168,8 +189,12 @@ def add_note() -> tuple[dict[str, Any], int]:
         return {"error": f'a JSON body {{"text": ...}}, 1 to {MAX_TEXT} characters, no NUL'}, 400
     note = Note(text=text)
     db.session.add(note)
+    db.session.flush()  # the id, before the commit:
+    note_id = note.id
+    # after it, reading note.id would reload the expired row on another connection, and a
+    # connection that dies there cannot be retried (the note is committed): a 500 for a saved note.
     db.session.commit()
-    return {"id": note.id}, 201
+    return {"id": note_id}, 201
 
 
 def get_note(note_id: int) -> tuple[dict[str, Any], int]:
@@ -182,26 +207,30 @@ def get_note(note_id: int) -> tuple[dict[str, Any], int]:
 
 
 @click.command("init-db")
-@click.option("--grant", "grantee", default=None, help="the app's login role, given DML on the tables")
-def init_db_command(grantee: str | None) -> None:
+@click.option(
+    "--owner", default=None, help="create the tables as this role (SET ROLE); its default privileges apply"
+)
+@click.option("--grant", "grantee", default=None, help="the app's login role, given rows of the tables")
+def init_db_command(owner: str | None, grantee: str | None) -> None:
     """Create the notes table and the layer's tables; run it with a DDL login's secret."""
     with db.engine.begin() as conn:
+
+        def run(statement: sql.Composable) -> None:
+            # psycopg2 quotes the names.
+            conn.exec_driver_sql(statement.as_string(conn.connection.dbapi_connection))
+
+        if owner:
+            run(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
         db.metadata.create_all(conn)
         rotation.metadata.create_all(conn)
-        if grantee:
-            # psycopg2 quotes the names; the app's login may read and write, never create or drop.
+        if grantee:  # without an owner's default privileges: the app may read and write, not create
             tables = sql.SQL(", ").join(sql.Identifier(t) for t in ["notes", *rotation.metadata.tables])
-            for statement in (
-                sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-                    tables, sql.Identifier(grantee)
-                ),
-                sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(
-                    sql.Identifier(grantee)
-                ),
-            ):
-                conn.exec_driver_sql(statement.as_string(conn.connection.dbapi_connection))
+            role = sql.Identifier(grantee)
+            run(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(tables, role))
+            run(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(role))
+    made_as = f" as {owner}" if owner else ""
     granted = f"; {grantee} may read and write them" if grantee else ""
-    click.echo(f"tables ready: notes, {', '.join(rotation.metadata.tables)}{granted}")
+    click.echo(f"tables ready{made_as}: notes, {', '.join(rotation.metadata.tables)}{granted}")
 
 
 app = create_app()
