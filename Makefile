@@ -136,6 +136,8 @@ bench-smoke: venv postgres
 # layer from ./rotation, gunicorn[gevent]): what an adopter installs, not this repository's
 # locks. Its tables are created first with the master secret (the DDL login) and granted to
 # the app role (app shape; in the master shape the example logs in as the master itself).
+# The stack's SQS queue is CommNG's: an SQS message goes to one consumer, so the example
+# (service "notes") has none and hears of a rotation by its poll (5 s here) and fan-out.
 EXAMPLE_VENV := .local/venvs/example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
 
@@ -153,8 +155,10 @@ example: $(EXAMPLE_STAMP) $(LOCAL_STAMP)
 		cd rotation/example && LOG_LEVEL=WARNING ../../$(EXAMPLE_VENV)/bin/flask --app app init-db \
 			$${grant:+--grant $$grant}
 	@stack_env="$$($(BIN)/python -m devstack env)" && eval "$$stack_env" && \
+		unset DB_ROTATION_QUEUE_URL && \
 		echo "notes example: http://127.0.0.1:8100/notes (Ctrl-C stops it)" && \
-		cd rotation/example && LOG_LEVEL=INFO exec ../../$(EXAMPLE_VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+		cd rotation/example && LOG_LEVEL=INFO DB_SECRET_REFRESH_INTERVAL_MS=$${DB_SECRET_REFRESH_INTERVAL_MS:-5000} \
+		exec ../../$(EXAMPLE_VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 # The rotation layer's own tests (rotation/tests) in a venv per row, each holding only the
 # layer, its test extra and that row's versions (rotation/README.md, "Supported versions").
