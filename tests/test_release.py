@@ -54,7 +54,7 @@ def test_the_release_builds_passes_twine_check_and_its_wheel_passes_the_layers_t
         with tarfile.open(sdists[0]) as sdist:
             assert any(n.endswith("/README.md") for n in sdist.getnames())
 
-        installed = make_venv(work / "venv", f"{wheels[0]}[test]")
+        installed = make_venv(work / "venv", f"{wheels[0]}[test,gevent]")
         python = str(installed / "bin" / "python")
         where = run([python, "-c", "import commng_rotation; print(commng_rotation.__file__)"])
         assert where.startswith(str(installed)), where
