@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost example test-matrix clean
+.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv lock bench bench-smoke bench-cost soak example test-matrix clean
 
 help:
 	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
@@ -17,6 +17,7 @@ help:
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
+	@echo "make soak     30 minutes of load and faults; memory, descriptors, greenlets sampled (SOAK_MINUTES)"
 	@echo "make example  the rotation layer's example app on 127.0.0.1:8100, against the running make run"
 	@echo "make test-matrix  the rotation layer's tests on its oldest and newest supported versions (not in CI)"
 	@echo "make lock     recompile requirements*.txt (every package pinned, with hashes) from requirements*.in"
@@ -130,6 +131,13 @@ bench-cost: venv postgres
 
 bench-smoke: venv postgres
 	$(BIN)/python -m bench.rotation_bench --smoke
+
+# Nothing grows: 30 minutes of load with rotations, idle kills, Secrets Manager outages and
+# restarts on a schedule, each worker's memory, descriptors and greenlets sampled every 10 s
+# (bench/soak.py). SOAK_MINUTES shortens it. Not part of `make test`.
+SOAK_MINUTES ?= 30
+soak: venv postgres
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 # The rotation layer's example (rotation/example/) against the running `make run`, on
 # 127.0.0.1:8100, in a venv of its own holding only what its requirements.txt names (the

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
@@ -84,13 +85,23 @@ LAG_CHECK_INTERVAL_S = 1.0
 # A connection to the replica never waits longer than this: the primary is right there.
 REPLICA_CONNECT_S = 2.0
 # Milliseconds the replica's replay is behind: 0 when it has replayed all it received (an
-# idle primary sends nothing, and the last replayed transaction may be old), NULL when the
-# server is not a standby at all.
+# idle primary sends nothing, and the last replayed transaction may be old) or when the
+# server is not a standby at all; NULL when its WAL receiver is not streaming, since then
+# "replayed all it received" says nothing (what it received stopped growing). Every role
+# sees whether a WAL receiver runs; its status and last message time are visible to roles
+# with pg_read_all_stats (pg_monitor), and checked where visible: a streaming standby hears
+# from its primary at least every wal_sender_timeout / 2 (30 s by default, keepalives
+# included), so 75 s of silence means the stream is dead.
 LAG_SQL = (
     "SELECT CASE WHEN NOT pg_is_in_recovery() THEN 0 "
+    "WHEN NOT EXISTS (SELECT 1 FROM pg_stat_wal_receiver) THEN NULL "
+    "WHEN EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status <> 'streaming' "
+    "OR last_msg_receipt_time < clock_timestamp() - interval '75 seconds') THEN NULL "
     "WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
     "ELSE COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000, 0) END"
 )
+LAG_REASON = "replication lag"
+NOT_STREAMING_REASON = "replication not streaming"
 # Told the bind ("replica" or "primary") of every read reading() serves (metrics).
 read_listeners: list[Callable[[str], None]] = []
 
@@ -104,21 +115,41 @@ class ReplicaState:
     reason: str | None = None
     lag_ms: float | None = None
     lag_checked_at: float = float("-inf")
+    # False while its WAL receiver is not streaming: its lag is then unknown, and too much.
+    streaming: bool = True
     reads: Counter[str] = field(default_factory=Counter)
+    # True from a failure until a read finds the replica back.
+    down: bool = False
     _checking: threading.Lock = field(default_factory=threading.Lock)
+    _probing: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def lagging(self) -> bool:
-        return self.lag_ms is not None and self.lag_ms > self.max_lag_ms
+        return not self.streaming or (self.lag_ms is not None and self.lag_ms > self.max_lag_ms)
 
     def connect(self) -> Connection | None:
-        """A connection to the replica, or None when reads should go to the primary now."""
+        """A connection to the replica, or None when reads should go to the primary now.
+
+        Once a failure's REPLICA_RETRY_S is over, one read probes the replica; the others
+        keep going to the primary until it found the replica back (against a frozen or
+        black-holed standby, only that read pays the connect bound).
+        """
         now = time.monotonic()
         if now < self.down_until:
             return None
         due = now - self.lag_checked_at >= LAG_CHECK_INTERVAL_S
         if self.lagging and not due:
             return None
+        probe = self.down
+        if probe and not self._probing.acquire(blocking=False):
+            return None
+        try:
+            return self._connect(due)
+        finally:
+            if probe:
+                self._probing.release()
+
+    def _connect(self, due: bool) -> Connection | None:
         try:
             # No outage wait: a replica that refuses connections is skipped, not waited for.
             # Pinged at checkout even inside a retried view: a pooled replica connection
@@ -127,7 +158,8 @@ class ReplicaState:
             # REPLICA_RETRY_S while the replica is fine.
             with bounds.outage_wait(0), bounds.deadline(REPLICA_CONNECT_S), caller_retries(False):
                 conn = db.engines[REPLICA_BIND].connect()
-        except (DBAPIError, NoCredentials) as exc:
+        except (DBAPIError, NoCredentials, sa.exc.TimeoutError) as exc:
+            # TimeoutError: its pool stayed full for the pool timeout (a slow replica).
             self.mark_down(exc)
             return None
         if due and self._checking.acquire(blocking=False):
@@ -141,7 +173,7 @@ class ReplicaState:
                 return None
             finally:
                 self._checking.release()
-            self._lag_measured(float(lag or 0))
+            self._lag_measured(None if lag is None else float(lag))
         if self.lagging:
             conn.close()
             return None
@@ -149,6 +181,7 @@ class ReplicaState:
         if self.reason is not None and time.monotonic() >= self.down_until:
             log.info("replica_reads_resumed", after=self.reason)
             self.reason = None
+            self.down = False
         return conn
 
     def mark_down(self, exc: BaseException) -> None:
@@ -157,20 +190,27 @@ class ReplicaState:
         if self.reason != reason:
             log.warning("replica_unavailable", reason=reason, retry_in_s=REPLICA_RETRY_S)
         self.reason = reason
+        self.down = True
         self.down_until = time.monotonic() + REPLICA_RETRY_S
 
-    def _lag_measured(self, lag_ms: float) -> None:
+    def _lag_measured(self, lag_ms: float | None) -> None:
+        """Keep a measured lag (None: the standby is not streaming)."""
         was = self.lagging
+        self.streaming = lag_ms is not None
         self.lag_ms = lag_ms
         self.lag_checked_at = time.monotonic()
-        if self.lagging and not was:
+        if not self.streaming and self.reason != NOT_STREAMING_REASON:
+            log.warning("replica_not_streaming", max_lag_ms=self.max_lag_ms)
+            self.reason = NOT_STREAMING_REASON
+        elif lag_ms is not None and self.lagging and not was:
             log.warning("replica_lagging", lag_ms=round(lag_ms), max_lag_ms=self.max_lag_ms)
-            self.reason = "replication lag"
+            self.reason = LAG_REASON
 
     def status(self) -> dict[str, Any]:
         return {
             "reading": time.monotonic() >= self.down_until and not self.lagging,
             "reason": self.reason,
+            "streaming": self.streaming,
             "lag_ms": None if self.lag_ms is None else round(self.lag_ms),
             "max_lag_ms": self.max_lag_ms,
             "reads": dict(self.reads),

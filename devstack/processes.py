@@ -18,11 +18,28 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# What gevent's monitor thread prints when a greenlet held the event loop too long.
+BLOCKED_MARK = "appears to be blocked"
+# The loop may be held this long before the monitor reports it. Below about 100 ms, a loaded
+# 2-core machine's scheduling noise (and the monitor's own reports) set it off.
+MONITOR_BLOCKING_S = 0.1
+
+
 class GunicornServer:
-    """`gunicorn -c gunicorn.conf.py wsgi:app` (the image's CMD) with a log file of its own."""
+    """`gunicorn -c gunicorn.conf.py wsgi:app` (the image's CMD) with a log file of its own.
+
+    ``monitor_blocking``: run gevent's monitor thread in every worker, which reports any
+    greenlet that holds the event loop longer than MONITOR_BLOCKING_S (``blocking_reports``).
+    """
 
     def __init__(
-        self, env: Mapping[str, str], port: int, workers: int, logfile: Path, app: str = "wsgi:app"
+        self,
+        env: Mapping[str, str],
+        port: int,
+        workers: int,
+        logfile: Path,
+        app: str = "wsgi:app",
+        monitor_blocking: bool = False,
     ) -> None:
         self.app = app
         self.port = port
@@ -31,6 +48,7 @@ class GunicornServer:
         self.env = {
             **os.environ,
             **env,
+            **(monitor_env() if monitor_blocking else {}),
             "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port} --workers {workers}",
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -88,11 +106,30 @@ class GunicornServer:
         """Everything gunicorn and its workers wrote so far."""
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
+    def blocking_reports(self) -> list[str]:
+        """gevent's monitor reports so far (see ``blocking_reports``)."""
+        return blocking_reports(self.output())
+
     def problems(self, limit: int = 20) -> list[str]:
         """The last ``limit`` log lines at error level or carrying a traceback, for failure messages."""
         marks = ('"level": "error"', '"level": "critical"', "Traceback", "[ERROR]", "Error")
         lines = [line for line in self.output().splitlines() if any(m in line for m in marks)]
         return lines[-limit:]
+
+
+def monitor_env() -> dict[str, str]:
+    """The environment that turns gevent's monitor thread on at MONITOR_BLOCKING_S."""
+    return {"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": str(MONITOR_BLOCKING_S)}
+
+
+def blocking_reports(output: str) -> list[str]:
+    """gevent's monitor reports in ``output``: each the blocked greenlet and its stack."""
+    reports = []
+    for block in output.split("=" * 80):
+        if BLOCKED_MARK in block:
+            head, _, _ = block.partition("Info:")
+            reports.append(head.strip())
+    return reports
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:

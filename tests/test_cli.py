@@ -158,8 +158,9 @@ def test_status_names_a_worker_whose_latest_version_is_not_awscurrent(stack: Sta
     """A worker of an earlier deployment, stopped before the rotation, as its rows remain."""
     gone = "gone-host:4242"
     stack.rows(
-        "INSERT INTO rotation_events (id, occurred_at, worker, trigger, outcome, old_version, new_version) "
-        "VALUES (%s, now() - interval '1 hour', %s, 'poll', 'rotated', 'v-older', 'v-old')",
+        "INSERT INTO rotation_events (id, service, occurred_at, worker, trigger, outcome, old_version, "
+        "new_version) VALUES (%s, 'commng', now() - interval '1 hour', %s, 'poll', 'rotated', "
+        "'v-older', 'v-old')",
         "f" * 32,
         gone,
     )
@@ -228,8 +229,9 @@ def _replica_rows(stack: Stack, versions: dict[str, str]) -> None:
     """Each worker's replica adoption, newer than its primary one (as a replica rotation leaves it)."""
     for n, (worker, version) in enumerate(sorted(versions.items())):
         stack.rows(
-            "INSERT INTO rotation_events (id, occurred_at, worker, bind, trigger, outcome, old_version, "
-            "new_version) VALUES (%s, now(), %s, 'replica', 'poll', 'rotated', 'v-replica-0', %s)",
+            "INSERT INTO rotation_events (id, service, occurred_at, worker, bind, trigger, outcome, "
+            "old_version, new_version) VALUES (%s, 'commng', now(), %s, 'replica', 'poll', 'rotated', "
+            "'v-replica-0', %s)",
             f"{n:032x}",
             worker,
             version,

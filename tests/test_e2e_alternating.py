@@ -34,7 +34,7 @@ def test_three_alternating_rotations_under_load_fail_no_request(
     client, arn, env = database.watched_env(
         moto_endpoint, workdir, POSTGRES_POOL_SIZE="3", DB_POOL_GRACE_PERIOD_MS="2000"
     )
-    server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log")
+    server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log", monitor_blocking=True)
     passwords = [database.password]
     server.start()
     try:
@@ -71,3 +71,4 @@ def test_three_alternating_rotations_under_load_fail_no_request(
         database.cluster.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(clone)))
     assert code == 0
     assert_no_secrets(server.output(), passwords)
+    assert server.blocking_reports() == []  # no greenlet held a worker's loop > 100 ms

@@ -243,7 +243,7 @@ def test_replica_rotation_and_restart_under_load_fail_no_request(
     )["ARN"]
     primary_version = client.describe_secret(SecretId=primary_arn)["VersionIdsToStages"]
     env["DB_REPLICA_SECRET_ID"] = replica_arn
-    server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log")
+    server = GunicornServer(env, free_port(), WORKERS, workdir / "gunicorn.log", monitor_blocking=True)
     new = new_password()
     try:
         server.start()
@@ -304,6 +304,7 @@ def test_replica_rotation_and_restart_under_load_fail_no_request(
     fallbacks = _logged(server, "replica_unavailable", stopped_at)
     assert code == 0
     assert_no_secrets(output, [database.password, password, new])
+    assert server.blocking_reports() == []  # no greenlet held a worker's loop > 100 ms
     print(
         f"\nreplica e2e: {load.requests} requests, {len(load.failures)} failed, {load.created} written and "
         f"read back, replica share of reads {replica_total / (replica_total + primary_total):.0%}, "

@@ -26,7 +26,7 @@ import pytest
 from psycopg2 import sql
 
 from devstack import PostgresCluster, free_port, new_password, rotate_secret, secrets_client
-from devstack.processes import LoadGenerator, Sample
+from devstack.processes import LoadGenerator, Sample, blocking_reports, monitor_env
 from tests.helpers import assert_no_secrets, wait_for
 from tests.venvs import REPO, copy_layer, make_venv, run, temporary_dir
 
@@ -183,7 +183,9 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
                     "app:app",
                 ],
                 cwd=appdir,
-                env={**env, "DB_SECRET_ID": arns["app"]},
+                # gevent's monitor thread: a greenlet holding the loop (a wait the layer left
+                # blocking) is reported.
+                env={**env, **monitor_env(), "DB_SECRET_ID": arns["app"]},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -234,6 +236,7 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
     assert len(result.created_ids) >= 50
     assert len(result.samples) >= 200
     assert server.returncode == 0
+    assert blocking_reports(output) == []
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert records
     assert all("worker" in r for r in records), [r for r in records if "worker" not in r][:3]

@@ -251,7 +251,7 @@ def rotated_stack(pg: PostgresCluster) -> Iterator[RotatedStack]:
             DB_POOL_GRACE_PERIOD_MS="1000",
             ADMIN_TOKEN=TOKEN,
         )
-        server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
+        server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log", monitor_blocking=True)
         new = new_password()
         server.start()
         try:
@@ -271,6 +271,7 @@ def rotated_stack(pg: PostgresCluster) -> Iterator[RotatedStack]:
             code = server.stop()
         assert code == 0
         assert_no_secrets(server.output(), [*stack.passwords, TOKEN])
+        assert server.blocking_reports() == []
     finally:
         moto.stop()
         drop_database(database)

@@ -220,7 +220,7 @@ def test_gunicorn_push_reaches_one_worker_and_fan_out_the_other_within_2_s(
         moto_endpoint, workdir, DB_ROTATION_QUEUE_URL=url, AWS_ENDPOINT_URL_SQS=moto_endpoint
     )
     env["DB_SECRET_REFRESH_INTERVAL_MS"] = "600000"  # the poll stays out of the way
-    server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log")
+    server = GunicornServer(env, free_port(), 2, workdir / "gunicorn.log", monitor_blocking=True)
     new = new_password()
     server.start()
     try:
@@ -238,6 +238,7 @@ def test_gunicorn_push_reaches_one_worker_and_fan_out_the_other_within_2_s(
     assert code == 0
     assert elapsed < 2.0
     assert_no_secrets(server.output(), [database.password, new])
+    assert server.blocking_reports() == []
 
 
 # -- a replica with its own secret (the primary stands in for the standby: the routing is tested) --
