@@ -7,8 +7,9 @@ suite's PostgreSQL and a moto server. The roles are made by the SQL block of
 rotation/README.md ("Set up the database"), run as written; the tables by ``flask --app
 app init-db --owner`` with the DDL login; the service logs in as the app role, which may
 only read and write rows.
-Under create-and-read load: two single-user rotations (each with its window, where
-AWSCURRENT is already refused) and a third whose window also kills every idle backend.
+Under create-and-read load: two alternating-users rotations (the README's ``_clone`` role
+logs in) and a single-user one whose window, where AWSCURRENT is already refused, also
+kills every idle backend.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from typing import Any
 import pytest
 from psycopg2 import sql
 
-from devstack import PostgresCluster, free_port, new_password, rotate_secret, secrets_client
+from devstack import (
+    PostgresCluster,
+    free_port,
+    new_password,
+    rotate_alternating,
+    rotate_secret,
+    secrets_client,
+)
 from devstack.processes import LoadGenerator, Sample, blocking_reports, monitor_env
 from tests.helpers import assert_no_secrets, wait_for
 from tests.venvs import REPO, copy_layer, make_venv, run, temporary_dir
@@ -34,7 +42,7 @@ pytestmark = pytest.mark.e2e
 
 WORKERS = 2
 CLIENTS = 4
-# Seconds inside each rotation's window (AWSCURRENT still old, the database already new).
+# Seconds inside the single-user rotation's window (AWSCURRENT still old, the database already new).
 WINDOW_S = 1.0
 
 
@@ -195,19 +203,24 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
         load = NotesLoad(f"http://127.0.0.1:{port}", CLIENTS)
         load.start()
         rotations = []
-        for kill_idle in (False, False, True):
+        # Two rotations as `make rotate` does in the default shape (alternating users: the
+        # README's _clone role logs in for the first one), then one single-user rotation
+        # whose window also ends every idle backend of the app role, as a failover would.
+        for kind in ("alternating", "alternating", "single-user, idle backends killed"):
             password = new_password()
             passwords.append(password)
-            version = rotate_secret(
-                client,
-                arns["app"],
-                pg,
-                logins["app"],
-                password,
-                pause_s=WINDOW_S,
-                # Inside the window: every idle backend of the app role ends, as a failover would.
-                before_current=(lambda: pg.terminate_backends(logins["app"])) if kill_idle else None,
-            )
+            if kind == "alternating":
+                version, _ = rotate_alternating(client, arns["app"], pg, password)
+            else:
+                version = rotate_secret(
+                    client,
+                    arns["app"],
+                    pg,
+                    logins["app"],
+                    password,
+                    pause_s=WINDOW_S,
+                    before_current=lambda: pg.terminate_backends(logins["app"]),
+                )
             rotations.append(version)
             wait_for(lambda v=version: len(_adopted(log, v)) == WORKERS, 30)
         # Some more requests on the last rotation's engines (with the old pools closed).
