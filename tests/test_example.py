@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from psycopg2 import sql
 
 from devstack import (
@@ -137,6 +138,26 @@ def _drop_logins(pg: PostgresCluster, logins: dict[str, str]) -> None:
     pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(logins["owner"])))
 
 
+def _refused_inputs(base_url: str) -> dict[str, int | None]:
+    """Statuses of requests the example must turn down with a 4xx, never a 500."""
+    cases = {
+        "no body": ("post", "/notes", None),
+        "empty text": ("post", "/notes", {"text": ""}),
+        "not a string": ("post", "/notes", {"text": 7}),
+        "NUL": ("post", "/notes", {"text": "a\x00b"}),
+        "lone surrogate": ("post", "/notes", {"text": "\ud800"}),
+        "past bigint": ("get", f"/notes/{2**64}", None),
+        "missing": ("get", "/notes/999999999", None),
+    }
+    statuses: dict[str, int | None] = {}
+    for name, (method, path, body) in cases.items():
+        response = requests.request(
+            method, base_url + path, json=body, timeout=10, headers={"Connection": "close"}
+        )
+        statuses[name] = response.status_code
+    return statuses
+
+
 def test_the_example_serves_through_three_rotations_without_a_failed_request(
     example: Path, pg: PostgresCluster, moto_endpoint: str
 ) -> None:
@@ -227,6 +248,7 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
         served = len(load.result.samples)
         wait_for(lambda: len(load.result.samples) >= served + 100, 20)
         result = load.stop()
+        refused = _refused_inputs(f"http://127.0.0.1:{port}")
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -249,6 +271,15 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
     assert len(result.created_ids) >= 50
     assert len(result.samples) >= 200
     assert server.returncode == 0
+    assert refused == {
+        "no body": 400,
+        "empty text": 400,
+        "not a string": 400,
+        "NUL": 400,
+        "lone surrogate": 400,
+        "past bigint": 404,
+        "missing": 404,
+    }
     assert blocking_reports(output) == []
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert records

@@ -34,6 +34,7 @@ from commng_rotation import PinnedSession, RotationSettings  # noqa: E402
 
 SERVICE = "notes"
 MAX_TEXT = 10_000
+MAX_ID = 2**63 - 1  # bigint
 db = SQLAlchemy(session_options={"class_": PinnedSession})  # a transaction stays on one engine
 log = structlog.get_logger("notes")
 
@@ -181,11 +182,22 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     return app
 
 
+def _storable(text: object) -> bool:
+    """Text PostgreSQL stores: no NUL (psycopg2 refuses it) and no lone surrogate (not UTF-8)."""
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT or "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def add_note() -> tuple[dict[str, Any], int]:
     """POST /notes {"text": ...} -> 201 {"id": ...}."""
     body = request.get_json(silent=True)
     text = body.get("text") if isinstance(body, dict) else None
-    if not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT or "\x00" in text:
+    if not _storable(text):
         return {"error": f'a JSON body {{"text": ...}}, 1 to {MAX_TEXT} characters, no NUL'}, 400
     note = Note(text=text)
     db.session.add(note)
@@ -199,6 +211,8 @@ def add_note() -> tuple[dict[str, Any], int]:
 
 def get_note(note_id: int) -> tuple[dict[str, Any], int]:
     """GET /notes/<id> -> 200 {"id": ..., "text": ...}, or 404."""
+    if note_id > MAX_ID:  # PostgreSQL would refuse the comparison with a bigint: a 500
+        return {"error": "no such note"}, 404
     with rotation.reading() as session:
         note = session.get(Note, note_id)
         if note is None:
