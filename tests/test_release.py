@@ -1,8 +1,8 @@
 """What a release of commng-rotation is: an sdist and a wheel that pass twine, and a wheel whose tests pass.
 
-The layer's tests run from a venv holding only the wheel and its ``test`` extra, against
-a copy of rotation/tests outside the checkout: they cannot lean on CommNG's venv, on
-rotation/src or on anything in the repository.
+The layer's tests, as the sdist carries them, run from a venv holding only the wheel and
+its ``test`` and ``gevent`` extras, outside the checkout: they cannot lean on CommNG's
+venv, on rotation/src or on anything in the repository.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import shutil
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -52,13 +51,20 @@ def test_the_release_builds_passes_twine_check_and_its_wheel_passes_the_layers_t
         assert "commng_rotation/py.typed" in names
         assert any(n.endswith("licenses/LICENSE") for n in names)
         with tarfile.open(sdists[0]) as sdist:
-            assert any(n.endswith("/README.md") for n in sdist.getnames())
+            names = sdist.getnames()
+            assert {"README.md", "CHANGELOG.md", "LICENSE", "tests/conftest.py"} <= {
+                n.split("/", 1)[1] for n in names if "/" in n
+            }
+            assert not [n for n in names if "__pycache__" in n]
+            sdist.extractall(work / "sdist", filter="data")
 
         installed = make_venv(work / "venv", f"{wheels[0]}[test,gevent]")
         python = str(installed / "bin" / "python")
         where = run([python, "-c", "import commng_rotation; print(commng_rotation.__file__)"])
         assert where.startswith(str(installed)), where
-        tests = Path(shutil.copytree(source / "tests", work / "layer-tests"))
-        shutil.copy2(source / "pyproject.toml", work / "pyproject.toml")  # its pytest settings
-        out = run([python, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider"], cwd=work)
+        # The tests the sdist carries, beside its pyproject.toml (their pytest settings); no
+        # src/ on the path: they import the installed wheel.
+        unpacked = next((work / "sdist").iterdir())
+        shutil.rmtree(unpacked / "src")
+        out = run([python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"], cwd=unpacked)
         assert " passed" in out
