@@ -44,8 +44,81 @@ def _env_choice(name, default, choices):
     return value if value.lower() in choices else default
 
 
-# gevent workers: a request waiting on PostgreSQL or Secrets Manager yields to others.
-worker_class = "gevent"
+class _IdleWait:
+    """A keep-alive connection's wait for its next request, ended early when the worker stops.
+
+    gunicorn's own wait is ``gevent.Timeout(keepalive, False)``: when it fires, the
+    connection's loop ends quietly and the connection is closed. Stopping fires it at once
+    (``_GracefulGeventWorker.close_idle``). A wait that begins while the worker stops (a
+    connection accepted in the last second before the listener closed) gets
+    ``SHUTDOWN_IDLE_S`` for its request.
+    """
+
+    SHUTDOWN_IDLE_S = 1.0
+
+    def __init__(self, worker, seconds):
+        import gevent
+
+        self.worker = worker
+        self.greenlet = gevent.getcurrent()
+        self.timeout = gevent.Timeout(seconds if worker.alive else self.SHUTDOWN_IDLE_S, False)
+
+    def __enter__(self):
+        self.timeout.start()
+        self.worker.idle[self.greenlet] = self.timeout
+        return self.timeout
+
+    def __exit__(self, typ, value, tb):
+        self.worker.idle.pop(self.greenlet, None)
+        return self.timeout.__exit__(typ, value, tb)
+
+
+def _graceful_gevent_worker():
+    """gunicorn's gevent worker that closes idle keep-alive connections when it stops.
+
+    gunicorn's own waits for every connection to go (graceful_timeout) and an idle
+    keep-alive connection only goes after keepalive (75 s): the master kills the worker at
+    graceful_timeout (25 s), and worker_exit (rotation history flush, fleet row, pools)
+    never runs. Requests in progress finish as before, answered with Connection: close.
+    Imported here, in the master, as gunicorn itself does to load its worker class; gevent
+    patches each worker after the fork all the same.
+    """
+    import gevent
+    from gunicorn.workers.ggevent import GeventWorker
+
+    class GracefulGeventWorker(GeventWorker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Greenlet -> the timeout of the keep-alive wait it is in (none: in a request).
+            self.idle = {}
+
+        def timeout_ctx(self):
+            return _IdleWait(self, self.cfg.keepalive)
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)  # SIGTERM: stop accepting, finish requests
+            gevent.spawn(self.close_idle)  # out of the signal handler, as gunicorn's handle_quit
+
+        def close_idle(self):
+            """Fire the timeout of every keep-alive wait now: those connections close quietly."""
+            idle = list(self.idle.items())
+            self.log.info("Closing %d idle keep-alive connection(s) (pid:%s)", len(idle), self.pid)
+            loop = gevent.get_hub().loop
+            for greenlet, timeout in idle:
+                loop.run_callback(self._expire, greenlet, timeout)
+
+        def _expire(self, greenlet, timeout):
+            # Run by the hub, as gevent runs a timeout: the greenlet is suspended in its wait
+            # unless it has left that wait meanwhile (a request came): then it is left alone.
+            if self.idle.get(greenlet) is timeout:
+                greenlet.throw(timeout)
+
+    return GracefulGeventWorker
+
+
+# gevent workers: a request waiting on PostgreSQL or Secrets Manager yields to others;
+# idle keep-alive connections are closed at shutdown, so that worker_exit runs.
+worker_class = _graceful_gevent_worker
 # Listen on all interfaces inside the container; the port comes from $PORT.
 bind = f"0.0.0.0:{int(os.environ.get('PORT') or 8000)}"
 # Two workers per core is plenty for an I/O-bound gevent app; ECS sets WEB_CONCURRENCY.

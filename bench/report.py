@@ -195,6 +195,13 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         if name in by:
             add(f"{name}: failed requests = 0", by[name]["failures"], by[name]["failures"] == 0)
+    blocked = {r["name"]: r["extra"]["blocking_reports"] for r in results if "blocking_reports" in r["extra"]}
+    if blocked:
+        add(
+            "greenlets that held a worker's loop > 100 ms = 0 (rotation and fault scenarios)",
+            sum(blocked.values()),
+            not any(blocked.values()),
+        )
     lost = {r["name"]: r["writes"]["lost"] for r in results}
     add("lost writes = 0 (every scenario)", sum(lost.values()), not any(lost.values()))
     leaked = sum(r.get("passwords_in_log", 0) for r in results)

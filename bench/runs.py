@@ -20,7 +20,7 @@ from bench import measure, report
 from bench.load import make_load
 from bench.pinning import pin_load
 from bench.replica import ReadsSampler, summarize_reads
-from bench.scenarios import Context, Scenario
+from bench.scenarios import MONITORED, Context, Scenario
 from bench.stack import BackendSampler, BenchStack
 from devstack import free_port
 from devstack.processes import GunicornServer, LoadGenerator, LoadResult, Sample
@@ -123,7 +123,14 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
     env = {**gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir), **dict(scenario.env)}
     # Scenarios that load a bench-only route run the bench's entry point; the others the product's.
     entry = scenario.entry or ("bench.wsgi:app" if scenario.path else "wsgi:app")
-    server = GunicornServer(env, free_port(), workers, workdir / "gunicorn.log", app=entry)
+    server = GunicornServer(
+        env,
+        free_port(),
+        workers,
+        workdir / "gunicorn.log",
+        app=entry,
+        monitor_blocking=scenario.name in MONITORED,
+    )
     print(f"[{scenario.name}] {scenario.description}: {scenario.clients} clients", flush=True)
     server.start(timeout_s=90)
     _wait_for_workers(server, workers, scenario.secrets_manager)
@@ -160,6 +167,8 @@ def finish(
         reads["standby_backends"] = {"max": max(standby, default=None), "series": run.standby_sampler.series}
     lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
     run.server.stop()
+    if run.scenario.name in MONITORED:
+        run.ctx.extra["blocking_reports"] = len(run.server.blocking_reports())
     made = max(1, len(result.samples))
     run.ctx.extra["worker_cpu_ms_per_request"] = round(worker_cpu_s * 1000 / made, 2)
     run.ctx.extra["bench_cpu_ms_per_request"] = round(bench_cpu_s * 1000 / made, 2)

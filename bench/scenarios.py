@@ -19,7 +19,7 @@ from bench.stack import AppDatabase, BenchStack, ReplicaLogin
 from config import Settings
 from devstack import new_password, rotate_alternating, rotate_secret
 
-__all__ = ["SCENARIOS", "SMOKE", "Context", "Scenario"]
+__all__ = ["MONITORED", "SCENARIOS", "SMOKE", "Context", "Scenario"]
 
 
 @dataclass
@@ -364,6 +364,21 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
+
+# The rotation and fault scenarios run gevent's monitor thread at 100 ms and report any
+# greenlet that held a worker's loop. Not the throughput comparisons: its greenlet tracer
+# costs every switch.
+MONITORED = (
+    "rotate",
+    "window-reconnect",
+    "secrets-outage",
+    "bad-secret",
+    "db-restart",
+    "alternating",
+    "alternating-kill",
+    "replica-rotate",
+    "replica-down",
+)
 
 # The smoke mode (`make bench-smoke`, inside `make test`): the claims that matter most, short.
 SMOKE = ("steady", "rotate", "bad-secret")

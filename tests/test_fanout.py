@@ -78,7 +78,7 @@ def test_a_worker_that_adopts_tells_the_other_which_adopts_with_trigger_notify(
     assert _fanout(second).sent == 0  # a worker that learnt by notification does not echo it
     payloads: list[dict[str, Any]] = []
     wait_for(lambda: payloads.extend(_payloads(observer)) or payloads, timeout_s=5)
-    assert payloads == [{"bind": None, "version": version, "worker": event.worker}]
+    assert payloads == [{"bind": None, "version": version, "worker": event.worker, "stage": "AWSCURRENT"}]
     assert_no_secrets(json.dumps(payloads), [database.password, password])
 
 

@@ -10,13 +10,18 @@ patched ``select``, on an io watcher and a timer watcher of gevent's loop; with
 
 - ``deadline(seconds)`` sets one around a piece of work (a connect, a probe, a request);
   nested deadlines only ever shorten it;
+- ``own_deadline(seconds)`` sets one that ignores any outer deadline, for work done on
+  behalf of many callers (the credential refresh): it must not fail because the request
+  that happened to start it had little time left;
 - outside any deadline, one wait lasts at most ``default_wait_s`` (the statement timeout
   plus a margin: a silent server is noticed even where nobody set a deadline); a deadline,
   once set, is the bound, shorter or longer.
 
 A wait that runs out raises ``OperationalError("timeout expired")``, libpq's own words
 for a connect timeout, and psycopg2 closes that connection, so SQLAlchemy invalidates it
-and no half-open connection goes back to the pool.
+and no half-open connection goes back to the pool. ``gave_up(exc)`` recognises it: the
+engines invalidate only that connection, not the whole pool (a slow server is no reason
+to reconnect every idle connection).
 
 ``outage_wait(seconds)`` marks work that may wait out a short outage: while it is open,
 a connection attempt that fails for a transient reason (refused, timed out, the server
@@ -37,15 +42,28 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-__all__ = ["deadline", "install", "outage_deadline", "outage_wait", "remaining"]
+__all__ = ["deadline", "gave_up", "install", "outage_deadline", "outage_wait", "own_deadline", "remaining"]
 
 _deadline: ContextVar[float | None] = ContextVar("commng_db_deadline", default=None)
 _outage_until: ContextVar[float | None] = ContextVar("commng_db_outage_until", default=None)
 _default_wait_s = 30.0
 
 
+_TIMED_OUT = "timeout expired"
+
+
 def _timed_out() -> psycopg2.OperationalError:
-    return psycopg2.OperationalError("timeout expired")
+    return psycopg2.OperationalError(_TIMED_OUT)
+
+
+def gave_up(exc: BaseException) -> bool:
+    """True when a bounded wait ran out (or libpq's connect timeout): this side stopped waiting.
+
+    Not a server or network failure: those come with other words (and a dead peer that
+    TCP gave up on says "timed out", not this).
+    """
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(orig, psycopg2.OperationalError) and str(orig).strip() == _TIMED_OUT
 
 
 def _select_wait(fd: int, write: bool, timeout_s: float) -> None:
@@ -121,6 +139,24 @@ class deadline:  # a class, not a @contextmanager generator: it is entered on ev
         until = time.monotonic() + self._seconds
         outer = _deadline.get()
         self._token = _deadline.set(until if outer is None or until < outer else outer)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadline.reset(self._token)
+
+
+class own_deadline:
+    """No database wait inside the block lasts past ``seconds`` from now, whatever the outer deadline.
+
+    Nested ``deadline`` blocks inside it shorten it as usual; on exit the outer one is back.
+    """
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        self._token = _deadline.set(time.monotonic() + self._seconds)
 
     def __exit__(self, *exc_info: object) -> None:
         _deadline.reset(self._token)

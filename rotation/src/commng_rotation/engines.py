@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ __all__ = [
     "error_code",
     "is_auth_failure",
     "probe",
+    "retire",
 ]
 
 AuthFailureHandler = Callable[[Credentials], "Credentials | None"]
@@ -318,7 +320,17 @@ class EngineFactory:
                 delay = min(delay * 2, OUTAGE_MAX_RETRY_S)
 
     def _listen(self, managed: ManagedEngine) -> None:
+        # The do_connect listener lives on the engine's dialect, and a dialect outlives its
+        # engine in caches keyed on it (each ORM mapper keeps up to 100 compiled statements
+        # per dialect): held strongly, ``managed`` kept every retired engine and its pools
+        # alive. The pool's own listeners (checkin below) keep ``managed`` as long as the
+        # engine lives.
+        managed_ref = weakref.ref(managed)
+
         def connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+            managed = managed_ref()
+            if managed is None:  # pragma: no cover - the engine's own pool keeps it
+                raise NoCredentials("this engine was retired")
             credentials = managed.credentials
             if credentials is None:
                 raise NoCredentials("no database credentials are known yet")
@@ -354,6 +366,17 @@ class EngineFactory:
         sa.event.listen(managed.engine, "checkin", checkin)
         sa.event.listen(managed.engine, "connect", _mark_fresh)
         sa.event.listen(managed.engine, "checkout", _ping_on_checkout)
+        sa.event.listen(managed.engine, "handle_error", _invalidate_by_cause)
+
+
+def _invalidate_by_cause(context: sa.engine.ExceptionContext) -> None:
+    """A wait that gave up closed its own connection: invalidate that one, not the whole pool.
+
+    SQLAlchemy takes any closed connection for a disconnect and invalidates every
+    connection of the pool; a restart or failover (the server's words) still does.
+    """
+    if context.is_disconnect and bounds.gave_up(context.original_exception):
+        context.invalidate_pool_on_disconnect = False
 
 
 def _mark_fresh(dbapi_connection: Any, record: Any) -> None:
@@ -363,8 +386,9 @@ def _mark_fresh(dbapi_connection: Any, record: Any) -> None:
 def _ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     """SQLAlchemy's pre-ping, skipped where the caller retries and on a fresh connection.
 
-    A failed ping raises DisconnectionError: the pool then invalidates every connection
-    older than now and hands out a new one, exactly as ``pool_pre_ping`` does.
+    A failed ping raises InvalidatePoolError: the pool then invalidates every connection
+    older than now and hands out a new one, exactly as ``pool_pre_ping`` does. A ping that
+    timed out (this side gave up) replaces that connection only.
     """
     if record.info.pop(_FRESH, False) or _caller_retries.get():
         return
@@ -374,6 +398,8 @@ def _ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     except psycopg2.Error as exc:
+        if bounds.gave_up(exc):
+            raise sa.exc.DisconnectionError(f"ping failed: {describe_error(exc)}") from exc
         raise sa.exc.InvalidatePoolError(f"ping failed: {describe_error(exc)}") from exc
     finally:
         if not dbapi_connection.closed:
@@ -400,6 +426,38 @@ def drain(managed: ManagedEngine, grace_s: float, stop: threading.Event) -> floa
     while pool.checkedout() > 0 and time.monotonic() < deadline:
         if stop.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             break
+    retire(managed)
+    return (time.monotonic() - started) * 1000
+
+
+def retire(managed: ManagedEngine) -> None:
+    """Close ``managed``'s pool for good; connections returned to it later are closed.
+
+    Nothing of the engine may stay behind: the ORM forgets what it compiled for its dialect.
+    """
     managed.retired = True
     managed.engine.dispose()
-    return (time.monotonic() - started) * 1000
+    try:
+        _forget_dialect(managed.engine.dialect)
+    except Exception as exc:  # a newer SQLAlchemy: memory is kept, nothing breaks
+        log.warning("orm_cache_cleanup_failed", error=type(exc).__name__)
+
+
+def _forget_dialect(dialect: Any) -> None:
+    """Drop the ORM's compiled statements for ``dialect`` (SQLAlchemy 2.1 internals).
+
+    Each mapper keeps the statements of its flushes in ``Mapper._compiled_cache``, an LRU
+    of 100 to 150 entries keyed by ``(dialect, ...)``. Every engine has a dialect of its
+    own, so each rotation left its dialect and statements there, about 30 kB, until the
+    LRU evicted them. The one place that touches these private names (``_all_registries``,
+    ``_compiled_cache``); tests/test_engine_retirement.py fails if they change.
+    """
+    from sqlalchemy.orm.mapper import _all_registries
+
+    for registry in _all_registries():
+        for mapper in list(registry.mappers):
+            cache = mapper.__dict__.get("_compiled_cache")  # memoized: absent until a flush
+            if cache is None:
+                continue
+            for key in [k for k in list(cache) if isinstance(k, tuple) and k and k[0] is dialect]:
+                cache.pop(key, None)

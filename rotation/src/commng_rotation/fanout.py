@@ -7,8 +7,11 @@ engine's login and connect arguments, in a short autocommit connection of its ow
 one of the pool, which would keep it afterwards: the pool's size is the requests'), from
 a thread of its own (a greenlet under gevent) so the refresh never waits for it, bounded
 by ``SEND_TIMEOUT_S``. The
-payload is JSON ``{"bind", "version", "worker"}``: a version id and a host:pid, never a
-credential, far below PostgreSQL's 8000-byte limit. Every bind's adoption is announced
+payload is JSON ``{"bind", "version", "worker", "stage"}``: a version id, a host:pid and
+the stage the sender read that version from (``AWSPENDING`` when adopted in the rotation
+window, ``AWSCURRENT`` once AWSCURRENT holds it; null if unknown), never a credential, far
+below PostgreSQL's 8000-byte limit. A push the sender relays (it was already on the
+event's version) carries ``AWSCURRENT``. Every bind's adoption is announced
 (the read replica's too), always over the primary (the default bind, or else the first
 rotator given): a hot standby refuses NOTIFY and LISTEN.
 
@@ -20,7 +23,9 @@ arguments (sslmode, connect_timeout; application_name gets ``-listener``), and T
 keepalives so a vanished host is noticed. A notification for a watched bind, naming a
 version the worker does not use, runs a check of that bind with the trigger ``notify``:
 the check asks Secrets Manager, so a notification is only a hint and can never hand over
-a login.
+a login. A version whose check found AWSCURRENT elsewhere (AWSPENDING announced in the
+window) is not checked again for further announcements of the window; an announcement
+with the stage ``AWSCURRENT`` says that has changed, and is always checked.
 
 **Surviving rotation.** A session outlives ``ALTER ROLE ... PASSWORD``, so the listener
 keeps listening across rotations until its backend dies (restart, failover,
@@ -48,6 +53,7 @@ import structlog
 from psycopg2 import sql
 
 from commng_rotation import bounds
+from commng_rotation.credentials import AWSCURRENT
 from commng_rotation.engines import NoCredentials, error_code, is_auth_failure
 from commng_rotation.events import Outcome, RotationEvent, Trigger, worker_name
 from commng_rotation.rotator import Rotator
@@ -84,7 +90,8 @@ class FanOut:
         self._conn: Any = None
         self._last_heard = 0.0
         # Versions a notification named that AWSCURRENT did not hold (e.g. AWSPENDING adopted
-        # in the window): repeated notifications for them cost no further check.
+        # in the window): repeated notifications for them cost no further check, until one
+        # says AWSCURRENT holds the version now.
         self._unchanged: deque[tuple[str | None, str]] = deque(maxlen=32)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,12 +105,20 @@ class FanOut:
             self.announce(event.bind, event.new_version)
 
     def announce(self, bind: str | None, version: str) -> None:
-        """Send the notification from a thread of its own (the caller never waits)."""
-        thread = threading.Thread(target=self.send, args=(bind, version), name="commng-notify", daemon=True)
+        """Send the notification from a thread of its own (the caller never waits).
+
+        The stage is read now, from the rotator, while it still describes ``version``.
+        """
+        rotator = self.rotators.get(bind)
+        current = rotator.current if rotator is not None else None
+        stage = current.stage if current is not None and current.version_id == version else None
+        thread = threading.Thread(
+            target=self.send, args=(bind, version, stage), name="commng-notify", daemon=True
+        )
         self._senders = [t for t in self._senders if t.is_alive()] + [thread]
         thread.start()
 
-    def send(self, bind: str | None, version: str) -> bool:
+    def send(self, bind: str | None, version: str, stage: str | None = None) -> bool:
         """pg_notify that ``bind`` adopted ``version``, over the primary with its current login
         (a short autocommit connection); True when sent."""
         if bind not in self.rotators:
@@ -112,7 +127,7 @@ class FanOut:
         credentials = rotator.credentials
         if credentials is None:
             return False
-        payload = json.dumps({"bind": bind, "version": version, "worker": worker_name()})
+        payload = json.dumps({"bind": bind, "version": version, "worker": worker_name(), "stage": stage})
         if len(payload.encode()) > MAX_PAYLOAD_BYTES:
             log.warning("rotation_notify_skipped", reason="payload too large", bind=bind)
             return False
@@ -205,6 +220,8 @@ class FanOut:
             bind, version, sender = data.get("bind"), data["version"], data.get("worker")
             if not isinstance(version, str) or not (bind is None or isinstance(bind, str)):
                 raise TypeError
+            # Absent from older senders' payloads: they are remembered as before.
+            now_current = data.get("stage") == AWSCURRENT
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("rotation_notify_ignored", reason="malformed")
             return "malformed"
@@ -213,12 +230,16 @@ class FanOut:
             return "other_bind"
         if rotator.current is not None and rotator.current.version_id == version:
             return "in_use"
-        if (bind, version) in self._unchanged:
+        if now_current:
+            # What an earlier check found (AWSCURRENT elsewhere) is no longer true: ask again.
+            while (bind, version) in self._unchanged:
+                self._unchanged.remove((bind, version))
+        elif (bind, version) in self._unchanged:
             return "already_checked"
         self.received += 1
         log.info("rotation_notify_received", bind=bind, version=version, from_worker=sender)
         results = self.watcher.check_once(Trigger.NOTIFY, binds=[bind])
-        if all(r.change == "unchanged" for r in results):
+        if not now_current and all(r.change == "unchanged" for r in results):
             self._unchanged.append((bind, version))
         return "checked"
 

@@ -5,6 +5,12 @@ currently in use, the active engine and the engines still draining. Refreshes ar
 single-flight: a trigger that arrives while one runs waits for it and shares its
 result. Credentials become current only after the swap has succeeded, so a failed
 swap is retried at the next check rather than a rotation later.
+
+A refresh serves every caller, so it runs under a deadline of its own, never the
+deadline of the request that happened to start it. A caller with a deadline (a
+request) waits for the refresh at most until its own deadline, the one that started it
+too: the refresh then runs in a thread of its own (a greenlet under gevent) and goes
+on when the caller gives up.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy.engine import Engine
 
+from commng_rotation import bounds
 from commng_rotation.credentials import (
     AWSCURRENT,
     AWSPENDING,
@@ -36,20 +43,28 @@ from commng_rotation.engines import (
     error_code,
     is_auth_failure,
     probe,
+    retire,
 )
 from commng_rotation.events import EventLog, Outcome, RotationEvent, Trigger
 
-__all__ = ["Rotator"]
+__all__ = ["Rotator", "RotatorClosed"]
 
 log = structlog.get_logger("commng_rotation.rotator")
 
 # At most one Secrets Manager fetch per second per worker for auth-failure refreshes.
 REACTIVE_MIN_INTERVAL_S = 1.0
-# How long a request waits for a refresh that another request or the watcher runs.
+# How long a caller waits for a refresh that another request or the watcher runs (a
+# request: at most until its own deadline).
 JOIN_TIMEOUT_S = 15.0
+# The refresh's own bound on its database waits (the probe has a shorter one inside it).
+REFRESH_DEADLINE_S = JOIN_TIMEOUT_S
 PROBE_TIMEOUT_S = 5.0
 # Old pools kept draining at once; rotations faster than the grace period close the oldest.
 MAX_DRAINING = 2
+
+
+class RotatorClosed(RuntimeError):
+    """The rotator was closed (worker shutdown) while a refresh ran: nothing is installed."""
 
 
 class _Flight:
@@ -106,6 +121,8 @@ class Rotator:
         self._window_from: str | None = None
         self._stop = threading.Event()
         self._drainers: list[threading.Thread] = []
+        # Refreshes run for callers that stopped waiting (see refresh()).
+        self._refreshers: list[threading.Thread] = []
         factory.on_auth_failure = self.on_auth_failure
 
     # -- start-up -------------------------------------------------------------------
@@ -149,6 +166,11 @@ class Rotator:
         version_id = self.source.current_version_id()
         if self._window_from is not None and version_id != self._window_from:
             self._window_from = None  # AWSCURRENT moved on: the window is over
+        current = self.current
+        if current is not None and version_id == current.version_id and current.stage != AWSCURRENT:
+            # AWSCURRENT caught up with the AWSPENDING version adopted in the window; what is
+            # announced of it from now on (a relayed push) says so.
+            self.current = replace(current, stage=AWSCURRENT)
         if self.current is not None and version_id in {self.current.version_id, self._window_from}:
             if trigger == Trigger.MANUAL:
                 return self._record(
@@ -160,18 +182,39 @@ class Rotator:
     # -- single-flight refresh ---------------------------------------------------------
 
     def refresh(self, trigger: Trigger, failed: Credentials | None = None) -> RotationEvent:
-        """Run a refresh, or join the one already running and return its event."""
+        """Run a refresh, or join the one already running and return its event.
+
+        A caller inside a deadline gets a failed event (``JoinTimeout``) once its deadline
+        passes; the refresh itself goes on.
+        """
+        return self._refresh_or_join(trigger, failed)[0]
+
+    def _refresh_or_join(self, trigger: Trigger, failed: Credentials | None) -> tuple[RotationEvent, bool]:
+        """The event, and whether it is the refresh's own (False: this caller stopped waiting)."""
         with self._flight_lock:
             flight = self._flight
             leader = flight is None
             if flight is None:
                 flight = self._flight = _Flight()
-        if not leader:
-            if flight.done.wait(JOIN_TIMEOUT_S) and flight.result is not None:
-                return flight.result
-            return RotationEvent(trigger, Outcome.FAILED, self.bind, error="JoinTimeout")
+        left = bounds.remaining()
+        if leader and left is None:
+            return self._fly(flight, trigger, failed), True  # no deadline to keep: the watcher, the CLI
+        if leader:
+            thread = threading.Thread(
+                target=self._fly_detached, args=(flight, trigger, failed), name="commng-refresh", daemon=True
+            )
+            self._refreshers = [t for t in self._refreshers if t.is_alive()] + [thread]
+            thread.start()
+        wait_s = JOIN_TIMEOUT_S if left is None else max(0.0, min(JOIN_TIMEOUT_S, left))
+        if flight.done.wait(wait_s) and flight.result is not None:
+            return flight.result, True
+        return RotationEvent(trigger, Outcome.FAILED, self.bind, error="JoinTimeout"), False
+
+    def _fly(self, flight: _Flight, trigger: Trigger, failed: Credentials | None) -> RotationEvent:
+        """Run the refresh of ``flight`` under its own deadline; tell the joiners; may raise."""
         try:
-            flight.result = self._refresh(trigger, failed)
+            with bounds.own_deadline(REFRESH_DEADLINE_S):
+                result = flight.result = self._refresh(trigger, failed)
         except BaseException as exc:  # killed (GreenletExit): joiners learn why, not "JoinTimeout"
             flight.result = RotationEvent(trigger, Outcome.FAILED, self.bind, error=type(exc).__name__)
             raise
@@ -179,7 +222,15 @@ class Rotator:
             with self._flight_lock:
                 self._flight = None
             flight.done.set()
-        return flight.result
+        return result
+
+    def _fly_detached(self, flight: _Flight, trigger: Trigger, failed: Credentials | None) -> None:
+        """``_fly`` in a thread of its own: what its caller no longer waits for is still remembered."""
+        try:
+            self._fly(flight, trigger, failed)
+        finally:
+            if trigger == Trigger.AUTH_FAILURE and flight.result is not None:
+                self._last_reactive = (time.monotonic(), flight.result)
 
     def _refresh(self, trigger: Trigger, failed: Credentials | None) -> RotationEvent:
         """Fetch, then either record "unchanged" or adopt the new login; never raises."""
@@ -327,6 +378,11 @@ class Rotator:
             candidate.engine.dispose()
             raise
         with self._swap_lock:
+            if self._stop.is_set():
+                # close() ran while this refresh fetched and tested: it disposed what was
+                # there, and an engine installed now would never be closed.
+                candidate.engine.dispose()
+                raise RotatorClosed("the rotator was closed during the refresh")
             old = self.active
             if version.stage == AWSPENDING:
                 self._window_from = failing_current
@@ -346,8 +402,7 @@ class Rotator:
         """Rotations faster than the grace period: close the oldest pools beyond the cap now."""
         while len(self.draining) > MAX_DRAINING:
             oldest = self.draining.pop(0)
-            oldest.retired = True  # its checked-out connections close when returned
-            oldest.engine.dispose()
+            retire(oldest)  # its checked-out connections close when returned
             log.warning("old_pool_closed_early", bind=self.bind, draining=len(self.draining))
 
     def _start_drain(self, old: ManagedEngine, event: RotationEvent) -> None:
@@ -377,8 +432,11 @@ class Rotator:
         recent = last is not None and time.monotonic() - last[0] < REACTIVE_MIN_INTERVAL_S
         if recent and last is not None and last[1].outcome != Outcome.ROTATED:
             return None  # share the recent failure instead of asking again
-        event = self.refresh(Trigger.AUTH_FAILURE, failed=failed)
-        self._last_reactive = (time.monotonic(), event)
+        event, finished = self._refresh_or_join(Trigger.AUTH_FAILURE, failed)
+        if finished:
+            # Only a refresh's own outcome is shared: a caller that ran out of time says
+            # nothing about the refresh, which may still succeed.
+            self._last_reactive = (time.monotonic(), event)
         if event.outcome != Outcome.ROTATED:
             return None
         return self.credentials
@@ -389,15 +447,17 @@ class Rotator:
         return self.events.record(event)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Cancel the drain timers and dispose every engine (worker shutdown)."""
+        """Cancel the drain timers and dispose every engine (worker shutdown).
+
+        A refresh still running afterwards installs nothing (RotatorClosed).
+        """
         self._stop.set()
         for thread in self._drainers:
             thread.join(timeout_s)
         with self._swap_lock:
             for managed in (*self.draining, self.active):
                 if managed is not None:
-                    managed.retired = True
-                    managed.engine.dispose()
+                    retire(managed)
             self.draining.clear()
 
 

@@ -3,7 +3,8 @@
 Each check costs one DescribeSecret per bind; GetSecretValue is called only when the
 AWSCURRENT version id moved. The interval has ±10 % jitter so that workers and tasks
 do not poll in lockstep; after a failure the next check comes sooner (1 s, 2 s, 4 s…)
-and backs off exponentially up to the interval.
+and backs off exponentially up to the interval, however long the failures last. A loop
+that crashes (a bug, not a failed check: those are results) is logged and restarted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ log = structlog.get_logger("commng_rotation.watcher")
 FIRST_RETRY_S = 1.0
 # A watcher that has failed this many checks in a row shows as degraded in the status.
 DEGRADED_AFTER_FAILURES = 3
+# 2**20 s is weeks, beyond any interval: a higher exponent only risks OverflowError
+# (float(2**1024) raises), which once ended the loop after 1,025 failed checks.
+MAX_BACKOFF_EXPONENT = 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class SecretWatcher:
         self.interval_s = interval_s
         self.rng = rng or random.Random()
         self.consecutive_failures = 0
+        # Times the loop crashed and was started again (shown nowhere else: a bug to report).
+        self.restarts = 0
         self.last_check_at: datetime | None = None
         self.next_check_at: datetime | None = None
         self.last_results: list[CheckResult] = []
@@ -103,6 +109,8 @@ class SecretWatcher:
             self.consecutive_failures += 1
         elif binds is None:  # a check of some binds says nothing of the others
             self.consecutive_failures = 0
+        # Times the loop crashed and was started again (shown nowhere else: a bug to report).
+        self.restarts = 0
         self.last_check_at = datetime.now(UTC)
         self.last_results = results
         for listener in list(self.listeners):
@@ -120,7 +128,8 @@ class SecretWatcher:
     def next_delay_s(self) -> float:
         """Seconds to the next check: jittered interval, or the backoff after failures."""
         if self.consecutive_failures:
-            backoff = FIRST_RETRY_S * float(2 ** (self.consecutive_failures - 1))
+            exponent = min(self.consecutive_failures - 1, MAX_BACKOFF_EXPONENT)
+            backoff = FIRST_RETRY_S * float(2**exponent)
             return min(self.interval_s, backoff)
         return self.interval_s * self.rng.uniform(0.9, 1.1)
 
@@ -146,6 +155,19 @@ class SecretWatcher:
         self._thread = None
 
     def _run(self) -> None:
+        """The loop, restarted after a crash until stopped; the pause bounds a crash loop."""
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as exc:
+                self.restarts += 1
+                self.consecutive_failures += 1  # the status shows degraded if it keeps crashing
+                log.exception("secret_watcher_restarted", error=type(exc).__name__, restarts=self.restarts)
+            if self._stop.wait(min(self.interval_s, FIRST_RETRY_S)):
+                return
+
+    def _loop(self) -> None:
         while True:
             delay = self.next_delay_s()
             self.next_check_at = datetime.now(UTC) + timedelta(seconds=delay)
