@@ -19,7 +19,7 @@ import re
 import secrets
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,11 @@ def _adopted(log: Path, version: str) -> set[int]:
             if record.get("new_version") == version:
                 workers.add(record["worker"])
     return workers
+
+
+def _all_adopted(log: Path, version: str) -> Callable[[], bool]:
+    """A predicate for wait_for: every worker refreshed to ``version``."""
+    return lambda: len(_adopted(log, version)) == WORKERS
 
 
 def _setup_sql() -> str:
@@ -243,7 +248,7 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
                     before_current=lambda: pg.terminate_backends(logins["app"]),
                 )
             rotations.append(version)
-            wait_for(lambda v=version: len(_adopted(log, v)) == WORKERS, 30)
+            wait_for(_all_adopted(log, version), 30)
         # Some more requests on the last rotation's engines (with the old pools closed).
         served = len(load.result.samples)
         wait_for(lambda: len(load.result.samples) >= served + 100, 20)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,10 +31,15 @@ def uv() -> Path:
     return binary
 
 
-def run(command: Sequence[str], timeout_s: float = 300.0, **kwargs: object) -> str:
+def run(
+    command: Sequence[str],
+    timeout_s: float = 300.0,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """Run ``command``; its stdout, or AssertionError with the tail of what it printed."""
     done = subprocess.run(
-        list(command), capture_output=True, text=True, timeout=timeout_s, check=False, **kwargs
+        list(command), capture_output=True, text=True, timeout=timeout_s, check=False, cwd=cwd, env=env
     )
     if done.returncode != 0:
         tail = (done.stdout[-2000:] + done.stderr[-3000:]).strip()

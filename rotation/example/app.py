@@ -228,10 +228,10 @@ def get_note(note_id: int) -> tuple[dict[str, Any], int]:
 def init_db_command(owner: str | None, grantee: str | None) -> None:
     """Create the notes table and the layer's tables; run it with a DDL login's secret."""
     with db.engine.begin() as conn:
+        raw: Any = conn.connection.dbapi_connection
 
         def run(statement: sql.Composable) -> None:
-            # psycopg2 quotes the names.
-            conn.exec_driver_sql(statement.as_string(conn.connection.dbapi_connection))
+            conn.exec_driver_sql(statement.as_string(raw))  # psycopg2 quotes the names
 
         if owner:
             run(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
