@@ -95,6 +95,16 @@ def _all_adopted(log: Path, version: str) -> Callable[[], bool]:
     return lambda: len(_adopted(log, version)) == WORKERS
 
 
+def _history(pg: PostgresCluster, dbname: str) -> dict[str, list[str]]:
+    """The notes service's rotated versions (one per worker and version) and its fleet rows."""
+    rotated = pg.execute(
+        "SELECT new_version FROM rotation_events WHERE service = 'notes' AND outcome = 'rotated'",
+        dbname=dbname,
+    )
+    workers = pg.execute("SELECT worker FROM rotation_workers WHERE service = 'notes'", dbname=dbname)
+    return {"rotated": [r[0] for r in rotated], "workers_left": [w[0] for w in workers]}
+
+
 def _setup_sql() -> str:
     """The SQL block of rotation/README.md's "Set up the database", as an adopter copies it."""
     readme = (REPO / "rotation" / "README.md").read_text()
@@ -262,7 +272,10 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(10)
-        _drop_logins(pg, logins)
+        try:
+            history = _history(pg, logins["db"])
+        finally:
+            _drop_logins(pg, logins)
 
     output = log.read_text(errors="replace")
     # First: the failure message below quotes log lines.
@@ -286,6 +299,11 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
         "missing": 404,
     }
     assert blocking_reports(output) == []
+    # The history, written by the app login through the owner's default privileges: each
+    # worker's adoption of each version, and no fleet row left (worker_exit ran).
+    for version in rotations:
+        assert history["rotated"].count(version) == WORKERS, (version, history)
+    assert history["workers_left"] == []
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert records
     assert all("worker" in r for r in records), [r for r in records if "worker" not in r][:3]

@@ -9,6 +9,10 @@ worker_class = "gevent"  # needs gunicorn[gevent] (requirements.txt)
 preload_app = False  # each worker imports the app (and boto3) after gevent has patched it
 # gunicorn 27's control socket is not used; several gunicorns on one host would share it.
 control_socket_disable = True
+# keepalive stays at gunicorn's 2 s: a stopping gevent worker waits for its idle keep-alive
+# connections, and worker_exit (the history flush) must run before graceful_timeout (30 s)
+# ends it. Behind a load balancer that wants longer keep-alive, close idle connections at
+# shutdown as CommNG's gunicorn.conf.py does.
 
 
 def post_worker_init(worker):
