@@ -5,7 +5,7 @@ From the root of a checkout (the layer is ``./rotation``)::
     python -m venv .venv-notes
     .venv-notes/bin/pip install -r rotation/example/requirements.txt
     cd rotation/example
-    DB_SECRET_ID=<a DDL login's secret> ../../.venv-notes/bin/flask --app app init-db --grant <app role>
+    DB_SECRET_ID=<a DDL login's secret> ../../.venv-notes/bin/flask --app app init-db --owner <owner role>
     DB_SECRET_ID=<the app's secret> ../../.venv-notes/bin/gunicorn -c gunicorn.conf.py app:app
 
 It reads the same environment variables as CommNG (``DB_SECRET_ID``, ``POSTGRES_HOST``,
@@ -36,7 +36,6 @@ SERVICE = "notes"
 MAX_TEXT = 10_000
 MAX_ID = 2**63 - 1  # bigint
 db = SQLAlchemy(session_options={"class_": PinnedSession})  # a transaction stays on one engine
-log = structlog.get_logger("notes")
 
 
 class Note(db.Model):  # type: ignore[name-defined,misc]
@@ -170,7 +169,10 @@ def configure_logging(level: str) -> None:
 def create_app(env: Mapping[str, str] | None = None) -> Flask:
     """The notes service: settings, logs, the database, the rotation layer, two routes."""
     env = os.environ if env is None else env
-    configure_logging(env.get("LOG_LEVEL", "INFO").upper())
+    level = env.get("LOG_LEVEL", "INFO").strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"LOG_LEVEL must be one of DEBUG|INFO|WARNING|ERROR, got {env['LOG_LEVEL']!r}")
+    configure_logging(level)
     app = Flask(__name__)
     # A URL without a password: the layer replaces the engine and logs in at connect time.
     app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg2://"
@@ -195,7 +197,10 @@ def _storable(text: object) -> bool:
 
 def add_note() -> tuple[dict[str, Any], int]:
     """POST /notes {"text": ...} -> 201 {"id": ...}."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # deeply nested JSON: silent=True does not cover it
+        body = None
     text = body.get("text") if isinstance(body, dict) else None
     if not _storable(text):
         return {"error": f'a JSON body {{"text": ...}}, 1 to {MAX_TEXT} characters, no NUL'}, 400
