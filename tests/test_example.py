@@ -316,3 +316,46 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
         f"{len(rotations)} rotations, {len(result.created_ids)} notes created; "
         f"p50 {took[len(took) // 2]:.0f} ms, p99 {took[len(took) * 99 // 100]:.0f} ms, max {took[-1]:.0f} ms"
     )
+
+
+def test_the_example_refuses_bad_variables_in_one_line_and_maps_postgres_ssl_true_to_require(
+    example: Path, pg: PostgresCluster
+) -> None:
+    password = new_password()
+    base = {
+        "PATH": f"{example / 'venv' / 'bin'}:/usr/bin:/bin",
+        "HOME": str(example),
+        "AWS_REGION": "us-east-1",
+        "POSTGRES_USER": "nobody",
+        "POSTGRES_PASSWORD": password,
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(pg.port),
+    }
+    expected = {
+        "POSTGRES_SSL=maybe": "configuration error: POSTGRES_SSL must be one of "
+        "disable|require|verify-ca|verify-full (or true|false), got 'maybe'",
+        "POSTGRES_PORT=99999": "configuration error: POSTGRES_PORT must be an integer from 1 to 65535, "
+        "got '99999'",
+        "LOG_LEVEL=loud": "configuration error: LOG_LEVEL must be one of DEBUG|INFO|WARNING|ERROR, "
+        "got 'loud'",
+    }
+    outputs = {}
+    for assignment in [*expected, "POSTGRES_SSL=true"]:
+        name, value = assignment.split("=")
+        done = subprocess.run(
+            [str(example / "venv" / "bin" / "flask"), "--app", "app", "init-db"],
+            cwd=example / "rotation" / "example",
+            env={**base, name: value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0
+        outputs[assignment] = done.stdout + done.stderr
+    assert_no_secrets("".join(outputs.values()), [password])
+    for assignment, line in expected.items():
+        assert outputs[assignment].strip().splitlines()[-1] == line
+    # true is sslmode require (this server has no TLS), not the libpq value "true".
+    assert "server does not support SSL" in outputs["POSTGRES_SSL=true"]
+    assert "invalid sslmode" not in outputs["POSTGRES_SSL=true"]
