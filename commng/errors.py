@@ -10,11 +10,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from commng_rotation import NoCredentials, describe_error, error_code
+from commng_rotation import CommitOutcomeUnknown, NoCredentials, describe_error, error_code
 
 __all__ = ["APIError", "init_app"]
 
 log = structlog.get_logger("commng.errors")
+# Seconds a client should wait before it asks again after a 503.
+RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -61,7 +63,21 @@ def init_app(app: Flask) -> None:
             reason=describe_error(exc),
             disconnect=bool(getattr(exc, "connection_invalidated", False)),
         )
-        return error_response(503, "database_unavailable", "the database is not available")
+        response = error_response(503, "database_unavailable", "the database is not available")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+
+    @app.errorhandler(CommitOutcomeUnknown)
+    def _commit_outcome_unknown(exc: CommitOutcomeUnknown) -> Any:
+        cause = exc.__cause__ or exc
+        log.error("commit_outcome_unknown", error=error_code(cause), reason=describe_error(cause))
+        response = error_response(
+            503,
+            "commit_outcome_unknown",
+            "the write may have been applied: ask again with the same Idempotency-Key",
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:

@@ -15,9 +15,9 @@ from sqlalchemy.engine import Connection
 
 from commng.db import db, retry_on_disconnect
 from commng.models import Message
-from commng_rotation import get_runtime
+from commng_rotation import CommitOutcomeUnknown, get_runtime
 from commng_rotation import retry as retry_module
-from commng_rotation.xid import ATTEMPT_XIDS, XidConnection, XidCursor
+from commng_rotation.xid import ATTEMPT_XIDS, NotedCommit, XidConnection, XidCursor
 from tests.helpers import Database, wait_for
 
 
@@ -66,6 +66,8 @@ def test_connection_killed_before_the_first_statement_is_replaced(app: Flask, da
 
 
 def test_no_retry_once_commit_was_sent(app: Flask, database: Database, client: Any) -> None:
+    """The view committed, then lost its connection: never run again, and never answered as if
+    nothing was done (``CommitOutcomeUnknown``, not the database error itself)."""
     channel = client.post("/api/channels", json={"name": "once"}).json["id"]
     calls: list[int] = []
 
@@ -79,9 +81,10 @@ def test_no_retry_once_commit_was_sent(app: Flask, database: Database, client: A
         db.session.execute(sa.text("SELECT 1"))
 
     with app.test_request_context():
-        with pytest.raises(sa.exc.DBAPIError) as raised:
+        with pytest.raises(CommitOutcomeUnknown) as raised:
             view()
-        assert raised.value.connection_invalidated
+        assert isinstance(raised.value.__cause__, sa.exc.DBAPIError)
+        assert raised.value.__cause__.connection_invalidated
         db.session.rollback()
     assert len(calls) == 1
     with app.app_context():
@@ -172,13 +175,13 @@ def test_commit_lost_with_its_backend_is_retried_when_postgresql_says_it_aborted
     """The backend dies after COMMIT was due but before it ran: in doubt until pg_xact_status says aborted."""
     channel = client.post("/api/channels", json={"name": "doubt"}).json["id"]
     verdicts: list[str | None] = []
-    xact_status = retry_module.xact_status
+    settle = retry_module.settle
 
-    def asked(db: Any, xid: str) -> str | None:
-        verdicts.append(xact_status(db, xid))
+    def asked(engine: Any, commit: Any) -> str | None:
+        verdicts.append(settle(engine, commit))
         return verdicts[-1]
 
-    monkeypatch.setattr(retry_module, "xact_status", asked)
+    monkeypatch.setattr(retry_module, "settle", asked)
     calls = _post_with_its_first_commit_cut(app, database, channel, "exactly once, in doubt")
     assert verdicts == ["aborted"]  # the COMMIT was in doubt, and PostgreSQL settled it
     assert len(calls) == 2
@@ -198,7 +201,7 @@ def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again
     channel = client.post("/api/channels", json={"name": "restart-doubt"}).json["id"]
     verdicts: list[str | None] = []
     refused: list[float] = []
-    xact_status = retry_module.xact_status
+    settle = retry_module.settle
     with app.app_context():
         dialect = db.engine.dialect
     connect = dialect.connect
@@ -209,12 +212,12 @@ def test_an_in_doubt_commit_is_settled_once_postgresql_accepts_connections_again
             raise psycopg2.OperationalError("FATAL:  the database system is starting up")
         return connect(*args, **kwargs)
 
-    def asked(db: Any, xid: str) -> str | None:
-        verdicts.append(xact_status(db, xid))
+    def asked(engine: Any, commit: Any) -> str | None:
+        verdicts.append(settle(engine, commit))
         return verdicts[-1]
 
     monkeypatch.setattr(dialect, "connect", starting_up)
-    monkeypatch.setattr(retry_module, "xact_status", asked)
+    monkeypatch.setattr(retry_module, "settle", asked)
     calls = _post_with_its_first_commit_cut(
         app,
         database,
@@ -240,7 +243,7 @@ def test_the_commit_xid_comes_with_the_first_write_at_no_extra_round_trip(
     sent: list[str] = []
 
     @retry_on_disconnect
-    def view() -> tuple[int, list[str | None]]:
+    def view() -> tuple[int, list[NotedCommit | None]]:
         _record_what_is_sent(sent)
         message = Message(channel_id=channel, body="which transaction?")
         db.session.add(message)
@@ -258,12 +261,16 @@ def test_the_commit_xid_comes_with_the_first_write_at_no_extra_round_trip(
     assert len(sent) == 1, sent  # the INSERT (the SQL COMMIT is not a statement psycopg2 is given)
     assert len(xids) == 1
     assert xids[0] is not None
+    xid, anchor = xids[0]
     rows = database.cluster.execute(
         "SELECT xmin::text, pg_xact_status(%s::xid8) FROM messages WHERE id = %s",
-        (xids[0], message_id),
+        (xid, message_id),
         dbname=database.name,
     )
-    assert rows == [(str(int(xids[0]) % 2**32), "committed")]
+    assert rows == [(str(int(xid) % 2**32), "committed")]
+    # The server it went to: its system identifier and timeline, read when the connection opened.
+    system = database.cluster.execute("SELECT system_identifier::text FROM pg_control_system()")[0][0]
+    assert anchor == f"{system}:00000001"
 
 
 def test_a_commit_without_the_first_write_noted_asks_for_the_id_before_it_goes(
@@ -274,7 +281,7 @@ def test_a_commit_without_the_first_write_noted_asks_for_the_id_before_it_goes(
     sent: list[str] = []
 
     @retry_on_disconnect
-    def view() -> list[str | None]:
+    def view() -> list[NotedCommit | None]:
         _record_what_is_sent(sent)
         db.session.execute(
             sa.text("UPDATE channels SET name = :name WHERE id = :id"),

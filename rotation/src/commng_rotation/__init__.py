@@ -64,7 +64,7 @@ from commng_rotation.history import (
 )
 from commng_rotation.push import PushConsumer
 from commng_rotation.reads import reading
-from commng_rotation.retry import MAX_ATTEMPTS, retry_on_disconnect
+from commng_rotation.retry import MAX_ATTEMPTS, CommitOutcomeUnknown, retry_on_disconnect
 from commng_rotation.runtime import REPLICA_BIND, Runtime, get_runtime, start_background, stop_background
 from commng_rotation.session import PinnedSession
 from commng_rotation.settings import InvalidSettings, RotationSettings
@@ -86,6 +86,7 @@ __all__ = [
     "STALE_INTERVALS",
     "BindStatus",
     "CheckResult",
+    "CommitOutcomeUnknown",
     "ConnectionCheckFailed",
     "Credentials",
     "EngineStatus",

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 from flask import Flask
 from sqlalchemy.engine import Engine
@@ -20,7 +21,14 @@ from commng_rotation.credentials import (
     make_secrets_client,
     static_credentials,
 )
-from commng_rotation.engines import EngineFactory, NoCredentials, caller_retries, describe_error, probe
+from commng_rotation.engines import (
+    EngineFactory,
+    ManagedEngine,
+    NoCredentials,
+    caller_retries,
+    describe_error,
+    probe,
+)
 from commng_rotation.events import EventLog
 from commng_rotation.fanout import FanOut
 from commng_rotation.fleet import FleetReporter
@@ -30,7 +38,7 @@ from commng_rotation.rotator import Rotator
 from commng_rotation.runtime import EXTENSION, REPLICA_BIND, Runtime
 from commng_rotation.settings import InvalidSettings, RotationSettings
 from commng_rotation.watcher import SecretWatcher
-from commng_rotation.xid import XidConnection
+from commng_rotation.xid import XidConnection, note_anchor
 
 __all__ = ["ConnectionCheckFailed", "init_app"]
 
@@ -171,6 +179,10 @@ def _check_connections(runtime: Runtime) -> None:
         log.info("connection_checked", bind=bind)
 
 
+def _listen_for_anchor(managed: ManagedEngine) -> None:
+    sa.event.listen(managed.engine, "connect", note_anchor)
+
+
 def _session_remover(db: Any) -> Callable[[BaseException | None], None]:
     def remove_session(_: BaseException | None) -> None:
         try:
@@ -194,6 +206,8 @@ def _rotator(
     """The rotator of ``bind``, installing its engines as Flask-SQLAlchemy's ``bind``."""
     factory = EngineFactory(settings)
     factory.connect_args.update(connect_args)
+    # Each new connection reads its server's anchor, which a COMMIT's verdict is checked against.
+    factory.build_listeners.append(_listen_for_anchor)
     return Rotator(
         source=source,
         factory=factory,

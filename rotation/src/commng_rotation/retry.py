@@ -7,10 +7,20 @@ again on a fresh connection is exactly equivalent (an INSERT flushed inside
 ``session.commit()`` still counts as not committed).
 
 When the connection dies after COMMIT was sent, the outcome is in doubt. Before sending
-it, ``commng_rotation.xid`` notes the transaction's id; after the failure it is asked on a
-fresh connection (``pg_xact_status``): ``aborted`` (the backend was gone before it read the
-COMMIT) or no id at all (nothing was written) means the view runs again; ``committed``, or
-no clear answer, returns the error as it is. Attempts are bounded (``MAX_ATTEMPTS``).
+it, ``commng_rotation.xid`` notes the transaction's id and its server's anchor; after the
+failure PostgreSQL is asked on a fresh connection (``settle``: ``pg_xact_status``, under
+a deadline and an outage wait of its own, since the request's own may be what cut the
+COMMIT):
+
+- ``committed``: the COMMIT took effect. ``PinnedSession.commit`` returns as a commit
+  that succeeded, and the view goes on to answer as if the reply had not been lost (the
+  objects it wrote keep their attributes, ids included);
+- ``aborted``, or nothing written: the view runs again;
+- anything else (no answer, a server with another anchor: a failover in between, where
+  the id may name another transaction): ``CommitOutcomeUnknown``, which the host answers
+  with its own "outcome unknown" error, never the "nothing was done" one.
+
+Attempts are bounded (``MAX_ATTEMPTS``).
 
 Since the view runs again anyway after a disconnect, its connections are checked out
 without the pool's ping (``caller_retries``): one round trip fewer per request.
@@ -24,14 +34,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from commng_rotation import bounds
 from commng_rotation.engines import caller_retries
 from commng_rotation.runtime import get_runtime
-from commng_rotation.xid import ATTEMPT_XIDS
+from commng_rotation.xid import ANCHOR_SQL, ATTEMPT_XIDS, NotedCommit
 
-__all__ = ["MAX_ATTEMPTS", "retry_on_disconnect"]
+__all__ = ["MAX_ATTEMPTS", "CommitOutcomeUnknown", "retry_on_disconnect", "settle"]
 
 MAX_ATTEMPTS = 3
 # A terminated backend aborts its transaction as it exits: an 'in progress' verdict is asked
@@ -41,13 +52,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger("commng_rotation.retry")
 
 
+class CommitOutcomeUnknown(Exception):
+    """A retried view lost its connection after something may have been committed.
+
+    Running it again could write twice, and PostgreSQL could not say (down beyond the
+    outage wait, or a failover in between): the client must ask again, with the same
+    idempotency key where it has one. ``__cause__`` is the database error.
+    """
+
+
 def retry_on_disconnect(view: F) -> F:
     """Run ``view`` again (at most MAX_ATTEMPTS in all) after a disconnect before any commit.
 
     For views of an app set up with ``commng_rotation.init_app``; the view uses the app's
     ``db.session``. The whole request's database work is bounded: connection attempts
     wait out an outage for up to ``RotationSettings.outage_wait_s``, and no wait lasts
-    past that budget plus one statement timeout.
+    past that budget plus one statement timeout. Raises ``CommitOutcomeUnknown`` when
+    the connection died after something may have been committed.
     """
 
     @functools.wraps(view)
@@ -61,15 +82,17 @@ def retry_on_disconnect(view: F) -> F:
             caller_retries(),
         ):
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                xids: list[str | None] = []
-                token = ATTEMPT_XIDS.set(xids)
+                noted: list[NotedCommit | None] = []
+                token = ATTEMPT_XIDS.set(noted)
                 try:
                     return view(*args, **kwargs)
                 except DBAPIError as exc:
-                    if not exc.connection_invalidated or attempt == MAX_ATTEMPTS:
+                    if not exc.connection_invalidated:
                         raise
                     runtime.db.session.rollback()
-                    if not _nothing_committed(runtime.db, xids):
+                    if not _nothing_committed(runtime.db.engine, noted):
+                        raise CommitOutcomeUnknown("the connection died after a COMMIT was sent") from exc
+                    if attempt == MAX_ATTEMPTS:
                         raise
                     log.warning("request_retried_after_disconnect", attempt=attempt)
                 finally:
@@ -79,36 +102,58 @@ def retry_on_disconnect(view: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _nothing_committed(db: Any, xids: list[str | None]) -> bool:
-    """True when every COMMIT this attempt sent (``xids``) wrote nothing or, PostgreSQL says, aborted."""
-    for xid in xids:
-        if xid is None:  # a transaction that never wrote: there was nothing to commit
+def _nothing_committed(engine: Engine, noted: list[NotedCommit | None]) -> bool:
+    """True when every COMMIT this attempt sent wrote nothing or, PostgreSQL says, aborted."""
+    for commit in noted:
+        if commit is None:  # a transaction that never wrote: there was nothing to commit
             continue
-        status = xact_status(db, xid)
-        log.info("commit_outcome_resolved", status=status or "unknown")
-        if status != "aborted":
+        if settle(engine, commit) != "aborted":
             return False
     return True
 
 
-def xact_status(db: Any, xid: str) -> str | None:
-    """'committed', 'aborted' or 'in progress' for ``xid``; None if PostgreSQL cannot say now.
+def settle(engine: Engine, commit: NotedCommit) -> str | None:
+    """'committed', 'aborted' or 'in progress' for ``commit``; None when PostgreSQL cannot say.
 
-    Asked within the request's own bounds (``retry_on_disconnect``'s outage wait and
-    deadline), on a checkout that is pinged: a COMMIT cut by a restart gets its verdict
-    once the server accepts connections again, as the request's other work would. Only
-    an 'in progress' answer is asked again, for up to XACT_STATUS_WAIT_S.
+    Asked under a deadline and an outage wait of its own (the request's may have run out:
+    that can be what cut the COMMIT), on a pinged checkout: a COMMIT cut by a restart gets
+    its verdict once the server accepts connections again, a slow server gets the time
+    to answer. Only an 'in progress' answer is asked again, for up to XACT_STATUS_WAIT_S
+    (a terminated backend, or one still waiting for its standby, ends its transaction as
+    it exits). A server whose anchor differs from the one the COMMIT went to cannot say.
     """
+    settings = get_runtime().settings
+    budget_s = settings.outage_wait_s
     verdict_by: float | None = None
-    while True:
-        try:
-            with caller_retries(False), db.engine.connect() as conn:
-                status = conn.exec_driver_sql("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid}).scalar()
-        except DBAPIError:
-            return None
-        now = time.monotonic()
-        if verdict_by is None:
-            verdict_by = now + XACT_STATUS_WAIT_S
-        if status != "in progress" or now >= verdict_by:
-            return str(status) if status is not None else None
-        time.sleep(0.02)  # bounded; yields to other greenlets under gevent
+    with bounds.outage_wait(budget_s), bounds.own_deadline(budget_s + settings.statement_timeout_ms / 1000):
+        while True:
+            try:
+                with caller_retries(False), engine.connect() as conn:
+                    sql = _STATUS_SQL if commit.anchor is None else _VERDICT_SQL
+                    row = (*conn.exec_driver_sql(sql, {"xid": commit.xid}).one(), None)[:2]
+            except DBAPIError:
+                status = None
+                break
+            status, anchor = row
+            if commit.anchor is not None and anchor != commit.anchor:
+                log.warning("commit_outcome_unanchored", reason="another server answered (a failover?)")
+                status = None
+                break
+            now = time.monotonic()
+            if verdict_by is None:
+                verdict_by = now + XACT_STATUS_WAIT_S
+            if status != "in progress" or now >= verdict_by:
+                break
+            time.sleep(0.02)  # bounded; yields to other greenlets under gevent
+    log.info("commit_outcome_resolved", status=status or "unknown")
+    return None if status is None else str(status)
+
+
+# The verdict and the anchor of the server that gives it, in one round trip. The anchor is
+# NULL where the server refuses to say (a standby in recovery): then it differs. A COMMIT
+# noted without an anchor (the platform refused it) is asked for its status alone.
+_STATUS_SQL = "SELECT pg_xact_status(%(xid)s::xid8)"
+_VERDICT_SQL = (
+    "SELECT pg_xact_status(%(xid)s::xid8), "
+    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (" + ANCHOR_SQL.removeprefix("SELECT ") + ") END"
+)

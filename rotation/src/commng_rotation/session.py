@@ -11,12 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import SessionTransaction
 
+from commng_rotation.retry import settle
+from commng_rotation.xid import ATTEMPT_XIDS
+
 __all__ = ["PinnedSession"]
+
+log = structlog.get_logger("commng_rotation.session")
 
 
 class PinnedSession(Session):
@@ -50,6 +57,28 @@ class PinnedSession(Session):
             if engine is chosen:
                 return pinned.get(key, chosen)
         return chosen
+
+    def commit(self) -> None:
+        """Commit; inside ``retry_on_disconnect``, a COMMIT cut by a dead connection is judged.
+
+        When PostgreSQL says the transaction committed (``retry.settle``), this returns as a
+        commit that succeeded: the objects it wrote keep their attributes, ids included,
+        and the view answers as if the reply had not been lost. Otherwise the error stands.
+        """
+        noted = ATTEMPT_XIDS.get()
+        if noted is None:
+            super().commit()
+            return
+        before = len(noted)
+        try:
+            super().commit()
+        except DBAPIError as exc:
+            commit = noted[-1] if len(noted) > before else None
+            if commit is None or not exc.connection_invalidated:
+                raise
+            if settle(self._extension.engine, commit) != "committed":
+                raise
+            log.warning("commit_confirmed_after_disconnect")
 
 
 def _unpin(session: Session, transaction: SessionTransaction) -> None:

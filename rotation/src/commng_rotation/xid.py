@@ -2,9 +2,18 @@
 
 ``retry_on_disconnect`` (``commng_rotation.retry``) must know, after a connection died, whether a
 COMMIT it sent may have committed. Each of its attempts sets ``ATTEMPT_XIDS`` to a fresh
-list; every COMMIT sent while it is set first appends the id of the transaction it ends
-(None: the transaction wrote nothing). Outside a retried view it is None and nothing is
-noted.
+list; every COMMIT sent while it is set first appends a ``NotedCommit`` (None: the
+transaction wrote nothing): the transaction's id, and the anchor of the server it ran on.
+Outside a retried view it is None and nothing is noted.
+
+**The anchor** is the server's system identifier and WAL timeline (``ANCHOR_SQL``), read
+once per connection when it opens (``note_anchor``, a pool ``connect`` listener). A
+transaction id names one transaction only within one server history: after a failover
+the promoted standby goes on handing out ids from its replay point, so an id the old
+primary assigned (whose WAL never reached the standby) can name another transaction
+there, on a new timeline; a Blue/Green target is another system altogether. A verdict is
+trusted only from a server with the same anchor. A restart keeps both, a promotion
+changes the timeline.
 
 The id costs no round trip of its own: ``XidCursor.execute`` sends the transaction's
 first INSERT, UPDATE or DELETE behind a ``DO`` block that raises a NOTICE with
@@ -30,14 +39,43 @@ own, outside what the retry can judge, and a retry after a disconnect could writ
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
+import psycopg2
 import psycopg2.extensions
 
-__all__ = ["ATTEMPT_XIDS", "CONNECT_ARGS", "READING", "WriteInReadBlock", "XidConnection", "XidCursor"]
+__all__ = [
+    "ANCHOR_SQL",
+    "ATTEMPT_XIDS",
+    "CONNECT_ARGS",
+    "READING",
+    "NotedCommit",
+    "WriteInReadBlock",
+    "XidConnection",
+    "XidCursor",
+    "note_anchor",
+]
 
-# The ids noted in this attempt of a retried view; None outside one.
-ATTEMPT_XIDS: ContextVar[list[str | None] | None] = ContextVar("commng_rotation_attempt_xids", default=None)
+
+class NotedCommit(NamedTuple):
+    """A COMMIT about to go out: its transaction's id, and the server's anchor (None: unknown)."""
+
+    xid: str
+    anchor: str | None
+
+
+# The commits noted in this attempt of a retried view; None outside one.
+ATTEMPT_XIDS: ContextVar[list[NotedCommit | None] | None] = ContextVar(
+    "commng_rotation_attempt_xids", default=None
+)
+# "<system identifier>:<timeline>" of the server (a primary: pg_walfile_name refuses to run
+# during recovery, and a standby takes no writes anyway). Both functions are executable by
+# every role in PostgreSQL 15; where a platform refuses them, the anchor is None and a
+# verdict is trusted as it was before anchors (see docs/faults.md).
+ANCHOR_SQL = (
+    "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || "
+    "substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"
+)
 # True inside a ``reading()`` block, whose statements run in autocommit: writes are refused.
 READING: ContextVar[bool] = ContextVar("commng_rotation_reading", default=False)
 
@@ -80,6 +118,8 @@ class XidConnection(psycopg2.extensions.connection):
     # Per transaction: the id the NOTICE reported, and whether the DO block went out.
     commng_xid: str | None = None
     commng_xid_asked = False
+    # Per connection: the server's anchor (note_anchor), None until read or where refused.
+    commng_anchor: str | None = None
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -105,12 +145,28 @@ class XidConnection(psycopg2.extensions.connection):
                     cursor.execute(_ASSIGNED_XID)
                     row = cursor.fetchone()
                 xid = row[0] if row else None
-            xids.append(xid)
+            xids.append(None if xid is None else NotedCommit(xid, self.commng_anchor))
         super().commit()
 
     def rollback(self) -> None:
         self.commng_xid, self.commng_xid_asked = None, False
         super().rollback()
+
+
+def note_anchor(dbapi_connection: Any, record: Any) -> None:
+    """Pool ``connect`` listener: keep the new connection's server anchor (one round trip)."""
+    if not isinstance(dbapi_connection, XidConnection):
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(ANCHOR_SQL)
+            row = cursor.fetchone()
+        dbapi_connection.commng_anchor = row[0] if row else None
+    except psycopg2.Error:  # a standby, or a platform that refuses the functions
+        dbapi_connection.commng_anchor = None
+    finally:
+        if not dbapi_connection.closed:
+            dbapi_connection.rollback()
 
 
 # What psycopg2.connect needs for the classes above (every engine ``init_app`` builds).
