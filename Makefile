@@ -10,7 +10,7 @@ LOCAL_STAMP := $(VENV)/.installed-local
 UV_VENV := .local/venvs/uv
 UV := $(UV_VENV)/bin/uv
 
-.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv uv lock bench bench-smoke bench-cost soak clean
+.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv uv lock bench bench-smoke bench-cost soak example test-matrix clean
 
 help:
 	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
@@ -21,6 +21,8 @@ help:
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
 	@echo "make soak     30 minutes of load and faults; memory, descriptors, greenlets sampled (SOAK_MINUTES)"
+	@echo "make example  the rotation layer's example app on 127.0.0.1:8100, against the running make run"
+	@echo "make test-matrix  the rotation layer's tests on its oldest and newest supported versions (not in CI)"
 	@echo "make lock     recompile requirements*.txt (every package pinned, with hashes) from requirements*.in"
 
 # Two stamps: `make run` needs only the service and moto; the tests, linters and the
@@ -151,6 +153,54 @@ bench-smoke: venv postgres
 SOAK_MINUTES ?= 30
 soak: venv postgres
 	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
+
+# The rotation layer's example (rotation/example/) against the running `make run`, on
+# 127.0.0.1:8100, in a venv of its own holding only what its requirements.txt names (the
+# layer from ./rotation, gunicorn[gevent]): what an adopter installs, not this repository's
+# locks. Its tables are created first with the master secret (the DDL login) and granted to
+# the app role (app shape; in the master shape the example logs in as the master itself).
+# The stack's SQS queue is CommNG's: an SQS message goes to one consumer, so the example
+# (service "notes") has none and hears of a rotation by its poll (5 s here) and fan-out.
+EXAMPLE_VENV := .local/venvs/example
+EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
+
+$(EXAMPLE_STAMP): $(UV) rotation/example/requirements.txt $(LAYER_SOURCES)
+	rm -rf $(EXAMPLE_VENV)
+	$(UV) venv --quiet --no-config --python $(PYTHON) $(EXAMPLE_VENV)
+	$(UV) pip install --quiet --no-config --python $(EXAMPLE_VENV)/bin/python --reinstall-package commng-rotation \
+		-r rotation/example/requirements.txt
+	touch $@
+
+example: $(EXAMPLE_STAMP) $(LOCAL_STAMP)
+	@ddl_env="$$($(BIN)/python -m devstack env --secret master)" && eval "$$ddl_env" && \
+		grant="$$($(BIN)/python -c 'from devstack.stack import APP_ROLE, load_state; \
+			print(APP_ROLE if load_state().get("shape") == "app" else "")')" && \
+		cd rotation/example && LOG_LEVEL=WARNING ../../$(EXAMPLE_VENV)/bin/flask --app app init-db \
+			$${grant:+--grant $$grant}
+	@stack_env="$$($(BIN)/python -m devstack env)" && eval "$$stack_env" && \
+		unset DB_ROTATION_QUEUE_URL && \
+		echo "notes example: http://127.0.0.1:8100/notes (Ctrl-C stops it)" && \
+		cd rotation/example && LOG_LEVEL=INFO DB_SECRET_REFRESH_INTERVAL_MS=$${DB_SECRET_REFRESH_INTERVAL_MS:-5000} \
+		exec ../../$(EXAMPLE_VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+
+# The rotation layer's own tests (rotation/tests) in a venv per row, each holding only the
+# layer, its test extra and that row's versions (rotation/README.md, "Supported versions").
+# "oldest" pins the lowest versions rotation/pyproject.toml allows; "newest" takes the
+# newest each range admits today. Not run by CI: it resolves against the index each time.
+MATRIX_oldest := Flask==3.0.0 Flask-SQLAlchemy==3.1.0 SQLAlchemy==2.0.16 gevent==24.2.1
+MATRIX_newest := Flask-SQLAlchemy==3.1.* 'SQLAlchemy<3' 'Flask<4' gevent
+MATRIX_ROWS := oldest newest
+
+test-matrix: $(UV) postgres
+	@for row in $(MATRIX_ROWS); do \
+	  venv=.local/venvs/matrix-$$row; rm -rf $$venv; \
+	  $(UV) venv --quiet --no-config --python $(PYTHON) $$venv || exit 1; \
+	  case $$row in oldest) pins="$(MATRIX_oldest)";; newest) pins="$(MATRIX_newest)";; esac; \
+	  eval "$(UV) pip install --quiet --no-config --python $$venv/bin/python './rotation[test]' $$pins" || exit 1; \
+	  echo "== $$row: $$($(UV) pip list --no-config --python $$venv/bin/python 2>/dev/null \
+	    | awk 'tolower($$1) ~ /^(flask|flask-sqlalchemy|sqlalchemy|gevent)$$/ {printf "%s %s  ", $$1, $$2}')"; \
+	  $$venv/bin/python -m pytest rotation/tests -q -p no:cacheprovider || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

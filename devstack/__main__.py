@@ -241,12 +241,19 @@ def _shown_path(path: Path) -> str:
 # -- env ------------------------------------------------------------------------------
 
 
-def env_lines() -> list[str]:
-    """The shell lines that point `flask --app wsgi rotation ...` at the running stack."""
+def env_lines(which: str | None = None) -> list[str]:
+    """The shell lines that point `flask --app wsgi rotation ...` at the running stack.
+
+    ``which`` (app|master|replica) puts that secret in DB_SECRET_ID instead of the
+    service's: ``--secret master`` is the DDL login ``make example`` creates its tables with.
+    """
     owner, state = require_running()
-    secret = SECRET_NAMES[service_secret(state)]
+    which = which or service_secret(state)
+    if which not in state["secrets"]:
+        raise SystemExit(f"the local stack has no {which} secret (it has {', '.join(state['secrets'])})")
+    secret = SECRET_NAMES[which]
     variables = {
-        **aws_env(state),
+        **aws_env(state, which),
         # `rotation status` compares the replica's workers with the replica's own secret.
         **({"DB_REPLICA_SECRET_ID": state["secrets"]["replica"]} if "replica" in state["secrets"] else {}),
         "PORT": str(owner.get("port", 8000)),
@@ -302,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rotate_parser.add_argument(
         "--pause", type=float, default=5.0, help="seconds inside a single-user rotation's window"
     )
-    sub.add_parser(
+    env_parser = sub.add_parser(
         "env",
         help="print `export` lines for the flask CLI against the running stack; "
         "they include the admin token (ADMIN_TOKEN, for `rotation check`) in plain text",
@@ -311,9 +318,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ADMIN_TOKEN in plain text (needed by `rotation check`); the database password is not "
         "printed: the CLI reads it from the local Secrets Manager.",
     )
+    env_parser.add_argument(
+        "--secret",
+        choices=("app", "master", "replica"),
+        default=None,
+        help="the secret in DB_SECRET_ID (default: the one the service logs in with)",
+    )
     args = parser.parse_args(argv)
     if args.command == "env":
-        print("\n".join(env_lines()))
+        print("\n".join(env_lines(args.secret)))
         return 0
     # A closed terminal (SIGHUP), `kill` (SIGTERM) and Ctrl-C all stop the stack cleanly, also
     # when a shell started us in the background with SIGINT ignored.

@@ -36,8 +36,14 @@ APP_ROLE = "commng_app"  # and commng_app_clone, both made by `flask db bootstra
 OWNER_ROLE = "commng_owner"  # NOLOGIN, owns the tables in the app shape (the config's default)
 READER_ROLE = "commng_ro"  # SELECT only, the replica's login
 SECRET_NAMES = {"master": "commng/local/master", "app": "commng/local/app", "replica": "commng/local/replica"}
-# The local moto server accepts any credentials; these are not secrets.
-DUMMY_AWS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
+# The local moto server accepts any credentials; these are not secrets. Both region
+# variables: CommNG reads AWS_REGION, a plain boto3 client only AWS_DEFAULT_REGION.
+DUMMY_AWS = {
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "local",
+    "AWS_SECRET_ACCESS_KEY": "local",
+}
 
 
 def load_state() -> dict[str, Any]:
@@ -159,15 +165,15 @@ def require_running() -> tuple[dict[str, Any], dict[str, Any]]:
 # -- environments -----------------------------------------------------------------------
 
 
-def aws_env(state: Mapping[str, Any]) -> dict[str, str]:
-    """The local Secrets Manager and SQS (one moto server), and the service's secret."""
+def aws_env(state: Mapping[str, Any], secret: str | None = None) -> dict[str, str]:
+    """The local Secrets Manager and SQS (one moto server), and the service's secret (or ``secret``'s)."""
     secrets = state["secrets"]
     return {
         **DUMMY_AWS,
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["endpoint"],
         "AWS_ENDPOINT_URL_SQS": state["endpoint"],
         **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
-        "DB_SECRET_ID": secrets[service_secret(state)],
+        "DB_SECRET_ID": secrets[secret or service_secret(state)],
         "POSTGRES_HOST": "127.0.0.1",
         "POSTGRES_PORT": str(state["pg_port"]),
         "POSTGRES_DB": DATABASE,

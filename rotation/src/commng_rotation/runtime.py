@@ -142,6 +142,7 @@ class Runtime:
                 "last_check_at": w.last_check_at.isoformat() if w and w.last_check_at else None,
                 "next_check_at": w.next_check_at.isoformat() if w and w.next_check_at else None,
                 "consecutive_failures": w.consecutive_failures if w else 0,
+                "restarts": w.restarts if w else 0,
             },
             "degraded": bool(w and w.degraded),
             "binds": binds,

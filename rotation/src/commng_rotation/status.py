@@ -55,6 +55,8 @@ class WatcherStatus(TypedDict):
     last_check_at: str | None
     next_check_at: str | None
     consecutive_failures: int
+    # Times the loop crashed and was restarted (logged as secret_watcher_restarted).
+    restarts: int
 
 
 class PushStatus(TypedDict):
