@@ -76,3 +76,24 @@ def test_a_read_returned_to_a_retired_engine_is_closed_without_an_error(
         # The request's teardown returns the connection: no exception, and it is closed.
         db.session.remove()
     assert raw.closed
+
+
+def test_a_read_whose_pooled_connection_was_closed_under_it_runs_again(
+    app: Flask, database: Database
+) -> None:
+    """Switching autocommit on is no statement: SQLAlchemy does not see a closed connection
+    there. It must still be the disconnect it is, run again on a fresh connection, not a 500
+    (seen under load when idle backends were killed during a rotation)."""
+    calls: list[int] = []
+
+    @retry_on_disconnect
+    def view() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            db.session.connection().connection.dbapi_connection.close()  # closed while pooled
+        with reading() as session:
+            return int(session.execute(sa.select(sa.func.count()).select_from(Channel)).scalar() or 0)
+
+    with app.test_request_context():
+        assert view() == 0
+    assert len(calls) == 2

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg2
+import sqlalchemy as sa
 from sqlalchemy.orm import scoped_session
 
 from commng_rotation.runtime import get_runtime
@@ -42,8 +44,16 @@ def reading(session: Any = None) -> Iterator[Any]:
     current = session() if isinstance(session, scoped_session) else session
     raw = None
     if not current.in_transaction():
-        raw = current.connection().connection.dbapi_connection
-        raw.autocommit = True
+        connection = current.connection()
+        raw = connection.connection.dbapi_connection
+        try:
+            raw.autocommit = True
+        except psycopg2.InterfaceError as exc:
+            # Closed under us (a pooled connection whose backend went away): the switch is
+            # not a statement, so SQLAlchemy did not see it. Make it the disconnect it is,
+            # for retry_on_disconnect to run the view again on a fresh connection.
+            connection.invalidate(exc)
+            raise sa.exc.InterfaceError(None, None, exc, connection_invalidated=True) from exc
     token = READING.set(True)
     try:
         yield session
