@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.replica import replica_per_second
-from bench.scenarios import Context, Scenario
+from bench.scenarios import FAULT_SCENARIOS, Context, Scenario
 from devstack.processes import LoadResult
 
 __all__ = ["build", "markdown", "percentile", "summarize", "write"]
@@ -182,17 +182,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def add(target: str, measured: Any, ok: bool | None, note: str = "") -> None:
         rows.append({"target": target, "measured": measured, "ok": ok, "note": note})
 
-    for name in (
-        "rotate",
-        "window-reconnect",
-        "secrets-outage",
-        "bad-secret",
-        "db-restart",
-        "alternating",
-        "alternating-kill",
-        "replica-rotate",
-        "replica-down",
-    ):
+    for name in FAULT_SCENARIOS:
         if name in by:
             add(f"{name}: failed requests = 0", by[name]["failures"], by[name]["failures"] == 0)
     blocked = {r["name"]: r["extra"]["blocking_reports"] for r in results if "blocking_reports" in r["extra"]}

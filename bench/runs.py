@@ -20,7 +20,7 @@ from bench import measure, report
 from bench.load import make_load
 from bench.pinning import pin_load
 from bench.replica import ReadsSampler, summarize_reads
-from bench.scenarios import MONITORED, Context, Scenario
+from bench.scenarios import FAULT_SCENARIOS, Context, Scenario
 from bench.stack import BackendSampler, BenchStack
 from devstack import free_port
 from devstack.processes import GunicornServer, LoadGenerator, LoadResult, Sample
@@ -132,7 +132,7 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
         workers,
         workdir / "gunicorn.log",
         app=entry,
-        monitor_blocking=scenario.name in MONITORED,
+        monitor_blocking=scenario.name in FAULT_SCENARIOS,
     )
     print(f"[{scenario.name}] {scenario.description}: {scenario.clients} clients", flush=True)
     server.start(timeout_s=90)
@@ -170,7 +170,7 @@ def finish(
         reads["standby_backends"] = {"max": max(standby, default=None), "series": run.standby_sampler.series}
     lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
     run.server.stop()
-    if run.scenario.name in MONITORED:
+    if run.scenario.name in FAULT_SCENARIOS:
         run.ctx.extra["blocking_reports"] = len(run.server.blocking_reports())
     made = max(1, len(result.samples))
     run.ctx.extra["worker_cpu_ms_per_request"] = round(worker_cpu_s * 1000 / made, 2)

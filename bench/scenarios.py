@@ -19,7 +19,7 @@ from bench.stack import AppDatabase, BenchStack, ReplicaLogin
 from config import Settings
 from devstack import new_password, rotate_alternating, rotate_secret
 
-__all__ = ["MONITORED", "SCENARIOS", "SMOKE", "Context", "Scenario"]
+__all__ = ["FAULT_SCENARIOS", "SCENARIOS", "SMOKE", "Context", "Scenario"]
 
 
 @dataclass
@@ -365,10 +365,10 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 
-# The rotation and fault scenarios run gevent's monitor thread at 100 ms and report any
-# greenlet that held a worker's loop. Not the throughput comparisons: its greenlet tracer
-# costs every switch.
-MONITORED = (
+# The rotation and fault scenarios: each must fail no request, and each runs gevent's
+# monitor thread at 100 ms, reporting any greenlet that held a worker's loop. Not the
+# throughput comparisons: the monitor's greenlet tracer costs every switch.
+FAULT_SCENARIOS = (
     "rotate",
     "window-reconnect",
     "secrets-outage",

@@ -24,6 +24,7 @@ from commng.app import create_app
 from commng_rotation.runtime import get_runtime
 from config import Settings
 from devstack import PostgresCluster, free_port
+from devstack.postgres import make_standby
 from tests.helpers import Database, drop_database, migrated_cluster, new_database, start_image_venv
 
 # Never reach a real AWS account, whatever the environment holds.
@@ -48,6 +49,22 @@ def pg() -> Iterator[PostgresCluster]:
     """One PostgreSQL server for the session, with a migrated template database."""
     with migrated_cluster("commng-pg-") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def standby(pg: PostgresCluster) -> Iterator[PostgresCluster]:
+    """A hot standby of ``pg`` (pg_basebackup -R -X stream), shared by the replica tests.
+
+    A test that stops, freezes or detaches it puts it back as it found it.
+    """
+    base = Path(tempfile.mkdtemp(prefix="commng-standby-"))
+    base.chmod(0o755)
+    cluster = make_standby(pg, base / "standby")
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

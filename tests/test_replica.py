@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,21 +22,7 @@ from commng_rotation.runtime import get_runtime
 from commng_rotation.xid import XidConnection
 from config import Settings
 from devstack import PostgresCluster, new_password, rotate_secret
-from devstack.postgres import make_standby
 from tests.helpers import Database, assert_no_secrets, wait_for
-
-
-@pytest.fixture(scope="module")
-def standby(pg: PostgresCluster) -> Iterator[PostgresCluster]:
-    base = Path(tempfile.mkdtemp(prefix="commng-standby-"))
-    base.chmod(0o755)
-    cluster = make_standby(pg, base / "standby")
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
-
 
 TOKEN = "replica-admin-token-0123456789"
 

@@ -10,11 +10,7 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,20 +18,7 @@ from flask import Flask
 
 from commng.db import ReplicaState, db, replica_state
 from devstack import PostgresCluster
-from devstack.postgres import make_standby
 from tests.helpers import Database, frozen, postmaster_pid, wait_for
-
-
-@pytest.fixture(scope="module")
-def standby(pg: PostgresCluster) -> Iterator[PostgresCluster]:
-    base = Path(tempfile.mkdtemp(prefix="commng-standby-"))
-    base.chmod(0o755)
-    cluster = make_standby(pg, base / "standby")
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _app(database: Database, standby: PostgresCluster, make_app: Any, **overrides: Any) -> Flask:
