@@ -25,11 +25,18 @@ class ReadHeavyLoad(LoadGenerator):
     """N client threads, ``reads_per_write`` reads for every message posted."""
 
     def __init__(
-        self, base_url: str, channel_ids: list[int], clients: int, max_s: float, reads_per_write: int
+        self,
+        base_url: str,
+        channel_ids: list[int],
+        clients: int,
+        max_s: float,
+        reads_per_write: int,
+        keys: bool = False,
+        retry_503: bool = False,
     ) -> None:
         if reads_per_write < 2 or not channel_ids:
             raise ValueError("ReadHeavyLoad needs channels and at least 2 reads per write")
-        super().__init__(base_url, channel_ids, clients, max_s=max_s)
+        super().__init__(base_url, channel_ids, clients, max_s=max_s, keys=keys, retry_503=retry_503)
         self.reads_per_write = reads_per_write
         # Each client's last posted id (each client thread touches only its own key).
         self._last_id: dict[int, int | None] = {}
@@ -39,7 +46,7 @@ class ReadHeavyLoad(LoadGenerator):
         channel = self.channel_ids[(n + i // cycle) % len(self.channel_ids)]
         step = i % cycle
         if step == 0:
-            sample, self._last_id[n] = self._post(session, channel, f"c{n} m{i}")
+            sample, self._last_id[n] = self._post(session, channel, f"{self.tag} c{n} m{i}")
             return sample
         last_id = self._last_id.get(n)
         if step == 1 and last_id is not None:
@@ -50,9 +57,21 @@ class ReadHeavyLoad(LoadGenerator):
 
 
 def make_load(
-    base_url: str, channel_ids: list[int], clients: int, max_s: float, path: str | None, reads_per_write: int
+    base_url: str,
+    channel_ids: list[int],
+    clients: int,
+    max_s: float,
+    path: str | None,
+    reads_per_write: int,
+    keys: bool = False,
+    retry_503: bool = False,
 ) -> LoadGenerator:
-    """The load a scenario asks for: one read per write (devstack's), read-heavy, or one path."""
+    """The load a scenario asks for: one read per write (devstack's), read-heavy, or one path.
+
+    ``retry_503``: a post answered 503 is sent once more; ``keys``: with an Idempotency-Key.
+    """
     if reads_per_write > 1 and path is None:
-        return ReadHeavyLoad(base_url, channel_ids, clients, max_s, reads_per_write)
-    return LoadGenerator(base_url, channel_ids, clients, max_s=max_s, path=path)
+        return ReadHeavyLoad(base_url, channel_ids, clients, max_s, reads_per_write, keys, retry_503)
+    return LoadGenerator(
+        base_url, channel_ids, clients, max_s=max_s, path=path, keys=keys, retry_503=retry_503
+    )

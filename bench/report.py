@@ -10,6 +10,9 @@ Definitions (also in the README's Performance section):
   (refresh interval / 300 s) (polls scale with the interval), plus GetSecretValue per
   worker per rotation x 1/168 (RDS rotates every 7 days);
 - writes lost = 201-acknowledged message ids without a row, read back with SQL;
+- duplicate writes = messages stored more than once (every post's body is unique to it);
+  the rotation and fault scenarios' clients send an Idempotency-Key with every post and
+  retry a 503 once with it (``--no-keys``: without keys, the same retry);
 - passwords in the log = how many of the passwords the app was given (and the stack's
   own) appear in gunicorn's captured output, as they are or URL-encoded;
 - replica share = reads served by the replica bind / all reads of the read-only routes,
@@ -70,6 +73,7 @@ def summarize(
     backends: list[tuple[float, int]],
     final_backends: int | None,
     lost_writes: int,
+    duplicate_writes: int = 0,
     app_events: dict[str, Any],
     replica_reads: dict[str, Any] | None = None,
     passwords_in_log: int = 0,
@@ -122,7 +126,12 @@ def summarize(
             "limit": workers * (scenario.pool_size + (1 if scenario.secrets_manager else 0)),
             "series": backends,
         },
-        "writes": {"created": len(result.created_ids), "lost": lost_writes},
+        "writes": {
+            "created": len(result.created_ids),
+            "lost": lost_writes,
+            "duplicates": duplicate_writes,
+            "retried_503": result.retried,
+        },
         "passwords_in_log": passwords_in_log,
         "replica_reads": replica_reads,
         "timeline": _timeline(result, t0, elapsed_s),
@@ -194,6 +203,8 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     lost = {r["name"]: r["writes"]["lost"] for r in results}
     add("lost writes = 0 (every scenario)", sum(lost.values()), not any(lost.values()))
+    duplicates = {r["name"]: r["writes"].get("duplicates", 0) for r in results}
+    add("duplicate writes = 0 (every scenario)", sum(duplicates.values()), not any(duplicates.values()))
     leaked = sum(r.get("passwords_in_log", 0) for r in results)
     add("passwords in the app log = 0 (every scenario)", leaked, leaked == 0)
     for r in results:
@@ -274,8 +285,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "| scenario | requests | ok rps | failed | p50 / p95 / p99 ms | p99 ±5 s of rotations | "
         "detection median s (n) | swap ms max | drain ms max | SM calls | Describe /worker-h @300 s | "
-        "backends max / final (limit) | writes lost |",
-        "|---|---:|---:|---:|---|---:|---|---:|---:|---|---:|---|---:|",
+        "backends max / final (limit) | writes lost | dup |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|---|---:|---|---:|---:|",
     ]
     for r in doc["scenarios"]:
         lat = r["latency_ms"]
@@ -294,7 +305,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(max(r['swap_ms'], default=None))} | {_fmt(max(r['drained_ms'], default=None))} | "
             f"{calls or '–'} | {_fmt(r['sm_describe_per_worker_hour_at_300s'])} | "
             f"{_fmt(b['max'])} / {_fmt(b['final'])} ({b['limit']}) | "
-            f"{r['writes']['lost']} of {r['writes']['created']} |"
+            f"{r['writes']['lost']} of {r['writes']['created']} | {r['writes'].get('duplicates', 0)} |"
         )
     lines += _replica_table(doc["scenarios"])
     lines += ["", "| target | measured | met |", "|---|---|---|"]

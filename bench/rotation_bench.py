@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, measure, report
+from bench import fleet, measure, report, runs
 from bench.runs import GRACE_MS, SCRUBBED, SMOKE_GRACE_MS, run_pair, run_scenario
 from bench.scenarios import SCENARIOS, SMOKE
 from bench.stack import BenchStack
@@ -55,8 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="load generator on this CPU, servers on the others (scenarios run alone; bench/pinning.py)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (gunicorn logs)")
+    parser.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="fault scenarios' clients post without Idempotency-Key (still retrying a 503 once)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
+    runs.CLIENT_KEYS = not args.no_keys
     # The fleet scenario (4 gunicorns) has a table of its own and is never part of the smoke.
     names = args.scenario or list(SMOKE if args.smoke else [*SCENARIOS, fleet.NAME])
     out = args.out or (

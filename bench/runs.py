@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 GRACE_MS = 3000
+# The fault scenarios' clients send an Idempotency-Key with every post and retry a 503 once
+# with it (rotation_bench --no-keys: the same retry without keys, to count what keys save).
+CLIENT_KEYS = True
 SMOKE_GRACE_MS = 1000
 # Environment the bench must not inherit: it decides the app's credentials and endpoint.
 SCRUBBED = (
@@ -110,7 +113,11 @@ class Launched:
 
     def load(self, max_s: float) -> LoadGenerator:
         s = self.scenario
-        return make_load(self.server.url, self.channels, s.clients, max_s, s.path, s.reads_per_write)
+        fault = s.name in FAULT_SCENARIOS
+        url, channels = self.server.url, self.channels
+        return make_load(
+            url, channels, s.clients, max_s, s.path, s.reads_per_write, CLIENT_KEYS and fault, fault
+        )
 
 
 def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool) -> Launched:
@@ -169,6 +176,7 @@ def finish(
         standby = [n for _, n in run.standby_sampler.series]
         reads["standby_backends"] = {"max": max(standby, default=None), "series": run.standby_sampler.series}
     lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
+    duplicates = run.ctx.stack.duplicate_writes(run.ctx.db)
     run.server.stop()
     if run.scenario.name in FAULT_SCENARIOS:
         run.ctx.extra["blocking_reports"] = len(run.server.blocking_reports())
@@ -191,6 +199,7 @@ def finish(
         backends=run.sampler.series,
         final_backends=final_backends,
         lost_writes=lost,
+        duplicate_writes=duplicates,
         app_events=measure.app_log_events(run.server.output()),
         replica_reads=reads,
         passwords_in_log=measure.passwords_in(run.server.output(), run.ctx.passwords),

@@ -245,6 +245,14 @@ class BenchStack:
         )
         return len(wanted) - int(rows[0][0])
 
+    def duplicate_writes(self, db: AppDatabase) -> int:
+        """Messages stored more than once (every post's body is unique to it): the extra rows."""
+        rows = self.cluster.execute(
+            "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM messages GROUP BY body) AS c",
+            dbname=db.name,
+        )
+        return int(rows[0][0])
+
     def statements(self, db: AppDatabase) -> dict[str, int]:
         """Calls so far of each statement the app role ran in ``db`` (pg_stat_statements).
 

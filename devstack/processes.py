@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -157,6 +158,8 @@ class Sample:
 class LoadResult:
     samples: list[Sample] = field(default_factory=list)
     created_ids: list[int] = field(default_factory=list)
+    # Posts answered 503 and sent once more with the same Idempotency-Key (``keys``).
+    retried: int = 0
 
     @property
     def failures(self) -> list[Sample]:
@@ -167,6 +170,11 @@ class LoadGenerator:
     """N client threads, each posting and reading messages until stopped (or ``max_s``).
 
     With ``path`` set, every client only GETs that path instead (the bench's 50 ms route).
+    Every message body is unique to its post (``tag``, client, number), so a message stored
+    twice is a duplicate write. With ``retry_503``, a post answered 503 is sent once more, as
+    clients and SDKs do (the 503 still counts as a failed request; the retry is a sample of
+    its own); with ``keys`` too, every post carries an ``Idempotency-Key``, the same on its
+    retry.
     """
 
     def __init__(
@@ -176,12 +184,17 @@ class LoadGenerator:
         clients: int,
         max_s: float = 300.0,
         path: str | None = None,
+        keys: bool = False,
+        retry_503: bool = False,
     ) -> None:
         self.base_url = base_url
         self.channel_ids = channel_ids
         self.clients = clients
         self.max_s = max_s
         self.path = path
+        self.keys = keys
+        self.retry_503 = retry_503
+        self.tag = secrets.token_hex(4)
         self.result = LoadResult()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -218,12 +231,19 @@ class LoadGenerator:
         if self.path is not None:
             return self._call(session.get, self.path)[0]
         if i % 2 == 0:
-            return self._post(session, channel, f"c{n} m{i}")[0]
+            return self._post(session, channel, f"{self.tag} c{n} m{i}")[0]
         return self._call(session.get, f"/api/channels/{channel}/messages?limit=20")[0]
 
     def _post(self, session: Any, channel: int, text: str) -> tuple[Sample, int | None]:
         """Post a message; a 201's id is recorded as a write to read back. Returns (sample, id)."""
-        sample, body = self._call(session.post, f"/api/channels/{channel}/messages", json={"body": text})
+        path = f"/api/channels/{channel}/messages"
+        headers = {"Idempotency-Key": text} if self.keys else {}
+        sample, body = self._call(session.post, path, json={"body": text}, headers=headers)
+        if self.retry_503 and sample.status == 503:
+            with self._lock:
+                self.result.samples.append(sample)
+                self.result.retried += 1
+            sample, body = self._call(session.post, path, json={"body": text}, headers=headers)
         created = int(body["id"]) if sample.status == 201 and body else None
         if created is not None:
             with self._lock:
