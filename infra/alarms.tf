@@ -1,7 +1,8 @@
 # Alarms, all notifying one SNS topic (created here unless var.alarm_sns_topic_arn names one):
 #   - a rotation of a DB secret failed (EventBridge, CloudTrail RotationFailed);
 #   - the app keeps failing to refresh its DB credentials (log metric on event=refresh_failed);
-#   - /readyz fails: the ALB sees unhealthy targets, or no healthy one.
+#   - tasks fail the ALB's /healthz check (a worker that cannot answer), or none passes;
+#   - the service answers 5XX (a database outage past DB_OUTAGE_WAIT_MS, among others).
 
 locals {
   create_alarm_topic = var.alarm_sns_topic_arn == null
@@ -199,7 +200,7 @@ resource "aws_cloudwatch_metric_alarm" "refresh_failed" {
   ok_actions    = [local.alarm_topic_arn]
 }
 
-# --- (c) /readyz failing behind the ALB ------------------------------------------------------------
+# --- (c) tasks failing the ALB's health check (/healthz), and 5XX answers ---------------------------
 
 locals {
   target_group_dimensions = {
@@ -209,10 +210,10 @@ locals {
 }
 
 # A task out of rotation for 3 minutes (health check every 15 s, 3 failures to go
-# unhealthy): it cannot reach the database, or is otherwise not ready.
+# unhealthy): its worker cannot answer /healthz (the database plays no part in it).
 resource "aws_cloudwatch_metric_alarm" "unhealthy_targets" {
-  alarm_name        = "${local.alarm_name_prefix}readyz-unhealthy-targets"
-  alarm_description = "At least one CommNG task has failed the ALB's /readyz check for 3 minutes."
+  alarm_name        = "${local.alarm_name_prefix}unhealthy-targets"
+  alarm_description = "At least one CommNG task has failed the ALB's /healthz check for 3 minutes."
 
   namespace           = "AWS/ApplicationELB"
   metric_name         = "UnHealthyHostCount"
@@ -231,8 +232,8 @@ resource "aws_cloudwatch_metric_alarm" "unhealthy_targets" {
 
 # No task ready at all: the service is down. Missing data (no registered target) counts too.
 resource "aws_cloudwatch_metric_alarm" "no_healthy_targets" {
-  alarm_name        = "${local.alarm_name_prefix}readyz-no-healthy-targets"
-  alarm_description = "No CommNG task has passed the ALB's /readyz check for 3 minutes: the service is down."
+  alarm_name        = "${local.alarm_name_prefix}no-healthy-targets"
+  alarm_description = "No CommNG task has passed the ALB's /healthz check for 3 minutes: the service is down."
 
   namespace           = "AWS/ApplicationELB"
   metric_name         = "HealthyHostCount"
@@ -250,6 +251,28 @@ resource "aws_cloudwatch_metric_alarm" "no_healthy_targets" {
 }
 
 # --- (d) rotation events nobody could handle ----------------------------------------------------
+
+# The tasks answer 5XX for 3 minutes: the database has been away longer than the requests
+# wait (DB_OUTAGE_WAIT_MS), or something else fails them. The health check no longer
+# reports a database outage (see network.tf), this does.
+resource "aws_cloudwatch_metric_alarm" "target_5xx" {
+  alarm_name        = "${local.alarm_name_prefix}target-5xx"
+  alarm_description = "CommNG tasks answered 5XX for 3 minutes (database unavailable past DB_OUTAGE_WAIT_MS?)."
+
+  namespace           = "AWS/ApplicationELB"
+  metric_name         = "HTTPCode_Target_5XX_Count"
+  dimensions          = local.target_group_dimensions
+  statistic           = "Sum"
+  period              = 60
+  evaluation_periods  = 3
+  datapoints_to_alarm = 3
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = 10
+  treat_missing_data  = "notBreaching"
+
+  alarm_actions = [local.alarm_topic_arn]
+  ok_actions    = [local.alarm_topic_arn]
+}
 
 resource "aws_cloudwatch_metric_alarm" "rotation_events_dead_letters" {
   alarm_name        = "${local.alarm_name_prefix}rotation-events-dead-letters"

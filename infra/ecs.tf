@@ -187,8 +187,8 @@ resource "aws_ecs_service" "app" {
   cluster         = aws_ecs_cluster.main.id
   task_definition = aws_ecs_task_definition.app.arn
   # 0 until the bootstrap task has created the login the service uses (infra/README.md,
-  # "First deployment"): tasks started before it fail /readyz one after another and trip
-  # the deployment circuit breaker.
+  # "First deployment"): tasks started before it could not log in, and would answer every
+  # request with 503 until then.
   desired_count    = var.bootstrap_completed ? var.desired_count : 0
   launch_type      = "FARGATE"
   platform_version = "LATEST"

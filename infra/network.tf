@@ -459,11 +459,14 @@ resource "aws_lb_target_group" "app" {
   # graceful_timeout (25 s) to finish in-flight requests.
   deregistration_delay = 30
 
-  # Readiness, not liveness: /readyz fails while the task cannot reach the database, so the
-  # ALB sends traffic elsewhere without ECS killing the task (the container health check on
-  # /healthz decides that).
+  # Liveness, not readiness. /readyz fails on every task at once while the database is down
+  # (a failover, a restart), and ECS replaces tasks that fail their load balancer health
+  # check: any outage longer than about 45 s would restart the whole fleet, which then comes
+  # back at once. /healthz fails only when the worker cannot answer at all. While the
+  # database is away the tasks stay, wait it out (DB_OUTAGE_WAIT_MS) and answer 503 with
+  # Retry-After past it; the 5XX alarm (alarms.tf) reports the outage instead. docs/faults.md.
   health_check {
-    path                = "/readyz"
+    path                = "/healthz"
     protocol            = "HTTP"
     matcher             = "200"
     interval            = 15

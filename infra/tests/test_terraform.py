@@ -600,10 +600,13 @@ def test_container_health_check_is_healthz_without_curl(tf):
     assert container["stopTimeout"] == 30
 
 
-def test_target_group_health_check_is_readyz(tf):
+def test_target_group_health_check_is_healthz_so_a_database_outage_replaces_no_task(tf):
+    """The ALB's check (and so ECS's task replacement) never touches the database: /readyz
+    fails on every task at once during an outage, and ECS would restart the whole fleet."""
     target_group = tf["resource"][("aws_lb_target_group", "app")]
     (health_check,) = target_group["health_check"]
-    assert health_check["path"] == "/readyz"
+    assert health_check["path"] == "/healthz"
+    assert "/readyz" not in str(tf["resource"][("aws_lb_target_group", "app")])
     assert target_group["port"] == "local.container_port"
     assert tf["locals"]["container_port"] == 8000
 
@@ -791,6 +794,7 @@ def test_every_alarm_notifies_the_topic_and_is_named_for_its_policy(tf):
         "refresh_failed",
         "unhealthy_targets",
         "no_healthy_targets",
+        "target_5xx",
         "rotation_events_dead_letters",
     }
     for name, alarm in alarms.items():
@@ -821,7 +825,7 @@ def test_refresh_failed_log_events_raise_an_alarm(tf):
     assert alarm["treat_missing_data"] == "notBreaching"
 
 
-def test_readyz_failures_behind_the_alb_raise_alarms(tf):
+def test_health_check_failures_and_5xx_behind_the_alb_raise_alarms(tf):
     dims = tf["locals"]["target_group_dimensions"]
     assert dims == {
         "TargetGroup": "aws_lb_target_group.app.arn_suffix",
@@ -837,9 +841,13 @@ def test_readyz_failures_behind_the_alb_raise_alarms(tf):
     assert healthy["dimensions"] == "local.target_group_dimensions"
     assert (healthy["comparison_operator"], healthy["threshold"]) == ("LessThanThreshold", 1)
     assert healthy["treat_missing_data"] == "breaching"
-    # The target group these watch is the one health-checking /readyz.
+    # The target group these watch is the one health-checking /healthz; a database outage
+    # shows as 5XX answers instead.
     (health_check,) = tf["resource"][("aws_lb_target_group", "app")]["health_check"]
-    assert health_check["path"] == "/readyz"
+    assert health_check["path"] == "/healthz"
+    errors = alarms["target_5xx"]
+    assert (errors["namespace"], errors["metric_name"]) == ("AWS/ApplicationELB", "HTTPCode_Target_5XX_Count")
+    assert errors["dimensions"] == "local.target_group_dimensions"
 
 
 # --- least privilege: app role, rotation functions, migration task, replica (issue 12) ---------
