@@ -22,6 +22,12 @@ COMMIT):
 
 Attempts are bounded (``MAX_ATTEMPTS``).
 
+A write refused because the server is no writer now (SQLSTATE 25006: a Blue/Green
+switchover's read-only phase, a demoted primary) is no error for the client either: the
+pool that reached that server is dropped, and the view runs again after a backoff (50 ms
+doubling to 1 s) until a writer takes it or the outage budget is spent. Reads meanwhile go
+on. Terminated backends (57P01-57P03) arrive as disconnects, handled above.
+
 Since the view runs again anyway after a disconnect, its connections are checked out
 without the pool's ping (``caller_retries``): one round trip fewer per request.
 """
@@ -81,25 +87,62 @@ def retry_on_disconnect(view: F) -> F:
             bounds.deadline(budget_s + settings.statement_timeout_ms / 1000),
             caller_retries(),
         ):
-            for attempt in range(1, MAX_ATTEMPTS + 1):
+            attempt, waits = 0, 0
+            while True:
+                attempt += 1
                 noted: list[NotedCommit | None] = []
                 token = ATTEMPT_XIDS.set(noted)
                 try:
                     return view(*args, **kwargs)
                 except DBAPIError as exc:
-                    if not exc.connection_invalidated:
+                    read_only = writer_elsewhere(exc)
+                    if not (exc.connection_invalidated or read_only):
                         raise
                     runtime.db.session.rollback()
+                    if read_only:
+                        # No connection of this pool may serve a write again: it reaches a
+                        # server that turned read-only (a Blue/Green switchover's blue).
+                        runtime.db.engine.dispose()
                     if not _nothing_committed(runtime.db.engine, noted):
                         raise CommitOutcomeUnknown("the connection died after a COMMIT was sent") from exc
-                    if attempt == MAX_ATTEMPTS:
+                    if read_only:
+                        waits += 1
+                        if not _wait_for_the_writer(waits):
+                            raise
+                        attempt -= 1  # waiting for the writer is bounded by the outage budget
+                    elif attempt >= MAX_ATTEMPTS:
                         raise
-                    log.warning("request_retried_after_disconnect", attempt=attempt)
+                    else:
+                        log.warning("request_retried_after_disconnect", attempt=attempt)
                 finally:
                     ATTEMPT_XIDS.reset(token)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper  # type: ignore[return-value]
+
+
+# SQLSTATEs that mean "the writer is elsewhere, or coming back": a write on a server that
+# turned read-only (25006: a Blue/Green switchover, a demoted primary). Terminated and
+# shutting-down backends (57P01, 57P02, 57P03) arrive as disconnects already.
+WRITER_ELSEWHERE = frozenset({"25006"})
+WAIT_FIRST_S = 0.05
+WAIT_MAX_S = 1.0
+
+
+def writer_elsewhere(exc: DBAPIError) -> bool:
+    """True when ``exc`` says the server refused a write because it is no writer (now)."""
+    return getattr(exc.orig, "pgcode", None) in WRITER_ELSEWHERE
+
+
+def _wait_for_the_writer(waits: int) -> bool:
+    """Back off before asking again (50 ms doubling to 1 s); False once the outage budget is spent."""
+    until = bounds.outage_deadline()
+    left = None if until is None else until - time.monotonic()
+    if left is None or left <= 0:
+        return False
+    delay = min(WAIT_FIRST_S * 2 ** min(waits - 1, 10), WAIT_MAX_S, left)
+    log.warning("request_waiting_for_a_writable_primary", wait_ms=round(delay * 1000), waits=waits)
+    time.sleep(delay)  # bounded by the outage budget; yields to other greenlets under gevent
+    return True
 
 
 def _nothing_committed(engine: Engine, noted: list[NotedCommit | None]) -> bool:
