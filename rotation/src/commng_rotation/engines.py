@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 
 from commng_rotation import bounds
 from commng_rotation.credentials import Credentials, InvalidSecret
+from commng_rotation.resolve import with_hostaddr
 from commng_rotation.settings import RotationSettings
 from commng_rotation.status import PoolFigures
 
@@ -307,7 +308,9 @@ class EngineFactory:
         while True:
             try:
                 with bounds.deadline(self.settings.connect_timeout_s):
-                    return dialect.connect(*cargs, **params)
+                    # A name is resolved here, cooperatively and bounded, at every attempt.
+                    resolved = with_hostaddr(params, bounds.remaining() or self.settings.connect_timeout_s)
+                    return dialect.connect(*cargs, **resolved)
             except dialect.loaded_dbapi.OperationalError as exc:
                 until = bounds.outage_deadline()
                 left = None if until is None else until - time.monotonic()
