@@ -15,10 +15,12 @@ kills every idle backend.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ WORKERS = 2
 CLIENTS = 4
 # Seconds inside the single-user rotation's window (AWSCURRENT still old, the database already new).
 WINDOW_S = 1.0
+# Seconds of load at least (0: as long as the rotations take). `make test` keeps it short.
+LOAD_S = float(os.environ.get("COMMNG_EXAMPLE_LOAD_S", "0"))
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +243,7 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
         assert server.poll() is None, log.read_text()[-3000:]
 
         load = NotesLoad(f"http://127.0.0.1:{port}", CLIENTS)
+        load_started = time.monotonic()
         load.start()
         rotations = []
         # Two rotations as `make rotate` does in the default shape (alternating users: the
@@ -261,10 +266,13 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
                 )
             rotations.append(version)
             wait_for(_all_adopted(log, version), 30)
-        # Some more requests on the last rotation's engines (with the old pools closed).
+        # Some more requests on the last rotation's engines (with the old pools closed), and
+        # the load kept up for COMMNG_EXAMPLE_LOAD_S in all when set (the 60 s run).
         served = len(load.result.samples)
         wait_for(lambda: len(load.result.samples) >= served + 100, 20)
+        wait_for(lambda: time.monotonic() - load_started >= LOAD_S, LOAD_S + 10)
         result = load.stop()
+        load_s = time.monotonic() - load_started
         refused = _refused_inputs(f"http://127.0.0.1:{port}")
     finally:
         if server is not None and server.poll() is None:
@@ -313,7 +321,8 @@ def test_the_example_serves_through_three_rotations_without_a_failed_request(
     took = sorted(s.duration_ms for s in result.samples)
     print(
         f"\nexample under rotation: {len(result.samples)} requests, {len(failures)} failed, "
-        f"{len(rotations)} rotations, {len(result.created_ids)} notes created; "
+        f"{len(rotations)} rotations, {len(result.created_ids)} notes created, "
+        f"{load_s:.0f} s of load; "
         f"p50 {took[len(took) // 2]:.0f} ms, p99 {took[len(took) * 99 // 100]:.0f} ms, max {took[-1]:.0f} ms"
     )
 
