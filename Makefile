@@ -125,8 +125,13 @@ typecheck: venv
 lint-infra: $(UV)
 	UV=$(UV) bash scripts/lint-infra.sh
 
+# Two pytest workers (pytest-xdist), each with its own PostgreSQL cluster; a test module runs
+# whole on one worker (loadfile: its module fixtures, e.g. a shared gunicorn stack, stay one).
+# About half of pytest's time goes into waits (rotation windows, grace periods, restarts),
+# which the other worker fills. PYTEST_WORKERS=0 runs them in this process, one at a time.
+PYTEST_WORKERS ?= 2
 pytest: venv test-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # lint, then pytest; lint-infra and typecheck run beside them and report after pytest
 # (scripts/test.sh says why).

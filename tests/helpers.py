@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -268,6 +269,15 @@ def build_image_venv() -> Path:
     Built once per hash under .local/ (a venv without its ``.complete`` mark is rebuilt).
     """
     venv = image_venv_dir()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (pytest-xdist runs a collection, and so a background build, per
+    # worker): the second waits, then finds the venv complete.
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_image_venv(venv)
+
+
+def _build_image_venv(venv: Path) -> Path:
     if (venv / ".complete").exists():
         return venv
     shutil.rmtree(venv, ignore_errors=True)
