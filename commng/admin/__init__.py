@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, request
 
-from commng.admin.views import CHECK_MIN_INTERVAL_S, LIMITER, CheckLimiter, bp
+from commng.admin.views import CHECK_MIN_INTERVAL_S, LIMITER, PAGE_TEMPLATE, CheckLimiter, bp
 
 __all__ = ["HSTS", "init_app"]
 
@@ -44,3 +44,7 @@ def init_app(app: Flask) -> None:
     app.extensions[LIMITER] = CheckLimiter(CHECK_MIN_INTERVAL_S)
     app.register_blueprint(bp)
     app.after_request(_protect)
+    # Compiled now, while the worker starts, not by the first request that renders it:
+    # compiling the page's template is CPU work of tens of milliseconds that holds the
+    # worker's loop (gevent's monitor reported it past 100 ms on a loaded machine).
+    app.jinja_env.get_template(PAGE_TEMPLATE)

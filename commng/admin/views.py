@@ -44,6 +44,8 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 CURSOR_RE = re.compile(r"[0-9a-f]{32}")
 LIMITER = "commng.admin.check_limiter"
+# The operations page (compiled when the app is built: commng.admin.init_app).
+PAGE_TEMPLATE = "admin/index.html"
 _DB_ERRORS = (DBAPIError, PoolTimeout, NoCredentials)
 
 
@@ -121,7 +123,7 @@ def index() -> Any:
         history_error = f"the history cannot be read now ({error_code(exc)})"
     fleet_view, fleet_error = _fleet()
     return render_template(
-        "admin/index.html",
+        PAGE_TEMPLATE,
         status=status,
         events=events,
         counts=counts,
