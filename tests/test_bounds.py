@@ -47,6 +47,24 @@ def test_the_gevent_wait_raises_libpqs_timeout_when_nothing_comes(
     assert get_hub().loop.activecnt == active
 
 
+def test_the_gevent_wait_lasts_its_bound_even_after_cpu_work_that_left_the_loop_time_stale(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """libev keeps a cached "now", updated when the loop runs: after CPU work that did not let
+    it run, a timer started from that cached time ends early (seen: 34 ms for a 50 ms bound
+    on a loaded machine). The wait's timer starts from the time now."""
+    wait = bounds._gevent_waiter()
+    a, _ = pair
+    get_hub().loop.update_now()
+    busy_until = time.monotonic() + 0.08
+    while time.monotonic() < busy_until:  # the loop does not run: its cached time goes stale
+        pass
+    started = time.monotonic()
+    with pytest.raises(psycopg2.OperationalError, match=r"^timeout expired$"):
+        wait(a.fileno(), False, 0.05)
+    assert time.monotonic() - started >= 0.045
+
+
 def test_deadlines_nest_and_only_ever_shorten() -> None:
     assert bounds.remaining() is None
     with bounds.deadline(10):

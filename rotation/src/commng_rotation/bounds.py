@@ -93,7 +93,9 @@ def _gevent_waiter() -> Callable[[int, bool, float], None]:
         timer = hub.loop.timer(timeout_s)
         waiter = Waiter(hub)
         io.start(waiter.switch, io)
-        timer.start(waiter.switch, timer)
+        # From the loop time now: a cached one can be stale by the CPU work since the loop last
+        # ran, and the wait would end that much early.
+        timer.start(waiter.switch, timer, update=True)
         try:
             fired = waiter.get()
         finally:
