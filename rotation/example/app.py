@@ -142,6 +142,9 @@ def configure_logging(level: str) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
+        # One write per line, newline included (print() writes the newline apart): the
+        # workers share stdout, and a line must not be split by another worker's.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
     # Flask's and the libraries' records (an unhandled exception in a view, say) the same way.
