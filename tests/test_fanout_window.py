@@ -9,21 +9,11 @@ from flask import Flask
 
 from commng_rotation import Trigger
 from commng_rotation.credentials import AWSPENDING
-from commng_rotation.fanout import FanOut
-from commng_rotation.runtime import Runtime, get_runtime
+from commng_rotation.runtime import get_runtime
 from devstack import new_password, rotate_secret
 from devstack.events import create_rotation_queue, send_rotation_event
 from tests.helpers import Database, wait_for
-
-
-def _fanout(runtime: Runtime) -> FanOut:
-    assert runtime.fanout is not None
-    return runtime.fanout
-
-
-def _version(runtime: Runtime) -> str | None:
-    current = runtime.rotator().current
-    return current.version_id if current else None
+from tests.test_fanout import _fanout, _version
 
 
 def test_a_push_after_the_window_reaches_a_worker_that_checked_the_pending_version(
