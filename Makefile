@@ -10,13 +10,15 @@ LOCAL_STAMP := $(VENV)/.installed-local
 UV_VENV := .local/venvs/uv
 UV := $(UV_VENV)/bin/uv
 
-.PHONY: help run rotate status test test-fast pytest lint typecheck lint-infra postgres test-packages venv uv lock bench bench-smoke bench-cost soak example test-matrix clean
+.PHONY: help run rotate status failover switchover test test-fast pytest lint typecheck lint-infra postgres test-packages venv uv lock bench bench-smoke bench-cost soak example test-matrix clean
 
 help:
 	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
 	@echo "             SHAPE=master: the service logs in as the master; REPLICA=0: no standby"
 	@echo "make rotate   rotate the secret the service logs in with (SECRET=master|replica: another)"
-	@echo "make status   every worker's rotation state (flask --app wsgi rotation status on the local stack)"
+	@echo "make status   the server the endpoint serves, and every worker's rotation state"
+	@echo "make failover    crash the primary: the endpoint refuses 3 s, then serves the promoted standby"
+	@echo "make switchover  Blue/Green: the primary turns read-only, the standby catches up and is served"
 	@echo "make test     lint, type-check, infrastructure checks and the whole test suite"
 	@echo "make test-fast  the tests that start no gunicorn (the edit loop; still a real PostgreSQL)"
 	@echo "make bench    rotation benchmark under load (the Performance section of README.md)"
@@ -112,7 +114,14 @@ rotate: $(LAYER_STAMP)
 # No stack running: that command says so in one line and make stops.
 status: $(LAYER_STAMP)
 	@stack_env="$$($(BIN)/python -m devstack env)" && eval "$$stack_env" && \
-		$(BIN)/flask --app wsgi rotation status
+		$(BIN)/python -m devstack where && $(BIN)/flask --app wsgi rotation status
+
+# The two events that move RDS's endpoint, on the running stack (devstack/moves.py).
+failover: $(LAYER_STAMP)
+	$(BIN)/python -m devstack failover
+
+switchover: $(LAYER_STAMP)
+	$(BIN)/python -m devstack switchover
 
 lint: venv
 	$(BIN)/ruff check .

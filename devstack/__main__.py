@@ -1,4 +1,4 @@
-"""`python -m devstack run|rotate|env`: the local stack behind `make run`, `make rotate`, `make status`.
+"""`python -m devstack run|rotate|env|failover|switchover|where`: the local stack behind `make run`.
 
 - ``run [--shape app|master] [--replica [0|1]]`` keeps a cluster under ``.local/``, starts
   a moto server (Secrets Manager and SQS) holding this run's secrets, migrates, and runs
@@ -11,6 +11,8 @@
   the app role with alternating users plus a hot standby by default, as the Terraform
   deploys by default.
 - ``rotate`` rotates one secret as AWS does for it (devstack/rotate.py).
+- ``failover`` and ``switchover`` move the endpoint (RDS's name) to the standby as RDS
+  does (devstack/moves.py, devstack/topology.py); ``where`` says which server it serves.
 - ``env`` prints the ``export`` lines that point ``flask --app wsgi rotation ...`` at the
   running stack: ``eval "$(.venv/bin/python -m devstack env)"``.
 
@@ -34,11 +36,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from config import check_or_exit
-from devstack import events, shapes
+from devstack import events, shapes, topology
+from devstack.endpoint import Endpoint
 from devstack.postgres import PostgresCluster, free_port, new_password
 from devstack.rotate import rotate
 from devstack.secrets import secrets_client
 from devstack.stack import (
+    ENDPOINT_CONTROL,
     LOCAL,
     METRICS_DIR,
     ROOT,
@@ -95,13 +99,15 @@ def run(port: int, shape: str | None = None, replica: bool | None = None) -> int
 def _run_local_stack(port: int, shape: str, replica: bool) -> int:
     # Only the cluster's superuser password, the admin and metrics tokens and the port outlive
     # a run; the secrets (and their logins' passwords) are new each time, in a new moto server.
-    outliving = ("superuser_password", "admin_token", "metrics_token", "pg_port")
-    kept = {k: v for k, v in load_state().items() if k in outliving}
+    outliving = ("superuser_password", "admin_token", "metrics_token", "pg_port", "endpoint_port")
+    previous = load_state()
+    kept = {k: v for k, v in previous.items() if k in outliving}
     if not kept.get("superuser_password"):
         kept = {"superuser_password": new_password(), "admin_token": secrets.token_urlsafe(24)}
     kept.setdefault("metrics_token", secrets.token_urlsafe(24))  # a state file from before it
     state: dict[str, Any] = {**kept, "shape": shape, "moto_port": free_port()}
     state["pg_port"] = int(state.get("pg_port") or 0) or free_port()
+    state["endpoint_port"] = int(state.get("endpoint_port") or 0) or free_port()
     # The caller's variables (WEB_CONCURRENCY, LOG_LEVEL, ...) are checked before anything starts.
     placeholders = {"endpoint": "http://127.0.0.1:1", "secrets": dict(SECRET_NAMES)}
     check_or_exit(env=service_env({**state, **placeholders}, port))
@@ -109,12 +115,15 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
     if not cluster.initialized:
         print(f"initdb: new PostgreSQL cluster in {cluster.datadir}", flush=True)
         cluster.init()
+    if previous.get("serving") == "standby":  # the last run ended after a failover or switchover
+        shapes.adopt_promoted(cluster)
     # A cluster and a standby left running by a killed make run (the lock is ours now).
     cluster.stop("immediate")
     shapes.discard_standby(cluster)
     save_state(state)
     processes: list[subprocess.Popen[bytes]] = []
     standby: PostgresCluster | None = None
+    endpoint: Endpoint | None = None
     try:
         # moto takes a second or two to import: it starts while PostgreSQL does its part.
         moto_bin = str(Path(sys.executable).parent / "moto_server")
@@ -131,11 +140,17 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
         if replica:
             standby = shapes.start_standby(cluster)
             state["standby_port"] = standby.port
+        # As in RDS Multi-AZ: a COMMIT is acknowledged once the standby has it.
+        cluster.set_synchronous(standby is not None)
+        # The endpoint stands for RDS's DNS name: the service and the CLI connect to it, and
+        # make failover / make switchover move it (devstack/moves.py).
+        endpoint = Endpoint(cluster.port, port=state["endpoint_port"]).start()
+        endpoint.serve_control(ENDPOINT_CONTROL)
         _wait_for_port(state["moto_port"])
-        endpoint = f"http://127.0.0.1:{state['moto_port']}"
-        arns = shapes.create_secrets(secrets_client(endpoint), shape, passwords, state["pg_port"], standby)
-        queue_url = events.create_rotation_queue(events.sqs_client(endpoint))  # the push path
-        state.update(secrets=arns, endpoint=endpoint, queue_url=queue_url)
+        endpoint_url = f"http://127.0.0.1:{state['moto_port']}"
+        arns = shapes.create_secrets(secrets_client(endpoint_url), shape, passwords, endpoint.port, standby)
+        queue_url = events.create_rotation_queue(events.sqs_client(endpoint_url))  # the push path
+        state.update(secrets=arns, endpoint=endpoint_url, queue_url=queue_url)
         env = service_env(state, port)
         migrated = _migrate(*shapes.migration(shape, env, arns))
         if migrated:
@@ -151,6 +166,9 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if endpoint is not None:
+            endpoint.stop()
+        # After a failover or switchover these are the promoted standby and the stopped old primary.
         if standby is not None:
             standby.stop("fast")
         cluster.stop("fast")
@@ -165,14 +183,21 @@ def _banner(state: Mapping[str, Any], port: int, standby: PostgresCluster | None
         "\nCommNG is starting (Ctrl-C stops everything):\n"
         f"  shape    {shape}\n"
         f"  replica  {replica}\n"
+        f"  database 127.0.0.1:{state['endpoint_port']}, the endpoint (the RDS name): it serves the primary "
+        f"127.0.0.1:{state['pg_port']}\n"
         f"  API      http://127.0.0.1:{port}/api/channels\n"
         f"  ready    http://127.0.0.1:{port}/readyz\n"
         f"  admin    http://127.0.0.1:{port}/admin/   (user admin, token {state['admin_token']})\n"
         f"  metrics  http://127.0.0.1:{port}/metrics   (Bearer <metrics_token in the state file>)\n"
         f"  rotate   make rotate   (the {service_secret(state)} secret; SECRET={others} for the others;"
         " in another terminal)\n"
-        "  status   make status   (every worker's rotation state, from the history)\n"
-        f'  CLI      eval "$({python} -m devstack env)"   then   flask --app wsgi rotation status\n',
+        "  status   make status   (the server the endpoint serves, every worker's rotation state)\n"
+        + (
+            "  move     make switchover | make failover   (Blue/Green or Multi-AZ, to the standby)\n"
+            if standby is not None
+            else ""
+        )
+        + f'  CLI      eval "$({python} -m devstack env)"   then   flask --app wsgi rotation status\n',
         flush=True,
     )
 
@@ -324,6 +349,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="the secret in DB_SECRET_ID (default: the one the service logs in with)",
     )
+    failover_parser = sub.add_parser(
+        "failover", help="crash the primary; the endpoint refuses, then serves the promoted standby"
+    )
+    failover_parser.add_argument(
+        "--stale", type=float, default=3.0, help="seconds the endpoint refuses connections (stale DNS)"
+    )
+    switchover_parser = sub.add_parser(
+        "switchover", help="Blue/Green: the primary turns read-only, the standby catches up and is served"
+    )
+    switchover_parser.add_argument(
+        "--read-only", type=float, default=1.0, help="seconds the primary is read-only at least"
+    )
+    sub.add_parser("where", help="which server the endpoint serves, and the standby's replication")
     args = parser.parse_args(argv)
     if args.command == "env":
         print("\n".join(env_lines(args.secret)))
@@ -337,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_or_exit(["PORT"])
         replica = None if args.replica is None else args.replica == "1"
         return run(args.port or int(os.environ.get("PORT") or 8000), args.shape, replica)
+    if args.command == "failover":
+        return topology.move("failover", stale_s=args.stale)
+    if args.command == "switchover":
+        return topology.move("switchover", read_only_s=args.read_only)
+    if args.command == "where":
+        print("\n".join(topology.describe()))
+        return 0
     return rotate(args.secret, args.pause)
 
 

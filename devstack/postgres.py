@@ -146,6 +146,26 @@ class PostgresCluster:
         if (self.datadir / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
 
+    def promote(self) -> None:
+        """End a standby's recovery: it takes writes, on a new timeline (``pg_ctl promote``)."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-w", "-t", "60", "promote")
+
+    def set_synchronous(self, standby: bool) -> None:
+        """Every COMMIT waits until a standby has it (``standby``), as RDS Multi-AZ does, or none.
+
+        ``'*'`` names any standby that streams from this server. ALTER SYSTEM writes
+        postgresql.auto.conf, which pg_basebackup copies: ``make_standby`` drops these
+        settings from its copy, or a promoted standby would wait for a standby of its own.
+        """
+        for name, value in (("synchronous_standby_names", "*"), ("synchronous_commit", "on")):
+            if standby:
+                self.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
+            else:
+                self.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+        self.execute("SELECT pg_reload_conf()")
+
     def connect(self, dbname: str = "postgres") -> Any:
         """An autocommit superuser connection over TCP (password auth)."""
         conn = psycopg2.connect(
@@ -239,8 +259,23 @@ def make_standby(primary: PostgresCluster, base: Path) -> PostgresCluster:
         conf.write(
             f"\n# commng standby\nunix_socket_directories = '{standby.socket_dir}'\nhot_standby = on\n"
         )
+    _drop_primary_only_settings(standby.datadir / "postgresql.auto.conf")
     standby.start()
     return standby
+
+
+# What the primary's role sets (ALTER SYSTEM, so in postgresql.auto.conf), and a promoted
+# standby must not inherit: a wait for a standby of its own, or a read-only switchover.
+_PRIMARY_ONLY = ("synchronous_standby_names", "synchronous_commit", "default_transaction_read_only")
+
+
+def _drop_primary_only_settings(auto_conf: Path) -> None:
+    if not auto_conf.exists():
+        return
+    lines = auto_conf.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip().startswith(_PRIMARY_ONLY)]
+    if kept != lines:
+        auto_conf.write_text("".join(kept))  # in place: the file stays the postgres user's
 
 
 def _pgpass_escape(value: str) -> str:

@@ -36,7 +36,15 @@ from devstack.stack import (
     standby_base,
 )
 
-__all__ = ["create_secrets", "describe", "discard_standby", "migration", "prepare_database", "start_standby"]
+__all__ = [
+    "adopt_promoted",
+    "create_secrets",
+    "describe",
+    "discard_standby",
+    "migration",
+    "prepare_database",
+    "start_standby",
+]
 
 
 def prepare_database(cluster: PostgresCluster, shape: str, passwords: Mapping[str, str]) -> None:
@@ -80,6 +88,28 @@ def _table_owners(cluster: PostgresCluster) -> set[str]:
     return {row[0] for row in rows}
 
 
+def adopt_promoted(primary: PostgresCluster) -> None:
+    """The standby that ``make failover``/``switchover`` promoted becomes the primary's data.
+
+    Both servers are stopped; the old primary's data (crashed, or the switchover's blue) is
+    removed and the promoted standby's moves into its place, so the run goes on as usual
+    and makes a new standby from it.
+    """
+    promoted = standby_base() / "data"
+    with contextlib.suppress(RuntimeError):
+        PostgresCluster(promoted, 0, primary.superuser_password).stop("immediate")
+    primary.stop("immediate")
+    shutil.rmtree(primary.datadir)
+    promoted.rename(primary.datadir)
+    with open(primary.datadir / "postgresql.conf", "a") as conf:
+        conf.write(f"\n# the primary again\nunix_socket_directories = '{primary.socket_dir}'\n")
+    print(
+        f"the standby promoted by the last make failover/switchover is the primary now ({primary.datadir}); "
+        "a new standby is made from it",
+        flush=True,
+    )
+
+
 def discard_standby(primary: PostgresCluster) -> None:
     """Each run makes its standby anew: stop and remove the previous one."""
     base = standby_base()
@@ -103,9 +133,13 @@ def start_standby(primary: PostgresCluster) -> PostgresCluster:
 
 
 def create_secrets(
-    client: Any, shape: str, passwords: Mapping[str, str], pg_port: int, standby: PostgresCluster | None
+    client: Any, shape: str, passwords: Mapping[str, str], endpoint_port: int, standby: PostgresCluster | None
 ) -> dict[str, str]:
-    """The secrets of ``shape``, shaped like infra/'s; returns their ARNs by name."""
+    """The secrets of ``shape``, shaped like infra/'s; returns their ARNs by name.
+
+    The app's login names the endpoint (RDS's name for the primary, wherever it is); the
+    replica's names the standby itself, as a read replica's own endpoint would.
+    """
 
     def create(name: str, value: Mapping[str, Any]) -> str:
         arn: str = client.create_secret(Name=SECRET_NAMES[name], SecretString=json.dumps(value))["ARN"]
@@ -127,7 +161,7 @@ def create_secrets(
         }
 
     if shape == "app":
-        arns["app"] = create("app", login(APP_ROLE, "app", pg_port))
+        arns["app"] = create("app", login(APP_ROLE, "app", endpoint_port))
     if standby is not None:
         arns["replica"] = create("replica", login(READER_ROLE, "replica", standby.port))
     return arns

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL = Path(os.environ.get("COMMNG_LOCAL_DIR", str(ROOT / ".local")))
 STATE_FILE = LOCAL / "stack.json"
 LOCK_FILE = LOCAL / "run.lock"
+ENDPOINT_CONTROL = LOCAL / "endpoint.sock"  # make failover/switchover steer make run's endpoint here
 METRICS_DIR = LOCAL / "prometheus"
 DATABASE = "comm_ng"
 
@@ -95,9 +96,19 @@ def _reachable_by_postgres(path: Path) -> bool:
     return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
 
+def serving_datadir(state: Mapping[str, Any]) -> Path:
+    """The primary's data: the standby's, once ``make failover`` or ``make switchover`` promoted it."""
+    return standby_base() / "data" if state.get("serving") == "standby" else pg_datadir()
+
+
+def database_port(state: Mapping[str, Any]) -> int:
+    """Where the service connects: the endpoint (the RDS name), or the primary before it existed."""
+    return int(state.get("endpoint_port") or state["pg_port"])
+
+
 def primary(state: Mapping[str, Any]) -> PostgresCluster:
-    """The local primary, for superuser statements (ALTER ROLE of a rotation)."""
-    return PostgresCluster(pg_datadir(), state["pg_port"], state["superuser_password"])
+    """Whatever primary the endpoint serves, for superuser statements (ALTER ROLE of a rotation)."""
+    return PostgresCluster(serving_datadir(state), database_port(state), state["superuser_password"])
 
 
 # -- the run lock -----------------------------------------------------------------------
@@ -175,7 +186,7 @@ def aws_env(state: Mapping[str, Any], secret: str | None = None) -> dict[str, st
         **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
         "DB_SECRET_ID": secrets[secret or service_secret(state)],
         "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(state["pg_port"]),
+        "POSTGRES_PORT": str(database_port(state)),
         "POSTGRES_DB": DATABASE,
         "POSTGRES_SSL": "false",
     }

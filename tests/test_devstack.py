@@ -17,157 +17,45 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 import requests
 
-from devstack import PostgresCluster, free_port, new_password, secrets_client
+from devstack import PostgresCluster, free_port, new_password
 from devstack.processes import LoadGenerator, http_status
-from tests.helpers import adopted, assert_no_secrets, wait_for
+from tests.helpers import adopted, assert_no_secrets
+from tests.localstack import (
+    BIN,
+    ROOT,
+    RunningStack,
+    assert_stopped,
+    current,
+    devstack,
+    new_local_dir,
+    passwords,
+    secret_values,
+    stack_env,
+    start_stack,
+)
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _new_local_dir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="commng-local-"))
-    path.chmod(0o755)  # like a checkout's .local; the 0700 case falls back to /tmp
-    return path
 
 
 @pytest.fixture
 def local_dir() -> Iterator[Path]:
-    path = _new_local_dir()
+    path = new_local_dir()
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _stack_env(local_dir: Path) -> dict[str, str]:
-    prefixes = ("POSTGRES_", "DB_SECRET", "AWS_ENDPOINT", "PROMETHEUS_", "ADMIN_TOKEN", "PORT", "LOG_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env["COMMNG_LOCAL_DIR"] = str(local_dir)
-    return env
-
-
-def _devstack(local_dir: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "devstack", *args],
-        cwd=ROOT,
-        env=_stack_env(local_dir),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def _start_stack(
-    local_dir: Path, port: int, log: IO[bytes], *args: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    stack = subprocess.Popen(
-        [sys.executable, "-m", "devstack", "run", "--port", str(port), *args],
-        cwd=ROOT,
-        env={**_stack_env(local_dir), **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, like a terminal's foreground job
-    )
-    ready = f"http://127.0.0.1:{port}/readyz"
-    output = local_dir / "run.log"
-
-    # Both workers: the first answers /readyz while the other may still boot, and a worker
-    # that boots after a rotation never logs adopting it.
-    def up() -> bool:
-        return output.read_text(errors="replace").count("worker_ready") >= 2 and http_status(ready) == 200
-
-    wait_for(lambda: stack.poll() is not None or up(), timeout_s=90)
-    return stack
-
-
-def _assert_stopped(local_dir: Path, port: int) -> None:
-    assert "local stack stopped" in (local_dir / "run.log").read_text()
-    assert not (local_dir / "pg" / "data" / "postmaster.pid").exists()
-    assert not (local_dir / "pg" / "standby" / "data" / "postmaster.pid").exists()
-    assert http_status(f"http://127.0.0.1:{port}/healthz", timeout_s=1) is None
-
-
-def _secret_values(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every version of every secret of the stack, AWSPREVIOUS and older too."""
-    client = secrets_client(state["endpoint"])
-    values = []
-    for arn in state["secrets"].values():
-        versions = client.list_secret_version_ids(SecretId=arn, IncludeDeprecated=True)["Versions"]
-        for version in versions:
-            got = client.get_secret_value(SecretId=arn, VersionId=version["VersionId"])
-            values.append(json.loads(got["SecretString"]))
-    return values
-
-
-def _passwords(state: dict[str, Any]) -> list[str]:
-    """Every password a secret of the stack ever held, and the superuser's."""
-    return [state["superuser_password"], *(value["password"] for value in _secret_values(state))]
-
-
-def _current(state: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:
-    """(AWSCURRENT version id, value) of the stack's secret ``name``."""
-    got = secrets_client(state["endpoint"]).get_secret_value(
-        SecretId=state["secrets"][name], VersionStage="AWSCURRENT"
-    )
-    return got["VersionId"], json.loads(got["SecretString"])
-
-
-@dataclass
-class RunningStack:
-    process: subprocess.Popen[bytes]
-    local_dir: Path
-    port: int
-    outputs: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return (self.local_dir / "run.log").read_text(errors="replace")
-
-    def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = json.loads((self.local_dir / "stack.json").read_text())
-        return state
-
-    def rotate(self, *args: str) -> str:
-        """`make rotate` with ``args``; its output, which must hold no password."""
-        result = _devstack(self.local_dir, "rotate", *args, timeout=60)
-        assert result.returncode == 0, result.stderr[-2000:]
-        self.outputs.append(result.stdout + result.stderr)
-        return result.stdout
-
-    def wait_for(self, predicate: Callable[[], object], timeout_s: float) -> None:
-        """tests.helpers.wait_for, failing with the stack's last log lines (but the access log)."""
-        try:
-            wait_for(predicate, timeout_s=timeout_s)
-        except AssertionError as exc:
-            lines = [line for line in self.log().splitlines() if '"http_request"' not in line]
-            raise AssertionError("\n".join([str(exc), *lines[-40:]])) from None
-
-    def metrics(self) -> str:
-        token = self.state()["metrics_token"]  # /metrics is private by default, not the admin token's
-        headers = {"Authorization": f"Bearer {token}"}
-        return requests.get(f"{self.url}/metrics", headers=headers, timeout=10).text
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[RunningStack]:
     """`python -m devstack run` on a free port; Ctrl-C after the module's last test."""
-    local_dir = _new_local_dir()
+    local_dir = new_local_dir()
     # What a run killed with SIGKILL leaves: its lock file (the lock died with it).
     (local_dir / "run.lock").write_text(json.dumps({"pid": 999999, "port": 1}))
     port = free_port()
@@ -181,7 +69,7 @@ def stack() -> Iterator[RunningStack]:
         "ADMIN_ALLOWED_CIDRS": "127.0.0.0/8",
         "TRUSTED_PROXIES": "1",
     }
-    process = _start_stack(local_dir, port, log, env=env)
+    process = start_stack(local_dir, port, log, env=env)
     running = RunningStack(process, local_dir, port)
     try:
         assert process.poll() is None, running.log()[-3000:]
@@ -193,7 +81,7 @@ def stack() -> Iterator[RunningStack]:
         log.close()
         try:
             assert code in (0, -signal.SIGINT, 130), running.log()[-2000:]
-            _assert_stopped(local_dir, port)
+            assert_stopped(local_dir, port)
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 
@@ -222,7 +110,7 @@ def test_the_master_shape_on_an_old_local_dir_rotates_and_stops_on_sigterm(local
     _one_role_layout(local_dir)
     port = free_port()
     with (local_dir / "run.log").open("wb") as log:
-        stack = _start_stack(local_dir, port, log, "--shape", "master", env={"LOG_FORMAT": "json"})
+        stack = start_stack(local_dir, port, log, "--shape", "master", env={"LOG_FORMAT": "json"})
         running = RunningStack(stack, local_dir, port)
         try:
             assert stack.poll() is None, running.log()[-3000:]
@@ -240,30 +128,30 @@ def test_the_master_shape_on_an_old_local_dir_rotates_and_stops_on_sigterm(local
             assert created.status_code == 201
 
             for secret in ("app", "replica"):  # this shape has neither
-                refused = _devstack(local_dir, "rotate", "--secret", secret)
+                refused = devstack(local_dir, "rotate", "--secret", secret)
                 assert refused.returncode == 1
                 assert len(refused.stderr.splitlines()) == 1, refused.stderr
                 assert f"has no {secret} secret" in refused.stderr
             out = running.rotate("--pause", "0.5")  # the service's: the master secret, single user
             assert "4/4 AWSCURRENT moved" in out
             assert "Secret Label Updated (AWSCURRENT) sent" in out
-            version, value = _current(running.state(), "master")
+            version, value = current(running.state(), "master")
             assert value["username"] == "commng_master"
             running.wait_for(lambda: len(adopted(running.log(), version)) == 2, timeout_s=30)
-            passwords = _passwords(running.state())
+            used = passwords(running.state())
             stack.send_signal(signal.SIGTERM)  # to the Python process only, not its group
             stack.wait(90)
         finally:
             if stack.poll() is None:
                 os.killpg(stack.pid, signal.SIGKILL)
                 stack.wait(10)
-    _assert_stopped(local_dir, port)
-    assert_no_secrets(running.log() + "".join(running.outputs), passwords)
+    assert_stopped(local_dir, port)
+    assert_no_secrets(running.log() + "".join(running.outputs), used)
 
 
 def test_without_a_stack_rotate_and_env_say_so_in_one_line(local_dir: Path) -> None:
     for command in ("rotate", "env"):
-        result = _devstack(local_dir, command)
+        result = devstack(local_dir, command)
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
             f"no local stack is running (state in {local_dir}): start it with `make run` first"
@@ -287,7 +175,7 @@ def test_without_a_stack_rotate_and_env_say_so_in_one_line(local_dir: Path) -> N
     ],
 )
 def test_a_shape_that_cannot_run_is_refused_in_one_line(local_dir: Path, args: list[str], line: str) -> None:
-    result = _devstack(local_dir, "run", *args)
+    result = devstack(local_dir, "run", *args)
     assert result.returncode in (1, 2)
     assert result.stderr.splitlines() == [line]
     assert not (local_dir / "stack.json").exists()
@@ -312,7 +200,7 @@ def test_each_secret_rotates_as_aws_does_and_no_request_fails(stack: RunningStac
         out = stack.rotate()
         assert "3/3 AWSCURRENT moved" in out
         assert "Secret Label Updated (AWSCURRENT) sent" in out
-        app_version, app_value = _current(state, "app")
+        app_version, app_value = current(state, "app")
         assert app_value["username"] == "commng_app_clone"
         stack.wait_for(lambda: len(adopted(stack.log(), app_version)) == 2, timeout_s=30)
         stack.wait_for(lambda: primary.backend_count("commng_app_clone") > 0, timeout_s=10)
@@ -329,7 +217,7 @@ def test_each_secret_rotates_as_aws_does_and_no_request_fails(stack: RunningStac
         out = stack.rotate("--secret", "replica")
         assert "3/3 AWSCURRENT moved" in out
         assert "Secret Label Updated (AWSCURRENT) sent" in out
-        replica_version, replica_value = _current(state, "replica")
+        replica_version, replica_value = current(state, "replica")
         assert replica_value["username"] == "commng_ro_clone"
         assert replica_value["port"] == state["standby_port"]  # the rotation kept the standby's host
         stack.wait_for(lambda: len(adopted(stack.log(), replica_version)) == 2, timeout_s=30)
@@ -342,7 +230,7 @@ def test_each_secret_rotates_as_aws_does_and_no_request_fails(stack: RunningStac
     reads = re.search(r'^commng_db_reads_total\{bind="replica"\} (\S+)$', stack.metrics(), re.MULTILINE)
     assert reads is not None
     assert float(reads.group(1)) > 0
-    assert_no_secrets(stack.log() + "".join(stack.outputs), _passwords(state))
+    assert_no_secrets(stack.log() + "".join(stack.outputs), passwords(state))
 
 
 def _refreshes(output: str, bind: str | None) -> int:
@@ -355,7 +243,7 @@ def _refreshes(output: str, bind: str | None) -> int:
 
 
 def test_a_second_run_is_refused_in_one_line_and_the_first_keeps_serving(stack: RunningStack) -> None:
-    second = _devstack(stack.local_dir, "run", "--port", str(free_port()), timeout=30)
+    second = devstack(stack.local_dir, "run", "--port", str(free_port()), timeout=30)
 
     assert second.returncode == 1
     assert second.stderr.splitlines() == [
@@ -373,7 +261,7 @@ def test_the_state_file_is_private_and_holds_no_login_password(stack: RunningSta
     state = stack.state()
     assert {"superuser_password", "admin_token", "secrets"} <= set(state)
     # The logins' passwords live in the local Secrets Manager only.
-    logins = [value["password"] for value in _secret_values(state)]
+    logins = [value["password"] for value in secret_values(state)]
     assert_no_secrets(state_file.read_text(), logins)
     # initdb's password file and the standby's passfile are gone, and no temporary file was left.
     assert not list(stack.local_dir.rglob("*pwfile*"))
@@ -381,7 +269,7 @@ def test_the_state_file_is_private_and_holds_no_login_password(stack: RunningSta
 
 
 def test_make_status_and_the_env_command_show_the_running_service(stack: RunningStack) -> None:
-    env = _devstack(stack.local_dir, "env")
+    env = devstack(stack.local_dir, "env")
     assert env.returncode == 0, env.stderr
     exports = dict(re.findall(r"^export (\w+)=(.*)$", env.stdout, re.MULTILINE))
     assert exports["PORT"] == str(stack.port)
@@ -389,13 +277,13 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
     assert exports["DB_SECRET_ID"] == state["secrets"]["app"]  # the service's secret, not the master's
     assert {"AWS_ENDPOINT_URL_SECRETS_MANAGER", "ADMIN_TOKEN"} <= set(exports)
     assert "POSTGRES_PASSWORD" not in exports
-    assert_no_secrets(env.stdout, _passwords(state))
+    assert_no_secrets(env.stdout, passwords(state))
 
     # The Makefile's recipe with this interpreter's bin/ (and no reinstall of the venv).
     status = subprocess.run(
         ["make", "-s", "status", f"BIN={BIN}", f"LOCAL_STAMP={sys.executable}"],
         cwd=ROOT,
-        env=_stack_env(stack.local_dir),
+        env=stack_env(stack.local_dir),
         capture_output=True,
         text=True,
         timeout=90,
@@ -403,14 +291,22 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
     )
     assert status.returncode == 0, status.stderr[-2000:]
     lines = status.stdout.splitlines()
+    # Which server the endpoint (the RDS name) serves, and the synchronous standby.
     assert lines[0] == (
-        f"# state of the running service, from the rotation history in 127.0.0.1:{state['pg_port']}/comm_ng "
-        "(not this process)"
+        f"endpoint    127.0.0.1:{state['endpoint_port']} serves 127.0.0.1:{state['pg_port']}, the primary"
     )
-    assert lines[1] == f"secret      {state['secrets']['app']}"
-    assert lines[2].startswith("AWSCURRENT  ")
+    assert lines[1] == (
+        f"standby     127.0.0.1:{state['standby_port']}, streaming, sync "
+        "(every COMMIT waits for it, as in Multi-AZ)"
+    )
+    assert lines[2] == (
+        "# state of the running service, from the rotation history in "
+        f"127.0.0.1:{state['endpoint_port']}/comm_ng (not this process)"
+    )
+    assert lines[3] == f"secret      {state['secrets']['app']}"
+    assert lines[4].startswith("AWSCURRENT  ")
     assert status.stderr == ""
-    assert_no_secrets(status.stdout, [*_passwords(state), state["admin_token"]])
+    assert_no_secrets(status.stdout, [*passwords(state), state["admin_token"]])
 
 
 def _raw(stack: RunningStack, method: str, path: str, headers: dict[str, str]) -> int:
