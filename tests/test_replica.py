@@ -258,3 +258,33 @@ def test_a_read_that_began_before_the_replica_failed_does_not_announce_it_back(
     assert state.reason == "connection refused"
     assert state.status()["reading"] is False
     assert "replica_reads_resumed" not in caplog.text
+
+
+def test_a_replayed_key_whose_row_the_replica_lacks_is_read_from_the_primary(
+    database: Database, standby: PostgresCluster, secretsmanager: Any, secret: str, make_app: Any
+) -> None:
+    # The replica counts as fresh for a minute: only the key's own path keeps it off the standby.
+    app = make_app(
+        _settings(database, standby, secret, db_replica_max_lag_ms=60_000), secrets_client=secretsmanager
+    )
+    client = app.test_client()
+    channel = _post(app, "/api/channels", {"name": "keyed"})
+    wait_for(lambda: len(_get(app, "/api/channels")["channels"]) == 1)
+    state = _state(app)
+    standby.execute("SELECT pg_wal_replay_pause()")
+    try:
+        path, headers = f"/api/channels/{channel}/messages", {"Idempotency-Key": "replay-me"}
+        first = client.post(path, json={"body": "keyed while paused"}, headers=headers)
+        assert first.status_code == 201, first.json
+        on_standby = "SELECT count(*) FROM messages WHERE id = %s"
+        assert standby.execute(on_standby, (first.json["id"],), dbname=database.name) == [(0,)]
+        replica_reads = state.reads["replica"]
+        assert _get(app, f"/api/channels/{channel}/messages")["messages"] == []  # the standby's view
+        assert state.reads["replica"] == replica_reads + 1
+
+        again = client.post(path, json={"body": "keyed while paused"}, headers=headers)
+        assert again.status_code == 201, again.json
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.json == first.json
+    finally:
+        standby.execute("SELECT pg_wal_replay_resume()")
