@@ -22,11 +22,12 @@ Definitions (also in the README's Performance section):
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.measure import percentile
+from bench.move_figures import move_figures
 from bench.replica import replica_per_second
 from bench.scenarios import FAULT_SCENARIOS, Context, Scenario
 from devstack.processes import LoadResult
@@ -36,16 +37,6 @@ __all__ = ["build", "markdown", "percentile", "summarize", "write"]
 DEFAULT_INTERVAL_S = 300.0
 ROTATIONS_PER_HOUR = 1 / (7 * 24)
 CONCURRENCY_LIMIT_RPS = 400.0
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def _pcts(values: list[float]) -> dict[str, float | None]:
@@ -143,6 +134,7 @@ def summarize(
         if cpu_ms:
             # What one worker could serve if the CPU, not the pool, were the only limit.
             summary["extra"]["worker_cpu_ceiling_rps"] = round(workers * 1000 / cpu_ms)
+    summary["extra"].update(move_figures(result, t0, ctx.extra))
     if "up_at_s" in ctx.extra:
         up = float(ctx.extra["up_at_s"])
         ends = [s.started - t0 + s.duration_ms / 1000 for s in failures]
@@ -340,6 +332,8 @@ _NOT_NOTED = {
     "replica_down_at_s",
     "replica_stopped_at_s",
     "replica_up_at_s",
+    "writes_stopped_at_s",
+    "moved_at_s",
 }
 
 

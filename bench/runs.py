@@ -71,6 +71,9 @@ def gunicorn_env(
         env.update(POSTGRES_USER=ctx.db.role, POSTGRES_PASSWORD=ctx.db.password)
     if ctx.replica is not None:
         env["DB_REPLICA_SECRET_ID"] = ctx.replica.arn  # the standby's host and port are in it
+    if scenario.moves:
+        assert stack.endpoint is not None
+        env["POSTGRES_PORT"] = str(stack.endpoint.port)  # the name a failover or switchover moves
     return env
 
 
@@ -122,6 +125,8 @@ class Launched:
 
 def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool) -> Launched:
     """A fresh database, role, secret and gunicorn; the caller stops the server."""
+    if scenario.moves:
+        stack.movable()
     db = stack.new_database(scenario.name)
     arn = stack.create_secret(scenario.name, db) if scenario.secrets_manager else None
     if scenario.clone:
@@ -164,7 +169,10 @@ def finish(
     worker_cpu_s = (
         run.slice_cpu_s if run.slice_cpu_s is not None else measure.process_cpu_s(run.pids) - run.cpu_before
     )
-    statements = _delta(run.ctx.stack.statements(run.ctx.db), run.statements_before)
+    # A move replaces the server: its statement counts are another server's (none reported).
+    statements = (
+        {} if run.scenario.moves else _delta(run.ctx.stack.statements(run.ctx.db), run.statements_before)
+    )
     final_backends = run.sampler.count_now()
     run.sampler.stop()
     reads = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.stack import AppDatabase, BenchStack, ReplicaLogin
 from config import Settings
-from devstack import new_password, rotate_alternating, rotate_secret
+from devstack import moves, new_password, rotate_alternating, rotate_secret
 
 __all__ = ["FAULT_SCENARIOS", "SCENARIOS", "SMOKE", "Context", "Scenario"]
 
@@ -196,6 +196,9 @@ class Scenario:
     replica: bool = False
     # Reads per message posted (bench/load.py); 1 is devstack's post-then-read load.
     reads_per_write: int = 1
+    # The app connects through the stack's endpoint, with a synchronous standby behind it
+    # (BenchStack.movable): the failover and switchover scenarios move it.
+    moves: bool = False
 
 
 def _three_rotations(terminate_idle: bool, alternating: bool = False) -> Callable[[Context], None]:
@@ -268,6 +271,28 @@ def _db_restart(ctx: Context) -> None:
     ctx.extra["up_at_s"] = ctx.mark("PostgreSQL accepts connections")
 
 
+def _move(kind: str) -> Callable[[Context], None]:
+    """A failover (refused for 3 s, then the promoted standby) or a switchover (1 s read-only)."""
+
+    def action(ctx: Context) -> None:
+        stack = ctx.stack
+        assert stack.endpoint is not None
+        ctx.sleep_until(3.0 if ctx.smoke else 6.0)
+
+        def mark(line: str) -> None:
+            ctx.mark(line.split(": ", 1)[-1])
+
+        if kind == "failover":
+            done = moves.failover(stack.endpoint, stack.cluster, stack.standby(), stale_s=3.0, log=mark)
+        else:
+            done = moves.switchover(stack.endpoint, stack.cluster, stack.standby(), read_only_s=1.0, log=mark)
+        stack.promoted()
+        ctx.extra["writes_stopped_at_s"] = round(done.writes_stopped - ctx.t0, 3)
+        ctx.extra["moved_at_s"] = round(done.moved - ctx.t0, 3)
+
+    return action
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -294,6 +319,23 @@ SCENARIOS: dict[str, Scenario] = {
             "bad-secret", "AWSCURRENT without password 3 s, not JSON 3 s, then fixed", 20, 6, _bad_secret
         ),
         Scenario("db-restart", "PostgreSQL stopped (fast) for 3 s, then started", 22, 7, _db_restart),
+        # Issue 21: the endpoint (RDS's name) moves to the synchronous standby.
+        Scenario(
+            "failover",
+            "primary crashed; the endpoint refuses 3 s, then serves the promoted synchronous standby",
+            22,
+            12,
+            _move("failover"),
+            moves=True,
+        ),
+        Scenario(
+            "switchover",
+            "Blue/Green: primary read-only 1 s while the standby catches up, promoted, blue's sessions ended",
+            22,
+            10,
+            _move("switchover"),
+            moves=True,
+        ),
         # Issue 12: several secrets and binds.
         Scenario(
             "alternating",
@@ -374,6 +416,8 @@ FAULT_SCENARIOS = (
     "secrets-outage",
     "bad-secret",
     "db-restart",
+    "failover",
+    "switchover",
     "alternating",
     "alternating-kill",
     "replica-rotate",

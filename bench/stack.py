@@ -25,6 +25,7 @@ from psycopg2 import sql
 
 from bench.moto import CountingMotoServer, bench_client
 from devstack import PostgresCluster, free_port, new_password
+from devstack.endpoint import Endpoint
 from devstack.postgres import make_standby
 from devstack.processes import ROOT
 
@@ -75,6 +76,9 @@ class BenchStack:
         self._owner_password = new_password()
         self._databases = 0
         self._standby: PostgresCluster | None = None
+        self._standbys = 0
+        # The failover and switchover scenarios' endpoint (RDS's name), made on first use.
+        self.endpoint: Endpoint | None = None
 
     def open(self) -> BenchStack:
         """initdb, start both servers, and migrate a template database once."""
@@ -116,6 +120,8 @@ class BenchStack:
     def close(self) -> None:
         """Stop moto, the standby and PostgreSQL; remove the work directory unless asked to keep it."""
         self.moto.stop()
+        if self.endpoint is not None:
+            self.endpoint.stop()
         try:
             if self._standby is not None:
                 self._standby.stop("immediate")
@@ -196,8 +202,29 @@ class BenchStack:
     def standby(self) -> PostgresCluster:
         """The hot standby of the bench's PostgreSQL, made and started on first use."""
         if self._standby is None:
-            self._standby = make_standby(self.cluster, self.workdir / "standby")
+            self._standbys += 1
+            self._standby = make_standby(self.cluster, self.workdir / f"standby-{self._standbys}")
         return self._standby
+
+    def movable(self) -> PostgresCluster:
+        """The endpoint in front of the primary, and its standby synchronous (Multi-AZ).
+
+        Only the failover and switchover scenarios connect through it; the others keep
+        the direct port, so the relay costs no other scenario's throughput.
+        """
+        standby = self.standby()
+        self.cluster.set_synchronous(True)
+        if self.endpoint is None:
+            self.endpoint = Endpoint(self.cluster.port).start()
+        self.endpoint.point_at(self.cluster.port)
+        return standby
+
+    def promoted(self) -> None:
+        """After a failover or switchover the promoted standby is the primary; a later
+        scenario that needs a standby gets a new one, made from it."""
+        assert self._standby is not None
+        old, self.cluster, self._standby = self.cluster, self._standby, None
+        old.stop("immediate")
 
     def add_replica_login(self, db: AppDatabase) -> ReplicaLogin:
         """A SELECT-only login for ``db`` and its secret (the standby's host and port inside).

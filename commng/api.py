@@ -21,6 +21,7 @@ from commng import idempotency
 from commng.db import db, from_replica, reading, retry_on_disconnect
 from commng.errors import APIError
 from commng.models import Channel, Message, now
+from commng_rotation import witness
 
 __all__ = ["MAX_JSON_DEPTH", "bp", "init_app"]
 
@@ -181,12 +182,21 @@ def create_channel() -> Any:
             )
         channel = Channel(name=name)
         db.session.add(channel)
+        db.session.flush()  # the INSERT, which the commit would send anyway: the id is known
+        witness(db.session, _CHANNEL_WITNESS, {"id": channel.id, "name": name})
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         raise APIError(409, "channel_exists", f"a channel named {name!r} exists") from None
     return channel.as_dict(), 201
 
+
+# What proves a create committed when a failover cut its COMMIT (commng_rotation.witness): the
+# row by its id and content, on the writer that continues the history.
+_CHANNEL_WITNESS = "SELECT 1 FROM channels WHERE id = %(id)s AND name = %(name)s"
+_MESSAGE_WITNESS = (
+    "SELECT 1 FROM messages WHERE id = %(id)s AND channel_id = %(channel_id)s AND body = %(body)s"
+)
 
 # With an Idempotency-Key: the key and the row in one message (commng/idempotency.py).
 _CREATE_CHANNEL = idempotency.claim_sql(
@@ -257,6 +267,8 @@ def post_message(channel_id: int) -> Any:
             return idempotency.create_once(key, "message", _CREATE_MESSAGE, values, _message, _load_message)
         message = Message(channel_id=channel_id, body=body)
         db.session.add(message)
+        db.session.flush()
+        witness(db.session, _MESSAGE_WITNESS, {"id": message.id, "channel_id": channel_id, "body": body})
         db.session.commit()
     except IntegrityError as exc:
         db.session.rollback()

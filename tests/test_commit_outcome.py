@@ -5,7 +5,8 @@
   answered 201 with the message, and the row exists once.
 - Cut by the request's own deadline while the server is slow but healthy (triggers that
   sleep): the verdict has a deadline of its own, so it is reached, and the answer is 201.
-- Answered by another server (a failover in between: another anchor): never 201, but 503
+- Answered by another server (a failover in between: another anchor): the write's own
+  witness (its row) decides, 201; a view that names no witness gets 503
   ``commit_outcome_unknown`` with ``Retry-After``, a code that never means "nothing was done".
 """
 
@@ -19,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from commng import api
 from commng.db import db
 from commng.models import Message
 from commng_rotation import retry as retry_module
@@ -93,7 +95,31 @@ def test_a_commit_cut_after_its_record_was_flushed_is_answered_201(
     assert_no_secrets(caplog.text, [database.password])
 
 
-def test_a_verdict_from_another_server_is_not_trusted(
+# The server that answers the verdict is on another timeline (a promoted standby): its
+# pg_xact_status is about whatever transaction holds that id there. Only the anchor differs
+# here; the write really is on the server that answers.
+OTHER_SERVER = "SELECT CASE WHEN false THEN pg_xact_status(%(xid)s::xid8) END, '7000000000000000001:00000002'"
+
+
+def test_a_verdict_from_another_server_is_the_writes_own_witness(
+    app: Flask,
+    database: Database,
+    client: Any,
+    channel: int,
+    standby_never_answers: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The POST named its row as witness: the row is on the writer, so it committed: 201, once."""
+    monkeypatch.setattr(retry_module, "_VERDICT_SQL", OTHER_SERVER)
+    response = _cut_after_the_commit_record(database, client, channel, "which server?")
+    assert response.status_code == 201, response.json
+    assert response.json["body"] == "which server?"
+    assert _count(app, "which server?") == 1
+    assert "commit_outcome_witnessed" in caplog.text
+
+
+def test_a_verdict_from_another_server_without_a_witness_is_unknown(
     app: Flask,
     database: Database,
     client: Any,
@@ -101,10 +127,10 @@ def test_a_verdict_from_another_server_is_not_trusted(
     standby_never_answers: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The server that answers is on another timeline (a promoted standby): its 'committed' is
-    about whatever transaction holds that id there, so the outcome is unknown."""
-    other_server = "SELECT pg_xact_status(%(xid)s::xid8), '7000000000000000001:00000002'"
-    monkeypatch.setattr(retry_module, "_VERDICT_SQL", other_server)
+    """A view that names no witness (as an adopter's may not): the id cannot be trusted there,
+    so the outcome is unknown, never "nothing was done"."""
+    monkeypatch.setattr(retry_module, "_VERDICT_SQL", OTHER_SERVER)
+    monkeypatch.setattr(api, "witness", lambda *args: None)
     response = _cut_after_the_commit_record(database, client, channel, "which server?")
     assert response.status_code == 503
     assert response.json["error"]["code"] == "commit_outcome_unknown"

@@ -2,9 +2,11 @@
 
 - A COMMIT cut by a crash whose WAL never reached the standby: the promoted standby hands
   the same transaction id to a transaction of its own, which commits. ``pg_xact_status`` on
-  the new primary then says "committed" for a write that does not exist there. The answer
-  must not be 201 (a lost write acknowledged): the verdict comes from another timeline, so
-  it is ``503 commit_outcome_unknown``, and the message is not there.
+  the new primary then says "committed" for a write that does not exist there; a 201 on
+  that word would acknowledge a lost write. The verdict comes from another timeline, so
+  the id is not asked: the POST's witness (its row) is, and it is not there, so the POST
+  runs again on the new primary: 201 with a message that exists, once. A view that names
+  no witness gets ``503 commit_outcome_unknown``, and the message is not there.
 - The endpoint moved to a server still in recovery (the name repointed before the promotion
   finished): writes there fail with 25006 and wait, reads are served meanwhile, and the write
   is taken once the server is promoted: one 201, one row.
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from commng import api
 from devstack.endpoint import Endpoint
 from devstack.postgres import PostgresCluster, make_standby
 from tests.helpers import Database, assert_no_secrets, migrated_cluster, new_database, wait_for
@@ -77,9 +80,16 @@ def _count(cluster: PostgresCluster, database: Database, body: str) -> int:
     return int(rows[0][0])
 
 
-def test_a_verdict_from_a_promoted_standby_that_reused_the_id_is_never_a_201(
-    pair: Pair, make_app: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("witnessed", [True, False], ids=["witnessed", "no-witness"])
+def test_a_promoted_standby_that_reused_the_id_never_gets_a_lost_write_acknowledged(
+    pair: Pair,
+    make_app: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    witnessed: bool,
 ) -> None:
+    if not witnessed:
+        monkeypatch.setattr(api, "witness", lambda *args: None)
     app: Flask = make_app(pair.settings())
     client = app.test_client()
     channel = client.post("/api/channels", json={"name": "failover"}).json["id"]
@@ -116,11 +126,20 @@ def test_a_verdict_from_a_promoted_standby_that_reused_the_id_is_never_a_201(
     thread.join(timeout=60)
     assert not thread.is_alive()
     answer = answers[0]
-    assert answer.status_code == 503, answer.json
-    assert answer.json["error"]["code"] == "commit_outcome_unknown"
-    assert answer.headers["Retry-After"] == "1"
-    assert _count(pair.standby, pair.database, body) == 0  # the write is not on the new primary
-    assert "commit_outcome_unanchored" in caplog.text
+    if witnessed:
+        # Written again on the new primary: the 201 names a message that exists, once.
+        assert answer.status_code == 201, answer.json
+        assert "commit_outcome_witnessed" in caplog.text
+        stored = pair.standby.execute(
+            "SELECT id FROM messages WHERE body = %s", (body,), dbname=pair.database.name
+        )
+        assert stored == [(answer.json["id"],)]
+    else:
+        assert answer.status_code == 503, answer.json
+        assert answer.json["error"]["code"] == "commit_outcome_unknown"
+        assert answer.headers["Retry-After"] == "1"
+        assert _count(pair.standby, pair.database, body) == 0  # the write is not on the new primary
+        assert "commit_outcome_unanchored" in caplog.text
     assert_no_secrets(caplog.text, [pair.database.password, pair.primary.superuser_password])
 
 

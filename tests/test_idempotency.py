@@ -127,7 +127,8 @@ def test_a_retry_after_commit_outcome_unknown_creates_nothing_new(
     """The first POST committed, but its reply was lost and the verdict came from another
     server (a failover): 503 commit_outcome_unknown. The client's retry with the same key
     gets the first message, and nothing is written twice."""
-    monkeypatch.setattr(retry_module, "_VERDICT_SQL", "SELECT pg_xact_status(%(xid)s::xid8), 'elsewhere'")
+    monkeypatch.setattr(retry_module, "_VERDICT_SQL", "SELECT NULL, 'elsewhere'")
+    monkeypatch.setattr(idempotency, "witness", lambda *args: None)  # no witness: unknown
     answers: list[Any] = []
     thread = threading.Thread(target=lambda: answers.append(_post(client, channel, "in doubt", "k-doubt")))
     thread.start()

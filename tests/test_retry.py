@@ -261,7 +261,7 @@ def test_the_commit_xid_comes_with_the_first_write_at_no_extra_round_trip(
     assert len(sent) == 1, sent  # the INSERT (the SQL COMMIT is not a statement psycopg2 is given)
     assert len(xids) == 1
     assert xids[0] is not None
-    xid, anchor = xids[0]
+    xid, anchor, _ = xids[0]
     rows = database.cluster.execute(
         "SELECT xmin::text, pg_xact_status(%s::xid8) FROM messages WHERE id = %s",
         (xid, message_id),

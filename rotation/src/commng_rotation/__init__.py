@@ -78,7 +78,7 @@ from commng_rotation.status import (
     WatcherStatus,
 )
 from commng_rotation.watcher import CheckResult
-from commng_rotation.xid import WriteInReadBlock, XidConnection
+from commng_rotation.xid import WriteInReadBlock, XidConnection, witness
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -136,5 +136,6 @@ __all__ = [
     "rotation_workers",
     "start_background",
     "stop_background",
+    "witness",
     "worker_name",
 ]

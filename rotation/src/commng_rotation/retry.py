@@ -25,7 +25,7 @@ Attempts are bounded (``MAX_ATTEMPTS``).
 A write refused because the server is no writer now (SQLSTATE 25006: a Blue/Green
 switchover's read-only phase, a demoted primary) is no error for the client either: the
 pool that reached that server is dropped, and the view runs again after a backoff (50 ms
-doubling to 1 s) until a writer takes it or the outage budget is spent. Reads meanwhile go
+doubling to 250 ms) until a writer takes it or the outage budget is spent. Reads meanwhile go
 on. Terminated backends (57P01-57P03) arrive as disconnects, handled above.
 
 Since the view runs again anyway after a disconnect, its connections are checked out
@@ -125,7 +125,7 @@ def retry_on_disconnect(view: F) -> F:
 # shutting-down backends (57P01, 57P02, 57P03) arrive as disconnects already.
 WRITER_ELSEWHERE = frozenset({"25006"})
 WAIT_FIRST_S = 0.05
-WAIT_MAX_S = 1.0
+WAIT_MAX_S = 0.25  # as engines.OUTAGE_MAX_RETRY_S: what a write may lose once a writer is back
 
 
 def writer_elsewhere(exc: DBAPIError) -> bool:
@@ -134,7 +134,7 @@ def writer_elsewhere(exc: DBAPIError) -> bool:
 
 
 def _wait_for_the_writer(waits: int) -> bool:
-    """Back off before asking again (50 ms doubling to 1 s); False once the outage budget is spent."""
+    """Back off before asking again (50 ms doubling to 250 ms); False once the outage budget is spent."""
     until = bounds.outage_deadline()
     left = None if until is None else until - time.monotonic()
     if left is None or left <= 0:
@@ -163,24 +163,32 @@ def settle(engine: Engine, commit: NotedCommit) -> str | None:
     its verdict once the server accepts connections again, a slow server gets the time
     to answer. Only an 'in progress' answer is asked again, for up to XACT_STATUS_WAIT_S
     (a terminated backend, or one still waiting for its standby, ends its transaction as
-    it exits). A server whose anchor differs from the one the COMMIT went to cannot say.
+    it exits). A server whose anchor differs from the one the COMMIT went to cannot say
+    by the id; a writer (not in recovery) answers by the commit's witness where it has one.
     """
     settings = get_runtime().settings
     budget_s = settings.outage_wait_s
     verdict_by: float | None = None
+    waits = 0
     with bounds.outage_wait(budget_s), bounds.own_deadline(budget_s + settings.statement_timeout_ms / 1000):
         while True:
             try:
                 with caller_retries(False), engine.connect() as conn:
                     sql = _STATUS_SQL if commit.anchor is None else _VERDICT_SQL
-                    row = (*conn.exec_driver_sql(sql, {"xid": commit.xid}).one(), None)[:2]
+                    params = {"xid": commit.xid, "anchor": commit.anchor}
+                    row = (*conn.exec_driver_sql(sql, params).one(), None)[:2]
             except DBAPIError:
                 status = None
                 break
             status, anchor = row
             if commit.anchor is not None and anchor != commit.anchor:
-                log.warning("commit_outcome_unanchored", reason="another server answered (a failover?)")
-                status = None
+                if anchor is None and commit.witness is not None:
+                    # A server still in recovery (the name moved before the promotion ended):
+                    # its witness means nothing until it is the writer. Wait for that.
+                    waits += 1
+                    if _wait_for_the_writer(waits):
+                        continue
+                status = _witnessed(engine, commit, anchor)
                 break
             now = time.monotonic()
             if verdict_by is None:
@@ -192,11 +200,29 @@ def settle(engine: Engine, commit: NotedCommit) -> str | None:
     return None if status is None else str(status)
 
 
+def _witnessed(engine: Engine, commit: NotedCommit, anchor: str | None) -> str | None:
+    """Another server answered: 'committed' or 'aborted' by the witness on a writer, else None."""
+    if commit.witness is None or anchor is None:  # no witness, or a standby still in recovery
+        log.warning("commit_outcome_unanchored", reason="another server answered (a failover?)")
+        return None
+    try:
+        with caller_retries(False), engine.connect() as conn:
+            found = conn.exec_driver_sql(commit.witness.sql, commit.witness.params).first()
+    except DBAPIError:
+        return None
+    status = "committed" if found is not None else "aborted"
+    log.warning("commit_outcome_witnessed", reason="another server answered (a failover?)", status=status)
+    return status
+
+
 # The verdict and the anchor of the server that gives it, in one round trip. The anchor is
-# NULL where the server refuses to say (a standby in recovery): then it differs. A COMMIT
-# noted without an anchor (the platform refused it) is asked for its status alone.
+# NULL where the server refuses to say (a standby in recovery): then it differs. The status
+# is asked only of a server with the COMMIT's anchor: another one may never have seen the id
+# ("transaction ID ... is in the future") or may have given it to another transaction. A
+# COMMIT noted without an anchor (the platform refused it) is asked for its status alone.
 _STATUS_SQL = "SELECT pg_xact_status(%(xid)s::xid8)"
 _VERDICT_SQL = (
-    "SELECT pg_xact_status(%(xid)s::xid8), "
-    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (" + ANCHOR_SQL.removeprefix("SELECT ") + ") END"
+    "SELECT CASE WHEN anchor = %(anchor)s THEN pg_xact_status(%(xid)s::xid8) END, anchor FROM ("  # noqa: S608
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE (" + ANCHOR_SQL.removeprefix("SELECT ") + ") END "
+    "AS anchor) AS server"
 )

@@ -15,6 +15,14 @@ there, on a new timeline; a Blue/Green target is another system altogether. A ve
 trusted only from a server with the same anchor. A restart keeps both, a promotion
 changes the timeline.
 
+**The witness** is the write's own effect, which a failover cannot reuse: a query that
+returns a row on the writer if and only if the transaction committed (the created row,
+by its id and content; an idempotency key's row). A view names it with ``witness()``
+before it commits. When another server answers (the anchor differs), its verdict comes
+from the witness instead of the id: the row is there, so the COMMIT took effect on the
+history this writer continues; it is not, so nothing of it survives there, and running
+the view again writes it once.
+
 The id costs no round trip of its own: ``XidCursor.execute`` sends the transaction's
 first INSERT, UPDATE or DELETE behind a ``DO`` block that raises a NOTICE with
 ``pg_current_xact_id()``, in the same message, and takes that NOTICE back out of the
@@ -50,18 +58,29 @@ __all__ = [
     "CONNECT_ARGS",
     "READING",
     "NotedCommit",
+    "Witness",
     "WriteInReadBlock",
     "XidConnection",
     "XidCursor",
     "note_anchor",
+    "witness",
 ]
 
 
+class Witness(NamedTuple):
+    """A query (DBAPI paramstyle) that returns a row on the writer iff the transaction committed."""
+
+    sql: str
+    params: dict[str, Any]
+
+
 class NotedCommit(NamedTuple):
-    """A COMMIT about to go out: its transaction's id, and the server's anchor (None: unknown)."""
+    """A COMMIT about to go out: its transaction's id, the server's anchor (None: unknown), and
+    the transaction's witness (None: none was named)."""
 
     xid: str
     anchor: str | None
+    witness: Witness | None = None
 
 
 # The commits noted in this attempt of a retried view; None outside one.
@@ -120,6 +139,8 @@ class XidConnection(psycopg2.extensions.connection):
     commng_xid_asked = False
     # Per connection: the server's anchor (note_anchor), None until read or where refused.
     commng_anchor: str | None = None
+    # Per transaction: what witness() named.
+    commng_witness: Witness | None = None
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -137,6 +158,7 @@ class XidConnection(psycopg2.extensions.connection):
 
     def commit(self) -> None:
         xid, self.commng_xid, self.commng_xid_asked = self.commng_xid, None, False
+        named, self.commng_witness = self.commng_witness, None
         xids = ATTEMPT_XIDS.get()
         if xids is not None and self.status == psycopg2.extensions.STATUS_BEGIN:
             # Runs before COMMIT goes out; if this fails, the COMMIT was never sent.
@@ -145,12 +167,26 @@ class XidConnection(psycopg2.extensions.connection):
                     cursor.execute(_ASSIGNED_XID)
                     row = cursor.fetchone()
                 xid = row[0] if row else None
-            xids.append(None if xid is None else NotedCommit(xid, self.commng_anchor))
+            xids.append(None if xid is None else NotedCommit(xid, self.commng_anchor, named))
         super().commit()
 
     def rollback(self) -> None:
-        self.commng_xid, self.commng_xid_asked = None, False
+        self.commng_xid, self.commng_xid_asked, self.commng_witness = None, False, None
         super().rollback()
+
+
+def witness(session: Any, sql: str, params: dict[str, Any]) -> None:
+    """Name the witness of ``session``'s transaction on its default bind (module docstring).
+
+    ``sql`` is a statement in psycopg2's paramstyle (``%(name)s``) that returns a row on the
+    writer if and only if this transaction committed, e.g. ``SELECT 1 FROM messages WHERE
+    id = %(id)s AND body = %(body)s`` once the INSERT is flushed. It is run only when the
+    COMMIT was cut and a server with another anchor answers (a failover in between). No
+    round trip: it is kept on the connection until the transaction ends.
+    """
+    dbapi_connection = session.connection().connection.dbapi_connection
+    if isinstance(dbapi_connection, XidConnection):
+        dbapi_connection.commng_witness = Witness(sql, dict(params))
 
 
 def note_anchor(dbapi_connection: Any, record: Any) -> None:
