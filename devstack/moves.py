@@ -103,7 +103,7 @@ def switchover(
     blue.execute("SELECT pg_reload_conf()")
     read_only = time.monotonic()
     log(f"switchover: blue 127.0.0.1:{blue.port} is read-only (writes there fail with 25006)")
-    final_lsn = blue.execute("SELECT pg_current_wal_lsn()")[0][0]
+    final_lsn = blue.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
     deadline = time.monotonic() + catch_up_timeout_s
     while not green.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (final_lsn,))[0][0]:
         if time.monotonic() > deadline:

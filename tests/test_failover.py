@@ -46,8 +46,13 @@ class Pair:
         return self.database.settings(postgres_port=self.endpoint.port, db_outage_wait_ms=20_000, **overrides)
 
     def replayed(self) -> bool:
-        """The standby has replayed all the primary has written so far."""
-        lsn = self.primary.execute("SELECT pg_current_wal_lsn()")[0][0]
+        """The standby has replayed all the primary has written so far.
+
+        The insert position, not the write position: the suite's cluster commits
+        asynchronously, so a commit record can still be in the WAL buffers, where a crash
+        (``stop -m immediate``) loses it.
+        """
+        lsn = self.primary.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
         return bool(self.standby.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))[0][0])
 
 

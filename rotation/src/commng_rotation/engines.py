@@ -375,14 +375,28 @@ class EngineFactory:
         sa.event.listen(managed.engine, "handle_error", _invalidate_by_cause)
 
 
-def _invalidate_by_cause(context: sa.engine.ExceptionContext) -> None:
-    """A wait that gave up closed its own connection: invalidate that one, not the whole pool.
+# SQLSTATEs that mean "the writer is elsewhere, or coming back": a write on a server that
+# turned read-only (25006: a Blue/Green switchover's blue, a demoted primary, a standby still
+# in recovery behind the name). Terminated and shutting-down backends (57P01, 57P02, 57P03)
+# arrive as disconnects already.
+WRITER_ELSEWHERE = frozenset({"25006"})
 
-    SQLAlchemy takes any closed connection for a disconnect and invalidates every
-    connection of the pool; a restart or failover (the server's words) still does.
+
+def _invalidate_by_cause(context: sa.engine.ExceptionContext) -> None:
+    """Which connections an error condemns.
+
+    - A wait that gave up closed its own connection: that one, not the whole pool
+      (SQLAlchemy takes any closed connection for a disconnect and invalidates every
+      connection of the pool; a restart or failover, the server's words, still does).
+    - A write refused because the server is no writer: every connection of the pool, as a
+      disconnect does (none of them may serve a write again). The pool stays the same
+      object, so connections checked out meanwhile are replaced as they come back instead
+      of lingering on the old server.
     """
     if context.is_disconnect and bounds.gave_up(context.original_exception):
         context.invalidate_pool_on_disconnect = False
+    elif getattr(context.original_exception, "pgcode", None) in WRITER_ELSEWHERE:
+        context.is_disconnect = True
 
 
 def _mark_fresh(dbapi_connection: Any, record: Any) -> None:

@@ -23,10 +23,10 @@ COMMIT):
 Attempts are bounded (``MAX_ATTEMPTS``).
 
 A write refused because the server is no writer now (SQLSTATE 25006: a Blue/Green
-switchover's read-only phase, a demoted primary) is no error for the client either: the
-pool that reached that server is dropped, and the view runs again after a backoff (50 ms
-doubling to 250 ms) until a writer takes it or the outage budget is spent. Reads meanwhile go
-on. Terminated backends (57P01-57P03) arrive as disconnects, handled above.
+switchover's read-only phase, a demoted primary) is no error for the client either: every
+connection of the pool that reached that server is replaced, and the view runs again after
+a backoff (50 ms doubling to 250 ms) until a writer takes it or the outage budget is spent.
+Reads meanwhile go on. Terminated backends (57P01-57P03) arrive as disconnects, handled above.
 
 Since the view runs again anyway after a disconnect, its connections are checked out
 without the pool's ping (``caller_retries``): one round trip fewer per request.
@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from commng_rotation import bounds
-from commng_rotation.engines import caller_retries
+from commng_rotation.engines import WRITER_ELSEWHERE, caller_retries
 from commng_rotation.runtime import get_runtime
 from commng_rotation.xid import ANCHOR_SQL, ATTEMPT_XIDS, NotedCommit
 
@@ -98,11 +98,9 @@ def retry_on_disconnect(view: F) -> F:
                     read_only = writer_elsewhere(exc)
                     if not (exc.connection_invalidated or read_only):
                         raise
+                    # (A read-only refusal invalidated the whole pool, as a disconnect does:
+                    # engines._invalidate_by_cause.)
                     runtime.db.session.rollback()
-                    if read_only:
-                        # No connection of this pool may serve a write again: it reaches a
-                        # server that turned read-only (a Blue/Green switchover's blue).
-                        runtime.db.engine.dispose()
                     if not _nothing_committed(runtime.db.engine, noted):
                         raise CommitOutcomeUnknown("the connection died after a COMMIT was sent") from exc
                     if read_only:
@@ -120,10 +118,6 @@ def retry_on_disconnect(view: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# SQLSTATEs that mean "the writer is elsewhere, or coming back": a write on a server that
-# turned read-only (25006: a Blue/Green switchover, a demoted primary). Terminated and
-# shutting-down backends (57P01, 57P02, 57P03) arrive as disconnects already.
-WRITER_ELSEWHERE = frozenset({"25006"})
 WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 0.25  # as engines.OUTAGE_MAX_RETRY_S: what a write may lose once a writer is back
 
