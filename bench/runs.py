@@ -118,9 +118,8 @@ class Launched:
         s = self.scenario
         fault = s.name in FAULT_SCENARIOS
         url, channels = self.server.url, self.channels
-        return make_load(
-            url, channels, s.clients, max_s, s.path, s.reads_per_write, CLIENT_KEYS and fault, fault
-        )
+        keys = s.keys or (CLIENT_KEYS and fault)
+        return make_load(url, channels, s.clients, max_s, s.path, s.reads_per_write, keys, fault)
 
 
 def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int, smoke: bool) -> Launched:

@@ -196,6 +196,9 @@ class Scenario:
     replica: bool = False
     # Reads per message posted (bench/load.py); 1 is devstack's post-then-read load.
     reads_per_write: int = 1
+    # Every post carries an Idempotency-Key (the cost table's keyed variant; the fault
+    # scenarios' clients send keys anyway, see runs.CLIENT_KEYS).
+    keys: bool = False
     # The app connects through the stack's endpoint, with a synchronous standby behind it
     # (BenchStack.movable): the failover and switchover scenarios move it.
     moves: bool = False
