@@ -91,6 +91,7 @@ def _graceful_gevent_worker():
             super().__init__(*args, **kwargs)
             # Greenlet -> the timeout of the keep-alive wait it is in (none: in a request).
             self.idle = {}
+            self.quitting = False
 
         def timeout_ctx(self):
             return _IdleWait(self, self.cfg.keepalive)
@@ -98,6 +99,21 @@ def _graceful_gevent_worker():
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)  # SIGTERM: stop accepting, finish requests
             gevent.spawn(self.close_idle)  # out of the signal handler, as gunicorn's handle_quit
+
+        def handle_quit(self, sig, frame):
+            """SIGINT or SIGQUIT: a quick stop, once.
+
+            A terminal's Ctrl-C reaches the master and the workers alike, and the master
+            then sends each worker SIGQUIT: two quits. gunicorn's ends in ``sys.exit(0)``
+            in a greenlet, which gevent throws into the main greenlet; the second one
+            landed while the first was unwinding through ``worker_exit`` and cut it short
+            (no history flush, fleet row left behind, pools not disposed), or during
+            interpreter shutdown, where gevent prints "<greenlet ... main> failed with
+            SystemExit". The first quit is the one acted on.
+            """
+            if not self.quitting:
+                self.quitting = True
+                super().handle_quit(sig, frame)
 
         def close_idle(self):
             """Fire the timeout of every keep-alive wait now: those connections close quietly."""

@@ -1,4 +1,6 @@
-"""Turning one run's samples into numbers, a markdown table, the raw JSON and a PNG plot.
+"""Turning one run's samples into numbers: the JSON document ``build`` returns, targets included.
+
+bench/tables.py renders that document as markdown tables, bench/plots.py as a PNG.
 
 Definitions (also in the README's Performance section):
 - a failure is any non-2xx answer or transport error;
@@ -21,18 +23,15 @@ Definitions (also in the README's Performance section):
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from bench.measure import percentile
 from bench.move_figures import move_figures
-from bench.replica import replica_per_second
 from bench.scenarios import FAULT_SCENARIOS, Context, Scenario
 from devstack.processes import LoadResult
 
-__all__ = ["build", "markdown", "percentile", "summarize", "write"]
+__all__ = ["build", "percent", "percentile", "summarize", "targets"]
 
 DEFAULT_INTERVAL_S = 300.0
 ROTATIONS_PER_HOUR = 1 / (7 * 24)
@@ -204,7 +203,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if reads:
             share = reads["phases"]["run"]["share"]
             # No target for the share: > 0 only shows that the replica bind served at all.
-            add(f"{r['name']}: share of reads served by the replica", _pct(share), bool(share))
+            add(f"{r['name']}: share of reads served by the replica", percent(share), bool(share))
     if "replica-down" in by and by["replica-down"]["replica_reads"]:
         back = by["replica-down"]["replica_reads"].get("back_on_replica_s")
         add("replica-down: reads back on the replica, s after the standby accepts", back, None, "no target")
@@ -243,198 +242,11 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pct(share: float | None) -> str:
+def percent(share: float | None) -> str:
+    """A share as a whole percentage (a dash when there is none), in targets and tables."""
     return "–" if share is None else f"{share:.0%}"
 
 
 def build(meta: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """The whole run as one JSON document."""
     return {"meta": meta, "scenarios": results, "targets": targets(results)}
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}"
-    return str(x)
-
-
-def _median(values: list[float]) -> float | None:
-    return percentile(values, 50)
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    """The results and targets tables, with how and where they were measured."""
-    meta = doc["meta"]
-    m = meta["machine"]
-    lines = [
-        f"Command: `{meta['command']}` — {meta['started_at']}, {meta['wall_s']} s wall time.",
-        f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, load average at start "
-        f"{m['load_average_at_start']}; other work may have been running on this shared machine.",
-        f"App: {meta['workers']} gevent workers (unless stated), refresh interval "
-        f"{meta['refresh_interval_ms']} ms, grace {meta['grace_ms']} ms, JSON logs.",
-        "",
-        "| scenario | requests | ok rps | failed | p50 / p95 / p99 ms | p99 ±5 s of rotations | "
-        "detection median s (n) | swap ms max | drain ms max | SM calls | Describe /worker-h @300 s | "
-        "backends max / final (limit) | writes lost | dup |",
-        "|---|---:|---:|---:|---|---:|---|---:|---:|---|---:|---|---:|---:|",
-    ]
-    for r in doc["scenarios"]:
-        lat = r["latency_ms"]
-        around = r["around_rotations_ms"]
-        detection = ", ".join(
-            f"{k} {_fmt((_median(v) or 0) / 1000)} ({len(v)})" for k, v in sorted(r["detection_ms"].items())
-        )
-        calls = ", ".join(
-            f"{k.replace('Secret', '').replace('Value', '')} {v}" for k, v in sorted(r["sm_calls"].items())
-        )
-        b = r["backends"]
-        lines.append(
-            f"| {r['name']} | {r['requests']} | {_fmt(r['throughput_rps'])} | {r['failures']} | "
-            f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])} | "
-            f"{_fmt(around['p99']) if around else '–'} | {detection or '–'} | "
-            f"{_fmt(max(r['swap_ms'], default=None))} | {_fmt(max(r['drained_ms'], default=None))} | "
-            f"{calls or '–'} | {_fmt(r['sm_describe_per_worker_hour_at_300s'])} | "
-            f"{_fmt(b['max'])} / {_fmt(b['final'])} ({b['limit']}) | "
-            f"{r['writes']['lost']} of {r['writes']['created']} | {r['writes'].get('duplicates', 0)} |"
-        )
-    lines += _replica_table(doc["scenarios"])
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for t in doc["targets"]:
-        verdict = "–" if t["ok"] is None else "yes" if t["ok"] else "**NO**"
-        lines.append(f"| {t['target']} | {t['measured']} | {verdict} |")
-    notes = []
-    for r in doc["scenarios"]:
-        extra = {k: v for k, v in r["extra"].items() if k not in _NOT_NOTED}
-        if extra:
-            notes.append(f"- {r['name']}: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
-        if r["failure_reasons"]:
-            shown = "; ".join(f"{n}× `{k}`" for k, n in r["failure_reasons"].items())
-            notes.append(f"- {r['name']} failures: {shown}")
-        if r["app_errors"]:
-            notes.append(
-                f"- {r['name']}: {len(r['app_errors'])} unexpected error line(s) in the app log (see JSON)"
-            )
-        if r["app_events"]:
-            shown = ", ".join(f"{k} {v}" for k, v in sorted(r["app_events"].items()))
-            notes.append(f"- {r['name']} app log: {shown}")
-    if notes:
-        lines += ["", *notes]
-    return "\n".join(lines) + "\n"
-
-
-# Extra values that only feed other figures (times of events, the statements' texts).
-_NOT_NOTED = {
-    "down_at_s",
-    "up_at_s",
-    "statements",
-    "replica_down_at_s",
-    "replica_stopped_at_s",
-    "replica_up_at_s",
-    "writes_stopped_at_s",
-    "moved_at_s",
-}
-
-
-def _replica_table(results: list[dict[str, Any]]) -> list[str]:
-    """Reads by bind for the scenarios with a replica bind (nothing when none ran)."""
-    rows = [r for r in results if r.get("replica_reads")]
-    if not rows:
-        return []
-    lines = [
-        "",
-        "| scenario | reads replica / primary | replica share: run | around rotations | "
-        "before / during / after standby down | back on replica s (counters; each worker) | "
-        "standby backends max |",
-        "|---|---|---:|---:|---|---|---:|",
-    ]
-    for r in rows:
-        reads = r["replica_reads"]
-        phases = reads["phases"]
-        run = phases["run"]
-        around = phases.get("around_rotations")
-        outage = (
-            " / ".join(_pct(phases[k]["share"]) for k in ("before", "during", "after"))
-            if "during" in phases
-            else "–"
-        )
-        back = "–"
-        if "back_on_replica_s" in reads:
-            workers = ", ".join(_fmt(t) for t in reads["workers_back_s"])
-            back = f"{_fmt(reads['back_on_replica_s'])} ({workers or 'none logged'})"
-        lines.append(
-            f"| {r['name']} | {run['replica']} / {run['primary']} | {_pct(run['share'])} | "
-            f"{_pct(around['share']) if around else '–'} | {outage} | {back} | "
-            f"{_fmt(reads['standby_backends']['max'])} |"
-        )
-    return lines
-
-
-def write(doc: dict[str, Any], out: Path, plot_path: Path) -> None:
-    """latest.md, latest.json and the PNG."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.md").write_text(markdown(doc))
-    (out / "latest.json").write_text(json.dumps(doc, indent=1))
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    plot(doc, plot_path)
-
-
-def plot(doc: dict[str, Any], path: Path) -> None:
-    """Throughput and p99 per second for each scenario; rotation steps, events, failures."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on CI or servers
-    import matplotlib.pyplot as plt
-
-    results = doc["scenarios"]
-    fig, axes = plt.subplots(len(results), 1, figsize=(11, 2.6 * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results, strict=True):
-        tl = r["timeline"]
-        failed = Counter(int(t) for t in tl["failures_t"])
-        ok_rps = [n - failed.get(t, 0) for t, n in zip(tl["t"], tl["rps"], strict=True)]
-        ax.plot(tl["t"], ok_rps, color="tab:blue", lw=1.2, label="successful requests/s")
-        if r.get("replica_reads"):
-            per_s = replica_per_second(r["replica_reads"]["series"])
-            # Second k is [k, k + 1), as for the requests (binned by when they ended).
-            ax.plot(range(len(per_s)), per_s, color="tab:cyan", lw=1, label="replica reads/s")
-        ax.set_ylabel("ok req/s", color="tab:blue")
-        ax.set_ylim(bottom=0)
-        ax2 = ax.twinx()
-        ax2.plot(
-            tl["t"], [v if v is not None else float("nan") for v in tl["p99_ms"]], color="tab:orange", lw=1
-        )
-        ax2.set_ylabel("p99 ms", color="tab:orange")
-        ax2.set_ylim(bottom=0)
-        for mark in r["marks"]:
-            color = "tab:green" if mark["kind"] == "rotation" else "tab:purple"
-            ax.axvline(mark["t"], color=color, lw=0.8, ls="--", alpha=0.8)
-            if mark["kind"] != "rotation" or mark["label"].endswith("pending"):
-                label = mark["label"].split()[0] if mark["kind"] == "rotation" else mark["label"]
-                ax.annotate(
-                    label,
-                    (mark["t"], 1),
-                    xycoords=("data", "axes fraction"),
-                    fontsize=6,
-                    rotation=90,
-                    va="top",
-                    ha="right",
-                    color=color,
-                )
-        if tl["failures_t"]:
-            ax.plot(
-                tl["failures_t"], [0] * len(tl["failures_t"]), "x", color="red", ms=6, label="failed request"
-            )
-        ax.set_title(
-            f"{r['name']}: {r['requests']} requests, {r['failures']} failed, p99 {r['latency_ms']['p99']} ms",
-            fontsize=10,
-            loc="left",
-        )
-        ax.set_xlim(0, max(tl["t"], default=1) + 1)
-    axes[-1, 0].set_xlabel(
-        "seconds since the load started (green: rotation steps, purple: other events, red x: failed "
-        "requests; cyan: reads/s served by the replica)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

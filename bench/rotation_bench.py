@@ -2,12 +2,14 @@
 
 For each scenario: a fresh database and role, a fresh gunicorn (the project's own
 gunicorn.conf.py, JSON logs), N client threads against the messaging API, the
-scenario's action, then the measurements (see bench/report.py for what is reported).
+scenario's action, then the measurements (see bench/report.py for what is reported;
+bench/tables.py and bench/plots.py render it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -17,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, measure, report, runs
+from bench import fleet, measure, plots, report, runs, tables
 from bench.runs import GRACE_MS, SCRUBBED, SMOKE_GRACE_MS, run_pair, run_scenario
 from bench.scenarios import SCENARIOS, SMOKE
 from bench.stack import BenchStack
@@ -111,11 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not results:  # only the fleet scenario ran: its table is written
         return 0
     doc = report.build(meta, results)
-    report.write(doc, out, plot)
-    print(report.markdown(doc), flush=True)
+    write(doc, out, plot)
+    print(tables.markdown(doc), flush=True)
     print(f"written: {out / 'latest.md'}, {out / 'latest.json'}, {plot}", flush=True)
     missed = [t for t in doc["targets"] if t["ok"] is False]
     return 1 if args.strict and missed else 0
+
+
+def write(doc: dict[str, Any], out: Path, plot_path: Path) -> None:
+    """latest.md (bench/tables.py), latest.json (the document itself) and the PNG (bench/plots.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.md").write_text(tables.markdown(doc))
+    (out / "latest.json").write_text(json.dumps(doc, indent=1))
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plots.plot(doc, plot_path)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 - ``run [--shape app|master] [--replica [0|1]]`` keeps a cluster under ``.local/``, starts
   a moto server (Secrets Manager and SQS) holding this run's secrets, migrates, and runs
-  gunicorn in the foreground. Ctrl-C stops everything. It holds ``.local/run.lock`` (an
+  gunicorn in the foreground. Ctrl-C stops everything, gunicorn gracefully. It holds ``.local/run.lock`` (an
   flock, with its pid and port inside) for its whole life: a second ``run`` is refused
   instead of stopping the first one's PostgreSQL. The kernel drops the lock when the
   process ends, so a file left by a crash is never in the way.
@@ -22,6 +22,7 @@ Every failure an operator can meet here ends in one line, not a traceback.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import secrets
 import shlex
@@ -132,6 +133,7 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
                 [moto_bin, "-H", "127.0.0.1", "-p", str(state["moto_port"])],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                **_STOPPED_BY_US,
             )
         )
         cluster.start()
@@ -237,6 +239,7 @@ def _serve(args: list[str], env: Mapping[str, str], processes: list[subprocess.P
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", *args, "wsgi:app"],
         env=env,
         cwd=ROOT,
+        **_STOPPED_BY_US,
     )
     processes.append(gunicorn)
     try:
@@ -244,6 +247,22 @@ def _serve(args: list[str], env: Mapping[str, str], processes: list[subprocess.P
     except KeyboardInterrupt:
         gunicorn.send_signal(signal.SIGTERM)
         return gunicorn.wait(timeout=40)
+
+
+def _die_with_us() -> None:
+    """In the child, before exec: SIGTERM when this process dies without stopping it (SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Popen arguments for the stack's long-lived children (gunicorn, moto). A terminal's Ctrl-C
+# signals the whole foreground process group: gunicorn's master and workers would each quit
+# at once (quickly, not gracefully), and moto would vanish under workers still stopping.
+# In a group of their own only this process hears it, and stops them in order: gunicorn
+# with SIGTERM (requests finish, worker_exit runs), then moto, then PostgreSQL (pg_ctl
+# already starts it in a session of its own).
+_STOPPED_BY_US: dict[str, Any] = {"process_group": 0, "preexec_fn": _die_with_us}
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +31,9 @@ class GunicornServer:
 
     ``monitor_blocking``: run gevent's monitor thread in every worker, which reports any
     greenlet that holds the event loop longer than MONITOR_BLOCKING_S (``blocking_reports``).
+    ``prefix``: a command that sets something up and then execs the rest of its command
+    line (gunicorn's), so the pid signalled is still gunicorn's master: e.g. ``unshare``
+    into a mount namespace with a ``resolv.conf`` of the test's own.
     """
 
     def __init__(
@@ -41,8 +44,10 @@ class GunicornServer:
         logfile: Path,
         app: str = "wsgi:app",
         monitor_blocking: bool = False,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.app = app
+        self.prefix = list(prefix)
         self.port = port
         self.workers = workers
         self.logfile = logfile
@@ -72,7 +77,7 @@ class GunicornServer:
         offset = self._log.tell()  # a restart appends to the same file: count only this run
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
         self.process = subprocess.Popen(
-            [gunicorn, "-c", "gunicorn.conf.py", self.app],
+            [*self.prefix, gunicorn, "-c", "gunicorn.conf.py", self.app],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,

@@ -82,6 +82,12 @@ def stack() -> Iterator[RunningStack]:
         try:
             assert code in (0, -signal.SIGINT, 130), running.log()[-2000:]
             assert_stopped(local_dir, port)
+            # Ctrl-C reached devstack alone (gunicorn has a process group of its own), which
+            # stopped gunicorn gracefully: no quick quit, no worker quit twice.
+            output = running.log()
+            assert "Handling signal: term" in output
+            assert "Handling signal: int" not in output
+            assert "failed with SystemExit" not in output
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 

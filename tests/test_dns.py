@@ -53,6 +53,22 @@ def test_a_name_is_resolved_here_and_libpq_gets_the_address(
     assert lookups.count(NAME) == before + 1
 
 
+def test_the_rotation_listener_resolves_the_name_here_too(
+    database: Database, secretsmanager: Any, secret: str, make_app: Any, lookups: list[str]
+) -> None:
+    """The fan-out's LISTEN connection is not one of the pools': libpq must not resolve it either."""
+    settings = database.settings(
+        postgres_host=NAME, db_secret_id=secret, postgres_user=None, postgres_password=None
+    )
+    app: Flask = make_app(settings, secrets_client=secretsmanager)
+    fanout = get_runtime(app).fanout
+    assert fanout is not None
+    before = lookups.count(NAME)
+    fanout.connect()
+    assert fanout.connected
+    assert lookups.count(NAME) == before + 1
+
+
 def test_a_name_that_does_not_resolve_is_waited_out_then_503(database: Database, make_app: Any) -> None:
     app: Flask = make_app(database.settings(postgres_host="nowhere.commng.test", db_outage_wait_ms=300))
     response = app.test_client().get("/api/channels")

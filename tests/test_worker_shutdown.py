@@ -3,11 +3,17 @@
 gunicorn's gevent worker waits for every connection to go before it exits, and an idle
 keep-alive connection (keepalive = 75 s) outlasts graceful_timeout (25 s): the master
 then kills the worker, and stop_background (history flush, fleet row, pools) never runs.
+
+A quick stop (a terminal's Ctrl-C: SIGINT to the master and the workers alike, then the
+master's SIGQUIT to each worker) runs it too: the second quit signal used to cut it short.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
+import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -85,3 +91,28 @@ def test_a_stopped_worker_with_idle_keep_alive_clients_flushes_its_history(
     assert "Closing 3 idle keep-alive connection(s)" in server.output()
     # Generous: only proves it did not wait out graceful_timeout (25 s).
     assert stopped_s < 20, f"the worker took {stopped_s:.1f} s to stop"
+
+
+def test_a_worker_quit_twice_as_by_ctrl_c_still_leaves_the_fleet(
+    database: Database, moto_endpoint: str, workdir: Path
+) -> None:
+    _, _, env = database.watched_env(moto_endpoint, workdir)
+    server = GunicornServer(env, free_port(), 1, workdir / "gunicorn.log")
+    server.start()
+    try:
+        assert server.process is not None
+        wait_for(lambda: _scalar(database, "SELECT count(*) FROM rotation_workers") == 1, timeout_s=20)
+        (worker,) = re.findall(r"Booting worker with pid: (\d+)", server.output())
+        # What a terminal's Ctrl-C does: SIGINT to every process of the foreground group.
+        os.kill(int(worker), signal.SIGINT)
+        os.kill(server.process.pid, signal.SIGINT)
+        code = server.process.wait(30)
+    finally:
+        server.stop()
+
+    assert code == 0
+    output = server.output()
+    assert "Handling signal: int" in output
+    # stop_background ran to its end: the worker deleted its own row in the fleet table.
+    assert _scalar(database, "SELECT count(*) FROM rotation_workers") == 0
+    assert "failed with SystemExit" not in output

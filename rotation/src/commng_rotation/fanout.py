@@ -20,12 +20,14 @@ rotator given): a hot standby refuses NOTIFY and LISTEN.
 worker) with a timeout, so it is stoppable and pings the backend now and then. It is
 built with the rotation layer's current login plus the engine factory's connect
 arguments (sslmode, connect_timeout; application_name gets ``-listener``), and TCP
-keepalives so a vanished host is noticed. A notification for a watched bind, naming a
-version the worker does not use, runs a check of that bind with the trigger ``notify``:
-the check asks Secrets Manager, so a notification is only a hint and can never hand over
-a login. A version whose check found AWSCURRENT elsewhere (AWSPENDING announced in the
-window) is not checked again for further announcements of the window; an announcement
-with the stage ``AWSCURRENT`` says that has changed, and is always checked.
+keepalives so a vanished host is noticed; its host name is resolved as the pools' are
+(``resolve.with_hostaddr``), so a stalled resolver never stops the worker. A
+notification for a watched bind, naming a version the worker does not use, runs a check
+of that bind with the trigger ``notify``: the check asks Secrets Manager, so a
+notification is only a hint and can never hand over a login. A version whose check
+found AWSCURRENT elsewhere (AWSPENDING announced in the window) is not checked again for
+further announcements of the window; an announcement with the stage ``AWSCURRENT`` says
+that has changed, and is always checked.
 
 **Surviving rotation.** A session outlives ``ALTER ROLE ... PASSWORD``, so the listener
 keeps listening across rotations until its backend dies (restart, failover,
@@ -56,6 +58,7 @@ from commng_rotation import bounds
 from commng_rotation.credentials import AWSCURRENT
 from commng_rotation.engines import NoCredentials, error_code, is_auth_failure
 from commng_rotation.events import Outcome, RotationEvent, Trigger, worker_name
+from commng_rotation.resolve import with_hostaddr
 from commng_rotation.rotator import Rotator
 from commng_rotation.watcher import SecretWatcher
 
@@ -180,7 +183,9 @@ class FanOut:
         args["application_name"] = f"{args.get('application_name') or 'rotation'}-{role}"[:63]
         timeout = float(args.get("connect_timeout") or 5) + PING_TIMEOUT_S
         with bounds.deadline(timeout):
-            conn = psycopg2.connect(**args)
+            # A name is resolved here, cooperatively and bounded, as for the pools: libpq
+            # would resolve it with a blocking getaddrinfo, stopping the whole worker.
+            conn = psycopg2.connect(**with_hostaddr(args, bounds.remaining() or timeout))
             try:
                 conn.autocommit = True
                 if listen:
