@@ -31,8 +31,6 @@ from typing import Any
 
 __all__ = ["Endpoint", "EndpointUnavailable", "send_control"]
 
-_CHUNK = 256 * 1024
-
 
 class EndpointUnavailable(RuntimeError):
     """The running stack's endpoint did not answer on its control socket."""
@@ -49,8 +47,7 @@ class Endpoint:
         self._thread = threading.Thread(target=self._loop.run_forever, name="endpoint", daemon=True)
         self._server: asyncio.Server | None = None
         self._control: asyncio.Server | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._transports: set[asyncio.BaseTransport] = set()  # both ends of every relayed connection
         self.relayed = 0  # connections relayed since start, for `make status` and the tests
 
     # -- life ---------------------------------------------------------------------------
@@ -112,7 +109,9 @@ class Endpoint:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._relay, self.host, self.port, reuse_address=True)
+        self._server = await self._loop.create_server(
+            lambda: _Client(self), self.host, self.port, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _point_at(self, target: int) -> None:
@@ -132,39 +131,8 @@ class Endpoint:
         await self._refuse()
         if self._control is not None:
             self._control.close()
-        # Closing both ends of each relayed connection ends its pipes (cancelling the tasks
-        # instead would make asyncio's stream callback log the CancelledError).
-        for writer in list(self._writers):
-            writer.close()
-        if self._sessions:
-            await asyncio.wait(self._sessions, timeout=5)
-
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
-        self._writers.add(client_writer)
-        try:
-            target = self._target
-            if target is None:  # the listener closed while this connection was being accepted
-                return
-            try:
-                server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target)
-            except OSError:
-                return  # the server is gone: the client sees its connection closed, as with RDS
-            self._writers.add(server_writer)
-            self.relayed += 1
-            _no_delay(client_writer)
-            _no_delay(server_writer)
-            try:
-                await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
-            finally:
-                server_writer.close()
-                self._writers.discard(server_writer)
-        finally:
-            client_writer.close()
-            self._writers.discard(client_writer)
-            self._sessions.discard(task)
+        for transport in list(self._transports):
+            transport.close()
 
     async def _serve_control(self, path: str) -> None:
         self._control = await asyncio.start_unix_server(self._command, path)
@@ -188,20 +156,76 @@ class Endpoint:
         writer.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until EOF or a reset on either side, then close ``writer`` so its peer sees the end."""
-    try:
-        while data := await reader.read(_CHUNK):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+class _Half(asyncio.Protocol):
+    """One end of a relayed connection: what it receives goes out on the other end.
+
+    Protocols rather than streams: the bytes go from one transport's callback straight to
+    the other's write, with no task switch in between. Flow control: when the other end's
+    buffer is full, this end stops reading until it drains.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.endpoint._transports.add(transport)
+        _no_delay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.endpoint._transports.discard(self.transport)
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()  # whatever it still buffers is sent first
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
 
 
-def _no_delay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
+class _Client(_Half):
+    """The end a client connected to: it opens the other end, to the server pointed at now."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        target = self.endpoint.target
+        if target is None:  # the listener closed while this connection was being accepted
+            self.transport.close()
+            return
+        self.transport.pause_reading()  # until the server end is open
+        self.opening = asyncio.ensure_future(self._open(target))  # kept: the loop holds tasks weakly
+
+    async def _open(self, target: int) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            _, server = await loop.create_connection(lambda: _Half(self.endpoint), "127.0.0.1", target)
+        except OSError:
+            self.transport.close()  # the server is gone: the client sees its connection closed
+            return
+        if self.transport.is_closing():
+            assert server.transport is not None
+            server.transport.close()
+            return
+        self.peer, server.peer = server, self
+        self.endpoint.relayed += 1
+        self.transport.resume_reading()
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
