@@ -57,9 +57,14 @@ def create_app(
     *,
     secrets_client: Any | None = None,
     sqs_client: Any | None = None,
+    rds_client: Any | None = None,
     configure_logging: bool = True,
 ) -> Flask:
-    """Build the app: settings, logging, database, rotation, observability, routes."""
+    """Build the app: settings, logging, database, rotation, observability, routes.
+
+    ``secrets_client``, ``sqs_client``, ``rds_client``: boto3 clients to use instead of the
+    ones built from the settings (moto's, or a botocore client, in tests).
+    """
     settings = config if config is not None else load_settings()
     # The tokens kept in Secrets Manager (ADMIN_TOKEN_SECRET_ID, METRICS_TOKEN_SECRET_ID), once.
     settings = tokens.load_tokens(settings, secrets_client)
@@ -83,6 +88,7 @@ def create_app(
         rotation_settings(settings),
         secrets_client=secrets_client,
         sqs_client=sqs_client,
+        rds_client=rds_client,
         replica=replica_rotation_settings(settings),
     )
     database.init_app(app)
@@ -102,6 +108,8 @@ def create_app(
 def rotation_settings(settings: Settings) -> RotationSettings:
     """CommNG's environment, as the rotation layer's settings."""
     return RotationSettings(
+        auth=settings.db_auth,
+        iam_token_reuse_s=float(settings.db_iam_token_reuse_s),
         secret_id=settings.db_secret_id,
         aws_region=settings.aws_region,
         refresh_interval_s=settings.db_secret_refresh_interval_ms / 1000,

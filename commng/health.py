@@ -8,7 +8,7 @@ from flask import Blueprint, Flask
 from sqlalchemy.exc import DBAPIError
 
 from commng.db import db
-from commng_rotation import NoCredentials, bounds, is_auth_failure, probe
+from commng_rotation import NoCredentials, bounds, get_runtime, is_auth_failure, probe
 
 __all__ = ["bp", "init_app"]
 
@@ -35,8 +35,8 @@ def readyz() -> Any:
         for attempt in (1, 2):
             try:
                 probe(db.engine, READY_TIMEOUT_S)
-            except NoCredentials:
-                return {"status": "unavailable", "reason": "no database credentials yet"}, 503
+            except NoCredentials as exc:  # its messages never hold a value (e.g. a token unsigned)
+                return {"status": "unavailable", "reason": str(exc)}, 503
             except DBAPIError as exc:
                 if attempt == 1 and exc.connection_invalidated:
                     continue
@@ -48,7 +48,11 @@ def readyz() -> Any:
 
 
 def _unavailable(exc: Exception) -> tuple[dict[str, str], int]:
-    reason = "database authentication failed" if is_auth_failure(exc) else "database unreachable"
+    if is_auth_failure(exc):
+        # The credential source may know why (a refused IAM token); it never says the secret.
+        reason = get_runtime().refusal_reason() or "database authentication failed"
+    else:
+        reason = "database unreachable"
     return {"status": "unavailable", "reason": reason}, 503
 
 

@@ -42,6 +42,13 @@ class Settings:
     """Everything the service reads from its environment."""
 
     aws_region: str | None = None
+    # How the service logs in: "secret" (a password: DB_SECRET_ID, watched, or
+    # POSTGRES_USER/POSTGRES_PASSWORD) or "iam" (RDS IAM database authentication: a token
+    # signed per new connection for POSTGRES_USER at POSTGRES_HOST; TLS required).
+    db_auth: str = "secret"
+    # iam: how long one token logs in new connections before the next is signed (< 900 s,
+    # the token's lifetime).
+    db_iam_token_reuse_s: int = 600
     db_secret_id: str | None = None
     db_secret_refresh_interval_ms: int = 300_000
     db_pool_grace_period_ms: int = 30_000
@@ -117,6 +124,11 @@ class Settings:
         return bool(self.postgres_replica_host or self.db_replica_secret_id)
 
     @property
+    def uses_iam(self) -> bool:
+        """True when the service logs in with IAM tokens instead of a password."""
+        return self.db_auth == "iam"
+
+    @property
     def uses_secrets_manager(self) -> bool:
         """True when credentials come from Secrets Manager rather than the environment."""
         return bool(self.db_secret_id)
@@ -187,6 +199,16 @@ def _choice(*choices: str, lower: bool = True) -> Callable[[str, str], str]:
     return coerce
 
 
+def _int_below(minimum: int, limit: int, unit: str) -> Callable[[str, str], int]:
+    def coerce(name: str, raw: str) -> int:
+        value = _int_at_least(minimum, unit)(name, raw)
+        if value >= limit:
+            raise ConfigError(f"{name} must be an integer{unit} from {minimum} to {limit - 1}, got {raw!r}")
+        return value
+
+    return coerce
+
+
 def _secret(name: str, raw: str) -> str:
     if not raw:
         raise ConfigError(f"{name} must not be empty when set")
@@ -252,6 +274,9 @@ _DAYS = _int_at_least(1, " number of days")
 # means nothing, leaves the field at its default: the defaults live only in ``Settings``.
 _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("AWS_REGION", "aws_region", _text),
+    ("DB_AUTH", "db_auth", _choice("secret", "iam")),
+    # RDS accepts a token for 900 s after it was signed.
+    ("DB_IAM_TOKEN_REUSE_S", "db_iam_token_reuse_s", _int_below(1, 900, " number of seconds")),
     ("DB_SECRET_ID", "db_secret_id", _text),
     ("DB_SECRET_REFRESH_INTERVAL_MS", "db_secret_refresh_interval_ms", _INTERVAL_MS),
     ("DB_POOL_GRACE_PERIOD_MS", "db_pool_grace_period_ms", _int_at_least(0, " number of milliseconds")),
@@ -321,9 +346,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"{token} and {token}_SECRET_ID are both set: set one of them")
     if settings.metrics_token is not None and settings.metrics_token == settings.admin_token:
         raise ConfigError("METRICS_TOKEN must differ from ADMIN_TOKEN: the scraper's must not open /admin")
-    if not settings.uses_secrets_manager and settings.postgres_user is None:
+    if settings.uses_iam:
+        _check_iam(settings)
+    elif not settings.uses_secrets_manager and settings.postgres_user is None:
         raise ConfigError("POSTGRES_USER (and POSTGRES_PASSWORD) must be set when DB_SECRET_ID is not set")
     return settings
+
+
+# What DB_AUTH=iam has no use for: there is no password, and no secret to watch.
+_NOT_WITH_IAM = (
+    ("DB_SECRET_ID", "db_secret_id"),
+    ("POSTGRES_PASSWORD", "postgres_password"),
+    ("DB_REPLICA_SECRET_ID", "db_replica_secret_id"),
+    ("DB_ROTATION_QUEUE_URL", "db_rotation_queue_url"),
+)
+
+
+def _check_iam(settings: Settings) -> None:
+    """DB_AUTH=iam needs POSTGRES_USER and TLS, and none of the password settings."""
+    if settings.postgres_ssl == "disable":
+        raise ConfigError(
+            "DB_AUTH=iam needs TLS: POSTGRES_SSL must be require, verify-ca or verify-full, not disable"
+        )
+    if settings.postgres_user is None:
+        raise ConfigError("POSTGRES_USER must be set when DB_AUTH is iam (the login granted rds_iam)")
+    for variable, attr in _NOT_WITH_IAM:
+        if getattr(settings, attr) is not None:
+            raise ConfigError(
+                f"{variable} must be unset when DB_AUTH is iam (no password, no secret to watch)"
+            )
 
 
 def check_or_exit(names: Collection[str] | None = None, env: Mapping[str, str] | None = None) -> None:

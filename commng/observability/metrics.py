@@ -7,10 +7,11 @@ client, a shell) the process-local default registry is served.
 
 Metrics are fed through the rotation layer's public extension points, never by polling
 it: ``Runtime.on_event`` / ``on_event_updated`` (refreshes and drains), ``on_check`` (the
-watcher's results), ``on_engine`` and ``on_auth_failure``, ``on_upstream_failure``, and
-SQLAlchemy pool events on each engine. Gauges are set from events with ``.set()`` (the
-pool gauge within a second of its events, see ``pools``): ``Gauge.set_function`` exports 0
-in prometheus_client's multiprocess mode. No label ever holds a value read from a secret.
+watcher's results), ``on_engine``, ``on_auth_failure`` and ``on_login_refused`` (by cause),
+``on_token`` (IAM tokens signed), ``on_upstream_failure``, and SQLAlchemy pool events on
+each engine. Gauges are set from events with ``.set()`` (the pool gauge within a second of
+its events, see ``pools``): ``Gauge.set_function`` exports 0 in prometheus_client's
+multiprocess mode. No label ever holds a value read from a secret.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from commng import db as database
 from commng.admin.auth import metrics_auth
 from commng.errors import error_response
 from commng.observability.pools import POOLS, pool_figures, track_engine
-from commng_rotation import CheckResult, Outcome, RotationEvent, Runtime, get_runtime
+from commng_rotation import CheckResult, IssuedToken, Outcome, RotationEvent, Runtime, get_runtime
 from config import Settings
 
 __all__ = ["bp", "init_app", "pool_figures", "render", "track_engine"]
@@ -77,6 +78,22 @@ DRAIN = Histogram(
 AUTH_FAILURES = Counter(
     "commng_db_auth_failures",
     "New database connections refused with 'password authentication failed' (28P01).",
+)
+LOGINS_REFUSED = Counter(
+    "commng_db_logins_refused",
+    "New database connections whose login was refused, by credential source "
+    "(secretsmanager, static, iam) and cause (the SQLSTATE's condition name).",
+    ["source", "cause"],
+)
+# Issue 25: DB_AUTH=iam signs a token at most once per DB_IAM_TOKEN_REUSE_S per worker.
+IAM_TOKENS = Counter(
+    "commng_db_iam_tokens_signed",
+    "IAM database authentication tokens signed (each logs in new connections for a while).",
+)
+IAM_SIGNING = Histogram(
+    "commng_db_iam_token_signing_seconds",
+    "Time to sign one IAM token (local SigV4; no network call once AWS credentials are loaded).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1),
 )
 ENGINES = Gauge(
     "commng_db_engines",
@@ -225,6 +242,15 @@ def _on_auth_failure() -> None:
     AUTH_FAILURES.inc()
 
 
+def _on_login_refused(source: str, cause: str) -> None:
+    LOGINS_REFUSED.labels(_label_code(source), _label_code(cause)).inc()
+
+
+def _on_token(issued: IssuedToken) -> None:
+    IAM_TOKENS.inc()
+    IAM_SIGNING.observe(issued.sign_us / 1_000_000)
+
+
 def _on_upstream_failure(event_name: str) -> None:
     # The push consumer passes only RotationFailed or RotationAbandoned; bounded anyway.
     UPSTREAM_FAILURES.labels(_label_code(event_name)).inc()
@@ -264,6 +290,8 @@ def init_app(app: Flask) -> None:
     runtime.on_event_updated(count_engines)
     runtime.on_engine(track_engine)
     runtime.on_auth_failure(_on_auth_failure)
+    runtime.on_login_refused(_on_login_refused)
+    runtime.on_token(_on_token)
     runtime.on_check(_on_checks)
     runtime.on_check(watcher_gauge)
     runtime.on_upstream_failure(_on_upstream_failure)

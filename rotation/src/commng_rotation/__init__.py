@@ -24,7 +24,7 @@ the settings, and keeps its state in ``app.extensions["commng_rotation"]``. The 
 ``__all__`` are the public API (SemVer applies to them); submodules are not.
 """
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 
 from commng_rotation import bounds
 from commng_rotation.credentials import (
@@ -42,6 +42,7 @@ from commng_rotation.engines import (
     error_code,
     is_auth_failure,
     probe,
+    refusal_cause,
 )
 from commng_rotation.events import Outcome, RotationEvent, Trigger, worker_name
 from commng_rotation.extension import ConnectionCheckFailed, init_app
@@ -62,6 +63,7 @@ from commng_rotation.history import (
     metadata,
     rotation_events,
 )
+from commng_rotation.iam import IamTokenSource, IssuedToken
 from commng_rotation.push import PushConsumer
 from commng_rotation.reads import reading
 from commng_rotation.retry import MAX_ATTEMPTS, CommitOutcomeUnknown, retry_on_disconnect
@@ -93,9 +95,11 @@ __all__ = [
     "FanOut",
     "FanOutStatus",
     "FleetReporter",
+    "IamTokenSource",
     "InvalidCursor",
     "InvalidSecret",
     "InvalidSettings",
+    "IssuedToken",
     "ManagedEngine",
     "NoCredentials",
     "Outcome",
@@ -131,6 +135,7 @@ __all__ = [
     "probe",
     "reading",
     "recent_rotations",
+    "refusal_cause",
     "retry_on_disconnect",
     "rotation_events",
     "rotation_workers",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg2
 import sqlalchemy as sa
@@ -35,6 +35,7 @@ from commng_rotation.status import PoolFigures
 
 __all__ = [
     "EngineFactory",
+    "Login",
     "ManagedEngine",
     "NoCredentials",
     "caller_retries",
@@ -43,10 +44,28 @@ __all__ = [
     "error_code",
     "is_auth_failure",
     "probe",
+    "refusal_cause",
     "retire",
 ]
 
 AuthFailureHandler = Callable[[Credentials], "Credentials | None"]
+# Opens one physical connection with these login parameters (user, password, host, ...).
+OpenConnection = Callable[[dict[str, Any]], Any]
+
+
+class Login(Protocol):
+    """A credential source that supplies each new connection's password itself (an IAM token).
+
+    The engine's credentials then carry no password: ``connect`` adds one to
+    ``credentials.connect_params()`` for every new physical connection and calls
+    ``open_connection`` (once, or again after a refusal, as it sees fit).
+    """
+
+    # libpq's require_auth for every connection: the authentication the server may ask for.
+    require_auth: str
+
+    def connect(self, credentials: Credentials, open_connection: OpenConnection) -> Any: ...
+
 
 log = structlog.get_logger("commng_rotation.engines")
 
@@ -110,12 +129,18 @@ class ManagedEngine:
         }
 
 
+# How a refused password reads in libpq's message (its connection errors carry no SQLSTATE):
+# PostgreSQL's own, and RDS's for an IAM token it does not accept.
+_REFUSED_PASSWORD = ("password authentication failed", "PAM authentication failed")
+
+
 def is_auth_failure(exc: BaseException) -> bool:
-    """True for PostgreSQL's 'password authentication failed' (SQLSTATE 28P01)."""
+    """True for PostgreSQL's 'password authentication failed' (SQLSTATE 28P01, or 28000)."""
     orig = getattr(exc, "orig", exc)
     if getattr(orig, "pgcode", None) in {"28P01", "28000"}:
         return True
-    return "password authentication failed" in str(orig)
+    text = str(orig)
+    return any(words in text for words in _REFUSED_PASSWORD)
 
 
 def error_code(exc: BaseException) -> str:
@@ -131,6 +156,26 @@ def error_code(exc: BaseException) -> str:
     if is_auth_failure(exc):
         code = "28P01"
     return f"{type(exc).__name__}:{code}" if code else type(exc).__name__
+
+
+# A refused login's cause, by its SQLSTATE's condition name (a bounded set: metric labels).
+_REFUSAL_CAUSES = {"28P01": "invalid_password", "28000": "invalid_authorization_specification"}
+
+
+def refusal_cause(exc: BaseException) -> str:
+    """Why PostgreSQL refused a login, as the condition name of its SQLSTATE.
+
+    ``invalid_password`` (28P01: a wrong password, an expired or foreign IAM token) or
+    ``invalid_authorization_specification`` (28000: no pg_hba entry, a role that may not
+    log in). libpq's own refusals carry no SQLSTATE: the message decides, else ``other``.
+    """
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "pgcode", None)
+    if code in _REFUSAL_CAUSES:
+        return _REFUSAL_CAUSES[code]
+    if any(words in str(orig) for words in _REFUSED_PASSWORD):
+        return "invalid_password"
+    return "other"
 
 
 # What happened, from the SQLSTATE of an error PostgreSQL sent during a session ...
@@ -250,6 +295,10 @@ class EngineFactory:
         # Observers (metrics): every engine built, and every login PostgreSQL refused.
         self.build_listeners: list[Callable[[ManagedEngine], None]] = []
         self.auth_failure_listeners: list[Callable[[], None]] = []
+        # Told the cause (``refusal_cause``) of every login PostgreSQL refused.
+        self.refusal_listeners: list[Callable[[str], None]] = []
+        # Where each new connection's password comes from, when not from the credentials.
+        self.login: Login | None = None
         # More psycopg2.connect arguments (e.g. a connection_factory), for engines built later.
         self.connect_args: dict[str, Any] = {}
 
@@ -275,8 +324,9 @@ class EngineFactory:
                 "sslmode": s.sslmode,
                 **({"sslrootcert": s.ssl_root_cert} if s.ssl_root_cert else {}),
                 # The password is only ever sent for SCRAM: a server (or an impostor) asking
-                # for cleartext or md5 gets no password, the connection fails instead.
-                "require_auth": "scram-sha-256",
+                # for cleartext or md5 gets no password, the connection fails instead. An IAM
+                # token is sent as RDS asks, in cleartext: inside TLS only (sslmode).
+                "require_auth": self.login.require_auth if self.login else "scram-sha-256",
                 "application_name": s.application_name,
                 "options": f"-c statement_timeout={s.statement_timeout_ms}",
                 # A peer that vanished (host gone, route black-holed) is noticed in seconds.
@@ -325,6 +375,14 @@ class EngineFactory:
                 time.sleep(min(delay, left))  # bounded by the outage budget; yields under gevent
                 delay = min(delay * 2, OUTAGE_MAX_RETRY_S)
 
+    def _refused(self, exc: BaseException) -> None:
+        """Tell the listeners that PostgreSQL refused a login."""
+        for listener in self.auth_failure_listeners:
+            listener()
+        cause = refusal_cause(exc)
+        for refusal_listener in self.refusal_listeners:
+            refusal_listener(cause)
+
     def _listen(self, managed: ManagedEngine) -> None:
         # The do_connect listener lives on the engine's dialect, and a dialect outlives its
         # engine in caches keyed on it (each ORM mapper keeps up to 100 compiled statements
@@ -340,14 +398,22 @@ class EngineFactory:
             credentials = managed.credentials
             if credentials is None:
                 raise NoCredentials("no database credentials are known yet")
-            # cparams is shared by every connect of this engine: copy, never mutate.
+
+            def open_connection(params: dict[str, Any]) -> Any:
+                # cparams is shared by every connect of this engine: copy, never mutate.
+                try:
+                    return self._connect(dialect, cargs, {**cparams, **params})
+                except dialect.loaded_dbapi.OperationalError as exc:
+                    if is_auth_failure(exc):
+                        self._refused(exc)
+                    raise
+
             try:
-                return self._connect(dialect, cargs, {**cparams, **credentials.connect_params()})
+                if self.login is not None:
+                    return self.login.connect(credentials, open_connection)
+                return open_connection(credentials.connect_params())
             except dialect.loaded_dbapi.OperationalError as exc:
                 auth_failed = is_auth_failure(exc)
-                if auth_failed:
-                    for listener in self.auth_failure_listeners:
-                        listener()
                 handler = self.on_auth_failure
                 if not (managed.reactive and handler and auth_failed):
                     raise

@@ -31,6 +31,9 @@ class Trigger(StrEnum):
     PUSH = "push"
     # Another worker announced a new version over LISTEN/NOTIFY (commng_rotation.fanout).
     NOTIFY = "notify"
+    # A new IAM token was signed for new connections (commng_rotation.iam); its version is
+    # ``iam:<issue time>``.
+    TOKEN = "token"  # noqa: S105 - a trigger's name, not a credential
 
 
 class Outcome(StrEnum):

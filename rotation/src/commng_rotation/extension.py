@@ -17,6 +17,7 @@ from commng_rotation import bounds, compat
 from commng_rotation.credentials import (
     CredentialSource,
     SecretsManagerSource,
+    SecretVersion,
     StaticSource,
     make_secrets_client,
     static_credentials,
@@ -29,10 +30,11 @@ from commng_rotation.engines import (
     describe_error,
     probe,
 )
-from commng_rotation.events import EventLog
+from commng_rotation.events import EventLog, Outcome, RotationEvent, Trigger
 from commng_rotation.fanout import FanOut
 from commng_rotation.fleet import FleetReporter
 from commng_rotation.history import HistoryWriter
+from commng_rotation.iam import IamTokenSource, IssuedToken, make_rds_client, rds_signer
 from commng_rotation.push import PushConsumer, make_sqs_client
 from commng_rotation.rotator import Rotator
 from commng_rotation.runtime import EXTENSION, REPLICA_BIND, Runtime
@@ -56,6 +58,7 @@ def init_app(
     replica: RotationSettings | None = None,
     connect_args: Mapping[str, Any] | None = None,
     check_connection: bool = False,
+    rds_client: Any | None = None,
 ) -> Runtime:
     """Choose the credential source, install the first engine, prepare watcher and history.
 
@@ -75,6 +78,8 @@ def init_app(
     (``factory.connect_args`` of each rotator afterwards). Connections are made with
     ``commng_rotation.xid.XidConnection``, which the in-doubt COMMIT protection of
     ``retry_on_disconnect`` needs; a ``connection_factory`` handed in must subclass it.
+    ``rds_client``: with ``settings.auth == "iam"``, the boto3 RDS client that signs the
+    tokens (default: one built from the settings, in this process).
 
     Also registered: a teardown that closes the request's session even when its backend
     died after the view returned (the ROLLBACK would raise, and an exception out of
@@ -90,6 +95,10 @@ def init_app(
     clients: dict[str, Any] = {}
 
     def source_for(bind_settings: RotationSettings) -> CredentialSource:
+        if bind_settings.auth == "iam":
+            if "rds" not in clients:
+                clients["rds"] = rds_client if rds_client is not None else make_rds_client(bind_settings)
+            return IamTokenSource(rds_signer(clients["rds"]), bind_settings)
         if not bind_settings.secret_id:
             return StaticSource(bind_settings)
         if "client" not in clients:
@@ -98,7 +107,12 @@ def init_app(
         return SecretsManagerSource(clients["client"], bind_settings.secret_id, bind_settings)
 
     source = source_for(settings)
-    if not source.watchable:
+    if isinstance(source, IamTokenSource):
+        log.info(
+            "secret_watcher_disabled",
+            message="IAM database authentication: a token per new connection, no watcher",
+        )
+    elif not source.watchable:
         log.info(
             "secret_watcher_disabled",
             message="No secret to watch: using the static username and password, no watcher",
@@ -206,9 +220,11 @@ def _rotator(
     """The rotator of ``bind``, installing its engines as Flask-SQLAlchemy's ``bind``."""
     factory = EngineFactory(settings)
     factory.connect_args.update(connect_args)
+    if isinstance(source, IamTokenSource):
+        factory.login = source
     # Each new connection reads its server's anchor, which a COMMIT's verdict is checked against.
     factory.build_listeners.append(_listen_for_anchor)
-    return Rotator(
+    rotator = Rotator(
         source=source,
         factory=factory,
         install=lambda engine: compat.install_engine(db, app, bind, engine),
@@ -216,6 +232,28 @@ def _rotator(
         events=events,
         bind=bind,
     )
+    if isinstance(source, IamTokenSource):
+        source.listeners.append(_token_recorder(rotator))
+    return rotator
+
+
+def _token_recorder(rotator: Rotator) -> Callable[[IssuedToken], None]:
+    """Record each new IAM token of ``rotator``'s bind like an adoption: ``iam:<issue time>``.
+
+    Nothing is swapped or drained (the engine and its connections stay); the history and
+    the fleet show the token's issue time as the version, never the token.
+    """
+
+    def record(issued: IssuedToken) -> None:
+        current = rotator.current
+        old = current.version_id if current else None
+        credentials = rotator.credentials
+        if credentials is not None:
+            rotator.current = SecretVersion(credentials, issued.version, issued.issued_at)
+        event = RotationEvent(Trigger.TOKEN, Outcome.ROTATED, rotator.bind, old, issued.version)
+        rotator.events.record(event)
+
+    return record
 
 
 # -- push (SQS), fan-out (LISTEN/NOTIFY), the fleet table -------------------------------------
@@ -229,7 +267,8 @@ def _attach_fleet(
     ``secrets``: each watched bind's secret id, for routing the queue's events.
     """
     watcher = runtime.watcher
-    if watcher is None or not settings.secret_id:
+    tokens = settings.auth == "iam"
+    if not tokens and (watcher is None or not settings.secret_id):
         return
     rotators = list(runtime.rotators.values())
     fleet = FleetReporter(
@@ -238,11 +277,16 @@ def _attach_fleet(
         watcher,
         settings.refresh_interval_s,
         service=settings.service_name,
+        # No watcher's checks to report after: the fleet row is refreshed on a timer.
+        heartbeat=watcher is None,
     )
-    watcher.listeners.append(fleet.on_checks)
+    if watcher is not None:
+        watcher.listeners.append(fleet.on_checks)
     runtime.events.listeners.append(fleet.on_event)
     runtime.stop_hooks.append(fleet.stop)
     runtime.fleet = fleet
+    if watcher is None:
+        return  # IAM: nothing rotates, so nothing to push or fan out
     if settings.fanout:
         # Every watched bind's adoptions, sent and heard over the primary (a standby refuses NOTIFY).
         fanout = FanOut([runtime.rotators[None], *watcher.rotators], watcher, settings.channel)

@@ -101,8 +101,12 @@ class FleetReporter:
         watcher: SecretWatcher | None,
         interval_s: float,
         service: str = "flask_app",
+        heartbeat: bool = False,
     ) -> None:
         self._engine = engine
+        # True where no watcher's checks prompt a write (IAM tokens): the writer then also
+        # writes every ``interval_s``, so a live worker never ages out of the view.
+        self.heartbeat = heartbeat
         self.service = service
         self.rotators = rotators
         self.watcher = watcher
@@ -137,8 +141,15 @@ class FleetReporter:
             self._thread.start()
 
     def _run(self) -> None:
-        # Bounded: one write, plus one per touch that arrived during it.
-        while self._dirty.is_set() and not self._stopped:
+        # Bounded: one write, plus one per touch that arrived during it; with the heartbeat,
+        # one more every interval until stop() (which sets _dirty to wake it).
+        while not self._stopped:
+            if not self._dirty.is_set():
+                if not self.heartbeat:
+                    return
+                self._dirty.wait(self.interval_s)
+                if self._stopped:
+                    return
             if self._stopping.wait(DELAY_S):
                 return
             self._dirty.clear()
@@ -206,6 +217,7 @@ class FleetReporter:
         with self._lock:
             self._stopped = True
             thread = self._thread
+        self._dirty.set()  # wakes a heartbeat that waits for its next interval
         if thread is not None:
             thread.join(STOP_JOIN_TIMEOUT_S)
         t = rotation_workers

@@ -21,6 +21,7 @@ from commng_rotation.events import EventLog, RotationEvent, worker_name
 from commng_rotation.fanout import FanOut
 from commng_rotation.fleet import FleetReporter
 from commng_rotation.history import HistoryWriter
+from commng_rotation.iam import IamTokenSource, IssuedToken
 from commng_rotation.push import PushConsumer
 from commng_rotation.rotator import Rotator
 from commng_rotation.settings import RotationSettings
@@ -112,6 +113,35 @@ class Runtime:
         for rotator in self.rotators.values():
             rotator.factory.auth_failure_listeners.append(listener)
 
+    def on_login_refused(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(source, cause)`` for each login PostgreSQL refused, of every bind.
+
+        ``source`` is the bind's credential source (``secretsmanager``, ``static``, ``iam``);
+        ``cause`` the SQLSTATE's condition name (``invalid_password``,
+        ``invalid_authorization_specification``, ``other``).
+        """
+        for rotator in self.rotators.values():
+            rotator.factory.refusal_listeners.append(_with_source(rotator.source.name, listener))
+
+    def on_token(self, listener: Callable[[IssuedToken], None]) -> None:
+        """Call ``listener`` with each IAM token signed (its issue time and signing cost, never the token).
+
+        Nothing is called unless ``RotationSettings.auth`` is ``"iam"``.
+        """
+        for rotator in self.rotators.values():
+            if isinstance(rotator.source, IamTokenSource):
+                rotator.source.listeners.append(listener)
+
+    def refusal_reason(self, bind: str | None = None) -> str | None:
+        """Why logins of ``bind`` are refused, when the source knows better than the SQLSTATE.
+
+        With IAM: set when a freshly signed token was refused too (``rds_iam`` missing, a
+        token for another host, port, user or region, a skewed clock), cleared by the next
+        login that succeeds. None otherwise.
+        """
+        source = self.rotators[bind].source
+        return source.refusal if isinstance(source, IamTokenSource) else None
+
     def on_upstream_failure(self, listener: Callable[[str], None]) -> None:
         """Call ``listener`` with "RotationFailed" or "RotationAbandoned" when the queue reports one."""
         if self.push is not None:
@@ -185,6 +215,13 @@ class Runtime:
         self.history.stop()
         for rotator in self.rotators.values():
             rotator.close()
+
+
+def _with_source(source: str, listener: Callable[[str, str], None]) -> Callable[[str], None]:
+    def refused(cause: str) -> None:
+        listener(source, cause)
+
+    return refused
 
 
 def _engine_status(managed: ManagedEngine) -> EngineStatus:

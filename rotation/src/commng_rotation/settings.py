@@ -11,9 +11,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-__all__ = ["InvalidSettings", "RotationSettings"]
+__all__ = ["AUTH_MODES", "InvalidSettings", "RotationSettings"]
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# How the login proves itself: a password (from the secret, or the static one), or an IAM
+# database authentication token signed for each new connection (commng_rotation.iam).
+AUTH_MODES = ("secret", "iam")
+# The sslmodes that refuse to run without TLS: an IAM token travels as a cleartext password.
+TLS_SSLMODES = ("require", "verify-ca", "verify-full")
+# RDS accepts an IAM token for 15 minutes after it was signed; reuse must end well before.
+IAM_TOKEN_LIFETIME_S = 900
 # What may name a service: it becomes part of a LISTEN/NOTIFY channel (an identifier).
 _SERVICE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -77,6 +84,14 @@ class RotationSettings:
     # derives from it. None: ``application_name``, lower-cased, with "-" as "_".
     # a-z, 0-9 and _, starting with a letter, at most 40 characters.
     service: str | None = None
+    # "secret": the password comes from ``secret_id`` (watched) or ``password``. "iam": no
+    # password at all; each new connection logs in as ``username`` with an IAM token signed
+    # for ``host``, ``port``, ``username`` and ``aws_region`` (RDS IAM database
+    # authentication). No watcher and no Secrets Manager call then; TLS is required.
+    auth: str = "secret"
+    # How long one signed token is given to new connections before the next is signed
+    # (tokens are valid for 15 minutes; an open connection outlives its token).
+    iam_token_reuse_s: float = 600.0
 
     @property
     def service_name(self) -> str:
@@ -100,6 +115,25 @@ class RotationSettings:
             _fail("service", what, self.service_name)
         if self.secret_id is None and self.username is None:
             raise InvalidSettings("RotationSettings.username must be set when secret_id is not set")
+        if self.auth == "iam":
+            self._validate_iam()
+
+    def _validate_iam(self) -> None:
+        """What IAM authentication needs: TLS, and nothing of a password or a secret to watch."""
+        if self.sslmode not in TLS_SSLMODES:
+            _fail(
+                "sslmode",
+                f"one of {'|'.join(TLS_SSLMODES)} when auth is 'iam' (the token is sent as a "
+                "cleartext password, inside TLS only)",
+                self.sslmode,
+            )
+        for name in ("secret_id", "password", "queue_url"):
+            if getattr(self, name) is not None:
+                shown = "<hidden>" if name == "password" else repr(getattr(self, name))
+                raise InvalidSettings(
+                    f"RotationSettings.{name} must be None when auth is 'iam' (there is no "
+                    f"password and no secret to watch), got {shown}"
+                )
 
 
 def _fail(name: str, what: str, got: object) -> None:
@@ -119,6 +153,15 @@ def _number(minimum: float, unit: str, integer: bool = False) -> Callable[[str, 
         ok = type(value) is int if integer else type(value) in (int, float)
         if not ok or not math.isfinite(value) or value < minimum:  # type: ignore[arg-type,operator]
             _fail(name, f"{kind} of {unit} >= {minimum:g}", value)
+
+    return check
+
+
+def _below(limit: float, unit: str) -> Callable[[str, object], None]:
+    def check(name: str, value: object) -> None:
+        ok = type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+        if not ok or not 1 <= value < limit:  # type: ignore[operator]
+            _fail(name, f"a number of {unit} from 1 to less than {limit:g}", value)
 
     return check
 
@@ -173,4 +216,6 @@ _CHECKS: dict[str, Callable[[str, object], None]] = {
     "queue_url": _text(),
     "notify_channel": _text(_CHANNEL, "a LISTEN channel name: a-z, 0-9 and _, at most 63"),
     "fanout": _flag,
+    "auth": _one_of(AUTH_MODES),
+    "iam_token_reuse_s": _below(IAM_TOKEN_LIFETIME_S, "seconds"),
 }
