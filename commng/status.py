@@ -116,6 +116,9 @@ def status_document(
         "database": database,
         # The primary's secret, as before binds were listed; ``binds`` has each bind's.
         "secret_id": primary["secret_id"],
+        # "iam": no secret; each new connection logs in with an IAM token (DB_AUTH).
+        "auth": settings.db_auth,
+        "user": settings.postgres_user if settings.db_auth == "iam" else None,
         "awscurrent_version": primary["awscurrent_version"],
         "secret_error": primary["secret_error"],
         "binds": binds,
@@ -142,7 +145,15 @@ def format_status(document: dict[str, Any]) -> str:
     for state in binds:
         if state["bind"] is not None:
             lines.append(f"# bind {state['bind']}")
-        lines += _format_bind(state, [w for w in document["workers"] if w["bind"] == state["bind"]])
+        workers = [w for w in document["workers"] if w["bind"] == state["bind"]]
+        if state["bind"] is None and document.get("auth") == "iam":
+            lines.append(
+                f"source      iam: {document['user']} logs in with an IAM token per new connection "
+                "(DB_AUTH=iam, no secret); the version is each worker's latest token's issue time"
+            )
+            lines += _format_bind({**state, "secret_id": "-"}, workers, secret=False)
+            continue
+        lines += _format_bind(state, workers)
     lines.append(
         "# times are UTC; a worker that stopped stays listed until its rows are pruned "
         "(ROTATION_HISTORY_RETENTION_DAYS)"
@@ -150,11 +161,13 @@ def format_status(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _format_bind(state: dict[str, Any], workers: list[dict[str, Any]]) -> list[str]:
-    """One bind's secret, AWSCURRENT, a row per worker and a summary."""
+def _format_bind(state: dict[str, Any], workers: list[dict[str, Any]], secret: bool = True) -> list[str]:
+    """One bind's secret, AWSCURRENT (``secret``), a row per worker and a summary."""
     bind = state["bind"]
-    lines = []
-    if not state["configured"]:
+    lines: list[str] = []
+    if not secret:
+        pass
+    elif not state["configured"]:
         lines.append(
             "secret      unknown: no such bind is configured here (POSTGRES_REPLICA_HOST, "
             "DB_REPLICA_SECRET_ID), so its rows are not compared"
