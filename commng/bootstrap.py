@@ -6,6 +6,10 @@ the master secret) and leaves three kinds of role behind:
 - the **owner** (``DB_OWNER_ROLE``, NOLOGIN): owns every table, index and sequence,
   because the migrations run under ``SET LOCAL ROLE <owner>``. Nobody logs in as it; the
   master is granted it so that it can ``SET ROLE`` for the next migration.
+- with IAM database authentication (``DB_APP_IAM_USER`` instead of ``DB_APP_SECRET_ID``),
+  the **app role** alone, with no password, granted RDS's ``rds_iam`` (RDS then accepts
+  only IAM tokens for it): nothing rotates, so there is no clone. ``rds_iam`` exists only
+  on RDS; bootstrap creates nothing AWS-specific and stops, in one line, where it is missing.
 - the **app role** (the ``username`` of ``DB_APP_SECRET_ID``) and its ``<user>_clone``
   (``GRANT <user> TO <user>_clone``): the two logins Secrets Manager's alternating-users
   rotation switches between. The clone is created without a password (it cannot log in
@@ -147,8 +151,12 @@ class _Step:
         return str(found[0][0]) if found else None
 
 
-def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = None) -> list[str]:
+def bootstrap(
+    app_login: Credentials, owner: str, reader: Credentials | None = None, iam: bool = False
+) -> list[str]:
     """Create what is missing for ``app_login``, ``owner`` and ``reader``; return what changed.
+
+    ``iam``: the app login logs in with IAM tokens (no password, ``rds_iam``, no clone).
 
     ``reader`` is the replica's login (``DB_REPLICA_SECRET_ID``): a LOGIN role that may only
     SELECT, and its clone. They are created on the primary; physical replication carries
@@ -159,7 +167,7 @@ def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = N
     try:
         step = _Step(raw.driver_connection)
         try:
-            _roles_and_grants(step, app_login, base, clone, owner, reader)
+            _roles_and_grants(step, app_login, base, None if iam else clone, owner, reader)
             _take_over_relations(step, owner)
             step.conn.commit()
             step.where = "running the migrations"
@@ -191,7 +199,7 @@ def bootstrap(app_login: Credentials, owner: str, reader: Credentials | None = N
 
 
 def _roles_and_grants(
-    step: _Step, app_login: Credentials, base: str, clone: str, owner: str, reader: Credentials | None
+    step: _Step, app_login: Credentials, base: str, clone: str | None, owner: str, reader: Credentials | None
 ) -> None:
     step.where = "reading the database"
     master, database = step.rows("SELECT session_user, current_database()")[0]
@@ -199,13 +207,17 @@ def _roles_and_grants(
     if not step.role_exists(owner):
         step.run(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
         step.changes.append(f"created role {owner} (NOLOGIN)")
-    _login_pair(step, app_login, base, clone, "the app secret's password")
+    if clone is None:
+        _iam_login(step, base)
+    else:
+        _login_pair(step, app_login, base, clone, "the app secret's password")
     step.where = "granting role memberships"
     for member, role in ((clone, base), (master, owner)):
-        _grant_membership(step, role, member)
+        if member is not None:
+            _grant_membership(step, role, member)
     # Before the grants: only the database's owner may grant on it and on its schema.
     readers = login_pair(reader.username) if reader else ()
-    _take_over_database(step, master, database, {base, clone, *readers})
+    _take_over_database(step, master, database, {base, clone or base, *readers})
     acl = step.privileges()
     step.where = "granting database and schema privileges"
     schema = sql.Identifier(SCHEMA)
@@ -235,6 +247,19 @@ def _login_pair(step: _Step, login: Credentials, base: str, clone: str, password
         else:
             step.run(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
             step.changes.append(f"created role {role} (LOGIN, no password until a rotation sets one)")
+
+
+def _iam_login(step: _Step, role: str) -> None:
+    """``role`` as a LOGIN without a password, granted ``rds_iam``: RDS's IAM authentication."""
+    if not step.role_exists("rds_iam"):
+        raise click.ClickException(
+            "role rds_iam does not exist: IAM database authentication (DB_APP_IAM_USER) needs RDS "
+            "for PostgreSQL with iam_database_authentication_enabled"
+        )
+    if not step.role_exists(role):
+        step.run(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        step.changes.append(f"created role {role} (LOGIN, IAM authentication: no password)")
+    _grant_membership(step, "rds_iam", role)
 
 
 def _grant_membership(step: _Step, role: str, member: str) -> None:
@@ -359,8 +384,14 @@ def _reader(step: _Step, login: Credentials, owner: str) -> None:
 
 
 def _app_login(settings: Settings) -> Credentials:
+    if settings.db_app_iam_user:
+        if settings.db_app_secret_id:
+            raise click.ClickException("DB_APP_IAM_USER and DB_APP_SECRET_ID exclude each other: set one")
+        return Credentials(settings.db_app_iam_user, "", settings.postgres_host, settings.postgres_port, "")
     if not settings.db_app_secret_id:
-        raise click.ClickException("DB_APP_SECRET_ID must name the app secret whose login bootstrap creates")
+        raise click.ClickException(
+            "DB_APP_SECRET_ID (or DB_APP_IAM_USER) must name the app login bootstrap creates"
+        )
     return _secret_login(settings.db_app_secret_id, "app")
 
 
@@ -385,7 +416,8 @@ def _secret_login(secret_id: str, what: str) -> Credentials:
 def bootstrap_command() -> None:
     """Create the owner and app roles, migrate as the owner, grant the app role its rows. Idempotent."""
     settings: Settings = current_app.config["COMMNG_SETTINGS"]
-    changes = bootstrap(_app_login(settings), settings.db_owner_role, _reader_login(settings))
+    iam = bool(settings.db_app_iam_user)
+    changes = bootstrap(_app_login(settings), settings.db_owner_role, _reader_login(settings), iam)
     for change in changes:
         click.echo(change)
     if not changes:

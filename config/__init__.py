@@ -85,6 +85,9 @@ class Settings:
     # role that owns every table (the migrations run as it).
     db_app_secret_id: str | None = None
     db_owner_role: str = "commng_owner"
+    # `flask db bootstrap` with IAM database authentication: the app login to create with no
+    # password and GRANT rds_iam (instead of DB_APP_SECRET_ID's login and its clone).
+    db_app_iam_user: str | None = None
     # Issue 12: a read replica (off unless POSTGRES_REPLICA_HOST or DB_REPLICA_SECRET_ID is
     # set). Its login is DB_REPLICA_SECRET_ID's, else the primary's (DB_SECRET_ID or
     # POSTGRES_USER); POSTGRES_REPLICA_HOST/PORT, when set, win over the secret's host.
@@ -305,6 +308,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("DB_ROTATION_PERIOD_S", "db_rotation_period_s", _int_at_least(60, " number of seconds")),
     ("DB_APP_SECRET_ID", "db_app_secret_id", _text),
     ("DB_OWNER_ROLE", "db_owner_role", _role_name),
+    ("DB_APP_IAM_USER", "db_app_iam_user", _role_name),
     ("DB_REPLICA_SECRET_ID", "db_replica_secret_id", _text),
     ("POSTGRES_REPLICA_HOST", "postgres_replica_host", _text),
     ("POSTGRES_REPLICA_PORT", "postgres_replica_port", _port),

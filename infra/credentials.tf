@@ -47,10 +47,13 @@ locals {
   # with rotate_immediately = false). var.bootstrap_completed turns their rotation on.
   rotate_role_secrets = local.app_role && var.bootstrap_completed
 
+  # The alternating-users function rotates the app secret (none with IAM) and the replica's.
+  multi_user_rotation = local.app_secret || var.db_replica_enabled
+
   # Which functions this stack deploys: alternating users for the app (and replica) secret in
   # app_role mode; single user for a master secret Terraform writes.
   rotation_functions = merge(
-    local.app_role ? { multi_user = "${local.prefix}-db-rotation-multi-user" } : {},
+    local.multi_user_rotation ? { multi_user = "${local.prefix}-db-rotation-multi-user" } : {},
     var.db_master_password_managed_by_rds ? {} : { single_user = "${local.prefix}-db-rotation-single-user" },
   )
 
@@ -105,7 +108,7 @@ resource "aws_secretsmanager_secret_version" "db_master" {
 # --- App secret (app_role mode) -------------------------------------------------------------------
 
 ephemeral "aws_secretsmanager_random_password" "db_app" {
-  count = local.app_role ? 1 : 0
+  count = local.app_secret ? 1 : 0
 
   password_length    = 40
   exclude_characters = local.db_password_exclude_characters
@@ -113,7 +116,7 @@ ephemeral "aws_secretsmanager_random_password" "db_app" {
 }
 
 resource "aws_secretsmanager_secret" "db_app" {
-  count = local.app_role ? 1 : 0
+  count = local.app_secret ? 1 : 0
 
   name_prefix             = "${local.prefix}/db-app-"
   description             = "CommNG service login (${local.db_app_username} / ${local.db_app_username}_clone, alternating); DB_SECRET_ID of the service."
@@ -125,7 +128,7 @@ resource "aws_secretsmanager_secret" "db_app" {
 # the rotation function owns the value (and flips `username` between commng_app and its
 # clone). Terraform writes it again only when db_app_secret_version changes.
 resource "aws_secretsmanager_secret_version" "db_app" {
-  count = local.app_role ? 1 : 0
+  count = local.app_secret ? 1 : 0
 
   secret_id = aws_secretsmanager_secret.db_app[0].id
   secret_string_wo = jsonencode({
@@ -301,7 +304,7 @@ resource "aws_vpc_security_group_ingress_rule" "endpoints_from_rotation" {
 # (no host in it), the function finds the instance from the secret's tags, and for the replica
 # secret it checks that the host replicates masterarn's instance. No write to the master secret.
 data "aws_iam_policy_document" "rotation_multi_user" {
-  count = local.app_role ? 1 : 0
+  count = local.multi_user_rotation ? 1 : 0
 
   statement {
     sid       = "ReadMasterSecret"
@@ -332,7 +335,7 @@ data "aws_iam_policy_document" "rotation_multi_user" {
 }
 
 resource "aws_iam_role_policy" "rotation_multi_user" {
-  count = local.app_role ? 1 : 0
+  count = local.multi_user_rotation ? 1 : 0
 
   name   = "read-master-secret"
   role   = local.rotation_role_names["multi_user"]
@@ -373,7 +376,7 @@ resource "aws_iam_role_policy" "rotation_single_user" {
 # creates (infra/README.md, "First deployment", steps 3-5). The first rotation itself then
 # waits for the schedule.
 resource "aws_secretsmanager_secret_rotation" "db_app" {
-  count = local.rotate_role_secrets ? 1 : 0
+  count = local.rotate_role_secrets && local.app_secret ? 1 : 0
 
   secret_id           = aws_secretsmanager_secret.db_app[0].id
   rotation_lambda_arn = local.rotation_lambda_arns["multi_user"]

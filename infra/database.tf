@@ -70,6 +70,9 @@ resource "aws_db_instance" "main" {
   db_name  = var.db_name
   username = var.db_username
 
+  # var.db_auth = "iam": logins granted rds_iam (commng_app, by the bootstrap) take IAM tokens.
+  iam_database_authentication_enabled = local.iam_auth
+
   # Default (db_master_password_managed_by_rds = true): RDS generates the master password
   # and keeps it in a Secrets Manager secret it owns ("rds!db-..."): JSON {"username": ...,
   # "password": ...}. RDS rotates it (7 days by default; see aws_secretsmanager_secret_rotation

@@ -73,7 +73,6 @@ locals {
     { name = "AWS_REGION", value = local.region },
     # The app polls this secret itself (task role) and swaps its pool on rotation: the app
     # secret (commng_app, alternating users) in app_role mode, the master secret in master mode.
-    { name = "DB_SECRET_ID", value = local.db_secret_arn },
     { name = "DB_SECRET_REFRESH_INTERVAL_MS", value = tostring(var.db_secret_refresh_interval_ms) },
     # Push: the worker that receives the rotation event checks at once, the others hear NOTIFY.
     { name = "DB_ROTATION_QUEUE_URL", value = aws_sqs_queue.rotation_events.url },
@@ -106,6 +105,15 @@ locals {
     { name = "METRICS_TOKEN_VERSION", value = tostring(aws_secretsmanager_secret_version.metrics_token.secret_string_wo_version) },
   ]
 
+  # How the service logs in: from its secret (DB_SECRET_ID), or with IAM tokens it signs
+  # itself as commng_app (DB_AUTH=iam, POSTGRES_USER; the task role's rds-db:connect).
+  app_secret_login_environment = [{ name = "DB_SECRET_ID", value = local.db_secret_arn }]
+  app_iam_login_environment = [
+    { name = "DB_AUTH", value = "iam" },
+    { name = "POSTGRES_USER", value = local.db_app_username },
+  ]
+  app_login_environment = local.iam_auth ? local.app_iam_login_environment : local.app_secret_login_environment
+
   # The read replica's login (commng_ro), only when there is a replica.
   app_replica_environment = [
     for arn in aws_secretsmanager_secret.db_replica[*].arn : { name = "DB_REPLICA_SECRET_ID", value = arn }
@@ -119,7 +127,7 @@ locals {
     portMappings = [{ containerPort = local.container_port, protocol = "tcp" }]
 
     # Plus DB_REPLICA_SECRET_ID when there is a replica (local.app_replica_environment).
-    environment = concat(local.app_environment, local.app_replica_environment)
+    environment = concat(local.app_environment, local.app_login_environment, local.app_replica_environment)
 
     # No `secrets`: ECS would resolve them once, at task start, into the container's
     # environment, where they stay readable for the task's life (and a database password
@@ -263,6 +271,9 @@ locals {
     # schema through this role.
     [for arn in aws_secretsmanager_secret.db_app[*].arn : { name = "DB_APP_SECRET_ID", value = arn }],
     local.app_role ? [{ name = "DB_OWNER_ROLE", value = local.db_owner_role }] : [],
+    # IAM authentication: the bootstrap creates commng_app without a password and grants it
+    # rds_iam (no app secret, no clone). Not DB_AUTH: the migration itself logs in as the master.
+    local.iam_auth ? [{ name = "DB_APP_IAM_USER", value = local.db_app_username }] : [],
     # With a replica: the bootstrap also creates commng_ro (SELECT only) with this password,
     # and its clone commng_ro_clone.
     [for arn in aws_secretsmanager_secret.db_replica[*].arn : { name = "DB_REPLICA_SECRET_ID", value = arn }],

@@ -6,7 +6,10 @@
 # Native Secrets Manager event (no CloudTrail needed): a staging label other than
 # AWSPENDING/AWSPREVIOUS moved to a new version. AWSCURRENT moving is "the new password is
 # now the current one"; `resources` carries the secret's ARN.
+# None with IAM authentication and no replica (var.db_auth): the service reads no secret then.
 resource "aws_cloudwatch_event_rule" "db_secret_current_updated" {
+  count = local.service_reads_secrets ? 1 : 0
+
   name        = "${local.prefix}-db-secret-current-updated"
   description = "AWSCURRENT of a ${local.prefix} DB secret the service reads moved to a new version"
 
@@ -24,6 +27,8 @@ resource "aws_cloudwatch_event_rule" "db_secret_current_updated" {
 # records by default into its event history). RotationSucceeded is the end of a rotation;
 # RotationFailed/RotationAbandoned need an operator.
 resource "aws_cloudwatch_event_rule" "db_secret_rotation_outcome" {
+  count = local.service_reads_secrets ? 1 : 0
+
   name        = "${local.prefix}-db-secret-rotation-outcome"
   description = "Rotation of a ${local.prefix} DB secret the service reads succeeded, failed or was abandoned"
 
@@ -41,10 +46,10 @@ resource "aws_cloudwatch_event_rule" "db_secret_rotation_outcome" {
 }
 
 locals {
-  rotation_event_rules = {
-    current_updated  = aws_cloudwatch_event_rule.db_secret_current_updated
-    rotation_outcome = aws_cloudwatch_event_rule.db_secret_rotation_outcome
-  }
+  rotation_event_rules = local.service_reads_secrets ? {
+    current_updated  = aws_cloudwatch_event_rule.db_secret_current_updated[0]
+    rotation_outcome = aws_cloudwatch_event_rule.db_secret_rotation_outcome[0]
+  } : {}
 }
 
 # SSE-SQS (service-owned key): EventBridge can deliver to it with no key policy to maintain;
@@ -79,21 +84,24 @@ resource "aws_sqs_queue_redrive_allow_policy" "rotation_events_dlq" {
 }
 
 data "aws_iam_policy_document" "rotation_events_queue" {
-  # Only these two rules may send, and only through EventBridge.
-  statement {
-    sid       = "EventBridgeRotationRulesOnly"
-    actions   = ["sqs:SendMessage"]
-    resources = [aws_sqs_queue.rotation_events.arn]
+  # Only these two rules may send, and only through EventBridge (nobody without them).
+  dynamic "statement" {
+    for_each = local.service_reads_secrets ? [[for rule in local.rotation_event_rules : rule.arn]] : []
+    content {
+      sid       = "EventBridgeRotationRulesOnly"
+      actions   = ["sqs:SendMessage"]
+      resources = [aws_sqs_queue.rotation_events.arn]
 
-    principals {
-      type        = "Service"
-      identifiers = ["events.amazonaws.com"]
-    }
+      principals {
+        type        = "Service"
+        identifiers = ["events.amazonaws.com"]
+      }
 
-    condition {
-      test     = "ArnEquals"
-      variable = "aws:SourceArn"
-      values   = [for rule in local.rotation_event_rules : rule.arn]
+      condition {
+        test     = "ArnEquals"
+        variable = "aws:SourceArn"
+        values   = statement.value
+      }
     }
   }
 

@@ -60,18 +60,22 @@ resource "aws_iam_role" "task" {
 }
 
 data "aws_iam_policy_document" "task_db_secret" {
+  # With IAM authentication and no replica the service reads no database secret at all.
   # The app polls its login secret (DB_SECRET_ID: the app secret in app_role mode, the master
   # secret in master mode) and the replica's (DB_REPLICA_SECRET_ID) if any and, after a failed
   # login, reads AWSCURRENT again and then AWSPENDING (GetSecretValue with VersionStage).
   # DescribeSecret shows which version carries which label. Nothing else: in app_role mode not
   # the master secret, and no write.
-  statement {
-    sid = "ReadOwnDbSecrets"
-    actions = [
-      "secretsmanager:GetSecretValue",
-      "secretsmanager:DescribeSecret",
-    ]
-    resources = local.service_secret_arns
+  dynamic "statement" {
+    for_each = local.service_reads_secrets ? [local.service_secret_arns] : []
+    content {
+      sid = "ReadOwnDbSecrets"
+      actions = [
+        "secretsmanager:GetSecretValue",
+        "secretsmanager:DescribeSecret",
+      ]
+      resources = statement.value
+    }
   }
 
   # ADMIN_TOKEN and METRICS_TOKEN, read once when a worker starts (commng/tokens.py).
@@ -119,6 +123,27 @@ data "aws_iam_policy_document" "task_rotation_events" {
     actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage"]
     resources = [aws_sqs_queue.rotation_events.arn]
   }
+}
+
+# IAM database authentication (var.db_auth = "iam"): the app signs a token for commng_app on
+# the primary, and RDS checks that this role may connect as exactly that user. Nothing else:
+# not the master, not the replica's login, not another instance ("dbuser:<DbiResourceId>/<user>").
+data "aws_iam_policy_document" "task_db_connect" {
+  count = local.iam_auth ? 1 : 0
+
+  statement {
+    sid       = "ConnectAsTheAppUser"
+    actions   = ["rds-db:connect"]
+    resources = [local.db_connect_arn]
+  }
+}
+
+resource "aws_iam_role_policy" "task_db_connect" {
+  count = local.iam_auth ? 1 : 0
+
+  name   = "rds-db-connect"
+  role   = aws_iam_role.task.id
+  policy = data.aws_iam_policy_document.task_db_connect[0].json
 }
 
 resource "aws_iam_role_policy" "task_rotation_events" {

@@ -51,7 +51,7 @@ output "db_endpoint" {
 }
 
 output "db_secret_arn" {
-  description = "ARN of the secret the service logs in with (DB_SECRET_ID): the app secret in app_role mode, the master secret in master mode. Rotate now with: aws secretsmanager rotate-secret --secret-id <this>"
+  description = "ARN of the secret the service logs in with (DB_SECRET_ID): the app secret in app_role mode, the master secret in master mode; null with db_auth = \"iam\" (no password: the task role's rds-db:connect). Rotate now with: aws secretsmanager rotate-secret --secret-id <this>"
   value       = local.db_secret_arn
 }
 

@@ -33,7 +33,7 @@ locals {
   # Keyed by a name known at plan time (for_each cannot take the ARNs).
   secret_policy_targets = local.secret_policies_enabled ? merge(
     { admin_token = aws_secretsmanager_secret.admin_token.arn, metrics_token = aws_secretsmanager_secret.metrics_token.arn },
-    local.app_role ? { db_app = aws_secretsmanager_secret.db_app[0].arn } : {},
+    local.app_secret ? { db_app = aws_secretsmanager_secret.db_app[0].arn } : {},
     var.db_replica_enabled ? { db_replica = aws_secretsmanager_secret.db_replica[0].arn } : {},
     var.db_master_password_managed_by_rds ? {} : { db_master = aws_secretsmanager_secret.db_master[0].arn },
   ) : {}

@@ -385,6 +385,31 @@ variable "db_credentials_mode" {
   }
 }
 
+variable "db_auth" {
+  description = <<-EOT
+    How the service logs in to PostgreSQL (infra/README.md, "IAM database authentication").
+    "secret" (default): with the password of its secret (db_credentials_mode), rotated by
+    Secrets Manager. "iam": with IAM database authentication, no password at all: the app
+    signs a 15-minute token (SigV4) for commng_app with its task role, which may rds-db:connect
+    as exactly that user of this instance; the instance gets iam_database_authentication_enabled
+    and the bootstrap grants commng_app rds_iam. No app secret and no rotation function for it
+    are created; the master secret stays, for the migration task. Needs db_credentials_mode =
+    "app_role" (rds_iam on the master would end its password logins: migrations, rotation).
+  EOT
+  type        = string
+  default     = "secret"
+
+  validation {
+    condition     = contains(["secret", "iam"], var.db_auth)
+    error_message = "db_auth must be \"secret\" (the service logs in with its rotated secret, the default) or \"iam\" (IAM database authentication, no password)."
+  }
+
+  validation {
+    condition     = var.db_auth == "secret" || var.db_credentials_mode == "app_role"
+    error_message = "db_auth = \"iam\" needs db_credentials_mode = \"app_role\": the IAM login is commng_app, and granting rds_iam to the master user would end its password logins (migrations, rotation)."
+  }
+}
+
 variable "db_app_secret_version" {
   description = "Version of the app secret's first password (app_role mode). Terraform writes a fresh random password (write-only, never in state) only when this changes; the rotation function rotates it from then on. Bump it only to re-seed a broken secret, and rotate the secret right after (aws secretsmanager rotate-secret): the bootstrap does not change an existing role's password, the alternating-users function does."
   type        = number

@@ -59,6 +59,13 @@ locals {
   # own; master: the service logs in as the RDS master user. See var.db_credentials_mode.
   app_role = var.db_credentials_mode == "app_role"
 
+  # iam (var.db_auth): commng_app logs in with IAM tokens (rds-db:connect), no password at all:
+  # no app secret and no rotation of one. The master secret stays, for the migration task.
+  iam_auth = var.db_auth == "iam"
+
+  # The app's own rotated secret: app_role mode with password authentication.
+  app_secret = local.app_role && !local.iam_auth
+
   # The master secret: RDS's own ("rds!db-...") by default, or the stack's secret when
   # Terraform writes the master password (db_master_password_managed_by_rds = false, which a
   # read replica needs). Only the migration task and the rotation functions read it in
@@ -66,11 +73,17 @@ locals {
   db_master_secret_arn = var.db_master_password_managed_by_rds ? aws_db_instance.main.master_user_secret[0].secret_arn : aws_secretsmanager_secret.db_master[0].arn
 
   # The secret the service logs in with (DB_SECRET_ID, POSTGRES_USER/POSTGRES_PASSWORD at
-  # start): the app secret in app_role mode, the master secret in master mode.
-  db_secret_arn = local.app_role ? aws_secretsmanager_secret.db_app[0].arn : local.db_master_secret_arn
+  # start): the app secret in app_role mode, the master secret in master mode, none with IAM.
+  db_secret_arn = local.iam_auth ? null : (local.app_role ? aws_secretsmanager_secret.db_app[0].arn : local.db_master_secret_arn)
 
   # Every secret the service reads at runtime: its login, plus the replica's when there is one.
-  service_secret_arns = concat([local.db_secret_arn], aws_secretsmanager_secret.db_replica[*].arn)
+  # Empty with IAM authentication and no replica.
+  service_secret_arns   = concat(local.iam_auth ? [] : [local.db_secret_arn], aws_secretsmanager_secret.db_replica[*].arn)
+  service_reads_secrets = !local.iam_auth || var.db_replica_enabled
+
+  # IAM authentication: the one database user the task role may connect as. The resource is
+  # the instance's DbiResourceId (resource_id), not its identifier.
+  db_connect_arn = "arn:${local.partition}:rds-db:${local.region}:${local.account_id}:dbuser:${aws_db_instance.main.resource_id}/${local.db_app_username}"
 
   # Every database secret something rotates; a failed rotation of any of them pages.
   rotated_secret_arns = distinct(concat([local.db_master_secret_arn], local.service_secret_arns))

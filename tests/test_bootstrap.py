@@ -521,3 +521,43 @@ def test_a_replica_secret_that_names_the_clone_gets_both_logins_and_grants_on_th
         (reader, f"{reader}_clone"),
     )
     assert granted == [(reader,)]
+
+
+def test_with_iam_authentication_the_app_login_has_no_password_and_is_granted_rds_iam(
+    fresh: Fresh, secretsmanager: Any, make_app: Any
+) -> None:
+    """DB_APP_IAM_USER: one login, no password, no clone, member of rds_iam (RDS's; a stand-in here)."""
+    master_arn, _ = fresh.secrets(secretsmanager)
+    settings = replace(fresh.settings(master_arn, ""), db_app_secret_id=None, db_app_iam_user=fresh.app_user)
+    runner = make_app(settings, secrets_client=secretsmanager).test_cli_runner()
+
+    missing = runner.invoke(bootstrap_command)  # not on RDS: no rds_iam, and nothing is created
+    assert missing.exit_code != 0
+    assert "role rds_iam does not exist" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1
+    assert not fresh.cluster.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (fresh.app_user,))
+
+    fresh.cluster.execute("CREATE ROLE rds_iam NOLOGIN")  # what RDS has
+    try:
+        first = runner.invoke(bootstrap_command)
+        assert first.exit_code == 0, first.output
+        assert f"created role {fresh.app_user} (LOGIN, IAM authentication: no password)" in first.output
+        assert f"granted rds_iam to {fresh.app_user}" in first.output
+        role = fresh.cluster.execute(
+            "SELECT rolcanlogin, rolpassword IS NULL, pg_has_role(rolname, 'rds_iam', 'MEMBER') "
+            "FROM pg_authid WHERE rolname = %s",
+            (fresh.app_user,),
+        )
+        assert role == [(True, True, True)]
+        assert not fresh.cluster.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (fresh.clone,))
+        # The app's rights on the rows are those of the secret modes.
+        grants = fresh.rows(
+            "SELECT has_table_privilege(%s, 'messages', 'INSERT'), "
+            "has_table_privilege(%s, 'messages', 'TRUNCATE')",
+            (fresh.app_user, fresh.app_user),
+        )
+        assert grants == [(True, False)]
+        second = runner.invoke(bootstrap_command)
+        assert second.output.strip() == "nothing to change: roles, grants and schema are already in place"
+    finally:
+        fresh.cluster.execute("DROP ROLE rds_iam")  # its memberships go with it

@@ -98,6 +98,41 @@ def test_a_label_updated_event_adopts_at_once_with_trigger_push_and_is_deleted(
     assert _left(sqs, url) == 0
 
 
+def test_with_fan_out_off_push_still_adopts_at_once_and_nothing_listens(
+    database: Database, secretsmanager: Any, secret: str, queue: tuple[Any, str], make_app: Any
+) -> None:
+    """DB_ROTATION_FANOUT=false, the shape behind RDS Proxy (a LISTEN session pins a proxy
+    connection): the worker that receives the event still adopts at once; the others follow
+    on their next poll or their first refused login (docs/deployment-shapes.md)."""
+    sqs, url = queue
+    settings = database.settings(
+        db_secret_id=secret,
+        postgres_user=None,
+        postgres_password=None,
+        db_rotation_queue_url=url,
+        db_rotation_fanout=False,
+    )
+    app = make_app(settings, secrets_client=secretsmanager, sqs_client=sqs)
+    runtime = get_runtime(app)
+    assert runtime.fanout is None
+    version = rotate_secret(secretsmanager, secret, database.cluster, database.role, new_password())
+    send_rotation_event(sqs, url, secret, version)
+
+    handled = _push(app).poll_once(wait_s=1)
+
+    assert [(h.kind, h.version, h.checked, h.deleted) for h in handled] == [
+        ("label_updated", version, True, True)
+    ]
+    assert runtime.rotator().current.version_id == version  # type: ignore[union-attr]
+    with app.test_client() as client:
+        assert client.get("/api/channels").status_code == 200  # served on the new login
+    listening = database.cluster.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND query ILIKE 'LISTEN%%'",
+        (database.role,),
+    )
+    assert listening == [(0,)]
+
+
 def test_other_secrets_and_malformed_bodies_are_logged_by_name_and_deleted(
     push_app: Flask, secret: str, queue: tuple[Any, str], caplog: Any
 ) -> None:

@@ -118,7 +118,9 @@ def test_role_secrets_rotate_and_the_service_runs_only_after_the_bootstrap(tf):
     assert variable["default"] is False
     assert tf["locals"]["rotate_role_secrets"] == "local.app_role && var.bootstrap_completed"
     r = tf["resource"]
-    assert r[("aws_secretsmanager_secret_rotation", "db_app")]["count"] == "local.rotate_role_secrets ? 1 : 0"
+    assert r[("aws_secretsmanager_secret_rotation", "db_app")]["count"] == (
+        "local.rotate_role_secrets && local.app_secret ? 1 : 0"
+    )
     assert r[("aws_secretsmanager_secret_rotation", "db_replica")]["count"] == (
         "local.rotate_role_secrets && var.db_replica_enabled ? 1 : 0"
     )

@@ -116,19 +116,25 @@ def _role_documents(tf: dict[str, Any], role: str) -> list[dict[str, Any]]:
     docs = []
     for (rtype, _), body in tf["resource"].items():
         if rtype == "aws_iam_role_policy" and body["role"] == f"aws_iam_role.{role}.id":
-            match = re.fullmatch(r"data\.aws_iam_policy_document\.(\w+)\.json", body["policy"])
+            match = re.fullmatch(r"data\.aws_iam_policy_document\.(\w+)(?:\[0\])?\.json", body["policy"])
             assert match, f"inline policy of {role} must come from an aws_iam_policy_document"
             docs.append(tf["data"][("aws_iam_policy_document", match.group(1))])
     return docs
 
 
-def _container(tf: dict[str, Any]) -> dict[str, Any]:
-    """The service's container, its environment the list of local.app_environment."""
+def _container(tf: dict[str, Any], iam: bool = False) -> dict[str, Any]:
+    """The service's container; its environment that of db_auth = "secret" (the default), or ``iam``."""
     taskdef = tf["resource"][("aws_ecs_task_definition", "app")]
     assert taskdef["container_definitions"] == "jsonencode([local.app_container])"
     container = dict(tf["locals"]["app_container"])
-    assert container["environment"] == "concat(local.app_environment, local.app_replica_environment)"
-    container["environment"] = tf["locals"]["app_environment"]
+    assert container["environment"] == (
+        "concat(local.app_environment, local.app_login_environment, local.app_replica_environment)"
+    )
+    assert tf["locals"]["app_login_environment"] == (
+        "local.iam_auth ? local.app_iam_login_environment : local.app_secret_login_environment"
+    )
+    login = tf["locals"]["app_iam_login_environment" if iam else "app_secret_login_environment"]
+    container["environment"] = tf["locals"]["app_environment"] + login
     return container
 
 
@@ -401,9 +407,12 @@ def test_db_secret_locals_switch_on_the_credentials_mode(tf):
     assert locals_["db_master_secret_arn"] == (
         f"var.db_master_password_managed_by_rds ? {DB_SECRET} : aws_secretsmanager_secret.db_master[0].arn"
     )
-    # The service's login: the app secret in app_role mode, the master secret in master mode.
-    assert locals_["db_secret_arn"] == f"local.app_role ? {APP_SECRET} : {MASTER_SECRET}"
-    assert locals_["service_secret_arns"] == f"concat([local.db_secret_arn], {REPLICA_SECRETS})"
+    # The service's login: the app secret in app_role mode, the master secret in master mode,
+    # none with IAM authentication.
+    assert locals_["db_secret_arn"] == f"local.iam_auth ? null : (local.app_role ? {APP_SECRET} : {MASTER_SECRET})"
+    assert locals_["service_secret_arns"] == (
+        f"concat(local.iam_auth ? [] : [local.db_secret_arn], {REPLICA_SECRETS})"
+    )
 
 
 def test_rotation_schedule_targets_the_master_secret_without_lambda(tf):
@@ -427,13 +436,17 @@ def test_task_role_reads_exactly_the_db_secret(tf):
         if any(a.startswith("secretsmanager:") for a in s["actions"])
     ]
     assert len(statements) == 2
-    statement, tokens = statements
+    (statement,) = [s for s in statements if s["sid"] == "ReadOwnDbSecrets"]
+    (tokens,) = [s for s in statements if s["sid"] == "ReadTokensAtStart"]
     assert sorted(statement["actions"]) == [
         "secretsmanager:DescribeSecret",
         "secretsmanager:GetSecretValue",
     ]
-    # Its own login secret and the replica's, never the master secret by name.
-    assert statement["resources"] == "local.service_secret_arns"
+    # Its own login secret and the replica's, never the master secret by name (and no statement
+    # when there is none: IAM authentication without a replica).
+    assert statement["resources"] == "statement.value"
+    assert statement["_dynamic"] == "local.service_reads_secrets ? [local.service_secret_arns] : []"
+    assert tf["locals"]["service_reads_secrets"] == "!local.iam_auth || var.db_replica_enabled"
     assert MASTER_SECRET not in str(statements)
     assert statement.get("effect", "Allow") == "Allow"
     # And the two tokens, read once at start-up.
@@ -684,6 +697,7 @@ def test_admin_is_forwarded_only_from_the_allowed_cidrs(tf):
 
 def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
     label = tf["resource"][("aws_cloudwatch_event_rule", "db_secret_current_updated")]
+    assert label["count"] == "local.service_reads_secrets ? 1 : 0"
     assert '"Secret Label Updated"' in label["event_pattern"]
     assert '["AWSCURRENT"]' in label["event_pattern"]
     assert "resources = local.service_secret_arns" in label["event_pattern"]
@@ -693,12 +707,17 @@ def test_rotation_events_reach_the_queue_from_these_rules_only(tf):
     queue = tf["resource"][("aws_sqs_queue", "rotation_events")]
     assert queue["sqs_managed_sse_enabled"] is True
 
-    (allow, *_) = _statements(tf["data"][("aws_iam_policy_document", "rotation_events_queue")])
+    allow = next(
+        s
+        for s in _statements(tf["data"][("aws_iam_policy_document", "rotation_events_queue")])
+        if s["sid"] == "EventBridgeRotationRulesOnly"
+    )
+    assert "local.rotation_event_rules" in allow["_dynamic"]
     assert allow["actions"] == ["sqs:SendMessage"]
     assert allow["principals"][0]["identifiers"] == ["events.amazonaws.com"]
     (condition,) = allow["condition"]
     assert condition["variable"] == "aws:SourceArn"
-    assert "local.rotation_event_rules" in str(condition["values"])
+    assert condition["values"] == "statement.value"
     assert "rotation_events_queue_url" in tf["output"]
 
 
@@ -867,11 +886,14 @@ def test_credentials_mode_defaults_to_app_role_and_is_validated(tf):
         ("aws_secretsmanager_secret", "db_app"),
         ("aws_secretsmanager_secret_version", "db_app"),
     ):
-        assert r[address]["count"] == "local.app_role ? 1 : 0", address
+        assert r[address]["count"] == "local.app_secret ? 1 : 0", address
+    assert tf["locals"]["app_secret"] == "local.app_role && !local.iam_auth"
     # Its rotation also waits for the bootstrap (test_deploy.py).
-    assert r[("aws_secretsmanager_secret_rotation", "db_app")]["count"] == "local.rotate_role_secrets ? 1 : 0"
+    assert r[("aws_secretsmanager_secret_rotation", "db_app")]["count"] == (
+        "local.rotate_role_secrets && local.app_secret ? 1 : 0"
+    )
     assert tf["locals"]["rotate_role_secrets"] == "local.app_role && var.bootstrap_completed"
-    assert tf["ephemeral"][("aws_secretsmanager_random_password", "db_app")]["count"] == "local.app_role ? 1 : 0"
+    assert tf["ephemeral"][("aws_secretsmanager_random_password", "db_app")]["count"] == "local.app_secret ? 1 : 0"
 
 
 def test_app_secret_json_has_the_rotation_functions_keys_and_a_write_only_password(tf):
@@ -908,7 +930,8 @@ def test_rotation_functions_come_from_the_serverless_application_repository(tf):
     assert apps["single_user"].endswith(":applications/SecretsManagerRDSPostgreSQLRotationSingleUser")
     functions = tf["locals"]["rotation_functions"]
     compact = re.sub(r"\s+", "", functions)
-    assert 'local.app_role?{multi_user="${local.prefix}-db-rotation-multi-user"}:{}' in compact
+    assert 'local.multi_user_rotation?{multi_user="${local.prefix}-db-rotation-multi-user"}:{}' in compact
+    assert tf["locals"]["multi_user_rotation"] == "local.app_secret || var.db_replica_enabled"
     assert "var.db_master_password_managed_by_rds?{}:{single_user=" in compact
     stack = tf["resource"][("aws_serverlessapplicationrepository_cloudformation_stack", "rotation")]
     assert stack["for_each"] == "local.rotation_functions"
@@ -1105,3 +1128,85 @@ def test_a_secret_on_the_replica_alternates_users_through_the_primary_never_sing
     assert tf["locals"]["rotation_db_instance_arns"] == (
         "concat([aws_db_instance.main.arn], aws_db_instance.replica[*].arn)"
     )
+
+
+# --- IAM database authentication (var.db_auth) -------------------------------------------------
+
+
+def test_db_auth_is_secret_by_default_and_validated(tf):
+    variable = tf["variable"]["db_auth"]
+    assert variable["default"] == "secret"
+    mode, needs_app_role = variable["validation"]
+    assert mode["condition"] == 'contains(["secret", "iam"], var.db_auth)'
+    assert "db_auth must be" in mode["error_message"]
+    # rds_iam on the master would end its password logins (migrations, rotation).
+    assert needs_app_role["condition"] == 'var.db_auth == "secret" || var.db_credentials_mode == "app_role"'
+    assert tf["locals"]["iam_auth"] == 'var.db_auth == "iam"'
+
+
+def test_iam_mode_enables_iam_authentication_on_the_instance(tf):
+    assert tf["resource"][("aws_db_instance", "main")]["iam_database_authentication_enabled"] == "local.iam_auth"
+
+
+def test_the_task_role_may_connect_as_exactly_the_app_user_of_this_instance(tf):
+    policy = tf["resource"][("aws_iam_role_policy", "task_db_connect")]
+    assert policy["count"] == "local.iam_auth ? 1 : 0"
+    assert policy["role"] == "aws_iam_role.task.id"
+    document = tf["data"][("aws_iam_policy_document", "task_db_connect")]
+    assert document["count"] == "local.iam_auth ? 1 : 0"
+    (statement,) = _statements(document)
+    assert statement["actions"] == ["rds-db:connect"]
+    assert statement.get("effect", "Allow") == "Allow"
+    assert statement["resources"] == ["local.db_connect_arn"]
+    # dbuser:<DbiResourceId>/<user>: the instance's resource_id (not its identifier), commng_app.
+    assert tf["locals"]["db_connect_arn"] == (
+        "arn:${local.partition}:rds-db:${local.region}:${local.account_id}:dbuser:"
+        "${aws_db_instance.main.resource_id}/${local.db_app_username}"
+    )
+    assert tf["locals"]["db_app_username"] == "commng_app"
+    # No other policy grants rds-db:anything.
+    grants = [
+        name
+        for (rtype, name), body in tf["data"].items()
+        if rtype == "aws_iam_policy_document"
+        for s in _statements(body)
+        if any(a.startswith("rds-db:") for a in s.get("actions", []))
+    ]
+    assert grants == ["task_db_connect"]
+
+
+def test_iam_mode_creates_no_app_secret_and_no_rotation_for_it_and_keeps_the_master_secret(tf):
+    r = tf["resource"]
+    for address in (("aws_secretsmanager_secret", "db_app"), ("aws_secretsmanager_secret_version", "db_app")):
+        assert r[address]["count"] == "local.app_secret ? 1 : 0", address
+    assert tf["ephemeral"][("aws_secretsmanager_random_password", "db_app")]["count"] == "local.app_secret ? 1 : 0"
+    assert tf["locals"]["app_secret"] == "local.app_role && !local.iam_auth"
+    assert "local.app_secret" in r[("aws_secretsmanager_secret_rotation", "db_app")]["count"]
+    # The alternating-users function only where it has a secret to rotate (app or replica).
+    assert tf["locals"]["multi_user_rotation"] == "local.app_secret || var.db_replica_enabled"
+    for name in ("rotation_multi_user",):
+        assert r[("aws_iam_role_policy", name)]["count"] == "local.multi_user_rotation ? 1 : 0"
+    # The master secret does not depend on the mode: the migration task logs in with it.
+    master = tf["locals"]["db_master_secret_arn"]
+    assert "iam" not in master
+    assert "iam" not in r[("aws_secretsmanager_secret", "db_master")]["count"]
+
+
+def test_iam_mode_gives_the_service_db_auth_and_its_user_and_no_secret_id(tf):
+    env = {e["name"]: e["value"] for e in _container(tf, iam=True)["environment"]}
+    assert env["DB_AUTH"] == "iam"
+    assert env["POSTGRES_USER"] == "local.db_app_username"
+    assert "DB_SECRET_ID" not in env
+    assert "POSTGRES_PASSWORD" not in env
+    # TLS with verify-full, which IAM authentication needs (rds.force_ssl too).
+    assert env["POSTGRES_SSL"] == "verify-full"
+    secret_mode = {e["name"]: e["value"] for e in _container(tf)["environment"]}
+    assert secret_mode["DB_SECRET_ID"] == "local.db_secret_arn"
+    assert not {"DB_AUTH", "POSTGRES_USER"} & set(secret_mode)
+
+
+def test_iam_mode_bootstrap_creates_the_iam_login_and_the_migration_keeps_the_master_secret(tf):
+    env = tf["locals"]["migration_environment"]
+    assert 'local.iam_auth ? [{name = "DB_APP_IAM_USER", value = local.db_app_username}] : []' in env
+    assert '{name = "DB_SECRET_ID", value = local.db_master_secret_arn}' in env
+    assert "DB_AUTH" not in env  # the migration itself logs in with the master's password
