@@ -14,7 +14,8 @@ UV := $(UV_VENV)/bin/uv
 
 help:
 	@echo "make run      start PostgreSQL (and a standby), a local Secrets Manager and gunicorn (Ctrl-C stops all)"
-	@echo "             SHAPE=master: the service logs in as the master; REPLICA=0: no standby"
+	@echo "             SHAPE=master: the service logs in as the master; REPLICA=0: no standby;"
+	@echo "             AUTH=iam: IAM tokens instead of a rotated password (a local endpoint checks them)"
 	@echo "make rotate   rotate the secret the service logs in with (SECRET=master|replica: another)"
 	@echo "make status   the server the endpoint serves, and every worker's rotation state"
 	@echo "make failover    crash the primary: the endpoint refuses 3 s, then serves the promoted standby"
@@ -101,10 +102,11 @@ postgres:
 test-packages:
 	@bash scripts/system-packages.sh postgresql chromium
 
-# SHAPE=app|master and REPLICA=1|0 choose the local stack's shape, SECRET=app|master|replica
+# SHAPE=app|master, REPLICA=1|0 and AUTH=secret|iam choose the local stack's shape, SECRET=app|master|replica
 # the secret `make rotate` rotates; unset, python -m devstack decides (README.md).
 run: $(LAYER_STAMP) postgres
-	$(BIN)/python -m devstack run $(if $(SHAPE),--shape $(SHAPE)) $(if $(REPLICA),--replica $(REPLICA))
+	$(BIN)/python -m devstack run $(if $(SHAPE),--shape $(SHAPE)) $(if $(REPLICA),--replica $(REPLICA)) \
+		$(if $(AUTH),--auth $(AUTH))
 
 rotate: $(LAYER_STAMP)
 	$(BIN)/python -m devstack rotate $(if $(SECRET),--secret $(SECRET))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from config import check_or_exit
-from devstack import events, shapes, topology
+from devstack import events, iam_mode, shapes, topology
 from devstack.endpoint import Endpoint
 from devstack.postgres import PostgresCluster, free_port, new_password
 from devstack.rotate import rotate
@@ -73,13 +73,18 @@ def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
 # -- run ------------------------------------------------------------------------------
 
 
-def run(port: int, shape: str | None = None, replica: bool | None = None) -> int:
+def run(port: int, shape: str | None = None, replica: bool | None = None, auth: str | None = None) -> int:
     """Start PostgreSQL, moto and gunicorn in the foreground; Ctrl-C stops them all."""
     against_environment = bool(os.environ.get("DB_SECRET_ID") or os.environ.get("POSTGRES_USER"))
-    if against_environment and (shape is not None or replica is not None):
+    if against_environment and (shape is not None or replica is not None or auth is not None):
         raise SystemExit(
-            "DB_SECRET_ID or POSTGRES_USER is set, so make run uses that database: SHAPE and REPLICA "
-            "(--shape, --replica) choose the local stack's shape and do not apply"
+            "DB_SECRET_ID or POSTGRES_USER is set, so make run uses that database: SHAPE, REPLICA and "
+            "AUTH (--shape, --replica, --auth) choose the local stack's shape and do not apply"
+        )
+    if auth == "iam" and shape == "master":
+        raise SystemExit(
+            "AUTH=iam needs the app shape (the Terraform refuses db_auth=iam in master mode too): "
+            "drop SHAPE=master"
         )
     shape = shape or "app"
     replica = shape == "app" if replica is None else replica
@@ -92,15 +97,15 @@ def run(port: int, shape: str | None = None, replica: bool | None = None) -> int
     try:
         if against_environment:
             return _run_against_environment(port)
-        return _run_local_stack(port, shape, replica)
+        return _run_local_stack(port, shape, replica, auth == "iam")
     finally:
         os.close(lock)
 
 
-def _run_local_stack(port: int, shape: str, replica: bool) -> int:
+def _run_local_stack(port: int, shape: str, replica: bool, iam: bool = False) -> int:
     # Only the cluster's superuser password, the admin and metrics tokens and the port outlive
     # a run; the secrets (and their logins' passwords) are new each time, in a new moto server.
-    outliving = ("superuser_password", "admin_token", "metrics_token", "pg_port", "endpoint_port")
+    outliving = ("superuser_password", "admin_token", "metrics_token", "pg_port", "endpoint_port", "iam_port")
     previous = load_state()
     kept = {k: v for k, v in previous.items() if k in outliving}
     if not kept.get("superuser_password"):
@@ -109,6 +114,9 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
     state: dict[str, Any] = {**kept, "shape": shape, "moto_port": free_port()}
     state["pg_port"] = int(state.get("pg_port") or 0) or free_port()
     state["endpoint_port"] = int(state.get("endpoint_port") or 0) or free_port()
+    if iam:
+        state["auth"] = "iam"
+        state["iam_port"] = int(state.get("iam_port") or 0) or free_port()
     # The caller's variables (WEB_CONCURRENCY, LOG_LEVEL, ...) are checked before anything starts.
     placeholders = {"endpoint": "http://127.0.0.1:1", "secrets": dict(SECRET_NAMES)}
     check_or_exit(env=service_env({**state, **placeholders}, port))
@@ -125,6 +133,7 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
     processes: list[subprocess.Popen[bytes]] = []
     standby: PostgresCluster | None = None
     endpoint: Endpoint | None = None
+    iam_stack: iam_mode.IamStack | None = None
     try:
         # moto takes a second or two to import: it starts while PostgreSQL does its part.
         moto_bin = str(Path(sys.executable).parent / "moto_server")
@@ -150,11 +159,24 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
         endpoint.serve_control(ENDPOINT_CONTROL)
         _wait_for_port(state["moto_port"])
         endpoint_url = f"http://127.0.0.1:{state['moto_port']}"
-        arns = shapes.create_secrets(secrets_client(endpoint_url), shape, passwords, endpoint.port, standby)
-        queue_url = events.create_rotation_queue(events.sqs_client(endpoint_url))  # the push path
+        arns = shapes.create_secrets(
+            secrets_client(endpoint_url), shape, passwords, endpoint.port, standby, with_app=not iam
+        )
+        # The push path; with IAM there is no secret, so no event to hear.
+        queue_url = None if iam else events.create_rotation_queue(events.sqs_client(endpoint_url))
         state.update(secrets=arns, endpoint=endpoint_url, queue_url=queue_url)
         env = service_env(state, port)
-        migrated = _migrate(*shapes.migration(shape, env, arns))
+        if iam:
+            # The stack's endpoint, for iam_stack's backend: it follows make failover/switchover.
+            to_database = endpoint
+            iam_stack = iam_mode.IamStack(cluster, lambda: ("127.0.0.1", to_database.port), state["iam_port"])
+            iam_stack.prepare()
+            migrated = _migrate("bootstrap", iam_mode.bootstrap_env(env, arns["master"]))
+            if not migrated:
+                iam_stack.start()
+            env = iam_mode.service_env(env, state)
+        else:
+            migrated = _migrate(*shapes.migration(shape, env, arns))
         if migrated:
             return migrated
         save_state(state)
@@ -168,6 +190,8 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if iam_stack is not None:
+            iam_stack.stop()
         if endpoint is not None:
             endpoint.stop()
         # After a failover or switchover these are the promoted standby and the stopped old primary.
@@ -180,6 +204,8 @@ def _run_local_stack(port: int, shape: str, replica: bool) -> int:
 def _banner(state: Mapping[str, Any], port: int, standby: PostgresCluster | None) -> None:
     python = _shown_path(Path(sys.executable))
     shape, replica = shapes.describe(state["shape"], standby)
+    if state.get("auth") == "iam" and standby is not None:
+        replica = f"hot standby 127.0.0.1:{standby.port}, synchronous, for make failover (unread in iam mode)"
     others = "master|replica" if standby is not None else "master"
     print(
         "\nCommNG is starting (Ctrl-C stops everything):\n"
@@ -191,9 +217,15 @@ def _banner(state: Mapping[str, Any], port: int, standby: PostgresCluster | None
         f"  ready    http://127.0.0.1:{port}/readyz\n"
         f"  admin    http://127.0.0.1:{port}/admin/   (user admin, token {state['admin_token']})\n"
         f"  metrics  http://127.0.0.1:{port}/metrics   (Bearer <metrics_token in the state file>)\n"
-        f"  rotate   make rotate   (the {service_secret(state)} secret; SECRET={others} for the others;"
-        " in another terminal)\n"
-        "  status   make status   (the server the endpoint serves, every worker's rotation state)\n"
+        + (
+            f"  login    IAM tokens: {iam_mode.HOSTNAME}:{state['iam_port']} checks each one (verify-full, "
+            "devstack/iam_endpoint.py); no secret, no watcher\n"
+            "  rotate   make rotate SECRET=master   (the master's; the service has no secret to rotate)\n"
+            if state.get("auth") == "iam"
+            else f"  rotate   make rotate   (the {service_secret(state)} secret; SECRET={others} for the "
+            "others; in another terminal)\n"
+        )
+        + "  status   make status   (the server the endpoint serves, every worker's rotation state)\n"
         + (
             "  move     make switchover | make failover   (Blue/Green or Multi-AZ, to the standby)\n"
             if standby is not None
@@ -292,6 +324,8 @@ def env_lines(which: str | None = None) -> list[str]:
     service's: ``--secret master`` is the DDL login ``make example`` creates its tables with.
     """
     owner, state = require_running()
+    if which is None and state.get("auth") == "iam":
+        return _iam_env_lines(owner, state)
     which = which or service_secret(state)
     if which not in state["secrets"]:
         raise SystemExit(f"the local stack has no {which} secret (it has {', '.join(state['secrets'])})")
@@ -312,6 +346,25 @@ def env_lines(which: str | None = None) -> list[str]:
         *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
         # The CLI is not a gunicorn worker: it must not write the service's metrics files.
         "unset PROMETHEUS_MULTIPROC_DIR",
+        "# ADMIN_TOKEN: the admin API's token, needed by `rotation check` only",
+        f"export ADMIN_TOKEN={shlex.quote(state['admin_token'])}",
+    ]
+
+
+def _iam_env_lines(owner: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+    """The CLI logs in as the service does: an IAM token, checked by the stack's endpoint."""
+    variables = {
+        **iam_mode.service_env(aws_env(state), state),
+        "PORT": str(owner.get("port", 8000)),
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "console",
+    }
+    return [
+        f"# the local stack running as pid {owner.get('pid', '?')} (state in {LOCAL}), for "
+        "`flask --app wsgi rotation status|check|history`",
+        "# AUTH=iam: the CLI logs in with an IAM token, as the service does (no password anywhere)",
+        *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
+        "unset PROMETHEUS_MULTIPROC_DIR DB_SECRET_ID",
         "# ADMIN_TOKEN: the admin API's token, needed by `rotation check` only",
         f"export ADMIN_TOKEN={shlex.quote(state['admin_token'])}",
     ]
@@ -342,6 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("0", "1"),
         default=None,
         help="1 (or the bare flag): a hot standby with its own secret; 0: none (default: 1 in the app shape)",
+    )
+    run_parser.add_argument(
+        "--auth",
+        choices=("secret", "iam"),
+        default=None,
+        help="how the service logs in: a rotated secret (default) or IAM tokens (DB_AUTH=iam)",
     )
     rotate_parser = sub.add_parser("rotate", help="rotate one secret of the local stack as AWS does")
     rotate_parser.add_argument(
@@ -393,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.port is None:
             check_or_exit(["PORT"])
         replica = None if args.replica is None else args.replica == "1"
-        return run(args.port or int(os.environ.get("PORT") or 8000), args.shape, replica)
+        return run(args.port or int(os.environ.get("PORT") or 8000), args.shape, replica, args.auth)
     if args.command == "failover":
         return topology.move("failover", stale_s=args.stale)
     if args.command == "switchover":

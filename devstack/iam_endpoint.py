@@ -259,9 +259,10 @@ class IamEndpoint:
             )
         except (OSError, TimeoutError):
             log.warning("iam endpoint could not reach the database at %s:%s", host, port)
-            raise _Refused(
-                "backend", pgwire.error_response("08006", "could not connect to the database")
-            ) from None
+            # Closed without a word, as a client of RDS sees an instance that is down or
+            # failing over: a connection that ends, which it may retry (an error message
+            # here would read as a refused login).
+            raise _Refused("backend", b"") from None
         writers.append(writer)
         await self._scram(reader, writer, params, user)
         client.write(pgwire.auth_request(pgwire.AUTH_OK))

@@ -81,6 +81,11 @@ def _announce(state: dict[str, Any], which: str, arn: str, version: str) -> None
 
 def _not_in_stack(which: str, state: dict[str, Any]) -> str:
     """The one line for a secret this stack does not have."""
+    if state.get("auth") == "iam":
+        return (
+            f"the local stack (state in {LOCAL}) runs AUTH=iam: the service logs in with IAM tokens and "
+            f"has no {which} secret to rotate (SECRET=master rotates the master's)"
+        )
     if state.get("shape") == "master":
         return (
             f"the local stack (state in {LOCAL}) runs SHAPE=master, which has no {which} secret "

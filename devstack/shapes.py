@@ -133,7 +133,12 @@ def start_standby(primary: PostgresCluster) -> PostgresCluster:
 
 
 def create_secrets(
-    client: Any, shape: str, passwords: Mapping[str, str], endpoint_port: int, standby: PostgresCluster | None
+    client: Any,
+    shape: str,
+    passwords: Mapping[str, str],
+    endpoint_port: int,
+    standby: PostgresCluster | None,
+    with_app: bool = True,
 ) -> dict[str, str]:
     """The secrets of ``shape``, shaped like infra/'s; returns their ARNs by name.
 
@@ -160,6 +165,8 @@ def create_secrets(
             "masterarn": master,
         }
 
+    if not with_app:  # IAM tokens (AUTH=iam): only the master's, for the bootstrap, as on RDS
+        return arns
     if shape == "app":
         arns["app"] = create("app", login(APP_ROLE, "app", endpoint_port))
     if standby is not None:

@@ -67,6 +67,8 @@ def service_secret(state: Mapping[str, Any]) -> str:
 
 def watched_secrets(state: Mapping[str, Any]) -> list[str]:
     """The secrets the service reads, whose events EventBridge delivers (infra/events.tf)."""
+    if state.get("auth") == "iam":
+        return []  # IAM tokens: the service reads no secret
     return [service_secret(state), *(["replica"] if "replica" in state.get("secrets", {}) else [])]
 
 
@@ -179,12 +181,13 @@ def require_running() -> tuple[dict[str, Any], dict[str, Any]]:
 def aws_env(state: Mapping[str, Any], secret: str | None = None) -> dict[str, str]:
     """The local Secrets Manager and SQS (one moto server), and the service's secret (or ``secret``'s)."""
     secrets = state["secrets"]
+    secret_id = secrets.get(secret or service_secret(state))  # none in iam mode (AUTH=iam)
     return {
         **DUMMY_AWS,
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["endpoint"],
         "AWS_ENDPOINT_URL_SQS": state["endpoint"],
         **({"DB_ROTATION_QUEUE_URL": state["queue_url"]} if state.get("queue_url") else {}),
-        "DB_SECRET_ID": secrets[secret or service_secret(state)],
+        **({"DB_SECRET_ID": secret_id} if secret_id else {}),
         "POSTGRES_HOST": "127.0.0.1",
         "POSTGRES_PORT": str(database_port(state)),
         "POSTGRES_DB": DATABASE,

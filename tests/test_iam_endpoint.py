@@ -9,6 +9,7 @@ endpoint's clock: nothing sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -28,7 +29,9 @@ import pg8000.native
 import psycopg2
 import pytest
 
-from devstack import PostgresCluster
+from commng_rotation import describe_error
+from commng_rotation.engines import is_transient
+from devstack import PostgresCluster, free_port
 from devstack.iam_endpoint import IamEndpoint
 from devstack.tls import make_server_cert
 from tests.helpers import Database, assert_no_secrets, drop_database, new_database, wait_for
@@ -107,6 +110,12 @@ def _rds_client(access_key: str, secret_key: str) -> Any:
     return boto3.client(
         "rds", region_name=REGION, aws_access_key_id=access_key, aws_secret_access_key=secret_key
     )
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port nobody listens on: a connect there is refused."""
+    yield free_port()
 
 
 def make_endpoint(
@@ -267,6 +276,32 @@ def test_no_token_or_password_reaches_a_log_or_an_error(
     secrets = [*stack.tokens, stack.app.password, stack.other.password]
     secrets += [token.rsplit("X-Amz-Signature=", 1)[1] for token in stack.tokens]
     assert_no_secrets(caplog.text + "\n".join(errors), secrets)
+
+
+def test_a_database_it_cannot_reach_closes_the_connection_as_a_down_instance_does(
+    pg: PostgresCluster, tls_dir: Path, stack: Stack
+) -> None:
+    """The backend refuses (a failover's stale name): the client sees its connection end, which
+    the rotation layer waits out, not a login error, which it would not."""
+    with (
+        silent_port() as closed,
+        make_endpoint(tls_dir, pg, {stack.app.role: stack.app.password}, Clock()) as endpoint,
+    ):
+        endpoint._backend = lambda: ("127.0.0.1", closed)
+        with pytest.raises(psycopg2.OperationalError) as refused:
+            psycopg2.connect(
+                host="localhost",
+                hostaddr="127.0.0.1",
+                port=endpoint.port,
+                user=stack.app.role,
+                password=stack.token(port=endpoint.port),
+                dbname=stack.app.name,
+                sslmode="verify-full",
+                sslrootcert=str(stack.ca),
+            )
+        assert describe_error(refused.value) == "connection closed unexpectedly"
+        assert is_transient(refused.value)
+        assert endpoint.refusals == {"backend": 1}
 
 
 def test_a_failed_backend_login_becomes_an_error_without_the_password(
