@@ -1,5 +1,7 @@
 """`flask --app wsgi db bootstrap`: the roles, grants and schema of a new database, idempotently.
 
+``bootstrap()`` does the work in the database, given the logins to create; the command
+(``commng.cli``) reads them from the settings and the secrets, and prints what changed.
 It runs as the database's master login (the app's usual ``DB_SECRET_ID`` path, pointed at
 the master secret) and leaves three kinds of role behind:
 
@@ -44,24 +46,13 @@ import flask_migrate
 import psycopg2
 import psycopg2.errors
 import sqlalchemy as sa
-from flask import current_app
-from flask.cli import with_appcontext
 from psycopg2 import sql
 from psycopg2.extensions import encrypt_password
 
 from commng.db import db
-from commng_rotation import (
-    Credentials,
-    InvalidSecret,
-    SecretsManagerSource,
-    SecretsUnavailable,
-    describe_error,
-    get_runtime,
-    make_secrets_client,
-)
-from config import Settings
+from commng_rotation import Credentials, describe_error
 
-__all__ = ["CLONE_SUFFIX", "bootstrap", "bootstrap_command", "login_pair"]
+__all__ = ["CLONE_SUFFIX", "bootstrap", "login_pair"]
 
 CLONE_SUFFIX = "_clone"
 SCHEMA = "public"
@@ -381,44 +372,3 @@ def _reader(step: _Step, login: Credentials, owner: str) -> None:
             own, schema, role
         )
     )
-
-
-def _app_login(settings: Settings) -> Credentials:
-    if settings.db_app_iam_user:
-        if settings.db_app_secret_id:
-            raise click.ClickException("DB_APP_IAM_USER and DB_APP_SECRET_ID exclude each other: set one")
-        return Credentials(settings.db_app_iam_user, "", settings.postgres_host, settings.postgres_port, "")
-    if not settings.db_app_secret_id:
-        raise click.ClickException(
-            "DB_APP_SECRET_ID (or DB_APP_IAM_USER) must name the app login bootstrap creates"
-        )
-    return _secret_login(settings.db_app_secret_id, "app")
-
-
-def _reader_login(settings: Settings) -> Credentials | None:
-    return _secret_login(settings.db_replica_secret_id, "replica") if settings.db_replica_secret_id else None
-
-
-def _secret_login(secret_id: str, what: str) -> Credentials:
-    runtime = get_runtime()
-    source = runtime.rotator().source
-    client = (
-        source.client if isinstance(source, SecretsManagerSource) else make_secrets_client(runtime.settings)
-    )
-    try:
-        return SecretsManagerSource(client, secret_id, runtime.settings).fetch().credentials
-    except (SecretsUnavailable, InvalidSecret) as exc:
-        raise click.ClickException(f"cannot read the {what} secret: {exc}") from None
-
-
-@click.command("bootstrap")
-@with_appcontext
-def bootstrap_command() -> None:
-    """Create the owner and app roles, migrate as the owner, grant the app role its rows. Idempotent."""
-    settings: Settings = current_app.config["COMMNG_SETTINGS"]
-    iam = bool(settings.db_app_iam_user)
-    changes = bootstrap(_app_login(settings), settings.db_owner_role, _reader_login(settings), iam)
-    for change in changes:
-        click.echo(change)
-    if not changes:
-        click.echo("nothing to change: roles, grants and schema are already in place")

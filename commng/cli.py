@@ -7,6 +7,10 @@ Manager for each bind's AWSCURRENT version (``commng.status``); ``check`` asks t
 running service, through its admin API, to check the secret (the server records that
 check in the history).
 
+`flask --app wsgi db bootstrap` is here too: it reads the logins to create from the
+settings and the secrets (the app's, the replica's), and ``commng.bootstrap`` makes them
+in the database.
+
 Every failure ends in one line (``click.ClickException``): a configuration error, a
 database or Secrets Manager that cannot be reached, an admin API that is down or
 refuses the token. No line holds a password or the token.
@@ -23,19 +27,24 @@ from typing import Any
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from flask_migrate.cli import db as migrate_group
 from sqlalchemy.exc import SQLAlchemyError
 
-from commng.bootstrap import bootstrap_command
+from commng.bootstrap import bootstrap
 from commng.db import db
 from commng.status import format_status, latest_by_worker_and_bind, status_document
 from commng_rotation import (
+    Credentials,
+    InvalidSecret,
     NoCredentials,
     RotationRecord,
+    SecretsManagerSource,
+    SecretsUnavailable,
     describe_error,
     get_runtime,
     list_events,
+    make_secrets_client,
 )
 from config import Settings
 
@@ -284,6 +293,47 @@ def format_history(rows: list[RotationRecord]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(HISTORY_COLUMNS))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table)
     return "\n".join(lines)
+
+
+def _app_login(settings: Settings) -> Credentials:
+    if settings.db_app_iam_user:
+        if settings.db_app_secret_id:
+            raise click.ClickException("DB_APP_IAM_USER and DB_APP_SECRET_ID exclude each other: set one")
+        return Credentials(settings.db_app_iam_user, "", settings.postgres_host, settings.postgres_port, "")
+    if not settings.db_app_secret_id:
+        raise click.ClickException(
+            "DB_APP_SECRET_ID (or DB_APP_IAM_USER) must name the app login bootstrap creates"
+        )
+    return _secret_login(settings.db_app_secret_id, "app")
+
+
+def _reader_login(settings: Settings) -> Credentials | None:
+    return _secret_login(settings.db_replica_secret_id, "replica") if settings.db_replica_secret_id else None
+
+
+def _secret_login(secret_id: str, what: str) -> Credentials:
+    runtime = get_runtime()
+    source = runtime.rotator().source
+    client = (
+        source.client if isinstance(source, SecretsManagerSource) else make_secrets_client(runtime.settings)
+    )
+    try:
+        return SecretsManagerSource(client, secret_id, runtime.settings).fetch().credentials
+    except (SecretsUnavailable, InvalidSecret) as exc:
+        raise click.ClickException(f"cannot read the {what} secret: {exc}") from None
+
+
+@click.command("bootstrap")
+@with_appcontext
+def bootstrap_command() -> None:
+    """Create the owner and app roles, migrate as the owner, grant the app role its rows. Idempotent."""
+    settings: Settings = current_app.config["COMMNG_SETTINGS"]
+    iam = bool(settings.db_app_iam_user)
+    changes = bootstrap(_app_login(settings), settings.db_owner_role, _reader_login(settings), iam)
+    for change in changes:
+        click.echo(change)
+    if not changes:
+        click.echo("nothing to change: roles, grants and schema are already in place")
 
 
 def init_app(app: Flask) -> None:

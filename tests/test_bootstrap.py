@@ -28,7 +28,7 @@ import pytest
 from psycopg2 import sql
 
 from commng.app import create_app
-from commng.bootstrap import bootstrap_command
+from commng.cli import bootstrap_command
 from commng_rotation import get_runtime
 from config import Settings
 from devstack import PostgresCluster, new_password

@@ -61,7 +61,7 @@ def test_a_refresh_killed_by_greenletexit_disposes_its_candidate_and_tells_joine
 
     def killed_probe(engine: sa.Engine, timeout_s: float) -> None:
         engine.connect().close()  # the candidate holds a real connection when the kill lands
-        seen.append((engine, engine.pool, r._flight))
+        seen.append((engine, engine.pool, r._refreshes.flight))
         raise GreenletExit
 
     monkeypatch.setattr(rotator, "probe", killed_probe)

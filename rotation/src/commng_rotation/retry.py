@@ -44,7 +44,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from commng_rotation import bounds
-from commng_rotation.engines import WRITER_ELSEWHERE, caller_retries
+from commng_rotation.engines import caller_retries
+from commng_rotation.errors import WRITER_ELSEWHERE
 from commng_rotation.runtime import get_runtime
 from commng_rotation.xid import ANCHOR_SQL, ATTEMPT_XIDS, NotedCommit
 

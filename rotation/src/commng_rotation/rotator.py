@@ -7,26 +7,24 @@ result. Credentials become current only after the swap has succeeded, so a faile
 swap is retried at the next check rather than a rotation later.
 
 A refresh serves every caller, so it runs under a deadline of its own, never the
-deadline of the request that happened to start it. A caller with a deadline (a
-request) waits for the refresh at most until its own deadline, the one that started it
-too: the refresh then runs in a thread of its own (a greenlet under gevent) and goes
-on when the caller gives up.
+deadline of the request that happened to start it: how callers share one refresh and
+wait for it is ``commng_rotation.flight``. What a refresh reports at its end (its event,
+its log line) is ``commng_rotation.attempt``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy.engine import Engine
 
-from commng_rotation import bounds
+from commng_rotation.attempt import Attempt
 from commng_rotation.credentials import (
     AWSCURRENT,
     AWSPENDING,
@@ -47,6 +45,7 @@ from commng_rotation.engines import (
     retire,
 )
 from commng_rotation.events import EventLog, Outcome, RotationEvent, Trigger
+from commng_rotation.flight import SingleFlight
 
 __all__ = ["Rotator", "RotatorClosed"]
 
@@ -66,28 +65,6 @@ MAX_DRAINING = 2
 
 class RotatorClosed(RuntimeError):
     """The rotator was closed (worker shutdown) while a refresh ran: nothing is installed."""
-
-
-class _Flight:
-    """The refresh in progress; joiners wait on it and read its result."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: RotationEvent | None = None
-
-
-@dataclass
-class _Attempt:
-    """One refresh as it goes: what started it and which stage it is reading now."""
-
-    trigger: Trigger
-    # The login PostgreSQL just refused (reactive refreshes only).
-    failed: Credentials | None
-    old_version: str | None
-    stage: str = AWSCURRENT
-    # The version AWSCURRENT pointed at when this attempt read it.
-    current_version: str | None = None
-    detected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class Rotator:
@@ -114,16 +91,15 @@ class Rotator:
         self.draining: list[ManagedEngine] = []
         self.trigger_counts: Counter[Trigger] = Counter()
         self._swap_lock = threading.Lock()
-        self._flight_lock = threading.Lock()
-        self._flight: _Flight | None = None
+        self._refreshes: SingleFlight[RotationEvent] = SingleFlight(
+            deadline_s=REFRESH_DEADLINE_S, join_timeout_s=JOIN_TIMEOUT_S, thread_name="commng-refresh"
+        )
         self._last_reactive: tuple[float, RotationEvent] | None = None
         # After adopting AWSPENDING in the window, the AWSCURRENT version it replaces is
         # known to fail: polls ignore it until AWSCURRENT moves to what we already use.
         self._window_from: str | None = None
         self._stop = threading.Event()
         self._drainers: list[threading.Thread] = []
-        # Refreshes run for callers that stopped waiting (see refresh()).
-        self._refreshers: list[threading.Thread] = []
         factory.on_auth_failure = self.on_auth_failure
 
     # -- start-up -------------------------------------------------------------------
@@ -193,68 +169,39 @@ class Rotator:
 
     def _refresh_or_join(self, trigger: Trigger, failed: Credentials | None) -> tuple[RotationEvent, bool]:
         """The event, and whether it is the refresh's own (False: this caller stopped waiting)."""
-        with self._flight_lock:
-            flight = self._flight
-            leader = flight is None
-            if flight is None:
-                flight = self._flight = _Flight()
-        left = bounds.remaining()
-        if leader and left is None:
-            return self._fly(flight, trigger, failed), True  # no deadline to keep: the watcher, the CLI
-        if leader:
-            # In a copy of the caller's context: its log fields (the request id) stay on the
-            # refresh's lines; its deadline does not (the refresh sets its own).
-            context = contextvars.copy_context()
-            thread = threading.Thread(
-                target=context.run,
-                args=(self._fly_detached, flight, trigger, failed),
-                name="commng-refresh",
-                daemon=True,
-            )
-            self._refreshers = [t for t in self._refreshers if t.is_alive()] + [thread]
-            thread.start()
-        wait_s = JOIN_TIMEOUT_S if left is None else max(0.0, min(JOIN_TIMEOUT_S, left))
-        if flight.done.wait(wait_s) and flight.result is not None:
-            return flight.result, True
-        return RotationEvent(trigger, Outcome.FAILED, self.bind, error="JoinTimeout"), False
 
-    def _fly(self, flight: _Flight, trigger: Trigger, failed: Credentials | None) -> RotationEvent:
-        """Run the refresh of ``flight`` under its own deadline; tell the joiners; may raise."""
-        try:
-            with bounds.own_deadline(REFRESH_DEADLINE_S):
-                result = flight.result = self._refresh(trigger, failed)
-        except BaseException as exc:  # killed (GreenletExit): joiners learn why, not "JoinTimeout"
-            flight.result = RotationEvent(trigger, Outcome.FAILED, self.bind, error=type(exc).__name__)
-            raise
-        finally:
-            with self._flight_lock:
-                self._flight = None
-            flight.done.set()
-        return result
+        def killed(exc: BaseException) -> RotationEvent:
+            return RotationEvent(trigger, Outcome.FAILED, self.bind, error=type(exc).__name__)
 
-    def _fly_detached(self, flight: _Flight, trigger: Trigger, failed: Credentials | None) -> None:
-        """``_fly`` in a thread of its own: what its caller no longer waits for is still remembered."""
-        try:
-            self._fly(flight, trigger, failed)
-        finally:
-            if trigger == Trigger.AUTH_FAILURE and flight.result is not None:
-                self._last_reactive = (time.monotonic(), flight.result)
+        def detached(event: RotationEvent) -> None:
+            # A refresh its caller no longer waits for is still shared (on_auth_failure()).
+            if trigger == Trigger.AUTH_FAILURE:
+                self._last_reactive = (time.monotonic(), event)
+
+        event = self._refreshes.run_or_join(lambda: self._refresh(trigger, failed), killed, detached)
+        if event is None:
+            return RotationEvent(trigger, Outcome.FAILED, self.bind, error="JoinTimeout"), False
+        return event, True
 
     def _refresh(self, trigger: Trigger, failed: Credentials | None) -> RotationEvent:
         """Fetch, then either record "unchanged" or adopt the new login; never raises."""
         self.trigger_counts[trigger] += 1
-        attempt = _Attempt(trigger, failed, self.current.version_id if self.current else None)
+        attempt = Attempt(self.bind, trigger, failed, self.current.version_id if self.current else None)
         try:
             latest = self._fetch_latest(attempt)
             if latest is None:
-                return self._unchanged(attempt)
-            self._log_detected(attempt, latest)
+                return self._record(attempt.unchanged(self.current.version_id if self.current else None))
+            attempt.detected(latest)
             latest, swap_ms, old = self._adopt_latest(attempt, latest)
         except Exception as exc:
-            return self._failed(attempt, exc)
-        return self._rotated(attempt, latest, swap_ms, old)
+            return self._record(attempt.failure(exc))
+        event = attempt.rotated(latest, swap_ms)
+        self._record(event)
+        if old is not None:
+            self._start_drain(old, event)
+        return event
 
-    def _fetch_latest(self, attempt: _Attempt) -> SecretVersion | None:
+    def _fetch_latest(self, attempt: Attempt) -> SecretVersion | None:
         """The version to adopt, or None when AWSCURRENT holds the login in use."""
         latest = self.source.fetch(AWSCURRENT)
         attempt.detected_at = datetime.now(UTC)
@@ -274,7 +221,7 @@ class Rotator:
             return None
         return latest
 
-    def _fetch_pending(self, attempt: _Attempt) -> SecretVersion:
+    def _fetch_pending(self, attempt: Attempt) -> SecretVersion:
         """AWSPENDING; or AWSCURRENT again when the rotation finished since we read it.
 
         Secrets Manager's last step moves AWSCURRENT to the new version, then takes
@@ -297,7 +244,7 @@ class Rotator:
         return latest
 
     def _adopt_latest(
-        self, attempt: _Attempt, latest: SecretVersion
+        self, attempt: Attempt, latest: SecretVersion
     ) -> tuple[SecretVersion, float, ManagedEngine | None]:
         """Adopt ``latest``; after a login failure, fall back to AWSPENDING if it fails too."""
         try:
@@ -310,65 +257,6 @@ class Rotator:
         pending = self.source.fetch(AWSPENDING)
         swap_ms, old = self._adopt(pending, attempt.current_version)
         return pending, swap_ms, old
-
-    def _log_detected(self, attempt: _Attempt, latest: SecretVersion) -> None:
-        log.info(
-            "rotation_detected",
-            bind=self.bind,
-            trigger=attempt.trigger,
-            stage=attempt.stage,
-            old_version=attempt.old_version,
-            new_version=latest.version_id,
-        )
-        log.info("refresh_started", bind=self.bind, trigger=attempt.trigger)
-
-    def _unchanged(self, attempt: _Attempt) -> RotationEvent:
-        new_version = self.current.version_id if self.current else None
-        return self._record(
-            RotationEvent(attempt.trigger, Outcome.UNCHANGED, self.bind, attempt.old_version, new_version)
-        )
-
-    def _failed(self, attempt: _Attempt, exc: Exception) -> RotationEvent:
-        log.error(
-            "refresh_failed",
-            bind=self.bind,
-            trigger=attempt.trigger,
-            stage=attempt.stage,
-            old_version=attempt.old_version,
-            error=error_code(exc),
-            reason=describe_error(exc),
-        )
-        failed = RotationEvent(
-            attempt.trigger, Outcome.FAILED, self.bind, attempt.old_version, error=error_code(exc)
-        )
-        return self._record(failed)
-
-    def _rotated(
-        self, attempt: _Attempt, latest: SecretVersion, swap_ms: float, old: ManagedEngine | None
-    ) -> RotationEvent:
-        event = RotationEvent(
-            attempt.trigger,
-            Outcome.ROTATED,
-            self.bind,
-            attempt.old_version,
-            latest.version_id,
-            detection_latency_ms=_latency_ms(latest, attempt.detected_at),
-            swap_ms=swap_ms,
-        )
-        log.info(
-            "refresh_succeeded",
-            bind=self.bind,
-            trigger=attempt.trigger,
-            stage=attempt.stage,
-            old_version=attempt.old_version,
-            new_version=latest.version_id,
-            swap_ms=round(swap_ms, 1),
-            detection_latency_ms=event.detection_latency_ms,
-        )
-        self._record(event)
-        if old is not None:
-            self._start_drain(old, event)
-        return event
 
     def _adopt(
         self, version: SecretVersion, failing_current: str | None
@@ -467,12 +355,3 @@ class Rotator:
                 if managed is not None:
                     retire(managed)
             self.draining.clear()
-
-
-def _latency_ms(version: SecretVersion, detected_at: datetime) -> float | None:
-    if version.created_at is None:
-        return None
-    created = version.created_at
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
-    return round(max(0.0, (detected_at - created).total_seconds() * 1000), 1)
