@@ -126,6 +126,10 @@ _MESSAGE_REASONS = (
     ("statement timeout", ("statement timeout",)),
     ("no route to host", ("no route to host",)),
     ("network unreachable", ("network is unreachable",)),
+    # A TLS session the server side ended (an instance going down, a proxy in front of one
+    # that is): the connection ended, as without TLS, not a TLS failure.
+    ("connection closed unexpectedly", ("ssl connection has been closed unexpectedly",)),
+    ("connection closed unexpectedly", ("ssl syscall error", "eof detected")),
     ("TLS failure", ("ssl",)),
     ("TLS failure", ("certificate",)),
     ("connection terminated by the server", ("terminating connection",)),
