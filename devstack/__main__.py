@@ -325,15 +325,25 @@ def env_lines(which: str | None = None) -> list[str]:
     """
     owner, state = require_running()
     if which is None and state.get("auth") == "iam":
-        return _iam_env_lines(owner, state)
-    which = which or service_secret(state)
-    if which not in state["secrets"]:
-        raise SystemExit(f"the local stack has no {which} secret (it has {', '.join(state['secrets'])})")
-    secret = SECRET_NAMES[which]
+        # AUTH=iam: the CLI logs in as the service does, with an IAM token (no secret at all).
+        login = iam_mode.service_env(aws_env(state), state)
+        how = "# AUTH=iam: the CLI logs in with an IAM token, as the service does (no password anywhere)"
+    else:
+        which = which or service_secret(state)
+        if which not in state["secrets"]:
+            raise SystemExit(f"the local stack has no {which} secret (it has {', '.join(state['secrets'])})")
+        replica = state["secrets"].get("replica")
+        login = {
+            **aws_env(state, which),
+            # `rotation status` compares the replica's workers with the replica's own secret.
+            **({"DB_REPLICA_SECRET_ID": replica} if replica else {}),
+        }
+        how = (
+            f"# the database login is read from the local Secrets Manager ({SECRET_NAMES[which]}), "
+            "as the service does"
+        )
     variables = {
-        **aws_env(state, which),
-        # `rotation status` compares the replica's workers with the replica's own secret.
-        **({"DB_REPLICA_SECRET_ID": state["secrets"]["replica"]} if "replica" in state["secrets"] else {}),
+        **login,
         "PORT": str(owner.get("port", 8000)),
         # The CLI's own start-up lines (credentials found, fetched) are not the service's.
         "LOG_LEVEL": "WARNING",
@@ -342,29 +352,10 @@ def env_lines(which: str | None = None) -> list[str]:
     return [
         f"# the local stack running as pid {owner.get('pid', '?')} (state in {LOCAL}), for "
         "`flask --app wsgi rotation status|check|history`",
-        f"# the database login is read from the local Secrets Manager ({secret}), as the service does",
+        how,
         *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
         # The CLI is not a gunicorn worker: it must not write the service's metrics files.
         "unset PROMETHEUS_MULTIPROC_DIR",
-        "# ADMIN_TOKEN: the admin API's token, needed by `rotation check` only",
-        f"export ADMIN_TOKEN={shlex.quote(state['admin_token'])}",
-    ]
-
-
-def _iam_env_lines(owner: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
-    """The CLI logs in as the service does: an IAM token, checked by the stack's endpoint."""
-    variables = {
-        **iam_mode.service_env(aws_env(state), state),
-        "PORT": str(owner.get("port", 8000)),
-        "LOG_LEVEL": "WARNING",
-        "LOG_FORMAT": "console",
-    }
-    return [
-        f"# the local stack running as pid {owner.get('pid', '?')} (state in {LOCAL}), for "
-        "`flask --app wsgi rotation status|check|history`",
-        "# AUTH=iam: the CLI logs in with an IAM token, as the service does (no password anywhere)",
-        *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
-        "unset PROMETHEUS_MULTIPROC_DIR DB_SECRET_ID",
         "# ADMIN_TOKEN: the admin API's token, needed by `rotation check` only",
         f"export ADMIN_TOKEN={shlex.quote(state['admin_token'])}",
     ]

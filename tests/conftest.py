@@ -26,6 +26,7 @@ from config import Settings
 from devstack import PostgresCluster, free_port
 from devstack.postgres import make_standby
 from tests.helpers import Database, drop_database, migrated_cluster, new_database, start_image_venv
+from tests.localstack import new_local_dir
 
 # Never reach a real AWS account, whatever the environment holds.
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER"):
@@ -73,6 +74,16 @@ def database(pg: PostgresCluster) -> Iterator[Database]:
     db = new_database(pg)
     yield db
     drop_database(db)
+
+
+@pytest.fixture
+def local_dir() -> Iterator[Path]:
+    """A private .local for a `python -m devstack` of the test's own (tests/localstack.py)."""
+    path = new_local_dir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,8 +18,8 @@ from typing import IO, Any
 
 import requests
 
-from devstack import secrets_client
-from devstack.processes import http_status
+from devstack import PostgresCluster, secrets_client
+from devstack.processes import LoadGenerator, http_status
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +143,64 @@ class RunningStack:
         token = self.state()["metrics_token"]  # /metrics is private by default, not the admin token's
         headers = {"Authorization": f"Bearer {token}"}
         return requests.get(f"{self.url}/metrics", headers=headers, timeout=10).text
+
+
+# -- failover and switchover under load (tests/test_devstack_moves.py, test_devstack_iam.py) --
+
+MOVE_ENV = {"LOG_FORMAT": "json", "DB_SECRET_REFRESH_INTERVAL_MS": "1000"}
+
+
+def run_stack(local_dir: Path, port: int, *args: str) -> RunningStack:
+    """`python -m devstack run` with ``args``, JSON logs and a 1 s poll, appending to run.log."""
+    log = (local_dir / "run.log").open("ab")
+    process = start_stack(local_dir, port, log, *args, env=MOVE_ENV)
+    log.close()
+    running = RunningStack(process, local_dir, port)
+    assert process.poll() is None, running.log()[-3000:]
+    return running
+
+
+def ctrl_c(running: RunningStack) -> None:
+    """Ctrl-C to the stack's process group, as in its terminal; waits for it to end."""
+    if running.process.poll() is None:
+        os.killpg(running.process.pid, signal.SIGINT)  # Ctrl-C
+    running.process.wait(90)
+
+
+def where(running: RunningStack) -> list[str]:
+    """`python -m devstack where`: which server the endpoint serves, and the standby."""
+    result = devstack(running.local_dir, "where")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def move_under_load(running: RunningStack, *move: str) -> tuple[LoadGenerator, str]:
+    """Load with keys and one retry of a 503; ``move`` in the middle; (the load, the move's output)."""
+    channel = requests.post(f"{running.url}/api/channels", json={"name": move[0]}, timeout=10).json()["id"]
+    load = LoadGenerator(running.url, [channel], clients=4, max_s=120, keys=True, retry_503=True)
+    load.start()
+    try:
+        wait_for(lambda: len(load.result.created_ids) >= 20, timeout_s=30)
+        moved = devstack(running.local_dir, *move, timeout=120)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        running.outputs.append(moved.stdout + moved.stderr)
+        after = len(load.result.created_ids)
+        wait_for(lambda: len(load.result.created_ids) >= after + 40, timeout_s=30)  # writes go on
+    finally:
+        load.stop()
+    return load, moved.stdout
+
+
+def assert_every_write_once(running: RunningStack, load: LoadGenerator) -> None:
+    """Every acknowledged id is on the endpoint's primary (none lost); no body twice (none duplicated)."""
+    result, tag = load.result, load.tag
+    assert result.failures == [], [*map(repr, result.failures[:5])]
+    state = running.state()
+    primary = PostgresCluster(running.local_dir, state["endpoint_port"], state["superuser_password"])
+    rows = primary.execute(
+        "SELECT id, body FROM messages WHERE body LIKE %s", (f"{tag} %",), dbname="comm_ng"
+    )
+    stored = {row[0] for row in rows}
+    lost = set(result.created_ids) - stored
+    duplicated = len(rows) - len({row[1] for row in rows})
+    assert (len(lost), duplicated) == (0, 0), (sorted(lost)[:10], duplicated)

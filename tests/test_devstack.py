@@ -43,15 +43,6 @@ from tests.localstack import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def local_dir() -> Iterator[Path]:
-    path = new_local_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[RunningStack]:
     """`python -m devstack run` on a free port; Ctrl-C after the module's last test."""

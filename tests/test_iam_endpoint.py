@@ -278,6 +278,20 @@ def test_no_token_or_password_reaches_a_log_or_an_error(
     assert_no_secrets(caplog.text + "\n".join(errors), secrets)
 
 
+def _login_through(endpoint: IamEndpoint, stack: Stack) -> Any:
+    """The app's login with a good token through ``endpoint`` (not the stack's own)."""
+    return psycopg2.connect(
+        host="localhost",
+        hostaddr="127.0.0.1",
+        port=endpoint.port,
+        user=stack.app.role,
+        password=stack.token(port=endpoint.port),
+        dbname=stack.app.name,
+        sslmode="verify-full",
+        sslrootcert=str(stack.ca),
+    )
+
+
 def test_a_database_it_cannot_reach_closes_the_connection_as_a_down_instance_does(
     pg: PostgresCluster, tls_dir: Path, stack: Stack
 ) -> None:
@@ -289,16 +303,7 @@ def test_a_database_it_cannot_reach_closes_the_connection_as_a_down_instance_doe
     ):
         endpoint._backend = lambda: ("127.0.0.1", closed)
         with pytest.raises(psycopg2.OperationalError) as refused:
-            psycopg2.connect(
-                host="localhost",
-                hostaddr="127.0.0.1",
-                port=endpoint.port,
-                user=stack.app.role,
-                password=stack.token(port=endpoint.port),
-                dbname=stack.app.name,
-                sslmode="verify-full",
-                sslrootcert=str(stack.ca),
-            )
+            _login_through(endpoint, stack)
         assert describe_error(refused.value) == "connection closed unexpectedly"
         assert is_transient(refused.value)
         assert endpoint.refusals == {"backend": 1}
@@ -310,16 +315,7 @@ def test_a_failed_backend_login_becomes_an_error_without_the_password(
     wrong = "wrong #?%&=+ password"
     with make_endpoint(tls_dir, pg, {stack.app.role: wrong}, Clock()) as endpoint:
         with pytest.raises(psycopg2.OperationalError) as refused:
-            psycopg2.connect(
-                host="localhost",
-                hostaddr="127.0.0.1",
-                port=endpoint.port,
-                user=stack.app.role,
-                password=stack.token(port=endpoint.port),
-                dbname=stack.app.name,
-                sslmode="verify-full",
-                sslrootcert=str(stack.ca),
-            )
+            _login_through(endpoint, stack)
         assert "password authentication failed" in str(refused.value)
         assert endpoint.refusals == {"backend": 1}
     assert_no_secrets(str(refused.value) + caplog.text, [wrong, stack.app.password, *stack.tokens])
