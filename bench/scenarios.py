@@ -274,6 +274,18 @@ def _db_restart(ctx: Context) -> None:
     ctx.extra["up_at_s"] = ctx.mark("PostgreSQL accepts connections")
 
 
+_MOVE_LABELS = (  # first match wins
+    ("green is promoted", "green promoted, endpoint moved"),
+    ("crashed", "primary crashed"),
+    ("refuses", "endpoint refuses"),
+    ("is promoted", "standby promoted"),
+    ("points at", "endpoint moved"),
+    ("is read-only", "blue read-only"),
+    ("replayed", "green caught up"),
+    ("terminated", "blue's sessions ended"),
+)
+
+
 def _move(kind: str) -> Callable[[Context], None]:
     """A failover (refused for 3 s, then the promoted standby) or a switchover (1 s read-only)."""
 
@@ -283,7 +295,10 @@ def _move(kind: str) -> Callable[[Context], None]:
         ctx.sleep_until(3.0 if ctx.smoke else 6.0)
 
         def mark(line: str) -> None:
-            ctx.mark(line.split(": ", 1)[-1])
+            # The plot's labels: a few words for each step devstack/moves.py reports.
+            step = line.split(": ", 1)[-1]
+            short = next((label for words, label in _MOVE_LABELS if words in step), step[:30])
+            ctx.mark(short)
 
         if kind == "failover":
             done = moves.failover(stack.endpoint, stack.cluster, stack.standby(), stale_s=3.0, log=mark)
