@@ -17,12 +17,21 @@ checks such a token, so this endpoint does what RDS does in front of PostgreSQL:
    (ParameterStatus, BackendKeyData, ReadyForQuery and the whole session) until either
    side closes. A session outlives its token, as on RDS: the token is checked once.
 
+With ``check_tokens=False`` (password mode) it checks nothing itself: after TLS and the
+StartupMessage it forwards the client's startup to ``backend()`` and relays the backend's
+own authentication exchange (SCRAM, or a refusal) message by message, untouched both ways,
+then relays the session exactly as in IAM mode. The bench runs the service through it in
+both modes, so that the local endpoint's cost (TLS termination, one asyncio thread) lands on
+the IAM login and on its password twin alike, and only the login differs.
+
 A CancelRequest is relayed to ``backend()`` as is: the client holds the real backend's key
 (BackendKeyData is forwarded untouched), and PostgreSQL answers a cancel with nothing.
 
 All sessions run on one asyncio loop in a thread of its own, so the endpoint can live in a
 test process or beside ``make run``'s other servers. ``refusals`` counts refused logins by
-cause (the causes of ``iam_token.refusal``, plus ``no_tls``, ``protocol`` and ``backend``).
+cause (the causes of ``iam_token.refusal``, plus ``no_tls``, ``protocol``, ``backend`` and,
+in password mode, ``password``: the backend refused the client's own login); ``connects``
+counts completed logins (new backend sessions) in either mode.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ _LOGIN_STEP_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _CLOSE_TIMEOUT_S = 2.0
 _CHUNK = 65536
+# The authentication requests a client answers (with a PasswordMessage or a SASL response):
+# cleartext, MD5, SASL and SASL continue. SASL final and Ok expect nothing.
+_ANSWERED = frozenset({pgwire.AUTH_CLEARTEXT, pgwire.AUTH_MD5, pgwire.AUTH_SASL, pgwire.AUTH_SASL_CONTINUE})
 
 
 class _Refused(Exception):
@@ -74,7 +86,7 @@ class IamEndpoint:
         self,
         *,
         backend: Callable[[], tuple[str, int]],
-        logins: Mapping[str, str],
+        logins: Mapping[str, str] | None = None,
         hostname: str,
         region: str,
         access_key: str,
@@ -86,10 +98,16 @@ class IamEndpoint:
         listen_host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        check_tokens: bool = True,
     ) -> None:
-        """``clock`` (wall-clock seconds) lets a test age tokens without waiting."""
+        """``clock`` (wall-clock seconds) lets a test age tokens without waiting.
+
+        ``logins`` (user -> the backend password only the stack knows) is what IAM mode logs
+        in with; password mode (``check_tokens=False``) needs none: the client brings its own.
+        """
         self._backend = backend
-        self._logins = dict(logins)
+        self._logins = dict(logins or {})
+        self.check_tokens = check_tokens
         self._hostname = hostname
         self._region = region
         self._access_key = access_key
@@ -103,6 +121,7 @@ class IamEndpoint:
         self._tls.load_cert_chain(certfile, keyfile)
         self.port = port
         self.refusals: dict[str, int] = {}
+        self.connects = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -172,6 +191,7 @@ class IamEndpoint:
         try:
             backend = await self._login(reader, writer, writers)
             if backend is not None:
+                self.connects += 1
                 await self._relay(reader, writer, *backend)
         except _Refused as refused:
             self.refusals[refused.cause] = self.refusals.get(refused.cause, 0) + 1
@@ -216,6 +236,8 @@ class IamEndpoint:
                 f'no pg_hba.conf entry for host "{host}", user "{user}", database "{database}", no encryption'
             )
             raise _Refused("no_tls", pgwire.error_response("28000", text, routine="ClientAuthentication"))
+        if not self.check_tokens:
+            return await self._passthrough_login(params, reader, writer, writers)
         writer.write(pgwire.auth_request(pgwire.AUTH_CLEARTEXT))
         await writer.drain()
         kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
@@ -252,6 +274,14 @@ class IamEndpoint:
         writers: list[asyncio.StreamWriter],
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Log in to ``backend()`` as ``user`` with SCRAM-SHA-256; AuthenticationOk goes to the client."""
+        reader, writer = await self._open_backend(writers)
+        await self._scram(reader, writer, params, user)
+        client.write(pgwire.auth_request(pgwire.AUTH_OK))
+        return reader, writer
+
+    async def _open_backend(
+        self, writers: list[asyncio.StreamWriter]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = self._backend()
         try:
             reader, writer = await asyncio.wait_for(
@@ -263,9 +293,41 @@ class IamEndpoint:
                 "backend", pgwire.error_response("08006", "could not connect to the database")
             ) from None
         writers.append(writer)
-        await self._scram(reader, writer, params, user)
-        client.write(pgwire.auth_request(pgwire.AUTH_OK))
         return reader, writer
+
+    async def _passthrough_login(
+        self,
+        params: dict[str, str],
+        client_reader: asyncio.StreamReader,
+        client: asyncio.StreamWriter,
+        writers: list[asyncio.StreamWriter],
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Password mode: the backend's own login, relayed untouched, up to its AuthenticationOk.
+
+        Each backend message goes to the client as it came; an authentication request that
+        wants an answer (cleartext, MD5, SASL, SASL continue) gets the client's next message,
+        forwarded as it came. The endpoint never sees the password in a form it could use:
+        with SCRAM only the proof crosses it. A refusal is the backend's own ErrorResponse.
+        """
+        reader, writer = await self._open_backend(writers)
+        writer.write(pgwire.startup_message(params))
+        while True:
+            await writer.drain()
+            kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
+            if kind == b"E":
+                raise _Refused("password", pgwire.message(kind, body))
+            client.write(pgwire.message(kind, body))
+            if kind != b"R":
+                continue  # e.g. NegotiateProtocolVersion: nothing to answer
+            (code,) = struct.unpack("!I", body[:4])
+            if code == pgwire.AUTH_OK:
+                return reader, writer
+            if code in _ANSWERED:
+                await client.drain()
+                answer, data = await asyncio.wait_for(
+                    pgwire.read_message(client_reader), _LOGIN_STEP_TIMEOUT_S
+                )
+                writer.write(pgwire.message(answer, data))
 
     async def _scram(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, params: dict[str, str], user: str
