@@ -93,12 +93,18 @@ def app_env(stack: BenchStack, endpoint: EndpointProcess, db: AppDatabase, mode:
 
 
 def figures(
-    before: dict[str, Any], after: dict[str, Any], elapsed_s: float, output: str, wall_t0: float
+    before: dict[str, Any],
+    after: dict[str, Any],
+    elapsed_s: float,
+    requests: int,
+    output: str,
+    wall_t0: float,
 ) -> dict[str, Any]:
     """Logins, tokens and refusals of one scenario (``before``/``after``: the endpoint's stats).
 
-    Connects are counted over the measured load (its own slices when interleaved); refusals,
-    tokens signed and ``iam_token_refused`` lines over the scenario's whole life (start-up and
+    Connects and the endpoint's CPU are counted over the measured load (the whole run when
+    interleaved: the endpoint idles through the other scenario's slices); refusals, tokens
+    signed and ``iam_token_refused`` lines over the scenario's whole life (start-up and
     warm-up too): each must be 0 where it is a refusal.
     """
     connects = int(after["connects"]) - int(before["connects"])
@@ -114,6 +120,8 @@ def figures(
         "tokens_signed_total": len(all_us),
         "sign_us_median": round(statistics.median(all_us)) if all_us else None,
         "tokens_in_log": output.count("X-Amz-Signature"),
+        # The endpoint's own work (TLS, relay, and in iam mode the token check and SCRAM login).
+        "endpoint_cpu_ms_per_request": round((after["cpu_s"] - before["cpu_s"]) * 1000 / max(1, requests), 3),
     }
 
 

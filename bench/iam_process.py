@@ -9,7 +9,7 @@ identical but for ``check_tokens``.
 The parent talks to it over pipes, one JSON line at a time: the endpoint's arguments (the
 backend password among them: never on the command line, where ``ps`` would show it) go to
 its stdin; it answers ``{"port": N}`` once it listens; each ``stats`` line is answered with
-``{"connects": N, "refusals": {cause: N}}``; end of input stops it.
+``{"connects": N, "refusals": {cause: N}, "cpu_s": seconds}`` (its process's CPU time); end of input stops it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,7 +59,7 @@ class EndpointProcess:
         return self
 
     def stats(self) -> dict[str, Any]:
-        """Completed logins and refusals by cause, counted since the endpoint started."""
+        """Completed logins, refusals by cause and CPU seconds, counted since the endpoint started."""
         return self._ask("stats", _ANSWER_TIMEOUT_S)
 
     def stop(self) -> None:
@@ -117,7 +118,11 @@ def _serve() -> None:
         print(json.dumps({"port": endpoint.port}), flush=True)
         for line in sys.stdin:
             if line.strip() == "stats":
-                counts = {"connects": endpoint.connects, "refusals": dict(endpoint.refusals)}
+                counts = {
+                    "connects": endpoint.connects,
+                    "refusals": dict(endpoint.refusals),
+                    "cpu_s": time.process_time(),
+                }
                 print(json.dumps(counts), flush=True)
 
 

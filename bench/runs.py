@@ -212,7 +212,9 @@ def finish(
     if run.endpoint is not None:
         after = run.endpoint.stats()
         run.ctx.extra.update(
-            iam.figures(run.endpoint_before, after, elapsed_s, run.server.output(), run.wall_t0)
+            iam.figures(
+                run.endpoint_before, after, elapsed_s, len(result.samples), run.server.output(), run.wall_t0
+            )
         )
     run.stop()
     if run.scenario.name in FAULT_SCENARIOS:

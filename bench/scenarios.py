@@ -404,7 +404,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "iam",
             "DB_AUTH=iam via the IAM-checking endpoint (verify-full; token reused 20 s, valid 30 s)",
-            40,
+            60,
             8,
             secrets_manager=False,
             endpoint="iam",
@@ -412,7 +412,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "iam-password",
             "the secret's password (SCRAM) via the same endpoint in password mode (verify-full)",
-            40,
+            60,
             8,
             endpoint="password",
             env=(("DB_SECRET_REFRESH_INTERVAL_MS", str(Settings().db_secret_refresh_interval_ms)),),

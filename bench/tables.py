@@ -105,6 +105,7 @@ _NOT_NOTED = {
     "tokens_signed_total",
     "sign_us_median",
     "tokens_in_log",
+    "endpoint_cpu_ms_per_request",
 }
 
 
@@ -150,8 +151,8 @@ def _iam_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "| scenario (via the endpoint) | ok rps | p50 / p99 ms | failed | connects (per s of load) | "
-        "tokens signed: run / total | signing µs median | refused logins |",
-        "|---|---:|---|---:|---|---|---:|---|",
+        "tokens signed: run / total | signing µs median | endpoint CPU ms/request | refused logins |",
+        "|---|---:|---|---:|---|---|---:|---:|---|",
     ]
     for r in rows:
         x, lat = r["extra"], r["latency_ms"]
@@ -160,6 +161,7 @@ def _iam_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {r['name']} | {_fmt(r['throughput_rps'])} | {_fmt(lat['p50'])} / {_fmt(lat['p99'])} | "
             f"{r['failures']} | {x['connects']} ({_fmt(x['connects_per_s'])}) | "
             f"{x['tokens_signed_run']} / {x['tokens_signed_total']} | {_fmt(x['sign_us_median'])} | "
+            f"{x['endpoint_cpu_ms_per_request']} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(refused.items())) or 0} |"
         )
     return lines
