@@ -12,7 +12,8 @@ checks such a token, so this endpoint does what RDS does in front of PostgreSQL:
    user "<user>"``, RDS's words, and the connection is closed. The token is never logged.
 3. It logs in to the real PostgreSQL (``backend()``, asked per connection, so a test or a
    failover can move it) as the same user with the password only the stack knows, over
-   SCRAM-SHA-256 computed by ``scramp``, passing the client's startup parameters on.
+   SCRAM-SHA-256 computed by ``scramp``, passing the client's startup parameters on
+   (``devstack.backend_login`` holds both ways of logging in to the backend).
 4. It sends the client AuthenticationOk and then relays bytes both ways untouched
    (ParameterStatus, BackendKeyData, ReadyForQuery and the whole session) until either
    side closes. A session outlives its token, as on RDS: the token is checked once.
@@ -45,31 +46,15 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import scramp
-
 from devstack import pgwire
+from devstack.backend_login import LOGIN_STEP_TIMEOUT_S, Refused, relayed_login, scram_login
 from devstack.iam_token import TokenPolicy, refusal
 
 log = logging.getLogger(__name__)
 
-# How long a client or the backend may take over each step of a login; the relayed session
-# itself has no timeout (an idle pooled connection may sit for hours).
-_LOGIN_STEP_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _CLOSE_TIMEOUT_S = 2.0
 _CHUNK = 65536
-# The authentication requests a client answers (with a PasswordMessage or a SASL response):
-# cleartext, MD5, SASL and SASL continue. SASL final and Ok expect nothing.
-_ANSWERED = frozenset({pgwire.AUTH_CLEARTEXT, pgwire.AUTH_MD5, pgwire.AUTH_SASL, pgwire.AUTH_SASL_CONTINUE})
-
-
-class _Refused(Exception):
-    """A login ends here: ``cause`` is counted, ``reply`` (an ErrorResponse) goes to the client."""
-
-    def __init__(self, cause: str, reply: bytes) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.reply = reply
 
 
 def _pam_failed(user: str) -> bytes:
@@ -193,7 +178,7 @@ class IamEndpoint:
             if backend is not None:
                 self.connects += 1
                 await self._relay(reader, writer, *backend)
-        except _Refused as refused:
+        except Refused as refused:
             self.refusals[refused.cause] = self.refusals.get(refused.cause, 0) + 1
             writer.write(refused.reply)
         except (OSError, EOFError, TimeoutError, ssl.SSLError, pgwire.ProtocolError):
@@ -212,11 +197,11 @@ class IamEndpoint:
         """The client's startup and token, then the backend's login; None for a cancel request."""
         encrypted = False
         while True:
-            code, payload = await asyncio.wait_for(pgwire.read_startup(reader), _LOGIN_STEP_TIMEOUT_S)
+            code, payload = await asyncio.wait_for(pgwire.read_startup(reader), LOGIN_STEP_TIMEOUT_S)
             if code == pgwire.SSL_REQUEST and not encrypted:
                 writer.write(b"S")
                 await writer.drain()
-                await writer.start_tls(self._tls, ssl_handshake_timeout=_LOGIN_STEP_TIMEOUT_S)
+                await writer.start_tls(self._tls, ssl_handshake_timeout=LOGIN_STEP_TIMEOUT_S)
                 encrypted = True
             elif code == pgwire.GSSENC_REQUEST and not encrypted:
                 writer.write(b"N")  # no GSSAPI here: libpq then asks for TLS
@@ -226,7 +211,7 @@ class IamEndpoint:
             elif code == pgwire.PROTOCOL_3:
                 break
             else:
-                raise _Refused("protocol", pgwire.error_response("0A000", "unsupported frontend protocol"))
+                raise Refused("protocol", pgwire.error_response("0A000", "unsupported frontend protocol"))
         params = pgwire.startup_params(payload)
         user = params.get("user", "")
         if not encrypted:
@@ -235,18 +220,20 @@ class IamEndpoint:
             text = (
                 f'no pg_hba.conf entry for host "{host}", user "{user}", database "{database}", no encryption'
             )
-            raise _Refused("no_tls", pgwire.error_response("28000", text, routine="ClientAuthentication"))
+            raise Refused("no_tls", pgwire.error_response("28000", text, routine="ClientAuthentication"))
         if not self.check_tokens:
-            return await self._passthrough_login(params, reader, writer, writers)
+            backend = await self._open_backend(writers)
+            await relayed_login(*backend, params, reader, writer)
+            return backend
         writer.write(pgwire.auth_request(pgwire.AUTH_CLEARTEXT))
         await writer.drain()
-        kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
+        kind, body = await asyncio.wait_for(pgwire.read_message(reader), LOGIN_STEP_TIMEOUT_S)
         if kind != b"p":
-            raise _Refused("protocol", pgwire.error_response("08P01", "expected password response"))
+            raise Refused("protocol", pgwire.error_response("08P01", "expected password response"))
         cause = self._check(body, user)
         if cause is not None:
             log.warning("iam endpoint refused a login: cause=%s user=%s", cause, user)
-            raise _Refused(cause, _pam_failed(user))
+            raise Refused(cause, _pam_failed(user))
         return await self._backend_login(params, user, writer, writers)
 
     def _check(self, body: bytes, user: str) -> str | None:
@@ -275,7 +262,7 @@ class IamEndpoint:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Log in to ``backend()`` as ``user`` with SCRAM-SHA-256; AuthenticationOk goes to the client."""
         reader, writer = await self._open_backend(writers)
-        await self._scram(reader, writer, params, user)
+        await scram_login(reader, writer, params, user, self._logins[user])
         client.write(pgwire.auth_request(pgwire.AUTH_OK))
         return reader, writer
 
@@ -284,91 +271,14 @@ class IamEndpoint:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = self._backend()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), _LOGIN_STEP_TIMEOUT_S
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOGIN_STEP_TIMEOUT_S)
         except (OSError, TimeoutError):
             log.warning("iam endpoint could not reach the database at %s:%s", host, port)
-            raise _Refused(
+            raise Refused(
                 "backend", pgwire.error_response("08006", "could not connect to the database")
             ) from None
         writers.append(writer)
         return reader, writer
-
-    async def _passthrough_login(
-        self,
-        params: dict[str, str],
-        client_reader: asyncio.StreamReader,
-        client: asyncio.StreamWriter,
-        writers: list[asyncio.StreamWriter],
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Password mode: the backend's own login, relayed untouched, up to its AuthenticationOk.
-
-        Each backend message goes to the client as it came; an authentication request that
-        wants an answer (cleartext, MD5, SASL, SASL continue) gets the client's next message,
-        forwarded as it came. The endpoint never sees the password in a form it could use:
-        with SCRAM only the proof crosses it. A refusal is the backend's own ErrorResponse.
-        """
-        reader, writer = await self._open_backend(writers)
-        writer.write(pgwire.startup_message(params))
-        while True:
-            await writer.drain()
-            kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
-            if kind == b"E":
-                raise _Refused("password", pgwire.message(kind, body))
-            client.write(pgwire.message(kind, body))
-            if kind != b"R":
-                continue  # e.g. NegotiateProtocolVersion: nothing to answer
-            (code,) = struct.unpack("!I", body[:4])
-            if code == pgwire.AUTH_OK:
-                return reader, writer
-            if code in _ANSWERED:
-                await client.drain()
-                answer, data = await asyncio.wait_for(
-                    pgwire.read_message(client_reader), _LOGIN_STEP_TIMEOUT_S
-                )
-                writer.write(pgwire.message(answer, data))
-
-    async def _scram(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, params: dict[str, str], user: str
-    ) -> None:
-        """The backend's side of the login, up to its AuthenticationOk (not forwarded here)."""
-        writer.write(pgwire.startup_message(params))
-        client: scramp.ScramClient | None = None
-        while True:
-            await writer.drain()
-            kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
-            if kind == b"E":
-                # Only severity, SQLSTATE and message go on: PostgreSQL never puts the password
-                # in them, and detail or hint fields are not the client's business here.
-                fields = pgwire.error_fields(body)
-                log.warning("iam endpoint's backend login failed: sqlstate=%s user=%s", fields.get("C"), user)
-                reply = pgwire.error_response(
-                    fields.get("C", "28000"), fields.get("M", ""), fields.get("S", "FATAL")
-                )
-                raise _Refused("backend", reply)
-            if kind != b"R":
-                raise pgwire.ProtocolError("unexpected message during the backend login")
-            (code,) = struct.unpack("!I", body[:4])
-            data = body[4:]
-            if code == pgwire.AUTH_OK:
-                return
-            try:
-                if code == pgwire.AUTH_SASL and client is None:
-                    client = scramp.ScramClient(["SCRAM-SHA-256"], user, self._logins[user])
-                    first = client.get_client_first().encode()
-                    mechanism = client.mechanism_name.encode() + b"\0"
-                    writer.write(pgwire.message(b"p", mechanism + struct.pack("!I", len(first)) + first))
-                elif code == pgwire.AUTH_SASL_CONTINUE and client is not None:
-                    client.set_server_first(data.decode())
-                    writer.write(pgwire.message(b"p", client.get_client_final().encode()))
-                elif code == pgwire.AUTH_SASL_FINAL and client is not None:
-                    client.set_server_final(data.decode())  # proves the server knew the password
-                else:
-                    text = "the endpoint logs in to the database with SCRAM-SHA-256 only"
-                    raise _Refused("backend", pgwire.error_response("28000", text))
-            except scramp.ScramException:
-                raise _Refused("backend", pgwire.error_response("28000", "SCRAM exchange failed")) from None
 
     async def _relay(
         self,
@@ -392,7 +302,7 @@ class IamEndpoint:
     async def _relay_cancel(self, payload: bytes) -> None:
         host, port = self._backend()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _LOGIN_STEP_TIMEOUT_S)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOGIN_STEP_TIMEOUT_S)
         except (OSError, TimeoutError):
             return
         body = struct.pack("!I", pgwire.CANCEL_REQUEST) + payload
