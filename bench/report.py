@@ -213,6 +213,16 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if "service" in by and "baseline" in by and by["baseline"]["throughput_rps"]:
         ratio = by["service"]["throughput_rps"] / by["baseline"]["throughput_rps"]
         add("service / baseline throughput >= 0.97", round(ratio, 3), ratio >= 0.97)
+    if "iam" in by and "iam-password" in by and by["iam-password"]["throughput_rps"]:
+        ratio = by["iam"]["throughput_rps"] / by["iam-password"]["throughput_rps"]
+        add("iam / iam-password throughput >= 0.97 (same endpoint)", round(ratio, 3), ratio >= 0.97)
+    for r in results:
+        if "endpoint_refusals" in r["extra"]:
+            refused = {**r["extra"]["endpoint_refusals"], **r["extra"]["app_token_refusals"]}
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or 0
+            add(f"{r['name']}: refused logins = 0 (by cause)", shown, not refused)
+            tokens = r["extra"]["tokens_in_log"]
+            add(f"{r['name']}: IAM tokens in the app log = 0", tokens, tokens == 0)
     steady_p99 = by.get("steady", {}).get("latency_ms", {}).get("p99")
     for r in results:
         around = r.get("around_rotations_ms")

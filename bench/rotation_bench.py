@@ -28,7 +28,7 @@ from devstack.processes import ROOT
 DEFAULT_WORKERS = 2
 DEFAULT_INTERVAL_MS = 2000
 # Scenarios run interleaved when both are asked for (and not --smoke).
-PAIRS = (("steady", "static"), ("service", "baseline"))
+PAIRS = (("steady", "static"), ("service", "baseline"), ("iam", "iam-password"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

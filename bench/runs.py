@@ -16,7 +16,8 @@ from typing import Any
 
 import requests
 
-from bench import measure, report
+from bench import iam, measure, report
+from bench.iam_process import EndpointProcess
 from bench.load import make_load
 from bench.pinning import pin_load
 from bench.replica import ReadsSampler, summarize_reads
@@ -67,6 +68,8 @@ def gunicorn_env(
     env = stack.app_env(ctx.db.name, prometheus, pool, interval_ms, SMOKE_GRACE_MS if ctx.smoke else GRACE_MS)
     if ctx.secret_arn:
         env["DB_SECRET_ID"] = ctx.secret_arn
+    elif scenario.endpoint == "iam":
+        pass  # no password: bench/iam.py's app_env names the login
     else:
         env.update(POSTGRES_USER=ctx.db.role, POSTGRES_PASSWORD=ctx.db.password)
     if ctx.replica is not None:
@@ -98,6 +101,15 @@ class Launched:
     # Interleaved runs add up the workers' CPU over their own slices only (idle time excluded).
     slice_cpu_s: float | None = None
     statements_before: dict[str, int] = field(default_factory=dict)
+    # The iam scenarios' endpoint process (bench/iam.py), and its counts when measuring began.
+    endpoint: EndpointProcess | None = None
+    endpoint_before: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        """Stop the gunicorn, then the endpoint in front of its database (if any)."""
+        self.server.stop()
+        if self.endpoint is not None:
+            self.endpoint.stop()
 
     def begin(self, t0: float) -> None:
         """The measurement starts now: CPU baseline, backend sampling."""
@@ -105,6 +117,8 @@ class Launched:
         self.wall_t0 = time.time() - (time.monotonic() - t0)
         self.cpu_before = measure.process_cpu_s(self.pids)
         self.statements_before = self.ctx.stack.statements(self.ctx.db)
+        if self.endpoint is not None:
+            self.endpoint_before = self.endpoint.stats()
         self.sampler = BackendSampler(self.ctx.stack.cluster, self.ctx.db.roles, t0)
         self.sampler.start()
         replica = self.ctx.replica
@@ -135,6 +149,10 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
     ctx.passwords += stack.passwords()
     workdir = stack.workdir_for(scenario.name)
     env = {**gunicorn_env(stack, scenario, ctx, workers, interval_ms, workdir), **dict(scenario.env)}
+    endpoint = None
+    if scenario.endpoint is not None:
+        endpoint = iam.start_endpoint(stack, db, scenario.endpoint, workdir)
+        env.update(iam.app_env(stack, endpoint, db, scenario.endpoint))
     # Scenarios that load a bench-only route run the bench's entry point; the others the product's.
     entry = scenario.entry or ("bench.wsgi:app" if scenario.path else "wsgi:app")
     server = GunicornServer(
@@ -146,12 +164,19 @@ def launch(stack: BenchStack, scenario: Scenario, workers: int, interval_ms: int
         monitor_blocking=scenario.name in FAULT_SCENARIOS,
     )
     print(f"[{scenario.name}] {scenario.description}: {scenario.clients} clients", flush=True)
-    server.start(timeout_s=90)
-    _wait_for_workers(server, workers, scenario.secrets_manager)
-    channels = [] if scenario.path else _create_channels(server.url)
-    warmup = _warm_up(server.url, channels, scenario, 0.5 if smoke else 3.0)
+    try:
+        server.start(timeout_s=90)
+        _wait_for_workers(server, workers, scenario.secrets_manager)
+        channels = [] if scenario.path else _create_channels(server.url)
+        warmup = _warm_up(server.url, channels, scenario, 0.5 if smoke else 3.0)
+    except BaseException:
+        server.stop()
+        if endpoint is not None:
+            endpoint.stop()
+        raise
     pids = measure.worker_pids(server.output())
-    return Launched(scenario, workers, ctx, server, channels, warmup, pids, workdir / "prometheus")
+    prometheus = workdir / "prometheus"
+    return Launched(scenario, workers, ctx, server, channels, warmup, pids, prometheus, endpoint=endpoint)
 
 
 def finish(
@@ -184,7 +209,14 @@ def finish(
         reads["standby_backends"] = {"max": max(standby, default=None), "series": run.standby_sampler.series}
     lost = run.ctx.stack.missing_ids(run.ctx.db, run.warmup_ids + result.created_ids)
     duplicates = run.ctx.stack.duplicate_writes(run.ctx.db)
-    run.server.stop()
+    if run.endpoint is not None:
+        after = run.endpoint.stats()
+        run.ctx.extra.update(
+            iam.figures(
+                run.endpoint_before, after, elapsed_s, len(result.samples), run.server.output(), run.wall_t0
+            )
+        )
+    run.stop()
     if run.scenario.name in FAULT_SCENARIOS:
         run.ctx.extra["blocking_reports"] = len(run.server.blocking_reports())
     made = max(1, len(result.samples))
@@ -250,7 +282,7 @@ def run_scenario(
         _settle(smoke)
         return finish(run, result, elapsed, calls, bench_cpu, interval_ms)
     finally:
-        run.server.stop()
+        run.stop()
 
 
 def run_pair(
@@ -329,7 +361,7 @@ def run_interleaved(
         ]
     finally:
         for run in runs:
-            run.server.stop()
+            run.stop()
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

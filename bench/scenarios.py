@@ -202,6 +202,9 @@ class Scenario:
     # The app connects through the stack's endpoint, with a synchronous standby behind it
     # (BenchStack.movable): the failover and switchover scenarios move it.
     moves: bool = False
+    # The app logs in through the IAM-checking endpoint (bench/iam.py): "iam" (DB_AUTH=iam,
+    # tokens checked) or "password" (its password twin: the same endpoint relays SCRAM).
+    endpoint: str | None = None
 
 
 def _three_rotations(terminate_idle: bool, alternating: bool = False) -> Callable[[Context], None]:
@@ -410,6 +413,24 @@ SCENARIOS: dict[str, Scenario] = {
             pool_size=5,
             max_overflow=0,
             entry="bench.baseline_wsgi:app",
+        ),
+        # Issue 25: IAM database authentication, and its password twin through the same
+        # local endpoint (bench/iam.py), interleaved. Both at the product's watcher interval.
+        Scenario(
+            "iam",
+            "DB_AUTH=iam via the IAM-checking endpoint (verify-full; token reused 20 s, valid 30 s)",
+            60,
+            8,
+            secrets_manager=False,
+            endpoint="iam",
+        ),
+        Scenario(
+            "iam-password",
+            "the secret's password (SCRAM) via the same endpoint in password mode (verify-full)",
+            60,
+            8,
+            endpoint="password",
+            env=(("DB_SECRET_REFRESH_INTERVAL_MS", str(Settings().db_secret_refresh_interval_ms)),),
         ),
         Scenario(
             "concurrency",

@@ -61,6 +61,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{r['writes']['lost']} of {r['writes']['created']} | {r['writes'].get('duplicates', 0)} |"
         )
     lines += _replica_table(doc["scenarios"])
+    lines += _iam_table(doc["scenarios"])
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in doc["targets"]:
         verdict = "–" if t["ok"] is None else "yes" if t["ok"] else "**NO**"
@@ -95,6 +96,16 @@ _NOT_NOTED = {
     "replica_down_at_s",
     "replica_stopped_at_s",
     "replica_up_at_s",
+    # In the IAM table.
+    "connects",
+    "connects_per_s",
+    "endpoint_refusals",
+    "app_token_refusals",
+    "tokens_signed_run",
+    "tokens_signed_total",
+    "sign_us_median",
+    "tokens_in_log",
+    "endpoint_cpu_ms_per_request",
 }
 
 
@@ -128,5 +139,29 @@ def _replica_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {r['name']} | {run['replica']} / {run['primary']} | {percent(run['share'])} | "
             f"{percent(around['share']) if around else '–'} | {outage} | {back} | "
             f"{_fmt(reads['standby_backends']['max'])} |"
+        )
+    return lines
+
+
+def _iam_table(results: list[dict[str, Any]]) -> list[str]:
+    """Logins through the IAM-checking endpoint (bench/iam.py); nothing when none ran."""
+    rows = [r for r in results if "connects" in r["extra"]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| scenario (via the endpoint) | ok rps | p50 / p99 ms | failed | connects (per s of load) | "
+        "tokens signed: run / total | signing µs median | endpoint CPU ms/request | refused logins |",
+        "|---|---:|---|---:|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        x, lat = r["extra"], r["latency_ms"]
+        refused = {**x["endpoint_refusals"], **x["app_token_refusals"]}
+        lines.append(
+            f"| {r['name']} | {_fmt(r['throughput_rps'])} | {_fmt(lat['p50'])} / {_fmt(lat['p99'])} | "
+            f"{r['failures']} | {x['connects']} ({_fmt(x['connects_per_s'])}) | "
+            f"{x['tokens_signed_run']} / {x['tokens_signed_total']} | {_fmt(x['sign_us_median'])} | "
+            f"{x['endpoint_cpu_ms_per_request']} | "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(refused.items())) or 0} |"
         )
     return lines

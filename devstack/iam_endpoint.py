@@ -12,17 +12,27 @@ checks such a token, so this endpoint does what RDS does in front of PostgreSQL:
    user "<user>"``, RDS's words, and the connection is closed. The token is never logged.
 3. It logs in to the real PostgreSQL (``backend()``, asked per connection, so a test or a
    failover can move it) as the same user with the password only the stack knows, over
-   SCRAM-SHA-256 computed by ``scramp``, passing the client's startup parameters on.
+   SCRAM-SHA-256 computed by ``scramp``, passing the client's startup parameters on
+   (``devstack.backend_login`` holds both ways of logging in to the backend).
 4. It sends the client AuthenticationOk and then relays bytes both ways untouched
    (ParameterStatus, BackendKeyData, ReadyForQuery and the whole session) until either
    side closes. A session outlives its token, as on RDS: the token is checked once.
+
+With ``check_tokens=False`` (password mode) it checks nothing itself: after TLS and the
+StartupMessage it forwards the client's startup to ``backend()`` and relays the backend's
+own authentication exchange (SCRAM, or a refusal) message by message, untouched both ways,
+then relays the session exactly as in IAM mode. The bench runs the service through it in
+both modes, so that the local endpoint's cost (TLS termination, one asyncio thread) lands on
+the IAM login and on its password twin alike, and only the login differs.
 
 A CancelRequest is relayed to ``backend()`` as is: the client holds the real backend's key
 (BackendKeyData is forwarded untouched), and PostgreSQL answers a cancel with nothing.
 
 All sessions run on one asyncio loop in a thread of its own, so the endpoint can live in a
 test process or beside ``make run``'s other servers. ``refusals`` counts refused logins by
-cause (the causes of ``iam_token.refusal``, plus ``no_tls``, ``protocol`` and ``backend``).
+cause (the causes of ``iam_token.refusal``, plus ``no_tls``, ``protocol``, ``backend`` and,
+in password mode, ``password``: the backend refused the client's own login); ``connects``
+counts completed logins (new backend sessions) in either mode.
 """
 
 from __future__ import annotations
@@ -36,28 +46,15 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import scramp
-
 from devstack import pgwire
+from devstack.backend_login import LOGIN_STEP_TIMEOUT_S, Refused, relayed_login, scram_login
 from devstack.iam_token import TokenPolicy, refusal
 
 log = logging.getLogger(__name__)
 
-# How long a client or the backend may take over each step of a login; the relayed session
-# itself has no timeout (an idle pooled connection may sit for hours).
-_LOGIN_STEP_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _CLOSE_TIMEOUT_S = 2.0
 _CHUNK = 65536
-
-
-class _Refused(Exception):
-    """A login ends here: ``cause`` is counted, ``reply`` (an ErrorResponse) goes to the client."""
-
-    def __init__(self, cause: str, reply: bytes) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.reply = reply
 
 
 def _pam_failed(user: str) -> bytes:
@@ -74,7 +71,7 @@ class IamEndpoint:
         self,
         *,
         backend: Callable[[], tuple[str, int]],
-        logins: Mapping[str, str],
+        logins: Mapping[str, str] | None = None,
         hostname: str,
         region: str,
         access_key: str,
@@ -86,10 +83,16 @@ class IamEndpoint:
         listen_host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        check_tokens: bool = True,
     ) -> None:
-        """``clock`` (wall-clock seconds) lets a test age tokens without waiting."""
+        """``clock`` (wall-clock seconds) lets a test age tokens without waiting.
+
+        ``logins`` (user -> the backend password only the stack knows) is what IAM mode logs
+        in with; password mode (``check_tokens=False``) needs none: the client brings its own.
+        """
         self._backend = backend
-        self._logins = dict(logins)
+        self._logins = dict(logins or {})
+        self.check_tokens = check_tokens
         self._hostname = hostname
         self._region = region
         self._access_key = access_key
@@ -103,6 +106,7 @@ class IamEndpoint:
         self._tls.load_cert_chain(certfile, keyfile)
         self.port = port
         self.refusals: dict[str, int] = {}
+        self.connects = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -172,8 +176,9 @@ class IamEndpoint:
         try:
             backend = await self._login(reader, writer, writers)
             if backend is not None:
+                self.connects += 1
                 await self._relay(reader, writer, *backend)
-        except _Refused as refused:
+        except Refused as refused:
             self.refusals[refused.cause] = self.refusals.get(refused.cause, 0) + 1
             writer.write(refused.reply)
         except (OSError, EOFError, TimeoutError, ssl.SSLError, pgwire.ProtocolError):
@@ -192,11 +197,11 @@ class IamEndpoint:
         """The client's startup and token, then the backend's login; None for a cancel request."""
         encrypted = False
         while True:
-            code, payload = await asyncio.wait_for(pgwire.read_startup(reader), _LOGIN_STEP_TIMEOUT_S)
+            code, payload = await asyncio.wait_for(pgwire.read_startup(reader), LOGIN_STEP_TIMEOUT_S)
             if code == pgwire.SSL_REQUEST and not encrypted:
                 writer.write(b"S")
                 await writer.drain()
-                await writer.start_tls(self._tls, ssl_handshake_timeout=_LOGIN_STEP_TIMEOUT_S)
+                await writer.start_tls(self._tls, ssl_handshake_timeout=LOGIN_STEP_TIMEOUT_S)
                 encrypted = True
             elif code == pgwire.GSSENC_REQUEST and not encrypted:
                 writer.write(b"N")  # no GSSAPI here: libpq then asks for TLS
@@ -206,7 +211,7 @@ class IamEndpoint:
             elif code == pgwire.PROTOCOL_3:
                 break
             else:
-                raise _Refused("protocol", pgwire.error_response("0A000", "unsupported frontend protocol"))
+                raise Refused("protocol", pgwire.error_response("0A000", "unsupported frontend protocol"))
         params = pgwire.startup_params(payload)
         user = params.get("user", "")
         if not encrypted:
@@ -215,16 +220,20 @@ class IamEndpoint:
             text = (
                 f'no pg_hba.conf entry for host "{host}", user "{user}", database "{database}", no encryption'
             )
-            raise _Refused("no_tls", pgwire.error_response("28000", text, routine="ClientAuthentication"))
+            raise Refused("no_tls", pgwire.error_response("28000", text, routine="ClientAuthentication"))
+        if not self.check_tokens:
+            backend = await self._open_backend(writers)
+            await relayed_login(*backend, params, reader, writer)
+            return backend
         writer.write(pgwire.auth_request(pgwire.AUTH_CLEARTEXT))
         await writer.drain()
-        kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
+        kind, body = await asyncio.wait_for(pgwire.read_message(reader), LOGIN_STEP_TIMEOUT_S)
         if kind != b"p":
-            raise _Refused("protocol", pgwire.error_response("08P01", "expected password response"))
+            raise Refused("protocol", pgwire.error_response("08P01", "expected password response"))
         cause = self._check(body, user)
         if cause is not None:
             log.warning("iam endpoint refused a login: cause=%s user=%s", cause, user)
-            raise _Refused(cause, _pam_failed(user))
+            raise Refused(cause, _pam_failed(user))
         return await self._backend_login(params, user, writer, writers)
 
     def _check(self, body: bytes, user: str) -> str | None:
@@ -252,62 +261,25 @@ class IamEndpoint:
         writers: list[asyncio.StreamWriter],
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Log in to ``backend()`` as ``user`` with SCRAM-SHA-256; AuthenticationOk goes to the client."""
+        reader, writer = await self._open_backend(writers)
+        await scram_login(reader, writer, params, user, self._logins[user])
+        client.write(pgwire.auth_request(pgwire.AUTH_OK))
+        return reader, writer
+
+    async def _open_backend(
+        self, writers: list[asyncio.StreamWriter]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = self._backend()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), _LOGIN_STEP_TIMEOUT_S
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOGIN_STEP_TIMEOUT_S)
         except (OSError, TimeoutError):
             log.warning("iam endpoint could not reach the database at %s:%s", host, port)
             # Closed without a word, as a client of RDS sees an instance that is down or
             # failing over: a connection that ends, which it may retry (an error message
             # here would read as a refused login).
-            raise _Refused("backend", b"") from None
+            raise Refused("backend", b"") from None
         writers.append(writer)
-        await self._scram(reader, writer, params, user)
-        client.write(pgwire.auth_request(pgwire.AUTH_OK))
         return reader, writer
-
-    async def _scram(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, params: dict[str, str], user: str
-    ) -> None:
-        """The backend's side of the login, up to its AuthenticationOk (not forwarded here)."""
-        writer.write(pgwire.startup_message(params))
-        client: scramp.ScramClient | None = None
-        while True:
-            await writer.drain()
-            kind, body = await asyncio.wait_for(pgwire.read_message(reader), _LOGIN_STEP_TIMEOUT_S)
-            if kind == b"E":
-                # Only severity, SQLSTATE and message go on: PostgreSQL never puts the password
-                # in them, and detail or hint fields are not the client's business here.
-                fields = pgwire.error_fields(body)
-                log.warning("iam endpoint's backend login failed: sqlstate=%s user=%s", fields.get("C"), user)
-                reply = pgwire.error_response(
-                    fields.get("C", "28000"), fields.get("M", ""), fields.get("S", "FATAL")
-                )
-                raise _Refused("backend", reply)
-            if kind != b"R":
-                raise pgwire.ProtocolError("unexpected message during the backend login")
-            (code,) = struct.unpack("!I", body[:4])
-            data = body[4:]
-            if code == pgwire.AUTH_OK:
-                return
-            try:
-                if code == pgwire.AUTH_SASL and client is None:
-                    client = scramp.ScramClient(["SCRAM-SHA-256"], user, self._logins[user])
-                    first = client.get_client_first().encode()
-                    mechanism = client.mechanism_name.encode() + b"\0"
-                    writer.write(pgwire.message(b"p", mechanism + struct.pack("!I", len(first)) + first))
-                elif code == pgwire.AUTH_SASL_CONTINUE and client is not None:
-                    client.set_server_first(data.decode())
-                    writer.write(pgwire.message(b"p", client.get_client_final().encode()))
-                elif code == pgwire.AUTH_SASL_FINAL and client is not None:
-                    client.set_server_final(data.decode())  # proves the server knew the password
-                else:
-                    text = "the endpoint logs in to the database with SCRAM-SHA-256 only"
-                    raise _Refused("backend", pgwire.error_response("28000", text))
-            except scramp.ScramException:
-                raise _Refused("backend", pgwire.error_response("28000", "SCRAM exchange failed")) from None
 
     async def _relay(
         self,
@@ -331,7 +303,7 @@ class IamEndpoint:
     async def _relay_cancel(self, payload: bytes) -> None:
         host, port = self._backend()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _LOGIN_STEP_TIMEOUT_S)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOGIN_STEP_TIMEOUT_S)
         except (OSError, TimeoutError):
             return
         body = struct.pack("!I", pgwire.CANCEL_REQUEST) + payload

@@ -393,3 +393,89 @@ def test_stop_ends_every_relayed_session(pg: PostgresCluster, tls_dir: Path, sta
         conn.cursor().execute("SELECT 1")
     conn.close()
     wait_for(lambda: stack.other.backends() == 0, timeout_s=5)
+
+
+@pytest.fixture(scope="module")
+def password_endpoint(pg: PostgresCluster, tls_dir: Path) -> Iterator[IamEndpoint]:
+    """The same endpoint in password mode: TLS, then the backend's own login relayed."""
+    endpoint = IamEndpoint(
+        backend=lambda: ("127.0.0.1", pg.port),
+        hostname="localhost",
+        region=REGION,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        certfile=tls_dir / "server.crt",
+        keyfile=tls_dir / "server.key",
+        check_tokens=False,
+    )
+    with endpoint:
+        yield endpoint
+
+
+def test_password_mode_relays_postgresqls_own_scram_login(
+    stack: Stack, password_endpoint: IamEndpoint
+) -> None:
+    before = password_endpoint.connects
+    conn = psycopg2.connect(
+        host="localhost",
+        hostaddr="127.0.0.1",
+        port=password_endpoint.port,
+        user=stack.app.role,
+        password=stack.app.password,
+        dbname=stack.app.name,
+        sslmode="verify-full",
+        sslrootcert=str(stack.ca),
+        # What the service sends in secret mode: libpq refuses any exchange but SCRAM, so the
+        # endpoint cannot have asked for the password itself.
+        require_auth="scram-sha-256",
+        connect_timeout=5,
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_user, sum(i) FROM generate_series(1, 100000) AS i")
+            assert cur.fetchone() == (stack.app.role, 5000050000)
+        assert conn.info.ssl_in_use
+        assert conn.info.backend_pid > 0
+    finally:
+        conn.close()
+    assert password_endpoint.connects == before + 1
+
+
+def test_password_mode_a_wrong_password_is_refused_by_postgresql_itself(
+    stack: Stack, password_endpoint: IamEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "wrong #?%&=+ password"
+    before = (password_endpoint.connects, password_endpoint.refusals.get("password", 0))
+    with pytest.raises(pg8000.native.DatabaseError) as refused:
+        pg8000.native.Connection(
+            stack.app.role,
+            host="localhost",
+            port=password_endpoint.port,
+            password=wrong,
+            database=stack.app.name,
+            ssl_context=ssl.create_default_context(cafile=str(stack.ca)),
+            timeout=5,
+        )
+    fields: dict[str, str] = refused.value.args[0]
+    # PostgreSQL's ErrorResponse, untouched: its SQLSTATE, its words, its routine name.
+    assert fields["C"] == "28P01"
+    assert fields["M"] == f'password authentication failed for user "{stack.app.role}"'
+    assert fields["R"] == "auth_failed"
+    assert password_endpoint.refusals["password"] == before[1] + 1
+    assert password_endpoint.connects == before[0]
+    assert_no_secrets(str(fields) + caplog.text, [wrong, stack.app.password])
+
+
+def test_password_mode_takes_no_token(stack: Stack, password_endpoint: IamEndpoint) -> None:
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(
+            host="localhost",
+            hostaddr="127.0.0.1",
+            port=password_endpoint.port,
+            user=stack.app.role,
+            password=stack.token(port=password_endpoint.port),
+            dbname=stack.app.name,
+            sslmode="verify-full",
+            sslrootcert=str(stack.ca),
+            connect_timeout=5,
+        )
