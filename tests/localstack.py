@@ -204,3 +204,19 @@ def assert_every_write_once(running: RunningStack, load: LoadGenerator) -> None:
     lost = set(result.created_ids) - stored
     duplicated = len(rows) - len({row[1] for row in rows})
     assert (len(lost), duplicated) == (0, 0), (sorted(lost)[:10], duplicated)
+
+
+def make_status(local_dir: Path) -> str:
+    """`make status` on the stack of ``local_dir`` with this interpreter's bin/ (no venv rebuild)."""
+    status = subprocess.run(
+        ["make", "-s", "status", f"BIN={BIN}", f"LOCAL_STAMP={sys.executable}"],
+        cwd=ROOT,
+        env=stack_env(local_dir),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert status.stderr == ""
+    return status.stdout

@@ -15,8 +15,6 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,16 +25,14 @@ from devstack import PostgresCluster, free_port, new_password
 from devstack.processes import LoadGenerator, http_status
 from tests.helpers import adopted, assert_no_secrets
 from tests.localstack import (
-    BIN,
-    ROOT,
     RunningStack,
     assert_stopped,
     current,
     devstack,
+    make_status,
     new_local_dir,
     passwords,
     secret_values,
-    stack_env,
     start_stack,
 )
 
@@ -277,17 +273,8 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
     assert_no_secrets(env.stdout, passwords(state))
 
     # The Makefile's recipe with this interpreter's bin/ (and no reinstall of the venv).
-    status = subprocess.run(
-        ["make", "-s", "status", f"BIN={BIN}", f"LOCAL_STAMP={sys.executable}"],
-        cwd=ROOT,
-        env=stack_env(stack.local_dir),
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert status.returncode == 0, status.stderr[-2000:]
-    lines = status.stdout.splitlines()
+    status = make_status(stack.local_dir)
+    lines = status.splitlines()
     # Which server the endpoint (the RDS name) serves, and the synchronous standby.
     assert lines[0] == (
         f"endpoint    127.0.0.1:{state['endpoint_port']} serves 127.0.0.1:{state['pg_port']}, the primary"
@@ -302,8 +289,7 @@ def test_make_status_and_the_env_command_show_the_running_service(stack: Running
     )
     assert lines[3] == f"secret      {state['secrets']['app']}"
     assert lines[4].startswith("AWSCURRENT  ")
-    assert status.stderr == ""
-    assert_no_secrets(status.stdout, [*passwords(state), state["admin_token"]])
+    assert_no_secrets(status, [*passwords(state), state["admin_token"]])
 
 
 def _raw(stack: RunningStack, method: str, path: str, headers: dict[str, str]) -> int:

@@ -2,8 +2,10 @@
 
 One `python -m devstack run` (a primary, a synchronous hot standby, the endpoint that stands
 for RDS's name, moto, gunicorn with two gevent workers): a Blue/Green switchover under load,
-then `make rotate` on the new primary; the stack is restarted, which makes the promoted
-server the primary and a new standby from it; then a crash failover under load. Clients
+then `make rotate` on the new primary; the stack is restarted with `AUTH=iam` (IAM tokens
+checked by the stack's own endpoint, no secret of the service's), which makes the promoted
+server the primary and a new standby from it; `make status` names the source; then a crash
+failover under load, and `make rotate SECRET=master` on the new primary. Clients
 retry a 503 once with the same Idempotency-Key, as the README tells them to. For each move:
 no request failed, every acknowledged write is on the new primary (none lost), and no
 message is there twice (none duplicated).
@@ -23,6 +25,7 @@ from tests.localstack import (
     ctrl_c,
     current,
     devstack,
+    make_status,
     move_under_load,
     passwords,
     run_stack,
@@ -32,7 +35,9 @@ from tests.localstack import (
 pytestmark = pytest.mark.e2e
 
 
-def test_a_switchover_then_a_failover_fail_no_request_and_lose_or_repeat_no_write(local_dir: Path) -> None:
+def test_a_switchover_then_a_failover_with_iam_fail_no_request_and_lose_or_repeat_no_write(
+    local_dir: Path,
+) -> None:
     port = free_port()
     running = run_stack(local_dir, port)
     try:
@@ -58,19 +63,31 @@ def test_a_switchover_then_a_failover_fail_no_request_and_lose_or_repeat_no_writ
         used = passwords(running.state())
         ctrl_c(running)
 
-        # The next run: the promoted server is the primary, with a new synchronous standby.
-        running = run_stack(local_dir, port)
+        # The next run, with IAM tokens instead of the rotated password (make run AUTH=iam):
+        # the promoted server is the primary, with a new synchronous standby.
+        running = run_stack(local_dir, port, "--auth", "iam")
         assert "is the primary now" in running.log()
         state = running.state()
         shown = where(running)
         assert shown[0].endswith(f"serves 127.0.0.1:{state['pg_port']}, the primary")
         assert shown[1].startswith(f"standby     127.0.0.1:{state['standby_port']}, streaming, sync")
+        assert set(state["secrets"]) == {"master"}  # the master's, for the bootstrap only
+        assert f"login    IAM tokens: localhost:{state['iam_port']}" in running.log()
+        status = make_status(local_dir)
+        assert "source      iam: commng_app logs in with an IAM token per new connection" in status
+        assert "iam:20" in status  # each worker's latest token's issue time
+        refused = devstack(local_dir, "rotate")
+        assert refused.returncode == 1
+        assert "runs AUTH=iam" in refused.stderr
 
         load, out = move_under_load(running, "failover", "--stale", "2")
         assert "the endpoint refuses connections for 2 s" in out
         assert_every_write_once(running, load)
-        assert "3/3 AWSCURRENT moved" in running.rotate()
+        assert "4/4 AWSCURRENT moved" in running.rotate("--secret", "master", "--pause", "0.5")
         used += passwords(running.state())
+        output = running.log()
+        assert '"iam_login_refused"' not in output
+        assert "X-Amz-Signature" not in output + status
     finally:
         ctrl_c(running)
     assert_stopped(local_dir, port)

@@ -113,7 +113,13 @@ def test_a_promoted_standby_that_reused_the_id_never_gets_a_lost_write_acknowled
         lambda: client.post(f"/api/channels/{channel}/messages", json={"body": body})
     )
     waiting: list[Any] = []
-    wait_for(lambda: waiting.extend(pair.primary.execute(IN_SYNC_WAIT, (pair.database.name,))) or waiting)
+
+    def committing() -> bool:
+        assert thread.is_alive(), f"the POST ended before its COMMIT waited: {answers[0].json}"
+        waiting.extend(pair.primary.execute(IN_SYNC_WAIT, (pair.database.name,)))
+        return bool(waiting)
+
+    wait_for(committing, timeout_s=30)
     xid = max(int(row[1]) for row in waiting)  # the POST's (other waiters are the layer's own rows)
 
     # The crash: the endpoint refuses (stale DNS) while the standby is promoted and, on it,
