@@ -1,7 +1,7 @@
 """DB_AUTH=iam end to end: gunicorn with gevent workers, logging in through the IAM-checking endpoint.
 
-The endpoint (devstack/iam_endpoint.py) accepts a token for 6 s here instead of RDS's 15
-minutes, and the service reuses one for at most 2 s. Under load for twice the
+The endpoint (devstack/iam_endpoint.py) accepts a token for 4 s here instead of RDS's 15
+minutes, and the service reuses one for at most 1 s. Under load for twice the
 token lifetime, with the app's backends terminated every 2 s (so new connections, new
 logins, keep coming): no request fails, the endpoint refuses no token (so every login after
 the first token expired carried a fresh one), several tokens were signed, and the service's
@@ -30,8 +30,8 @@ from tests.helpers import Database, assert_no_secrets, wait_for
 pytestmark = pytest.mark.e2e
 
 REGION = "us-east-1"
-LIFETIME_S = 6.0
-REUSE_S = 2
+LIFETIME_S = 4.0
+REUSE_S = 1
 
 
 @pytest.fixture
