@@ -21,13 +21,13 @@ so that new logins happen under load; the endpoint counts them (completed logins
 
 from __future__ import annotations
 
-import json
 import statistics
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bench.iam_process import EndpointProcess
+from bench.measure import log_records
 from bench.stack import AppDatabase, BenchStack
 from devstack.tls import make_server_cert
 
@@ -129,13 +129,7 @@ def _token_events(output: str, wall_t0: float) -> tuple[list[tuple[float, float]
     """(seconds from ``wall_t0``, sign_us) per ``iam_token_signed``; refusals by cause."""
     signed: list[tuple[float, float]] = []
     refused: dict[str, int] = {}
-    for line in output.splitlines():
-        if not line.startswith("{") or '"iam_' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for _, record in log_records(output):
         event = record.get("event")
         if event == "iam_token_signed":
             at = datetime.fromisoformat(record["timestamp"]).timestamp() - wall_t0

@@ -10,7 +10,7 @@ import re
 import resource
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,8 @@ __all__ = [
 _COUNTED_ERRORS = {"database_unavailable", "refresh_failed"}
 
 
-def app_log_events(output: str) -> dict[str, Any]:
-    """The rotation events in gunicorn's JSON log (LOG_FORMAT=json)."""
-    detection: dict[str, list[float]] = {}
-    swaps: list[float] = []
-    drains: list[float] = []
-    counts: Counter[str] = Counter()
-    errors: list[str] = []
+def log_records(output: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) for every JSON line of gunicorn's output (LOG_FORMAT=json)."""
     for line in output.splitlines():
         if not line.startswith("{"):
             continue
@@ -43,6 +38,18 @@ def app_log_events(output: str) -> dict[str, Any]:
             record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict):
+            yield line, record
+
+
+def app_log_events(output: str) -> dict[str, Any]:
+    """The rotation events in gunicorn's JSON log (LOG_FORMAT=json)."""
+    detection: dict[str, list[float]] = {}
+    swaps: list[float] = []
+    drains: list[float] = []
+    counts: Counter[str] = Counter()
+    errors: list[str] = []
+    for line, record in log_records(output):
         event = record.get("event")
         if record.get("level") in {"error", "critical"} and event not in _COUNTED_ERRORS and len(errors) < 5:
             errors.append(line[:1500])

@@ -289,6 +289,7 @@ def _login_through(endpoint: IamEndpoint, stack: Stack) -> Any:
         dbname=stack.app.name,
         sslmode="verify-full",
         sslrootcert=str(stack.ca),
+        connect_timeout=5,
     )
 
 
@@ -468,14 +469,4 @@ def test_password_mode_a_wrong_password_is_refused_by_postgresql_itself(
 
 def test_password_mode_takes_no_token(stack: Stack, password_endpoint: IamEndpoint) -> None:
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
-        psycopg2.connect(
-            host="localhost",
-            hostaddr="127.0.0.1",
-            port=password_endpoint.port,
-            user=stack.app.role,
-            password=stack.token(port=password_endpoint.port),
-            dbname=stack.app.name,
-            sslmode="verify-full",
-            sslrootcert=str(stack.ca),
-            connect_timeout=5,
-        )
+        _login_through(password_endpoint, stack)
