@@ -119,7 +119,7 @@ def silent_port() -> Iterator[int]:
 
 
 def make_endpoint(
-    stack_ca_dir: Path, pg: PostgresCluster, logins: dict[str, str], clock: Clock
+    stack_ca_dir: Path, pg: PostgresCluster, logins: dict[str, str], clock: Clock, **mode: Any
 ) -> IamEndpoint:
     return IamEndpoint(
         backend=lambda: ("127.0.0.1", pg.port),
@@ -133,6 +133,7 @@ def make_endpoint(
         token_lifetime_s=LIFETIME_S,
         skew_s=SKEW_S,
         clock=clock,
+        **mode,
     )
 
 
@@ -399,16 +400,7 @@ def test_stop_ends_every_relayed_session(pg: PostgresCluster, tls_dir: Path, sta
 @pytest.fixture(scope="module")
 def password_endpoint(pg: PostgresCluster, tls_dir: Path) -> Iterator[IamEndpoint]:
     """The same endpoint in password mode: TLS, then the backend's own login relayed."""
-    endpoint = IamEndpoint(
-        backend=lambda: ("127.0.0.1", pg.port),
-        hostname="localhost",
-        region=REGION,
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        certfile=tls_dir / "server.crt",
-        keyfile=tls_dir / "server.key",
-        check_tokens=False,
-    )
+    endpoint = make_endpoint(tls_dir, pg, {}, Clock(), check_tokens=False)
     with endpoint:
         yield endpoint
 
